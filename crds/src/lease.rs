@@ -1,0 +1,124 @@
+//! Lease: the agreement between a renter and a provider, paid from escrow.
+//! Each side keeps its own copy.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One side's record of a lease.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "gpupool.dev",
+    version = "v1alpha1",
+    kind = "Lease",
+    plural = "leases",
+    shortname = "gpl",
+    category = "gpupool",
+    namespaced,
+    status = "LeaseStatus",
+    doc = "Lease is one side's record of an agreement for a provider to run an order at a price, paid from an on-chain escrow. The renter and the provider each keep a copy.",
+    printcolumn(name = "Side", type_ = "string", json_path = ".spec.side"),
+    printcolumn(name = "Renter", type_ = "string", json_path = ".spec.renter.org"),
+    printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider.org"),
+    printcolumn(name = "Price", type_ = "string", json_path = ".spec.pricePerGpuHour"),
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Paid", type_ = "string", json_path = ".status.paid"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseSpec {
+    /// Which side's copy this is.
+    pub side: LeaseSide,
+    /// The order the lease fulfils.
+    #[schemars(length(min = 1, max = 128))]
+    pub order_id: String,
+    /// The winning bid.
+    #[schemars(length(min = 1, max = 253))]
+    pub bid: String,
+    /// The AiJob, on the renter's side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ai_job: Option<String>,
+    /// Who pays.
+    pub renter: LeaseParty,
+    /// Who runs the workload and gets paid.
+    pub provider: LeaseParty,
+    /// Price per GPU-hour in tokens.
+    #[x_kube(validation = Rule::new(r"self.matches('^(0|[1-9][0-9]{0,11})([.][0-9]{1,18})?$')").message("pricePerGpuHour must be a non-negative decimal number of tokens"))]
+    #[schemars(length(max = 32))]
+    pub price_per_gpu_hour: String,
+    /// GPUs leased.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 16").message("gpuCount must be between 1 and 16"))]
+    pub gpu_count: i32,
+    /// The GPU product leased.
+    pub gpu_product: String,
+    /// Where the money is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escrow: Option<Escrow>,
+}
+
+/// Which side a Lease copy belongs to.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseSide {
+    Renter,
+    Provider,
+}
+
+/// One party to a lease.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseParty {
+    /// Organisation name.
+    pub org: String,
+    /// libp2p peer id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_id: Option<String>,
+    /// The wallet address that pays or is paid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wallet: Option<String>,
+}
+
+/// The on-chain escrow holding a lease's deposit.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Escrow {
+    /// EVM chain id.
+    pub chain_id: u64,
+    /// Escrow contract address.
+    pub contract: String,
+    /// The lease id in the contract, 0x-prefixed hex.
+    pub lease_id: String,
+    /// Tokens deposited.
+    pub deposit: String,
+}
+
+/// What the lease's side saw of it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<LeaseState>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Why the lease closed: Completed, RenterCancelled, ProviderFailed or InsufficientFunds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_reason: Option<String>,
+    /// Tokens paid to the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paid: Option<String>,
+    /// Tokens refunded to the renter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refunded: Option<String>,
+    /// The provider's last heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<Time>,
+}
+
+/// Lease states.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    Pending,
+    Active,
+    InsufficientFunds,
+    Closed,
+}

@@ -1,0 +1,78 @@
+//! Every gpupool custom resource, in API group `gpupool.dev/v1alpha1`.
+//!
+//! The types carry their own OpenAPI schema, CEL rules and printer columns so
+//! that the API server, not the operator, refuses a bad spec: a platform team
+//! sees the mistake at `kubectl apply` time instead of in a status later.
+
+pub mod aijob;
+pub mod bid;
+pub mod conditions;
+pub mod gpunode;
+pub mod lease;
+pub mod poolpeer;
+pub mod price;
+pub mod yaml;
+
+pub use aijob::{
+    AiJob, AiJobPhase, AiJobSpec, AiJobStatus, Bidding, BidSelection, GpuRequirements,
+    Interconnect, Placement, PlacementMode, RunsOn,
+};
+pub use bid::{Bid, BidSpec, BidState, BidStatus};
+pub use gpunode::{GpuDevice, GpuHealth, GpuNode, GpuNodeSpec, GpuNodeStatus, MigMode};
+pub use lease::{Escrow, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, LeaseStatus};
+pub use poolpeer::{PeerCapacity, PoolPeer, PoolPeerSpec, PoolPeerStatus, Reputation};
+
+/// The API group of every gpupool resource.
+pub const GROUP: &str = "gpupool.dev";
+/// The one served and stored version.
+pub const VERSION: &str = "v1alpha1";
+
+/// Label on every object the operator creates for an AiJob, naming that AiJob.
+pub const LABEL_AIJOB: &str = "gpupool.dev/aijob";
+/// Label on Nodes with the GPU product, as the agent read it (sanitised for a label value).
+pub const LABEL_GPU_PRODUCT: &str = "gpupool.dev/gpu-product";
+/// Label on Nodes with the memory of one GPU in MiB.
+pub const LABEL_GPU_MEMORY_MIB: &str = "gpupool.dev/gpu-memory-mib";
+/// Label on Nodes with the number of GPUs the agent found.
+pub const LABEL_GPU_COUNT: &str = "gpupool.dev/gpu-count";
+/// The extended resource the NVIDIA device plugin advertises.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Finalizer the operator puts on AiJobs, so deletion waits for cleanup.
+pub const AIJOB_FINALIZER: &str = "gpupool.dev/aijob-cleanup";
+
+/// Turns a GPU product name into a valid label value the way NVIDIA's GPU
+/// feature discovery does ("NVIDIA H100 80GB HBM3" -> "NVIDIA-H100-80GB-HBM3"),
+/// so node selectors written by hand for GFD read the same.
+pub fn product_label_value(product: &str) -> String {
+    let mut out: String = product
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    while out.contains("--") {
+        out = out.replace("--", "-");
+    }
+    let out = out.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    out.chars().take(63).collect::<String>().trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn product_label_values_are_valid_labels() {
+        assert_eq!(product_label_value("NVIDIA H100 80GB HBM3"), "NVIDIA-H100-80GB-HBM3");
+        assert_eq!(product_label_value("NVIDIA A100-SXM4-40GB"), "NVIDIA-A100-SXM4-40GB");
+        assert_eq!(product_label_value("  NVIDIA L40S (rev 2) "), "NVIDIA-L40S-rev-2");
+        let long = "X".repeat(100);
+        assert_eq!(product_label_value(&long).len(), 63);
+        assert_eq!(product_label_value("GPU -"), "GPU");
+    }
+}

@@ -1,0 +1,125 @@
+//! Token amounts written as decimal strings ("2.50") in resources, held as
+//! integer base units (18 decimals, as ERC-20 tokens usually have) in code, so
+//! prices are compared and multiplied without floating-point rounding.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Decimal places of one token.
+pub const DECIMALS: u32 = 18;
+const SCALE: u128 = 10u128.pow(DECIMALS);
+
+/// The CEL-compatible pattern the CRDs use, kept next to the parser so both
+/// accept exactly the same strings.
+pub const DECIMAL_PATTERN: &str = r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,18})?$";
+
+/// An amount of tokens in base units.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TokenAmount(pub u128);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PriceError {
+    #[error("{0:?} is not a decimal token amount such as \"2.50\"")]
+    Malformed(String),
+    #[error("{0:?} has more than {DECIMALS} decimal places")]
+    TooPrecise(String),
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
+impl FromStr for TokenAmount {
+    type Err = PriceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let malformed = || PriceError::Malformed(s.to_string());
+        let (whole, frac) = match s.split_once('.') {
+            Some((w, f)) => (w, f),
+            None => (s, ""),
+        };
+        if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(malformed());
+        }
+        if s.contains('.') && frac.is_empty() {
+            return Err(malformed());
+        }
+        if !frac.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(malformed());
+        }
+        if frac.len() > DECIMALS as usize {
+            return Err(PriceError::TooPrecise(s.to_string()));
+        }
+        let too_large = || PriceError::TooLarge(s.to_string());
+        let whole: u128 = whole.parse().map_err(|_| too_large())?;
+        let mut frac_units: u128 = 0;
+        for b in frac.bytes() {
+            frac_units = frac_units * 10 + u128::from(b - b'0');
+        }
+        frac_units *= 10u128.pow(DECIMALS - frac.len() as u32);
+        whole
+            .checked_mul(SCALE)
+            .and_then(|w| w.checked_add(frac_units))
+            .map(TokenAmount)
+            .ok_or_else(too_large)
+    }
+}
+
+impl fmt::Display for TokenAmount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let whole = self.0 / SCALE;
+        let frac = self.0 % SCALE;
+        if frac == 0 {
+            return write!(f, "{whole}");
+        }
+        let digits = format!("{frac:018}");
+        write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+    }
+}
+
+impl TokenAmount {
+    /// The cost of `gpus` GPUs at this hourly price for `seconds`, rounded down
+    /// to a base unit: the renter is never charged for a fraction it did not use.
+    pub fn for_gpu_seconds(self, gpus: u32, seconds: u64) -> Option<TokenAmount> {
+        self.0
+            .checked_mul(u128::from(gpus))?
+            .checked_mul(u128::from(seconds))
+            .map(|v| TokenAmount(v / 3600))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_round_trip() {
+        for s in ["0", "2", "2.5", "0.000000000000000001", "123456789012.123456789012345678"] {
+            let a: TokenAmount = s.parse().unwrap();
+            assert_eq!(a.to_string(), s);
+        }
+        assert_eq!("2.50".parse::<TokenAmount>().unwrap().to_string(), "2.5");
+        assert_eq!("1.5".parse::<TokenAmount>().unwrap().0, 1_500_000_000_000_000_000);
+    }
+
+    #[test]
+    fn refuses_bad_amounts() {
+        for s in ["", "-1", "1.", ".5", "1e3", "abc", "1.2.3", " 1", "+1"] {
+            assert!(matches!(s.parse::<TokenAmount>(), Err(PriceError::Malformed(_))), "{s}");
+        }
+        assert!(matches!(
+            "1.0000000000000000001".parse::<TokenAmount>(),
+            Err(PriceError::TooPrecise(_))
+        ));
+        assert!(matches!(
+            "999999999999999999999999999".parse::<TokenAmount>(),
+            Err(PriceError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn cost_is_rounded_down() {
+        let p: TokenAmount = "3.6".parse().unwrap();
+        assert_eq!(p.for_gpu_seconds(2, 3600).unwrap().to_string(), "7.2");
+        assert_eq!(p.for_gpu_seconds(1, 1).unwrap().to_string(), "0.001");
+        assert_eq!(TokenAmount(1).for_gpu_seconds(1, 1).unwrap(), TokenAmount(0));
+    }
+}
