@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
     category = "gpupool",
     namespaced,
     status = "AiJobStatus",
+    validation = Rule::new("size(self.metadata.name) <= 63").message("AiJob names must be at most 63 characters: the name is reused for its batch Job and pod labels"),
     doc = "AiJob is a GPU workload that gpupool runs to completion, in this cluster or on another member organisation's GPUs, at no more than the price its owner set.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Where the job is in its life"),
     printcolumn(name = "GPUs", type_ = "integer", json_path = ".spec.gpus.count", description = "GPUs the job needs"),
@@ -84,6 +85,7 @@ pub struct GpuRequirements {
     pub models: Vec<String>,
 
     /// The least memory each GPU must have, as a quantity such as "40Gi".
+    /// Compared with what NVML reports: an "80GB" H100 has 81559 MiB (79.6Gi).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("gpus.minMemory must be a positive quantity such as \"40Gi\""))]
     #[schemars(length(max = 32))]

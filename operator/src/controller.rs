@@ -1,0 +1,352 @@
+//! The AiJob controller: dereference → validate → build → apply → update status.
+//! All decisions are made by the pure modules; this file only talks to the API.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use gpupool_crds::conditions::find;
+use gpupool_crds::{AiJob, AiJobStatus, GpuNode, RunsOn, AIJOB_FINALIZER, LABEL_AIJOB};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+use crate::capacity::{self, inventory};
+use crate::jobbuild::{self, MANAGED_BY, MANAGER};
+use crate::jobstatus::observe;
+use crate::placement::{decide, Decision, Need};
+use crate::status::{plan, Outcome, COND_PLACED};
+use crate::telemetry::Metrics;
+
+pub const FIELD_MANAGER: &str = "gpupool-operator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("building the Job: {0}")]
+    Build(#[from] jobbuild::BuildError),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("the AiJob has no namespace")]
+    NoNamespace,
+    #[error("waiting for Job {0} and its pods to be deleted")]
+    CleanupPending(String),
+}
+
+/// Settings that change behaviour, not wiring.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// This cluster's organisation, shown as where local jobs run.
+    pub org: String,
+    /// How soon a waiting job looks at capacity again.
+    pub wait_requeue: Duration,
+    /// Concurrent reconciles.
+    pub concurrency: u16,
+}
+
+/// A placement whose pod the caches do not show bound yet.
+#[derive(Clone, Debug)]
+struct Reservation {
+    node: String,
+    gpus: u32,
+    at: Instant,
+}
+
+const RESERVATION_TTL: Duration = Duration::from_secs(120);
+
+pub struct Context {
+    client: Client,
+    settings: Settings,
+    jobs: Store<Job>,
+    /// Pods of our Jobs, terminal ones included (they carry exit codes).
+    our_pods: Store<Pod>,
+    /// Every live pod on the cluster, for counting GPUs in use.
+    live_pods: Store<Pod>,
+    gpunodes: Store<GpuNode>,
+    recorder: Recorder,
+    /// Serialises the check-then-create of placements so two reconciles never
+    /// book the same free GPUs.
+    placing: Mutex<BTreeMap<String, Reservation>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Keeps cached objects small: the operator never reads managed fields.
+fn slim<K: Resource>(mut obj: K) -> K {
+    obj.meta_mut().managed_fields = None;
+    obj
+}
+
+/// Runs the controller until shutdown.
+pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let aijobs: Api<AiJob> = Api::all(client.clone());
+    let jobs_api: Api<Job> = Api::all(client.clone());
+    let pods_api: Api<Pod> = Api::all(client.clone());
+    let gpunodes_api: Api<GpuNode> = Api::all(client.clone());
+
+    let (jobs, jobs_writer) = reflector::store();
+    let job_stream = watcher(jobs_api, watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}")))
+        .default_backoff()
+        .modify(|j: &mut Job| j.meta_mut().managed_fields = None)
+        .reflect(jobs_writer)
+        .applied_objects();
+
+    let (our_pods, our_pods_writer) = reflector::store();
+    let our_pod_stream = watcher(pods_api.clone(), watcher::Config::default().labels(LABEL_AIJOB))
+        .default_backoff()
+        .modify(|p: &mut Pod| p.meta_mut().managed_fields = None)
+        .reflect(our_pods_writer)
+        .applied_objects();
+
+    let (live_pods, live_writer) = reflector::store();
+    let live_stream = watcher(pods_api, watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"))
+        .default_backoff()
+        .map(|ev| ev.map(|e| e.modify(|p: &mut Pod| *p = slim(std::mem::take(p)))))
+        .reflect(live_writer)
+        .for_each(|_| futures::future::ready(()));
+    let (gpunodes, gpunodes_writer) = reflector::store();
+    let gpunode_stream = watcher(gpunodes_api, watcher::Config::default())
+        .default_backoff()
+        .modify(|g: &mut GpuNode| g.meta_mut().managed_fields = None)
+        .reflect(gpunodes_writer)
+        .for_each(|_| futures::future::ready(()));
+    tokio::spawn(live_stream);
+    tokio::spawn(gpunode_stream);
+
+    let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        settings: settings.clone(),
+        jobs,
+        our_pods,
+        live_pods: live_pods.clone(),
+        gpunodes: gpunodes.clone(),
+        placing: Mutex::new(BTreeMap::new()),
+        metrics,
+    });
+
+    // Placement decisions on empty caches would tell users there are no GPUs.
+    info!("waiting for the pod and GpuNode caches");
+    live_pods.wait_until_ready().await?;
+    gpunodes.wait_until_ready().await?;
+    info!("caches ready; starting the AiJob controller");
+
+    Controller::new(aijobs, watcher::Config::default())
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+        .owns_stream(job_stream)
+        .watches_stream(our_pod_stream, |pod: Pod| {
+            let name = pod.labels().get(LABEL_AIJOB)?.clone();
+            Some(ObjectRef::<AiJob>::new(&name).within(&pod.namespace()?))
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                debug!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+    info!("controller stopped");
+    Ok(())
+}
+
+fn error_policy(aijob: Arc<AiJob>, err: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::Finalizer(inner) = err
+        && let kube::runtime::finalizer::Error::CleanupFailed(Error::CleanupPending(job)) = inner.as_ref()
+    {
+        debug!(job = %job, "cleanup in progress");
+        return Action::requeue(Duration::from_secs(1));
+    }
+    warn!(aijob = %aijob.name_any(), namespace = aijob.namespace().unwrap_or_default(), error = %err, "reconcile failed; retrying");
+    ctx.metrics.reconcile_error();
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(aijob: Arc<AiJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = aijob.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<AiJob> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, AIJOB_FINALIZER, aijob, |event| async {
+        match event {
+            Finalizer::Apply(job) => apply(job, &ctx, &api).await,
+            Finalizer::Cleanup(job) => cleanup(job, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(started.elapsed());
+    result
+}
+
+fn key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
+}
+
+/// The pods of one AiJob's Job, from the cache.
+fn pods_of(ctx: &Context, ns: &str, name: &str) -> Vec<Arc<Pod>> {
+    ctx.our_pods.state_filter(|p| p.namespace().as_deref() == Some(ns) && p.labels().get(LABEL_AIJOB).map(String::as_str) == Some(name))
+}
+
+async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Action, Error> {
+    let ns = aijob.namespace().ok_or(Error::NoNamespace)?;
+    let name = aijob.name_any();
+    let old = aijob.status.clone().unwrap_or_default();
+    let job_name = jobbuild::job_name(&aijob);
+
+    // Dereference: the Job and its pods, from the caches.
+    let mut job = ctx.jobs.get(&ObjectRef::new(&job_name).within(&ns));
+    let placed_before = find(&old.conditions, COND_PLACED).is_some_and(|c| c.status == "True");
+    if job.is_none() && placed_before {
+        // The cache may lag behind our own create; ask the API server itself.
+        job = Api::<Job>::namespaced(ctx.client.clone(), &ns).get_opt(&job_name).await?.map(Arc::new);
+    }
+
+    // Validate, build, apply.
+    let outcome = match Need::from_spec(&aijob.spec.gpus) {
+        Err(e) => Outcome::Invalid { message: e.to_string() },
+        Ok(need) => match job {
+            Some(job) => {
+                let pods = pods_of(ctx, &ns, &name);
+                let observed = observe(&job, &pods.iter().map(AsRef::as_ref).collect::<Vec<_>>());
+                if observed.node.is_some() {
+                    ctx.placing.lock().await.remove(&key(&ns, &name));
+                }
+                let runs_on = RunsOn {
+                    org: ctx.settings.org.clone(),
+                    peer_id: None,
+                    namespace: ns.clone(),
+                    job: job_name.clone(),
+                    gpu_product: old.runs_on.as_ref().and_then(|r| r.gpu_product.clone()),
+                };
+                Outcome::Local { runs_on, observed, created_now: false }
+            }
+            None if old.phase.is_some_and(|p| p.is_terminal()) => return Ok(Action::await_change()),
+            None if placed_before => Outcome::JobLost { job: format!("{ns}/{job_name}") },
+            None => place(&aijob, &need, ctx).await?,
+        },
+    };
+
+    // Update status, only when something changed: a steady job costs no writes.
+    let (status, events) = plan(&old, aijob.metadata.generation, &outcome, Timestamp::now());
+    if status != old {
+        patch_status(api, &name, &status).await?;
+    }
+    let reference = aijob.object_ref(&());
+    for e in events {
+        let ev = KubeEvent {
+            type_: if e.warning { EventType::Warning } else { EventType::Normal },
+            reason: e.reason,
+            note: Some(e.note.chars().take(1000).collect()),
+            action: e.action.into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&ev, &reference).await {
+            warn!(aijob = %name, error = %err, "could not publish event");
+        }
+    }
+
+    Ok(match (&outcome, status.phase) {
+        (Outcome::Waiting { .. }, _) => Action::requeue(ctx.settings.wait_requeue),
+        (_, Some(p)) if p.is_terminal() => Action::await_change(),
+        _ => Action::requeue(Duration::from_secs(300)),
+    })
+}
+
+/// Decides and, when it fits, creates the Job.
+async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Error> {
+    let ns = aijob.namespace().ok_or(Error::NoNamespace)?;
+    let name = aijob.name_any();
+    let mut placing = ctx.placing.lock().await;
+    placing.retain(|_, r| r.at.elapsed() < RESERVATION_TTL);
+    // A reservation stops counting once its pod shows up bound in the cache.
+    let mut extra: BTreeMap<String, u32> = BTreeMap::new();
+    for (k, r) in placing.iter() {
+        let (rns, rname) = k.split_once('/').unwrap_or_default();
+        let bound = pods_of(ctx, rns, rname)
+            .iter()
+            .any(|p| capacity::pod_is_live(p) && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some());
+        if !bound {
+            *extra.entry(r.node.clone()).or_default() += r.gpus;
+        }
+    }
+    let nodes = inventory(&ctx.gpunodes.state(), &ctx.live_pods.state(), &extra, Timestamp::now());
+    ctx.metrics.observe_inventory(&nodes);
+    match decide(need, aijob.spec.placement.mode, &nodes) {
+        Decision::Wait { reason, message } => Ok(Outcome::Waiting { reason, message }),
+        Decision::Local { node, product, products } => {
+            let job = jobbuild::build(aijob, need, &products)?;
+            let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+            match api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &job).await {
+                Ok(_) => {
+                    info!(aijob = %name, namespace = %ns, node = %node, gpus = need.count, product = %product, "created Job");
+                    ctx.metrics.placed_locally();
+                }
+                // Same deterministic name: the Job is already there, which is fine.
+                Err(kube::Error::Api(s)) if s.code == 409 => debug!(aijob = %name, "Job already exists"),
+                Err(e) => return Err(e.into()),
+            }
+            placing.insert(key(&ns, &name), Reservation { node, gpus: need.count, at: Instant::now() });
+            let job_name = jobbuild::job_name(aijob);
+            Ok(Outcome::Local {
+                runs_on: RunsOn { org: ctx.settings.org.clone(), peer_id: None, namespace: ns, job: job_name, gpu_product: Some(product) },
+                observed: crate::jobstatus::Observation {
+                    phase: gpupool_crds::AiJobPhase::Pending,
+                    reason: "PodStarting".into(),
+                    message: "the Job was created; waiting for its pod".into(),
+                    node: None,
+                    exit_code: None,
+                    start_time: None,
+                    completion_time: None,
+                },
+                created_now: true,
+            })
+        }
+    }
+}
+
+/// Deletes the Job (foreground, so its pods go first) and holds the finalizer
+/// until the Job is gone: when the AiJob disappears, nothing of it runs.
+async fn cleanup(aijob: Arc<AiJob>, ctx: &Context) -> Result<Action, Error> {
+    let ns = aijob.namespace().ok_or(Error::NoNamespace)?;
+    let name = aijob.name_any();
+    ctx.placing.lock().await.remove(&key(&ns, &name));
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let job_name = jobbuild::job_name(&aijob);
+    match api.get_opt(&job_name).await? {
+        None => {
+            info!(aijob = %name, namespace = %ns, "cleanup done");
+            Ok(Action::await_change())
+        }
+        Some(job) => {
+            if job.metadata.deletion_timestamp.is_none() {
+                let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..Default::default() };
+                api.delete(&job_name, &dp).await?;
+                info!(aijob = %name, namespace = %ns, job = %job_name, "deleting Job");
+            }
+            // An error keeps the finalizer; the Job's and pods' deletions
+            // trigger the next check, and error_policy retries soon anyway.
+            Err(Error::CleanupPending(format!("{ns}/{job_name}")))
+        }
+    }
+}
+
+async fn patch_status(api: &Api<AiJob>, name: &str, status: &AiJobStatus) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "apiVersion": "gpupool.dev/v1alpha1",
+        "kind": "AiJob",
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}

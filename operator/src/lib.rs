@@ -1,0 +1,13 @@
+//! gpupool operator. Pure decisions (capacity, matching, placement, Job
+//! building, status planning) live apart from the I/O in `controller`, so they
+//! are unit-tested without any server.
+
+pub mod capacity;
+pub mod controller;
+pub mod jobbuild;
+pub mod jobstatus;
+pub mod matching;
+pub mod placement;
+pub mod quantity;
+pub mod status;
+pub mod telemetry;

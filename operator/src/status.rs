@@ -1,0 +1,196 @@
+//! The AiJob status a reconcile wants, and the Events that mark its changes.
+//! Pure: it compares the old status with what was just observed.
+
+use gpupool_crds::conditions::{find, set_condition, ConditionUpdate};
+use gpupool_crds::{AiJobPhase, AiJobStatus, RunsOn};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::jobstatus::Observation;
+
+pub const COND_ACCEPTED: &str = "Accepted";
+pub const COND_PLACED: &str = "Placed";
+pub const COND_RUNNING: &str = "Running";
+pub const COND_COMPLETE: &str = "Complete";
+pub const COND_FAILED: &str = "Failed";
+
+/// What the reconcile found out this time.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The spec passed the API server but cannot be acted on.
+    Invalid { message: String },
+    /// No Job, and none may be created yet.
+    Waiting { reason: &'static str, message: String },
+    /// A Job runs the workload here; this is what it says.
+    Local { runs_on: RunsOn, observed: Observation, created_now: bool },
+    /// The Job was placed before but is gone, and the job had not ended.
+    JobLost { job: String },
+}
+
+/// A Kubernetes Event to publish about the AiJob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    pub warning: bool,
+    pub reason: String,
+    pub action: &'static str,
+    pub note: String,
+}
+
+/// Computes the next status and the Events for what changed.
+pub fn plan(old: &AiJobStatus, generation: Option<i64>, outcome: &Outcome, now: Timestamp) -> (AiJobStatus, Vec<PlannedEvent>) {
+    let mut s = old.clone();
+    s.observed_generation = generation;
+    let mut events = Vec::new();
+    let set = |s: &mut AiJobStatus, c: ConditionUpdate| set_condition(&mut s.conditions, &c, generation, now);
+
+    match outcome {
+        Outcome::Invalid { message } => {
+            set(&mut s, ConditionUpdate::new(COND_ACCEPTED, false, "InvalidSpec", message.clone()));
+            set(&mut s, ConditionUpdate::new(COND_FAILED, true, "InvalidSpec", message.clone()));
+            s.phase = Some(AiJobPhase::Failed);
+            s.message = Some(message.clone());
+        }
+        Outcome::Waiting { reason, message } => {
+            set(&mut s, ConditionUpdate::new(COND_ACCEPTED, true, "Validated", "the spec is valid"));
+            let previous_reason = find(&old.conditions, COND_PLACED).map(|c| c.reason.clone());
+            if previous_reason.as_deref() != Some(*reason) {
+                events.push(PlannedEvent { warning: false, reason: (*reason).into(), action: "Place", note: message.clone() });
+            }
+            set(&mut s, ConditionUpdate::new(COND_PLACED, false, reason, message.clone()));
+            s.phase = Some(AiJobPhase::Pending);
+            s.message = Some(message.clone());
+        }
+        Outcome::Local { runs_on, observed, created_now } => {
+            set(&mut s, ConditionUpdate::new(COND_ACCEPTED, true, "Validated", "the spec is valid"));
+            let placed_msg = format!("runs in this cluster as Job {}/{}", runs_on.namespace, runs_on.job);
+            if *created_now {
+                events.push(PlannedEvent { warning: false, reason: "JobCreated".into(), action: "Place", note: placed_msg.clone() });
+            }
+            set(&mut s, ConditionUpdate::new(COND_PLACED, true, "PlacedLocally", placed_msg));
+            s.runs_on = Some(runs_on.clone());
+            if old.phase != Some(observed.phase) {
+                let (warning, reason) = match observed.phase {
+                    AiJobPhase::Running => (false, "Started"),
+                    AiJobPhase::Succeeded => (false, "Succeeded"),
+                    AiJobPhase::Failed => (true, "Failed"),
+                    _ => (false, "Pending"),
+                };
+                if !(observed.phase == AiJobPhase::Pending && *created_now) {
+                    events.push(PlannedEvent { warning, reason: reason.into(), action: "Run", note: observed.message.clone() });
+                }
+            }
+            let running = observed.phase == AiJobPhase::Running;
+            set(&mut s, ConditionUpdate::new(COND_RUNNING, running, &observed.reason, observed.message.clone()));
+            if observed.phase == AiJobPhase::Succeeded {
+                set(&mut s, ConditionUpdate::new(COND_COMPLETE, true, &observed.reason, observed.message.clone()));
+            }
+            if observed.phase == AiJobPhase::Failed {
+                set(&mut s, ConditionUpdate::new(COND_FAILED, true, &observed.reason, observed.message.clone()));
+            }
+            s.phase = Some(observed.phase);
+            s.message = (!running && observed.phase != AiJobPhase::Succeeded).then(|| observed.message.clone());
+            s.exit_code = observed.exit_code.or(old.exit_code);
+            s.start_time = observed.start_time.clone().or_else(|| old.start_time.clone());
+            s.completion_time = observed.completion_time.clone().or_else(|| old.completion_time.clone());
+            if observed.phase.is_terminal() && s.completion_time.is_none() {
+                s.completion_time = Some(Time(now));
+            }
+        }
+        Outcome::JobLost { job } => {
+            let message = format!("Job {job} was deleted by someone other than gpupool before it finished; the AiJob is not re-run so the workload never runs twice. Re-create the AiJob to run it again.");
+            set(&mut s, ConditionUpdate::new(COND_RUNNING, false, "JobDeleted", message.clone()));
+            set(&mut s, ConditionUpdate::new(COND_FAILED, true, "JobDeleted", message.clone()));
+            if old.phase != Some(AiJobPhase::Failed) {
+                events.push(PlannedEvent { warning: true, reason: "JobDeleted".into(), action: "Run", note: message.clone() });
+            }
+            s.phase = Some(AiJobPhase::Failed);
+            s.message = Some(message);
+        }
+    }
+    (s, events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Timestamp {
+        format!("2026-06-01T12:00:{s}Z").parse().unwrap()
+    }
+
+    fn runs_on() -> RunsOn {
+        RunsOn { org: "acme".into(), namespace: "ml".into(), job: "train".into(), ..Default::default() }
+    }
+
+    fn obs(phase: AiJobPhase, reason: &str) -> Observation {
+        Observation {
+            phase,
+            reason: reason.into(),
+            message: format!("{reason} message"),
+            node: None,
+            exit_code: None,
+            start_time: None,
+            completion_time: None,
+        }
+    }
+
+    #[test]
+    fn waiting_emits_one_event_per_reason() {
+        let w = Outcome::Waiting { reason: "InsufficientFreeGpus", message: "waiting for 8×H100".into() };
+        let (s1, e1) = plan(&AiJobStatus::default(), Some(1), &w, t("00"));
+        assert_eq!(s1.phase, Some(AiJobPhase::Pending));
+        assert_eq!(e1.len(), 1);
+        assert_eq!(find(&s1.conditions, COND_PLACED).unwrap().reason, "InsufficientFreeGpus");
+        let w2 = Outcome::Waiting { reason: "InsufficientFreeGpus", message: "waiting for 8×H100; 3 free".into() };
+        let (s2, e2) = plan(&s1, Some(1), &w2, t("05"));
+        assert!(e2.is_empty());
+        assert_eq!(s2.message.as_deref(), Some("waiting for 8×H100; 3 free"));
+    }
+
+    #[test]
+    fn local_lifecycle_conditions_and_events() {
+        let created = Outcome::Local { runs_on: runs_on(), observed: obs(AiJobPhase::Pending, "PodStarting"), created_now: true };
+        let (s1, e1) = plan(&AiJobStatus::default(), Some(1), &created, t("00"));
+        assert_eq!(e1.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(), ["JobCreated"]);
+        assert_eq!(find(&s1.conditions, COND_PLACED).unwrap().status, "True");
+
+        let running = Outcome::Local { runs_on: runs_on(), observed: obs(AiJobPhase::Running, "PodRunning"), created_now: false };
+        let (s2, e2) = plan(&s1, Some(1), &running, t("01"));
+        assert_eq!(e2[0].reason, "Started");
+        assert_eq!(find(&s2.conditions, COND_RUNNING).unwrap().status, "True");
+        assert_eq!(s2.message, None);
+
+        let (s2b, e2b) = plan(&s2, Some(1), &running, t("02"));
+        assert!(e2b.is_empty());
+        assert_eq!(s2b, s2, "a repeated reconcile changes nothing");
+
+        let mut done = obs(AiJobPhase::Succeeded, "Completed");
+        done.exit_code = Some(0);
+        let (s3, e3) = plan(&s2, Some(1), &Outcome::Local { runs_on: runs_on(), observed: done, created_now: false }, t("03"));
+        assert_eq!((s3.phase, s3.exit_code), (Some(AiJobPhase::Succeeded), Some(0)));
+        assert_eq!(find(&s3.conditions, COND_RUNNING).unwrap().status, "False");
+        assert_eq!(find(&s3.conditions, COND_COMPLETE).unwrap().status, "True");
+        assert!(s3.completion_time.is_some());
+        assert_eq!(e3[0].reason, "Succeeded");
+    }
+
+    #[test]
+    fn failure_is_a_warning() {
+        let mut f = obs(AiJobPhase::Failed, "BackoffLimitExceeded");
+        f.exit_code = Some(2);
+        let (s, e) = plan(&AiJobStatus::default(), None, &Outcome::Local { runs_on: runs_on(), observed: f, created_now: false }, t("00"));
+        assert!(e[0].warning);
+        assert_eq!(s.exit_code, Some(2));
+        assert_eq!(find(&s.conditions, COND_FAILED).unwrap().reason, "BackoffLimitExceeded");
+    }
+
+    #[test]
+    fn invalid_and_lost() {
+        let (s, _) = plan(&AiJobStatus::default(), None, &Outcome::Invalid { message: "bad".into() }, t("00"));
+        assert_eq!(s.phase, Some(AiJobPhase::Failed));
+        assert_eq!(find(&s.conditions, COND_ACCEPTED).unwrap().status, "False");
+        let (s, e) = plan(&AiJobStatus::default(), None, &Outcome::JobLost { job: "x".into() }, t("00"));
+        assert_eq!(s.phase, Some(AiJobPhase::Failed));
+        assert!(e[0].warning);
+    }
+}

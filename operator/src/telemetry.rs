@@ -1,0 +1,109 @@
+//! Prometheus metrics and the health endpoints, served on one port.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::capacity::NodeGpus;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProductState {
+    product: String,
+    state: String,
+}
+
+/// The operator's metrics. Names are `gpupool_*`; the chart's dashboard
+/// queries only names registered here.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    reconciles: Counter,
+    reconcile_errors: Counter,
+    reconcile_seconds: Histogram,
+    local_placements: Counter,
+    gpus: Family<ProductState, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("gpupool");
+        let reconciles = Counter::default();
+        let reconcile_errors = Counter::default();
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let local_placements = Counter::default();
+        let gpus = Family::<ProductState, Gauge>::default();
+        registry.register("aijob_reconciles", "AiJob reconciles run", reconciles.clone());
+        registry.register("aijob_reconcile_errors", "AiJob reconciles that failed and were retried", reconcile_errors.clone());
+        registry.register("aijob_reconcile_duration_seconds", "Time one AiJob reconcile took", reconcile_seconds.clone());
+        registry.register("local_placements", "AiJobs placed on this cluster's GPUs", local_placements.clone());
+        registry.register("gpus", "GPUs on this cluster by product and state (total, free)", gpus.clone());
+        Self { registry: Mutex::new(registry), reconciles, reconcile_errors, reconcile_seconds, local_placements, gpus }
+    }
+}
+
+impl Metrics {
+    pub fn reconciled(&self, took: Duration) {
+        self.reconciles.inc();
+        self.reconcile_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn reconcile_error(&self) {
+        self.reconcile_errors.inc();
+    }
+
+    pub fn placed_locally(&self) {
+        self.local_placements.inc();
+    }
+
+    pub fn observe_inventory(&self, nodes: &[NodeGpus]) {
+        let mut totals: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
+        for n in nodes {
+            let t = totals.entry(n.product.as_str()).or_default();
+            t.0 += i64::from(n.healthy);
+            t.1 += i64::from(n.free());
+        }
+        for (product, (total, free)) in totals {
+            self.gpus.get_or_create(&ProductState { product: product.into(), state: "total".into() }).set(total);
+            self.gpus.get_or_create(&ProductState { product: product.into(), state: "free".into() }).set(free);
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // A poisoned lock only means a panic elsewhere mid-encode; the
+        // registry itself is still consistent, so keep serving.
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves /metrics, /healthz and /readyz until the process ends.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    let app = Router::new()
+        .route("/metrics", get(move || {
+            let m = metrics.clone();
+            async move { m.render() }
+        }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(bound)
+}
