@@ -12,7 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/versions.env"
 
 cache_root=${GPUPOOL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gpupool}
-bin="$cache_root/testenv/k8s-$KUBERNETES_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION/bin"
+bin="$cache_root/testenv/r2-k8s-$KUBERNETES_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION/bin"
 mkdir -p "$bin"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -53,8 +53,14 @@ EOF
   done < <(sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$gomod")
   (cd "$m" && go mod edit "${replaces[@]}" && go mod edit -require="k8s.io/kubernetes@$KUBERNETES_VERSION" && go mod tidy -e >/dev/null 2>&1 || true)
   (cd "$m" && go get "k8s.io/kubernetes@$KUBERNETES_VERSION" >/dev/null 2>&1 && go mod tidy)
+  # Stamp the version as the release build does, so clients that check the
+  # server version (helm's kubeVersion, kubectl's skew warning) see it.
+  local minor=${KUBERNETES_VERSION#v1.}
+  minor=${minor%%.*}
+  local v=k8s.io/component-base/version
+  local ldflags="-s -w -X $v.gitVersion=$KUBERNETES_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean"
   for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
-    (cd "$m" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$bin/$cmd" "k8s.io/kubernetes/cmd/$cmd")
+    (cd "$m" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$bin/$cmd" "k8s.io/kubernetes/cmd/$cmd")
   done
 }
 

@@ -58,7 +58,7 @@ pub const REASON_NO_MATCH: &str = "NoMatchingGpus";
 pub const REASON_TOO_MANY: &str = "TooManyGpusForOneNode";
 pub const REASON_INSUFFICIENT: &str = "InsufficientFreeGpus";
 
-const POOL_LATER: &str = "Placement in the pool is not enabled on this cluster yet, so the job waits here.";
+const POOL_LATER: &str = "placement in the pool is not enabled on this cluster yet, so the job waits here.";
 
 /// Decides local placement. Best fit: the eligible node with the fewest free
 /// GPUs that still fit, so large jobs keep finding whole nodes.
@@ -66,10 +66,10 @@ pub fn decide(need: &Need, mode: PlacementMode, nodes: &[NodeGpus]) -> Decision 
     if mode == PlacementMode::PoolOnly {
         return Decision::Wait {
             reason: REASON_POOL_ONLY,
-            message: format!("placement.mode is PoolOnly but {POOL_LATER} Use LocalFirst or LocalOnly to run on this cluster's GPUs."),
+            message: format!("placement.mode is PoolOnly, but {POOL_LATER} Use LocalFirst or LocalOnly to run on this cluster's GPUs."),
         };
     }
-    let pool_hint = if mode == PlacementMode::LocalFirst { format!(" {POOL_LATER}") } else { String::new() };
+    let pool_hint = if mode == PlacementMode::LocalFirst { format!(" LocalFirst would ask the pool next, but {POOL_LATER}") } else { String::new() };
     let eligible: Vec<&NodeGpus> = nodes.iter().filter(|n| need.accepts(n)).collect();
     if eligible.is_empty() {
         return Decision::Wait {
@@ -165,7 +165,7 @@ mod tests {
             Decision::Wait { reason, message } => {
                 assert_eq!(reason, REASON_TOO_MANY);
                 assert!(message.contains("largest matching node has 8"), "{message}");
-                assert!(message.contains("pool is not enabled"), "{message}");
+                assert!(message.contains("LocalFirst would ask the pool next"), "{message}");
             }
             d => panic!("{d:?}"),
         }

@@ -1,0 +1,43 @@
+//! The running test environment as a file: `testenv up` writes it, tests and
+//! `testenv down` read it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::ClusterInfo;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TestEnv {
+    pub root: PathBuf,
+    pub orgs: Vec<ClusterInfo>,
+}
+
+pub const ENV_FILE: &str = "env.json";
+
+/// Where the environment lives: `$GPUPOOL_TESTENV`, else `e2e/.state` in the
+/// workspace.
+pub fn default_root() -> PathBuf {
+    std::env::var_os("GPUPOOL_TESTENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".state"))
+}
+
+impl TestEnv {
+    pub fn load(root: &Path) -> anyhow::Result<Self> {
+        let path = root.join(ENV_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!("no test environment at {} ({e}); start one with `make testenv-up`", path.display())
+        })?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    pub fn save(&self) -> anyhow::Result<()> {
+        std::fs::write(self.root.join(ENV_FILE), serde_json::to_string_pretty(self)?)?;
+        Ok(())
+    }
+
+    pub fn org(&self, name: &str) -> Option<&ClusterInfo> {
+        self.orgs.iter().find(|o| o.org.name == name)
+    }
+}

@@ -1,0 +1,128 @@
+//! What the end-to-end tests share: the environment, clients, and the
+//! operator as a real process they can start, kill and restart.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use kube::Client;
+
+use crate::cluster::{client_for, free_port, spawn, stop, ClusterInfo};
+use crate::env::{default_root, TestEnv};
+
+pub use crate::cluster::wait_for;
+
+/// The environment `make testenv-up` started. Tests fail, loudly, without one.
+pub fn testenv() -> TestEnv {
+    match TestEnv::load(&default_root()) {
+        Ok(env) => env,
+        Err(e) => panic!("{e:#}. The e2e tests run against real clusters: use `make e2e`, which starts them."),
+    }
+}
+
+/// A built workspace binary, from `target/<profile>` next to this crate.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let var = format!("GPUPOOL_{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Some(p) = std::env::var_os(&var) {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("debug").join(name);
+    assert!(path.exists(), "{} is not built; run `cargo build --bins` (or `make e2e`)", path.display());
+    path
+}
+
+pub async fn admin(org: &ClusterInfo) -> Client {
+    client_for(&org.admin_kubeconfig).await.expect("admin client")
+}
+
+/// The operator, running as its own process under its RBAC identity.
+/// Dropping it stops it.
+pub struct Operator {
+    pid: u32,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    pub fn start(org: &ClusterInfo, tag: &str) -> Self {
+        let metrics_port = free_port().expect("port");
+        let log = org.dir.join("logs").join(format!("operator-{tag}.log"));
+        let pid = spawn(
+            &workspace_bin("gpupool-operator"),
+            &[
+                format!("--org={}", org.org.name),
+                format!("--metrics-addr=127.0.0.1:{metrics_port}"),
+                "--wait-requeue-seconds=1".into(),
+            ],
+            &[("KUBECONFIG", &org.operator_kubeconfig)],
+            &log,
+        )
+        .expect("start operator");
+        Self { pid, metrics_port, log }
+    }
+
+    /// Kills it the hard way, as a node failure or OOM would.
+    pub fn kill(self) {
+        let _ = Command::new("kill").arg("-KILL").arg(format!("-{}", self.pid)).status();
+        std::thread::sleep(Duration::from_millis(200));
+        std::mem::forget(self);
+    }
+
+    /// The Prometheus text the operator serves, or "" while it is not up.
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await else {
+            return String::new();
+        };
+        let req = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        let mut body = String::new();
+        if conn.write_all(req.as_bytes()).await.is_err() || conn.read_to_string(&mut body).await.is_err() {
+            return String::new();
+        }
+        body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        stop(&[self.pid]);
+    }
+}
+
+/// A fresh namespace for one test.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, PostParams};
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let name = format!("{prefix}-{:x}", nanos);
+    let ns: Namespace = serde_json::from_value(serde_json::json!({ "metadata": { "name": name } })).expect("namespace");
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+    name
+}
+
+/// An AiJob as JSON: `gpus` GPUs of `models`, a pod that runs for
+/// `duration` in the simulated cluster, and `extra` merged into the spec.
+pub fn aijob_json(name: &str, gpus: i32, models: &[&str], duration: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut spec = serde_json::json!({
+        "template": {
+            "metadata": { "annotations": { "sim.gpupool.dev/duration": duration } },
+            "spec": { "containers": [{ "name": "train", "image": "ghcr.io/example/train:1" }] }
+        },
+        "gpus": { "count": gpus, "models": models },
+        "maxPricePerGpuHour": "2.50",
+    });
+    if let (Some(base), Some(more)) = (spec.as_object_mut(), extra.as_object()) {
+        for (k, v) in more {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::json!({
+        "apiVersion": "gpupool.dev/v1alpha1",
+        "kind": "AiJob",
+        "metadata": { "name": name },
+        "spec": spec,
+    })
+}

@@ -1,0 +1,37 @@
+//! Applies YAML documents with server-side apply, as `kubectl apply
+//! --server-side` would, resolving each kind through discovery.
+
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::{pinned_kind, Scope};
+use kube::{Api, Client};
+
+pub const FIELD_MANAGER: &str = "gpupool-testenv";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("parsing YAML: {0}")]
+    Yaml(String),
+    #[error("a document has no apiVersion/kind/name")]
+    Incomplete,
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<(), ApplyError> {
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).map_err(|e| ApplyError::Yaml(e.to_string()))?;
+    for doc in docs.into_iter().filter(|d| !d.is_null()) {
+        let obj: DynamicObject = serde_json::from_value(doc).map_err(|e| ApplyError::Yaml(e.to_string()))?;
+        let types = obj.types.clone().ok_or(ApplyError::Incomplete)?;
+        let name = obj.metadata.name.clone().ok_or(ApplyError::Incomplete)?;
+        let gvk = GroupVersionKind::try_from(&types).map_err(|_| ApplyError::Incomplete)?;
+        let (resource, caps) = pinned_kind(client, &gvk).await?;
+        let api: Api<DynamicObject> = match (caps.scope, obj.metadata.namespace.as_deref()) {
+            (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
+            (Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &resource),
+            (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
+        };
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj)).await?;
+    }
+    Ok(())
+}

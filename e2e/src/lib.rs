@@ -1,0 +1,10 @@
+//! gpupool's test environment: real Kubernetes control planes built from the
+//! Go module proxy, one per simulated organisation, on loopback; and helpers
+//! the end-to-end tests share.
+
+pub mod certs;
+pub mod cluster;
+pub mod env;
+pub mod harness;
+pub mod kubeapply;
+pub mod orgs;
