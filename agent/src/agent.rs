@@ -8,7 +8,7 @@ use gpupool_crds::GpuNodeStatus;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tracing::{info, warn};
 
@@ -56,11 +56,14 @@ pub async fn run(client: Client, mut source: Box<dyn GpuSource>, settings: Setti
     let publisher = Publisher::new(client.clone(), &settings.node);
     let pods: Api<Pod> = Api::all(client);
     let (store, writer) = reflector::store();
-    let stream = watcher(pods, watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node)))
-        .default_backoff()
-        .modify(|p: &mut Pod| p.metadata.managed_fields = None)
-        .reflect(writer)
-        .for_each(|_| futures::future::ready(()));
+    let stream = watcher(
+        pods,
+        watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node)),
+    )
+    .default_backoff()
+    .modify(|p: &mut Pod| p.metadata.managed_fields = None)
+    .reflect(writer)
+    .for_each(|_| futures::future::ready(()));
     tokio::spawn(stream);
 
     let mut last: Option<GpuNodeStatus> = None;
@@ -73,7 +76,10 @@ pub async fn run(client: Client, mut source: Box<dyn GpuSource>, settings: Setti
         let (status, labels) = match &reading {
             Ok(r) => {
                 backoff = settings.poll;
-                (status_from_reading(source.name(), r, allocated(&store), last.as_ref(), now), Some(node_labels(r)))
+                (
+                    status_from_reading(source.name(), r, allocated(&store), last.as_ref(), now),
+                    Some(node_labels(r)),
+                )
             }
             Err(e) => {
                 warn!(node = %settings.node, error = %e, retry_in = ?backoff, "cannot read GPUs");

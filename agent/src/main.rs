@@ -49,15 +49,23 @@ impl GpuSource for Unavailable {
         "nvml"
     }
     fn read(&mut self) -> Result<Reading, SourceError> {
-        Err(NvmlSource::init().err().unwrap_or_else(|| SourceError::DriverUnavailable("NVML became available; restarting the agent picks it up".into())))
+        Err(NvmlSource::init().err().unwrap_or_else(|| {
+            SourceError::DriverUnavailable("NVML became available; restarting the agent picks it up".into())
+        }))
     }
 }
 
 fn source(args: &Args) -> anyhow::Result<Box<dyn GpuSource>> {
     Ok(match args.backend {
         Backend::Simulated => {
-            let path = args.inventory.clone().context("--inventory is required with --backend simulated")?;
-            Box::new(SimulatedSource { path, node: args.node_name.clone() })
+            let path = args
+                .inventory
+                .clone()
+                .context("--inventory is required with --backend simulated")?;
+            Box::new(SimulatedSource {
+                path,
+                node: args.node_name.clone(),
+            })
         }
         Backend::Nvml => match NvmlSource::init() {
             Ok(s) => Box::new(s),
@@ -78,16 +86,21 @@ async fn main() -> anyhow::Result<()> {
     let mut src = source(&args)?;
     if args.once {
         let reading = src.read()?;
-        println!("{}", serde_json::to_string_pretty(&gpupool_agent::report::status_from_reading(
-            src.name(),
-            &reading,
-            0,
-            None,
-            k8s_openapi::jiff::Timestamp::now(),
-        ))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&gpupool_agent::report::status_from_reading(
+                src.name(),
+                &reading,
+                0,
+                None,
+                k8s_openapi::jiff::Timestamp::now(),
+            ))?
+        );
         return Ok(());
     }
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let settings = Settings {
         node: args.node_name.clone(),
         poll: Duration::from_secs(args.poll_seconds.max(1)),

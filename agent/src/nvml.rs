@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 
 use gpupool_crds::{GpuDevice, GpuHealth, MigMode};
-use nvml_wrapper::enums::device::DeviceArchitecture;
-use nvml_wrapper::error::NvmlError;
-use nvml_wrapper::enums::event::XidError;
-use nvml_wrapper::event::EventSet;
-use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::Nvml;
+use nvml_wrapper::bitmasks::event::EventTypes;
+use nvml_wrapper::enums::device::DeviceArchitecture;
+use nvml_wrapper::enums::event::XidError;
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::event::EventSet;
 
 use crate::source::{GpuSource, Reading, SourceError};
 
@@ -34,7 +34,11 @@ impl NvmlSource {
         // event set the 'static borrow it needs.
         let nvml: &'static Nvml = Box::leak(Box::new(nvml));
         let events = register_xid_events(nvml);
-        Ok(Self { events, nvml, xids: HashMap::new() })
+        Ok(Self {
+            events,
+            nvml,
+            xids: HashMap::new(),
+        })
     }
 
     fn drain_xids(&mut self) {
@@ -96,13 +100,18 @@ impl GpuSource for NvmlSource {
     fn read(&mut self) -> Result<Reading, SourceError> {
         self.drain_xids();
         let nvml = self.nvml;
-        let count = nvml.device_count().map_err(|e| SourceError::DriverUnavailable(describe(&e)))?;
+        let count = nvml
+            .device_count()
+            .map_err(|e| SourceError::DriverUnavailable(describe(&e)))?;
         if count == 0 {
             return Err(SourceError::NoGpus);
         }
         let mut gpus = Vec::with_capacity(count as usize);
         for index in 0..count {
-            let dev_err = |e: NvmlError| SourceError::Device { index, message: e.to_string() };
+            let dev_err = |e: NvmlError| SourceError::Device {
+                index,
+                message: e.to_string(),
+            };
             let device = nvml.device_by_index(index).map_err(dev_err)?;
             let uuid = device.uuid().map_err(dev_err)?;
             let memory = device.memory_info().map_err(dev_err)?;
@@ -120,10 +129,15 @@ impl GpuSource for NvmlSource {
                 health = GpuHealth::Unhealthy;
                 health_message = Some(format!("critical XID {xid}"));
             }
-            let nvlink_links = if matches!(device.architecture(), Ok(DeviceArchitecture::Kepler) | Ok(DeviceArchitecture::Maxwell)) {
+            let nvlink_links = if matches!(
+                device.architecture(),
+                Ok(DeviceArchitecture::Kepler) | Ok(DeviceArchitecture::Maxwell)
+            ) {
                 0
             } else {
-                (0..MAX_NVLINKS).filter(|l| device.link_wrapper_for(*l).is_active().unwrap_or(false)).count() as u32
+                (0..MAX_NVLINKS)
+                    .filter(|l| device.link_wrapper_for(*l).is_active().unwrap_or(false))
+                    .count() as u32
             };
             gpus.push(GpuDevice {
                 index,
@@ -141,9 +155,17 @@ impl GpuSource for NvmlSource {
             });
         }
         let cuda_version = nvml.sys_cuda_driver_version().ok().map(|v| {
-            format!("{}.{}", nvml_wrapper::cuda_driver_version_major(v), nvml_wrapper::cuda_driver_version_minor(v))
+            format!(
+                "{}.{}",
+                nvml_wrapper::cuda_driver_version_major(v),
+                nvml_wrapper::cuda_driver_version_minor(v)
+            )
         });
-        Ok(Reading { driver_version: nvml.sys_driver_version().ok(), cuda_version, gpus })
+        Ok(Reading {
+            driver_version: nvml.sys_driver_version().ok(),
+            cuda_version,
+            gpus,
+        })
     }
 }
 

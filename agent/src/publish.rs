@@ -18,7 +18,11 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(client: Client, node: &str) -> Self {
-        Self { gpunodes: Api::all(client.clone()), nodes: Api::all(client), node: node.to_string() }
+        Self {
+            gpunodes: Api::all(client.clone()),
+            nodes: Api::all(client),
+            node: node.to_string(),
+        }
     }
 
     pub async fn gpunode(&self, status: &GpuNodeStatus) -> Result<(), kube::Error> {
@@ -36,7 +40,9 @@ impl Publisher {
             "metadata": { "name": self.node },
             "status": status,
         });
-        self.gpunodes.patch_status(&self.node, &params, &Patch::Apply(&status)).await?;
+        self.gpunodes
+            .patch_status(&self.node, &params, &Patch::Apply(&status))
+            .await?;
         Ok(())
     }
 
@@ -46,7 +52,13 @@ impl Publisher {
             "kind": "Node",
             "metadata": { "name": self.node, "labels": labels },
         });
-        self.nodes.patch(&self.node, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object)).await?;
+        self.nodes
+            .patch(
+                &self.node,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&object),
+            )
+            .await?;
         Ok(())
     }
 }

@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use gpupool_crds::conditions::{set_condition, ConditionUpdate};
+use gpupool_crds::conditions::{ConditionUpdate, set_condition};
 use gpupool_crds::{
-    product_label_value, GpuHealth, GpuNodeStatus, LABEL_GPU_COUNT, LABEL_GPU_MEMORY_MIB, LABEL_GPU_PRODUCT,
+    GpuHealth, GpuNodeStatus, LABEL_GPU_COUNT, LABEL_GPU_MEMORY_MIB, LABEL_GPU_PRODUCT, product_label_value,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -25,7 +25,12 @@ pub fn status_from_reading(
     let healthy = reading.gpus.iter().filter(|g| g.health == GpuHealth::Healthy).count() as i32;
     let mut conditions = previous.map(|p| p.conditions.clone()).unwrap_or_default();
     let message = format!("read {} GPU(s) through {backend}", reading.gpus.len());
-    set_condition(&mut conditions, &ConditionUpdate::new(COND_DRIVER_READY, true, "GpusRead", message), None, now);
+    set_condition(
+        &mut conditions,
+        &ConditionUpdate::new(COND_DRIVER_READY, true, "GpusRead", message),
+        None,
+        now,
+    );
     GpuNodeStatus {
         backend: Some(backend.to_string()),
         product: reading.gpus.first().map(|g| g.product.clone()),
@@ -42,7 +47,12 @@ pub fn status_from_reading(
 
 /// The status when the GPUs cannot be read: no GPUs are offered, and the
 /// condition says why in words an admin can act on.
-pub fn status_from_error(backend: &str, err: &SourceError, previous: Option<&GpuNodeStatus>, now: Timestamp) -> GpuNodeStatus {
+pub fn status_from_error(
+    backend: &str,
+    err: &SourceError,
+    previous: Option<&GpuNodeStatus>,
+    now: Timestamp,
+) -> GpuNodeStatus {
     let reason = match err {
         SourceError::DriverUnavailable(_) => "DriverUnavailable",
         SourceError::NoGpus => "NoGpus",
@@ -50,8 +60,18 @@ pub fn status_from_error(backend: &str, err: &SourceError, previous: Option<&Gpu
         SourceError::Inventory(_) => "InventoryUnreadable",
     };
     let mut conditions = previous.map(|p| p.conditions.clone()).unwrap_or_default();
-    set_condition(&mut conditions, &ConditionUpdate::new(COND_DRIVER_READY, false, reason, err.to_string()), None, now);
-    GpuNodeStatus { backend: Some(backend.to_string()), conditions, last_heartbeat: Some(Time(now)), ..Default::default() }
+    set_condition(
+        &mut conditions,
+        &ConditionUpdate::new(COND_DRIVER_READY, false, reason, err.to_string()),
+        None,
+        now,
+    );
+    GpuNodeStatus {
+        backend: Some(backend.to_string()),
+        conditions,
+        last_heartbeat: Some(Time(now)),
+        ..Default::default()
+    }
 }
 
 /// Labels for the Node, so pods select GPUs by product and memory.
@@ -79,7 +99,7 @@ pub fn meaningful_change(prev: &GpuNodeStatus, next: &GpuNodeStatus) -> bool {
         }
         for g in &mut s.gpus {
             g.utilization_percent /= 10;
-            g.memory_used_mib = if g.memory_mib > 0 { g.memory_used_mib * 10 / g.memory_mib } else { 0 };
+            g.memory_used_mib = (g.memory_used_mib * 10).checked_div(g.memory_mib).unwrap_or(0);
         }
         s
     };
@@ -111,7 +131,11 @@ mod tests {
         Reading {
             driver_version: Some("580.95.05".into()),
             cuda_version: Some("13.0".into()),
-            gpus: vec![g(0, GpuHealth::Healthy), g(1, GpuHealth::Unhealthy), g(2, GpuHealth::Healthy)],
+            gpus: vec![
+                g(0, GpuHealth::Healthy),
+                g(1, GpuHealth::Unhealthy),
+                g(2, GpuHealth::Healthy),
+            ],
         }
     }
 
@@ -151,7 +175,13 @@ mod tests {
         let a = status_from_reading("nvml", &reading(), 0, None, now());
         let mut r = reading();
         r.gpus[0].utilization_percent = 38;
-        let b = status_from_reading("nvml", &r, 0, Some(&a), now() + k8s_openapi::jiff::SignedDuration::from_secs(10));
+        let b = status_from_reading(
+            "nvml",
+            &r,
+            0,
+            Some(&a),
+            now() + k8s_openapi::jiff::SignedDuration::from_secs(10),
+        );
         assert!(!meaningful_change(&a, &b));
         r.gpus[0].utilization_percent = 90;
         let c = status_from_reading("nvml", &r, 0, Some(&a), now());

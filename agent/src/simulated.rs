@@ -49,7 +49,11 @@ impl Inventory {
                     memory_used_mib: 0,
                     utilization_percent: 0,
                     mig_mode: MigMode::Disabled,
-                    health: if unhealthy { GpuHealth::Unhealthy } else { GpuHealth::Healthy },
+                    health: if unhealthy {
+                        GpuHealth::Unhealthy
+                    } else {
+                        GpuHealth::Healthy
+                    },
                     health_message: unhealthy.then(|| "simulated XID 79".to_string()),
                     pcie_generation: Some(5),
                     pcie_width: Some(16),
@@ -57,7 +61,11 @@ impl Inventory {
                 }
             })
             .collect();
-        Reading { driver_version: Some(self.driver_version.clone()), cuda_version: Some(self.cuda_version.clone()), gpus }
+        Reading {
+            driver_version: Some(self.driver_version.clone()),
+            cuda_version: Some(self.cuda_version.clone()),
+            gpus,
+        }
     }
 }
 
@@ -92,8 +100,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("gpupool-sim-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("inv.yaml");
-        std::fs::write(&path, "product: NVIDIA L40S\nmemoryMib: 46068\ncount: 4\nunhealthy: [2]\n").unwrap();
-        let mut src = SimulatedSource { path: path.clone(), node: "n1".into() };
+        std::fs::write(
+            &path,
+            "product: NVIDIA L40S\nmemoryMib: 46068\ncount: 4\nunhealthy: [2]\n",
+        )
+        .unwrap();
+        let mut src = SimulatedSource {
+            path: path.clone(),
+            node: "n1".into(),
+        };
         let r = src.read().unwrap();
         assert_eq!(r.gpus.len(), 4);
         assert_eq!(r.gpus[2].health, GpuHealth::Unhealthy);

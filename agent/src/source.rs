@@ -14,7 +14,9 @@ pub struct Reading {
 pub enum SourceError {
     /// The driver library could not be loaded or initialised: no driver on
     /// this node, or the container lacks it.
-    #[error("the NVIDIA driver is not usable on this node: {0}. Install the NVIDIA driver, or run the agent only on GPU nodes (it is scheduled by the gpupool.dev/gpu-count label or the chart's nodeSelector)")]
+    #[error(
+        "the NVIDIA driver is not usable on this node: {0}. Install the NVIDIA driver, or run the agent only on GPU nodes (it is scheduled by the gpupool.dev/gpu-count label or the chart's nodeSelector)"
+    )]
     DriverUnavailable(String),
     /// The driver works but reports no GPU.
     #[error("the NVIDIA driver reports no GPU on this node")]

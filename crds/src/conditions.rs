@@ -68,8 +68,18 @@ mod tests {
         let t1: Timestamp = "2026-01-01T00:01:00Z".parse().unwrap();
         let t2: Timestamp = "2026-01-01T00:02:00Z".parse().unwrap();
         let mut c = Vec::new();
-        set_condition(&mut c, &ConditionUpdate::new("Ready", false, "Waiting", "a"), Some(1), t0);
-        set_condition(&mut c, &ConditionUpdate::new("Ready", false, "StillWaiting", "b"), Some(2), t1);
+        set_condition(
+            &mut c,
+            &ConditionUpdate::new("Ready", false, "Waiting", "a"),
+            Some(1),
+            t0,
+        );
+        set_condition(
+            &mut c,
+            &ConditionUpdate::new("Ready", false, "StillWaiting", "b"),
+            Some(2),
+            t1,
+        );
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].last_transition_time.0, t0);
         assert_eq!(c[0].reason, "StillWaiting");

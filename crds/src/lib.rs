@@ -4,6 +4,10 @@
 //! that the API server, not the operator, refuses a bad spec: a platform team
 //! sees the mistake at `kubectl apply` time instead of in a status later.
 
+// kube-derive takes one `printcolumn(...)` per column; clippy reads the repeated
+// `type_ = "string"` inside them as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod aijob;
 pub mod bid;
 pub mod conditions;
@@ -14,8 +18,8 @@ pub mod price;
 pub mod yaml;
 
 pub use aijob::{
-    AiJob, AiJobPhase, AiJobSpec, AiJobStatus, Bidding, BidSelection, GpuRequirements,
-    Interconnect, Placement, PlacementMode, RunsOn,
+    AiJob, AiJobPhase, AiJobSpec, AiJobStatus, BidSelection, Bidding, GpuRequirements, Interconnect, Placement,
+    PlacementMode, RunsOn,
 };
 pub use bid::{Bid, BidSpec, BidState, BidStatus};
 pub use gpunode::{GpuDevice, GpuHealth, GpuNode, GpuNodeSpec, GpuNodeStatus, MigMode};
@@ -59,7 +63,11 @@ pub fn product_label_value(product: &str) -> String {
         out = out.replace("--", "-");
     }
     let out = out.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-    out.chars().take(63).collect::<String>().trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_string()
+    out.chars()
+        .take(63)
+        .collect::<String>()
+        .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
 }
 
 #[cfg(test)]

@@ -92,7 +92,13 @@ mod tests {
 
     #[test]
     fn parses_and_prints_round_trip() {
-        for s in ["0", "2", "2.5", "0.000000000000000001", "123456789012.123456789012345678"] {
+        for s in [
+            "0",
+            "2",
+            "2.5",
+            "0.000000000000000001",
+            "123456789012.123456789012345678",
+        ] {
             let a: TokenAmount = s.parse().unwrap();
             assert_eq!(a.to_string(), s);
         }

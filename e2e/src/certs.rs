@@ -39,7 +39,11 @@ impl Ca {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, format!("{name}-ca"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let cert = params.self_signed(&key)?;
         let cert_path = dir.join("ca.crt");
         write(&cert_path, &cert.pem())?;
@@ -51,7 +55,10 @@ impl Ca {
         let key = KeyPair::generate()?;
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer)?;
-        let files = CertFiles { cert: dir.join(format!("{file}.crt")), key: dir.join(format!("{file}.key")) };
+        let files = CertFiles {
+            cert: dir.join(format!("{file}.crt")),
+            key: dir.join(format!("{file}.key")),
+        };
         write(&files.cert, &cert.pem())?;
         write(&files.key, &key.serialize_pem())?;
         Ok(files)

@@ -18,7 +18,7 @@ use kube::{Client, Config};
 use serde::{Deserialize, Serialize};
 
 use crate::certs::{self, Ca};
-use crate::kubeapply::{apply_yaml, FIELD_MANAGER};
+use crate::kubeapply::{FIELD_MANAGER, apply_yaml};
 use crate::orgs::OrgSpec;
 
 pub const OPERATOR_USER: &str = "system:serviceaccount:gpupool-system:gpupool-operator";
@@ -48,9 +48,13 @@ pub struct ClusterInfo {
 /// processes we start cannot take them first, and none is handed out twice
 /// by this process.
 pub fn free_port() -> std::io::Result<u16> {
-    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
         ^ std::process::id().rotate_left(16);
     let mut x = u64::from(seed) | 1;
     for _ in 0..1000 {
@@ -74,11 +78,17 @@ pub fn free_port() -> std::io::Result<u16> {
 pub fn spawn(bin: &Path, args: &[String], env: &[(&str, &Path)], log: &Path) -> anyhow::Result<u32> {
     let out = File::create(log)?;
     let mut cmd = Command::new(bin);
-    cmd.args(args).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).process_group(0);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().map_err(|e| anyhow::anyhow!("starting {}: {e}", bin.display()))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("starting {}: {e}", bin.display()))?;
     Ok(child.id())
 }
 
@@ -96,7 +106,10 @@ async fn wait_ready(client: &Client, what: &str, logs: &Path, timeout: Duration)
             Ok(body) if body.trim() == "ok" => return Ok(()),
             other => {
                 if start.elapsed() > timeout {
-                    anyhow::bail!("{what} not ready after {timeout:?} ({other:?}); see logs in {}", logs.display());
+                    anyhow::bail!(
+                        "{what} not ready after {timeout:?} ({other:?}); see logs in {}",
+                        logs.display()
+                    );
                 }
             }
         }
@@ -133,12 +146,16 @@ pub async fn start(
     let ca = Ca::create(&pki, &org.name)?;
     let serving = ca.server(&pki)?;
     let (sa_key, sa_pub) = certs::service_account_key(&pki)?;
-    let (etcd_port, etcd_peer, api_port, kcm_port, sched_port) = (free_port()?, free_port()?, free_port()?, free_port()?, free_port()?);
+    let (etcd_port, etcd_peer, api_port, kcm_port, sched_port) =
+        (free_port()?, free_port()?, free_port()?, free_port()?, free_port()?);
     let server = format!("https://127.0.0.1:{api_port}");
     let kubeconfig = |file: &str, user: &str, groups: &[&str]| -> anyhow::Result<PathBuf> {
         let certs = ca.client(&pki, file, user, groups)?;
         let path = dir.join(format!("{file}.kubeconfig"));
-        std::fs::write(&path, certs::kubeconfig(&server, &ca.cert_path, &certs, &org.name, file))?;
+        std::fs::write(
+            &path,
+            certs::kubeconfig(&server, &ca.cert_path, &certs, &org.name, file),
+        )?;
         Ok(path)
     };
     let admin = kubeconfig("admin", "gpupool-admin", &["system:masters"])?;
@@ -232,7 +249,8 @@ pub async fn start(
     let crds: Api<CustomResourceDefinition> = Api::all(admin_client.clone());
     for crd in gpupool_crds::yaml::crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        crds.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd)).await?;
+        crds.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
+            .await?;
     }
     wait_for(Duration::from_secs(60), "CRDs established", || async {
         let list = crds.list(&ListParams::default()).await.ok()?;
@@ -241,7 +259,10 @@ pub async fn start(
             .iter()
             .filter(|c| c.spec.group == gpupool_crds::GROUP)
             .filter(|c| {
-                c.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
+                c.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
             })
             .count();
         (established == gpupool_crds::yaml::crds().len()).then_some(())
@@ -279,7 +300,9 @@ pub async fn start(
             gpupool_crds::GPU_RESOURCE: org.fleet.gpus_per_node.to_string(),
         });
         let status = serde_json::json!({ "status": { "capacity": capacity, "allocatable": capacity } });
-        nodes_api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+        nodes_api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
     }
     pids.push(spawn(
         &bin("kwok"),
@@ -300,7 +323,12 @@ pub async fn start(
         let ready = list
             .items
             .iter()
-            .filter(|n| n.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")))
+            .filter(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
             .count();
         (ready == names.len()).then_some(())
     })
@@ -339,7 +367,13 @@ pub async fn start(
         let gpunodes: Api<GpuNode> = Api::all(admin_client.clone());
         wait_for(Duration::from_secs(60), "agents' GpuNodes", || async {
             let list = gpunodes.list(&ListParams::default()).await.ok()?;
-            (list.items.iter().filter(|g| g.status.as_ref().is_some_and(|s| s.gpus_total > 0)).count() == names.len()).then_some(())
+            (list
+                .items
+                .iter()
+                .filter(|g| g.status.as_ref().is_some_and(|s| s.gpus_total > 0))
+                .count()
+                == names.len())
+            .then_some(())
         })
         .await?;
     }
@@ -378,17 +412,29 @@ where
 /// Stops process groups: TERM, a grace period, then KILL.
 pub fn stop(pids: &[u32]) {
     for pid in pids {
-        let _ = Command::new("kill").arg("-TERM").arg(format!("-{pid}")).status();
+        let _ = Command::new("kill")
+            .args(["-s", "TERM", "--", &format!("-{pid}")])
+            .stderr(Stdio::null())
+            .status();
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && pids.iter().any(|p| Path::new(&format!("/proc/{p}")).exists() && !is_zombie(*p)) {
+    while Instant::now() < deadline
+        && pids
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists() && !is_zombie(*p))
+    {
         std::thread::sleep(Duration::from_millis(100));
     }
     for pid in pids {
-        let _ = Command::new("kill").arg("-KILL").arg(format!("-{pid}")).stderr(Stdio::null()).status();
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{pid}")])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
 fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(true)
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z "))
+        .unwrap_or(true)
 }

@@ -27,7 +27,10 @@ impl TestEnv {
     pub fn load(root: &Path) -> anyhow::Result<Self> {
         let path = root.join(ENV_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            anyhow::anyhow!("no test environment at {} ({e}); start one with `make testenv-up`", path.display())
+            anyhow::anyhow!(
+                "no test environment at {} ({e}); start one with `make testenv-up`",
+                path.display()
+            )
         })?;
         Ok(serde_json::from_str(&text)?)
     }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use kube::Client;
 
-use crate::cluster::{client_for, free_port, spawn, stop, ClusterInfo};
-use crate::env::{default_root, TestEnv};
+use crate::cluster::{ClusterInfo, client_for, free_port, spawn, stop};
+use crate::env::{TestEnv, default_root};
 
 pub use crate::cluster::wait_for;
 
@@ -30,7 +30,11 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let path = target.join("debug").join(name);
-    assert!(path.exists(), "{} is not built; run `cargo build --bins` (or `make e2e`)", path.display());
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --bins` (or `make e2e`)",
+        path.display()
+    );
     path
 }
 
@@ -66,7 +70,9 @@ impl Operator {
 
     /// Kills it the hard way, as a node failure or OOM would.
     pub fn kill(self) {
-        let _ = Command::new("kill").arg("-KILL").arg(format!("-{}", self.pid)).status();
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.pid)])
+            .status();
         std::thread::sleep(Duration::from_millis(200));
         std::mem::forget(self);
     }
@@ -82,7 +88,9 @@ impl Operator {
         if conn.write_all(req.as_bytes()).await.is_err() || conn.read_to_string(&mut body).await.is_err() {
             return String::new();
         }
-        body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+        body.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
     }
 }
 
@@ -96,16 +104,28 @@ impl Drop for Operator {
 pub async fn namespace(client: &Client, prefix: &str) -> String {
     use k8s_openapi::api::core::v1::Namespace;
     use kube::api::{Api, PostParams};
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let name = format!("{prefix}-{:x}", nanos);
     let ns: Namespace = serde_json::from_value(serde_json::json!({ "metadata": { "name": name } })).expect("namespace");
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
     name
 }
 
 /// An AiJob as JSON: `gpus` GPUs of `models`, a pod that runs for
 /// `duration` in the simulated cluster, and `extra` merged into the spec.
-pub fn aijob_json(name: &str, gpus: i32, models: &[&str], duration: &str, extra: serde_json::Value) -> serde_json::Value {
+pub fn aijob_json(
+    name: &str,
+    gpus: i32,
+    models: &[&str],
+    duration: &str,
+    extra: serde_json::Value,
+) -> serde_json::Value {
     let mut spec = serde_json::json!({
         "template": {
             "metadata": { "annotations": { "sim.gpupool.dev/duration": duration } },

@@ -3,7 +3,7 @@
 
 use kube::api::{DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
-use kube::discovery::{pinned_kind, Scope};
+use kube::discovery::{Scope, pinned_kind};
 use kube::{Api, Client};
 
 pub const FIELD_MANAGER: &str = "gpupool-testenv";
@@ -19,7 +19,8 @@ pub enum ApplyError {
 }
 
 pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<(), ApplyError> {
-    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).map_err(|e| ApplyError::Yaml(e.to_string()))?;
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(yaml).map_err(|e| ApplyError::Yaml(e.to_string()))?;
     for doc in docs.into_iter().filter(|d| !d.is_null()) {
         let obj: DynamicObject = serde_json::from_value(doc).map_err(|e| ApplyError::Yaml(e.to_string()))?;
         let types = obj.types.clone().ok_or(ApplyError::Incomplete)?;
@@ -31,7 +32,8 @@ pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<(), ApplyError> {
             (Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &resource),
             (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
         };
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj)).await?;
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj))
+            .await?;
     }
     Ok(())
 }

@@ -22,8 +22,8 @@ log() { printf '[testenv-build] %s\n' "$*" >&2; }
 have() { [ -x "$bin/$1" ]; }
 
 build_kubernetes() {
-  if have kube-apiserver && have kube-controller-manager && have kube-scheduler; then return; fi
-  log "building kube-apiserver, kube-controller-manager, kube-scheduler $KUBERNETES_VERSION"
+  if have kube-apiserver && have kube-controller-manager && have kube-scheduler && have kubectl; then return; fi
+  log "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl $KUBERNETES_VERSION"
   local m="$work/k8s"
   mkdir -p "$m"
   cat >"$m/go.mod" <<EOF
@@ -40,6 +40,7 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 EOF
   # k8s.io/kubernetes points its staging modules at ./staging; outside its own
@@ -59,7 +60,7 @@ EOF
   minor=${minor%%.*}
   local v=k8s.io/component-base/version
   local ldflags="-s -w -X $v.gitVersion=$KUBERNETES_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean"
-  for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
     (cd "$m" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$bin/$cmd" "k8s.io/kubernetes/cmd/$cmd")
   done
 }

@@ -15,28 +15,49 @@ async fn simulated_agents_report_gpunodes_matching_the_kwok_nodes_of_each_org() 
     let mut products = std::collections::BTreeSet::new();
     for org in &env.orgs {
         let client = admin(org).await;
-        let nodes = Api::<Node>::all(client.clone()).list(&ListParams::default().labels("type=kwok")).await.unwrap().items;
+        let nodes = Api::<Node>::all(client.clone())
+            .list(&ListParams::default().labels("type=kwok"))
+            .await
+            .unwrap()
+            .items;
         let gpunodes = Api::<GpuNode>::all(client.clone());
         assert_eq!(nodes.len(), org.nodes.len(), "{}", org.org.name);
         for node in &nodes {
             let name = node.metadata.name.clone().unwrap();
-            let capacity: u32 = node.status.as_ref().unwrap().capacity.as_ref().unwrap()["nvidia.com/gpu"].0.parse().unwrap();
-            let gn = gpunodes.get(&name).await.unwrap_or_else(|e| panic!("GpuNode {name}: {e}"));
+            let capacity: u32 = node.status.as_ref().unwrap().capacity.as_ref().unwrap()["nvidia.com/gpu"]
+                .0
+                .parse()
+                .unwrap();
+            let gn = gpunodes
+                .get(&name)
+                .await
+                .unwrap_or_else(|e| panic!("GpuNode {name}: {e}"));
             let s = gn.status.unwrap();
             assert_eq!(s.gpus_total as u32, capacity, "{name}");
             assert_eq!(s.gpus.len() as u32, capacity);
             assert_eq!(s.backend.as_deref(), Some("simulated"));
             assert_eq!(s.product.as_deref(), Some(org.org.fleet.product.as_str()));
             assert!(s.gpus.iter().all(|g| g.memory_mib == org.org.fleet.memory_mib));
-            assert!(s.conditions.iter().any(|c| c.type_ == "DriverReady" && c.status == "True"));
+            assert!(
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "DriverReady" && c.status == "True")
+            );
             let labels = node.metadata.labels.clone().unwrap();
-            assert_eq!(labels[LABEL_GPU_PRODUCT], gpupool_crds::product_label_value(&org.org.fleet.product));
+            assert_eq!(
+                labels[LABEL_GPU_PRODUCT],
+                gpupool_crds::product_label_value(&org.org.fleet.product)
+            );
             assert_eq!(labels[LABEL_GPU_MEMORY_MIB], org.org.fleet.memory_mib.to_string());
             assert_eq!(labels[LABEL_GPU_COUNT], capacity.to_string());
         }
         products.insert(org.org.fleet.product.clone());
     }
-    assert_eq!(products.len(), env.orgs.len().min(3), "each organisation has its own kind of GPU");
+    assert_eq!(
+        products.len(),
+        env.orgs.len().min(3),
+        "each organisation has its own kind of GPU"
+    );
 }
 
 #[tokio::test]
@@ -52,10 +73,14 @@ async fn agent_reports_an_unhealthy_gpu_and_its_recovery() {
         let gpunodes = gpunodes.clone();
         let node = node.clone();
         async move {
-            wait_for(Duration::from_secs(30), &format!("{node} with {n} healthy GPUs"), || async {
-                let s = gpunodes.get(&node).await.ok()?.status?;
-                (s.gpus_healthy == n).then_some(s)
-            })
+            wait_for(
+                Duration::from_secs(30),
+                &format!("{node} with {n} healthy GPUs"),
+                || async {
+                    let s = gpunodes.get(&node).await.ok()?.status?;
+                    (s.gpus_healthy == n).then_some(s)
+                },
+            )
             .await
         }
     };
@@ -76,19 +101,30 @@ async fn agent_on_a_node_without_an_nvidia_driver_reports_it_and_keeps_running()
     let log = org.dir.join("logs/agent-no-driver.log");
     let pid = spawn(
         &workspace_bin("gpupool-agent"),
-        &[format!("--node-name={node}"), "--backend=nvml".into(), "--poll-seconds=1".into()],
+        &[
+            format!("--node-name={node}"),
+            "--backend=nvml".into(),
+            "--poll-seconds=1".into(),
+        ],
         &[("KUBECONFIG", &org.agent_kubeconfig)],
         &log,
     )
     .unwrap();
     let gpunodes = Api::<GpuNode>::all(client.clone());
-    let result = wait_for(Duration::from_secs(30), "GpuNode from the NVML agent", || async { gpunodes.get(node).await.ok()?.status }).await;
+    let result = wait_for(Duration::from_secs(30), "GpuNode from the NVML agent", || async {
+        gpunodes.get(node).await.ok()?.status
+    })
+    .await;
     // Give it a few backoff rounds: it must still be alive afterwards.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
     stop(&[pid]);
     let status = result.unwrap();
-    let cond = status.conditions.iter().find(|c| c.type_ == "DriverReady").expect("DriverReady condition");
+    let cond = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "DriverReady")
+        .expect("DriverReady condition");
     if cond.status == "False" {
         // This machine has no NVIDIA driver: the expected case in CI.
         assert_eq!(cond.reason, "DriverUnavailable");

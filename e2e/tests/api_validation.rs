@@ -4,9 +4,9 @@
 use gpupool_crds::AiJob;
 use gpupool_e2e::harness::{admin, aijob_json, namespace, testenv};
 use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
 use kube::core::ApiResource;
-use kube::Client;
 
 async fn refused(client: &Client, ns: &str, obj: serde_json::Value) -> String {
     let ar = ApiResource::erase::<AiJob>(&());
@@ -31,20 +31,132 @@ async fn malformed_aijobs_are_refused_with_actionable_messages() {
     let base = || aijob_json("bad", 1, &["H100"], "1s", serde_json::json!({}));
 
     let cases: Vec<(&str, serde_json::Value, &str)> = vec![
-        ("zero GPUs", { let mut j = base(); j["spec"]["gpus"]["count"] = 0.into(); j }, "gpus.count must be between 1 and 16"),
-        ("absurd GPUs", { let mut j = base(); j["spec"]["gpus"]["count"] = 1000.into(); j }, "gpus.count must be between 1 and 16"),
-        ("negative price", { let mut j = base(); j["spec"]["maxPricePerGpuHour"] = "-1".into(); j }, "maxPricePerGpuHour must be a non-negative decimal"),
-        ("unparsable price", { let mut j = base(); j["spec"]["maxPricePerGpuHour"] = "two tokens".into(); j }, "maxPricePerGpuHour must be a non-negative decimal"),
-        ("unknown placement mode", { let mut j = base(); j["spec"]["placement"] = serde_json::json!({"mode": "Anywhere"}); j }, "supported values: \"LocalFirst\", \"PoolOnly\", \"LocalOnly\""),
-        ("no containers", { let mut j = base(); j["spec"]["template"]["spec"]["containers"] = serde_json::json!([]); j }, "template.spec.containers must list at least one container"),
-        ("accepted bid on Auto", { let mut j = base(); j["spec"]["bidding"] = serde_json::json!({"selection": "Auto", "acceptedBid": "bid-1"}); j }, "bidding.acceptedBid can only be set when bidding.selection is Manual"),
-        ("accepted bid with default selection", { let mut j = base(); j["spec"]["bidding"] = serde_json::json!({"acceptedBid": "bid-1"}); j }, "bidding.acceptedBid can only be set when bidding.selection is Manual"),
-        ("bad duration", { let mut j = base(); j["spec"]["maxDuration"] = "1d".into(); j }, "maxDuration must be a duration such as"),
-        ("restartPolicy Always", { let mut j = base(); j["spec"]["template"]["spec"]["restartPolicy"] = "Always".into(); j }, "restartPolicy must be Never or OnFailure"),
-        ("bad memory", { let mut j = base(); j["spec"]["gpus"]["minMemory"] = "lots".into(); j }, "gpus.minMemory must be a positive quantity"),
-        ("org allowed and denied", { let mut j = base(); j["spec"]["placement"] = serde_json::json!({"allowedOrgs": ["acme"], "deniedOrgs": ["acme"]}); j }, "cannot be in both placement.allowedOrgs and placement.deniedOrgs"),
-        ("name too long", { let mut j = base(); j["metadata"]["name"] = "x".repeat(70).into(); j }, "at most 63 characters"),
-        ("missing price", { let mut j = base(); j["spec"].as_object_mut().unwrap().remove("maxPricePerGpuHour"); j }, "spec.maxPricePerGpuHour: Required value"),
+        (
+            "zero GPUs",
+            {
+                let mut j = base();
+                j["spec"]["gpus"]["count"] = 0.into();
+                j
+            },
+            "gpus.count must be between 1 and 16",
+        ),
+        (
+            "absurd GPUs",
+            {
+                let mut j = base();
+                j["spec"]["gpus"]["count"] = 1000.into();
+                j
+            },
+            "gpus.count must be between 1 and 16",
+        ),
+        (
+            "negative price",
+            {
+                let mut j = base();
+                j["spec"]["maxPricePerGpuHour"] = "-1".into();
+                j
+            },
+            "maxPricePerGpuHour must be a non-negative decimal",
+        ),
+        (
+            "unparsable price",
+            {
+                let mut j = base();
+                j["spec"]["maxPricePerGpuHour"] = "two tokens".into();
+                j
+            },
+            "maxPricePerGpuHour must be a non-negative decimal",
+        ),
+        (
+            "unknown placement mode",
+            {
+                let mut j = base();
+                j["spec"]["placement"] = serde_json::json!({"mode": "Anywhere"});
+                j
+            },
+            "supported values: \"LocalFirst\", \"PoolOnly\", \"LocalOnly\"",
+        ),
+        (
+            "no containers",
+            {
+                let mut j = base();
+                j["spec"]["template"]["spec"]["containers"] = serde_json::json!([]);
+                j
+            },
+            "template.spec.containers must list at least one container",
+        ),
+        (
+            "accepted bid on Auto",
+            {
+                let mut j = base();
+                j["spec"]["bidding"] = serde_json::json!({"selection": "Auto", "acceptedBid": "bid-1"});
+                j
+            },
+            "bidding.acceptedBid can only be set when bidding.selection is Manual",
+        ),
+        (
+            "accepted bid with default selection",
+            {
+                let mut j = base();
+                j["spec"]["bidding"] = serde_json::json!({"acceptedBid": "bid-1"});
+                j
+            },
+            "bidding.acceptedBid can only be set when bidding.selection is Manual",
+        ),
+        (
+            "bad duration",
+            {
+                let mut j = base();
+                j["spec"]["maxDuration"] = "1d".into();
+                j
+            },
+            "maxDuration must be a duration such as",
+        ),
+        (
+            "restartPolicy Always",
+            {
+                let mut j = base();
+                j["spec"]["template"]["spec"]["restartPolicy"] = "Always".into();
+                j
+            },
+            "restartPolicy must be Never or OnFailure",
+        ),
+        (
+            "bad memory",
+            {
+                let mut j = base();
+                j["spec"]["gpus"]["minMemory"] = "lots".into();
+                j
+            },
+            "gpus.minMemory must be a positive quantity",
+        ),
+        (
+            "org allowed and denied",
+            {
+                let mut j = base();
+                j["spec"]["placement"] = serde_json::json!({"allowedOrgs": ["acme"], "deniedOrgs": ["acme"]});
+                j
+            },
+            "cannot be in both placement.allowedOrgs and placement.deniedOrgs",
+        ),
+        (
+            "name too long",
+            {
+                let mut j = base();
+                j["metadata"]["name"] = "x".repeat(70).into();
+                j
+            },
+            "at most 63 characters",
+        ),
+        (
+            "missing price",
+            {
+                let mut j = base();
+                j["spec"].as_object_mut().unwrap().remove("maxPricePerGpuHour");
+                j
+            },
+            "spec.maxPricePerGpuHour: Required value",
+        ),
     ];
     for (what, obj, needle) in cases {
         let msg = refused(&client, &ns, obj).await;
@@ -55,7 +167,10 @@ async fn malformed_aijobs_are_refused_with_actionable_messages() {
     let ar = ApiResource::erase::<AiJob>(&());
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
     let good: DynamicObject = serde_json::from_value(base()).unwrap();
-    let created = api.create(&PostParams::default(), &good).await.expect("a valid AiJob is accepted");
+    let created = api
+        .create(&PostParams::default(), &good)
+        .await
+        .expect("a valid AiJob is accepted");
     assert_eq!(created.data["spec"]["placement"]["mode"], "LocalFirst");
     assert_eq!(created.data["spec"]["bidding"]["selection"], "Auto");
 
@@ -64,9 +179,15 @@ async fn malformed_aijobs_are_refused_with_actionable_messages() {
     let mut j = typed.get("bad").await.unwrap();
     j.spec.gpus.count = 4;
     match typed.replace("bad", &PostParams::default(), &j).await {
-        Err(kube::Error::Api(e)) => assert!(e.message.contains("gpus cannot change after the job is created"), "{}", e.message),
+        Err(kube::Error::Api(e)) => assert!(
+            e.message.contains("gpus cannot change after the job is created"),
+            "{}",
+            e.message
+        ),
         other => panic!("changing gpus was not refused: {other:?}"),
     }
     typed.delete("bad", &DeleteParams::default()).await.unwrap();
-    let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &DeleteParams::default()).await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::default())
+        .await;
 }

@@ -5,18 +5,21 @@
 use std::time::Duration;
 
 use gpupool_crds::{AiJob, AiJobPhase, LABEL_AIJOB};
-use gpupool_e2e::harness::{admin, aijob_json, namespace, testenv, wait_for, Operator};
+use gpupool_e2e::harness::{Operator, admin, aijob_json, namespace, testenv, wait_for};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 
 const ORG: &str = "acme";
 const LONG: Duration = Duration::from_secs(90);
 
 async fn create(client: &Client, ns: &str, job: serde_json::Value) -> AiJob {
     let aijob: AiJob = serde_json::from_value(job).expect("AiJob JSON");
-    Api::<AiJob>::namespaced(client.clone(), ns).create(&PostParams::default(), &aijob).await.expect("create AiJob")
+    Api::<AiJob>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &aijob)
+        .await
+        .expect("create AiJob")
 }
 
 async fn wait_phase(client: &Client, ns: &str, name: &str, phase: AiJobPhase) -> AiJob {
@@ -30,23 +33,49 @@ async fn wait_phase(client: &Client, ns: &str, name: &str, phase: AiJobPhase) ->
 }
 
 fn condition<'a>(j: &'a AiJob, t: &str) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-    j.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == t)).unwrap_or_else(|| panic!("no {t} condition on {j:?}"))
+    j.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
+        .unwrap_or_else(|| panic!("no {t} condition on {j:?}"))
 }
 
 async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
     let lp = ListParams::default().fields(&format!("involvedObject.name={name},involvedObject.kind=AiJob"));
-    Api::<Event>::namespaced(client.clone(), ns).list(&lp).await.expect("events").items.into_iter().filter_map(|e| e.reason).collect()
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect()
 }
 
 async fn pods_of(client: &Client, ns: &str, name: &str) -> Vec<Pod> {
-    Api::<Pod>::namespaced(client.clone(), ns).list(&ListParams::default().labels(&format!("{LABEL_AIJOB}={name}"))).await.expect("pods").items
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("{LABEL_AIJOB}={name}")))
+        .await
+        .expect("pods")
+        .items
 }
 
 async fn cleanup(client: &Client, ns: &str) {
     let api = Api::<AiJob>::namespaced(client.clone(), ns);
-    let _ = api.delete_collection(&DeleteParams::default(), &ListParams::default()).await;
-    let _ = wait_for(Duration::from_secs(60), "AiJobs deleted", || async { api.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(()) }).await;
-    let _ = Api::<Namespace>::all(client.clone()).delete(ns, &DeleteParams::default()).await;
+    let _ = api
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
+    let _ = wait_for(Duration::from_secs(60), "AiJobs deleted", || async {
+        api.list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(ns, &DeleteParams::default())
+        .await;
 }
 
 #[tokio::test]
@@ -57,7 +86,12 @@ async fn aijob_runs_to_success_with_phases_conditions_and_events() {
     let ns = namespace(&client, "success").await;
     let op = Operator::start(org, "success");
 
-    create(&client, &ns, aijob_json("train", 2, &["H100"], "3s", serde_json::json!({}))).await;
+    create(
+        &client,
+        &ns,
+        aijob_json("train", 2, &["H100"], "3s", serde_json::json!({})),
+    )
+    .await;
 
     let running = wait_phase(&client, &ns, "train", AiJobPhase::Running).await;
     assert_eq!(condition(&running, "Placed").status, "True");
@@ -67,17 +101,33 @@ async fn aijob_runs_to_success_with_phases_conditions_and_events() {
     assert_eq!(runs_on.gpu_product.as_deref(), Some("NVIDIA H100 80GB HBM3"));
 
     // The Job carries the GPU limit, the product affinity and the owner.
-    let job = Api::<Job>::namespaced(client.clone(), &ns).get("train").await.expect("Job");
+    let job = Api::<Job>::namespaced(client.clone(), &ns)
+        .get("train")
+        .await
+        .expect("Job");
     let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
-    assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("AiJob", running.metadata.uid.as_deref().unwrap()));
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("AiJob", running.metadata.uid.as_deref().unwrap())
+    );
     let pods = pods_of(&client, &ns, "train").await;
     assert_eq!(pods.len(), 1);
     let pod = &pods[0];
-    let limits = pod.spec.as_ref().unwrap().containers[0].resources.as_ref().unwrap().limits.clone().unwrap();
+    let limits = pod.spec.as_ref().unwrap().containers[0]
+        .resources
+        .as_ref()
+        .unwrap()
+        .limits
+        .clone()
+        .unwrap();
     assert_eq!(limits["nvidia.com/gpu"].0, "2");
     let node_name = pod.spec.as_ref().unwrap().node_name.clone().expect("scheduled");
     let node = Api::<Node>::all(client.clone()).get(&node_name).await.expect("node");
-    assert_eq!(node.metadata.labels.as_ref().unwrap()["gpupool.dev/gpu-product"], "NVIDIA-H100-80GB-HBM3", "labelled by the agent");
+    assert_eq!(
+        node.metadata.labels.as_ref().unwrap()["gpupool.dev/gpu-product"],
+        "NVIDIA-H100-80GB-HBM3",
+        "labelled by the agent"
+    );
 
     let done = wait_phase(&client, &ns, "train", AiJobPhase::Succeeded).await;
     let status = done.status.clone().unwrap();
@@ -89,7 +139,10 @@ async fn aijob_runs_to_success_with_phases_conditions_and_events() {
 
     let reasons = wait_for(Duration::from_secs(20), "events", || async {
         let r = event_reasons(&client, &ns, "train").await;
-        ["JobCreated", "Started", "Succeeded"].iter().all(|x| r.iter().any(|e| e == x)).then_some(r)
+        ["JobCreated", "Started", "Succeeded"]
+            .iter()
+            .all(|x| r.iter().any(|e| e == x))
+            .then_some(r)
     })
     .await
     .expect("JobCreated, Started and Succeeded events");
@@ -98,7 +151,10 @@ async fn aijob_runs_to_success_with_phases_conditions_and_events() {
     // The operator's metrics count what it did.
     let metrics = op.metrics().await;
     assert!(metrics.contains("gpupool_local_placements_total 1"), "{metrics}");
-    assert!(metrics.contains("gpupool_gpus{product=\"NVIDIA H100 80GB HBM3\",state=\"total\"} 32"), "{metrics}");
+    assert!(
+        metrics.contains("gpupool_gpus{product=\"NVIDIA H100 80GB HBM3\",state=\"total\"} 32"),
+        "{metrics}"
+    );
     cleanup(&client, &ns).await;
 }
 
@@ -115,7 +171,10 @@ async fn failing_workload_marks_the_aijob_failed_with_its_exit_code() {
     let failed = wait_phase(&client, &ns, "crash", AiJobPhase::Failed).await;
     let status = failed.status.clone().unwrap();
     assert_eq!(status.exit_code, Some(3));
-    assert!(status.message.as_deref().unwrap_or_default().contains("exit code 3"), "{status:?}");
+    assert!(
+        status.message.as_deref().unwrap_or_default().contains("exit code 3"),
+        "{status:?}"
+    );
     assert_eq!(condition(&failed, "Failed").status, "True");
     let reasons = wait_for(Duration::from_secs(20), "Failed event", || async {
         let r = event_reasons(&client, &ns, "crash").await;
@@ -140,7 +199,13 @@ async fn jobs_that_cannot_fit_wait_with_a_reason_and_start_when_room_frees() {
         async move {
             let j = wait_for(LONG, &format!("{name} waiting with {reason}"), || async {
                 let j = api.get(name).await.ok()?;
-                let c = j.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Placed")?.clone();
+                let c = j
+                    .status
+                    .as_ref()?
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "Placed")?
+                    .clone();
                 (c.reason == reason).then_some(j)
             })
             .await
@@ -152,23 +217,67 @@ async fn jobs_that_cannot_fit_wait_with_a_reason_and_start_when_room_frees() {
         }
     };
 
-    create(&client, &ns, aijob_json("too-big", 16, &["H100"], "1s", serde_json::json!({}))).await;
-    create(&client, &ns, aijob_json("no-b200", 1, &["B200"], "1s", serde_json::json!({}))).await;
-    create(&client, &ns, aijob_json("pool-only", 1, &[], "1s", serde_json::json!({"placement": {"mode": "PoolOnly"}}))).await;
+    create(
+        &client,
+        &ns,
+        aijob_json("too-big", 16, &["H100"], "1s", serde_json::json!({})),
+    )
+    .await;
+    create(
+        &client,
+        &ns,
+        aijob_json("no-b200", 1, &["B200"], "1s", serde_json::json!({})),
+    )
+    .await;
+    create(
+        &client,
+        &ns,
+        aijob_json(
+            "pool-only",
+            1,
+            &[],
+            "1s",
+            serde_json::json!({"placement": {"mode": "PoolOnly"}}),
+        ),
+    )
+    .await;
     waits("too-big", "TooManyGpusForOneNode", "largest matching node has 8").await;
     waits("no-b200", "NoMatchingGpus", "NVIDIA H100 80GB HBM3").await;
     waits("pool-only", "PoolNotEnabled", "PoolOnly").await;
 
     // Fill all four 8-GPU nodes, then one more must wait for free GPUs.
     for i in 0..4 {
-        create(&client, &ns, aijob_json(&format!("fill-{i}"), 8, &["H100"], "600s", serde_json::json!({}))).await;
+        create(
+            &client,
+            &ns,
+            aijob_json(&format!("fill-{i}"), 8, &["H100"], "600s", serde_json::json!({})),
+        )
+        .await;
     }
     for i in 0..4 {
         wait_phase(&client, &ns, &format!("fill-{i}"), AiJobPhase::Running).await;
     }
-    create(&client, &ns, aijob_json("next", 4, &["H100"], "2s", serde_json::json!({"placement": {"mode": "LocalOnly"}}))).await;
+    create(
+        &client,
+        &ns,
+        aijob_json(
+            "next",
+            4,
+            &["H100"],
+            "2s",
+            serde_json::json!({"placement": {"mode": "LocalOnly"}}),
+        ),
+    )
+    .await;
     waits("next", "InsufficientFreeGpus", "the most free now is 0").await;
-    assert!(Api::<Job>::namespaced(client.clone(), &ns).get_opt("next").await.unwrap().is_none(), "no Job while waiting");
+    assert!(
+        Api::<Job>::namespaced(client.clone(), &ns)
+            .get_opt("next")
+            .await
+            .unwrap()
+            .is_none(),
+        "no Job while waiting"
+    );
     let events = event_reasons(&client, &ns, "next").await;
     assert!(events.iter().any(|e| e == "InsufficientFreeGpus"), "{events:?}");
 
@@ -185,11 +294,19 @@ async fn deleting_a_running_aijob_removes_its_job_and_pods() {
     let client = admin(org).await;
     let ns = namespace(&client, "delete").await;
     let _op = Operator::start(org, "delete");
-    create(&client, &ns, aijob_json("doomed", 1, &[], "600s", serde_json::json!({}))).await;
+    create(
+        &client,
+        &ns,
+        aijob_json("doomed", 1, &[], "600s", serde_json::json!({})),
+    )
+    .await;
     wait_phase(&client, &ns, "doomed", AiJobPhase::Running).await;
     assert_eq!(pods_of(&client, &ns, "doomed").await.len(), 1);
 
-    Api::<AiJob>::namespaced(client.clone(), &ns).delete("doomed", &DeleteParams::default()).await.unwrap();
+    Api::<AiJob>::namespaced(client.clone(), &ns)
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
     let aijobs = Api::<AiJob>::namespaced(client.clone(), &ns);
     let jobs = Api::<Job>::namespaced(client.clone(), &ns);
     wait_for(LONG, "AiJob, Job and pods gone", || async {
@@ -219,7 +336,11 @@ async fn restarting_the_operator_mid_job_leaves_exactly_one_job() {
     let _second = Operator::start(org, "restart-2");
     let done = wait_phase(&client, &ns, "steady", AiJobPhase::Succeeded).await;
     assert_eq!(done.status.unwrap().exit_code, Some(0));
-    let all = jobs.list(&ListParams::default().labels(&format!("{LABEL_AIJOB}=steady"))).await.unwrap().items;
+    let all = jobs
+        .list(&ListParams::default().labels(&format!("{LABEL_AIJOB}=steady")))
+        .await
+        .unwrap()
+        .items;
     assert_eq!(all.len(), 1, "exactly one Job");
     assert_eq!(all[0].metadata.uid, uid_before, "the same Job, not a new one");
     assert_eq!(pods_of(&client, &ns, "steady").await.len(), 1, "the workload ran once");

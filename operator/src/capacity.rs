@@ -3,7 +3,7 @@
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
-use gpupool_crds::{GpuHealth, GpuNode, GPU_RESOURCE};
+use gpupool_crds::{GPU_RESOURCE, GpuHealth, GpuNode};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
@@ -36,7 +36,12 @@ pub fn pod_gpus(pod: &Pod) -> u32 {
     let of = |c: &k8s_openapi::api::core::v1::Container| -> u32 {
         c.resources
             .as_ref()
-            .and_then(|r| r.limits.as_ref().and_then(|l| l.get(GPU_RESOURCE)).or_else(|| r.requests.as_ref().and_then(|q| q.get(GPU_RESOURCE))))
+            .and_then(|r| {
+                r.limits
+                    .as_ref()
+                    .and_then(|l| l.get(GPU_RESOURCE))
+                    .or_else(|| r.requests.as_ref().and_then(|q| q.get(GPU_RESOURCE)))
+            })
             .and_then(|q| q.0.parse::<u32>().ok())
             .unwrap_or(0)
     };
@@ -112,7 +117,11 @@ pub(crate) mod tests {
                 uuid: format!("GPU-{node}-{i}"),
                 product: product.into(),
                 memory_mib: mem,
-                health: if i < unhealthy { GpuHealth::Unhealthy } else { GpuHealth::Healthy },
+                health: if i < unhealthy {
+                    GpuHealth::Unhealthy
+                } else {
+                    GpuHealth::Healthy
+                },
                 ..Default::default()
             })
             .collect();
@@ -133,19 +142,28 @@ pub(crate) mod tests {
                 node_name: node.map(Into::into),
                 containers: vec![Container {
                     name: "main".into(),
-                    resources: Some(ResourceRequirements { limits: Some(limits), ..Default::default() }),
+                    resources: Some(ResourceRequirements {
+                        limits: Some(limits),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }],
                 ..Default::default()
             }),
-            status: Some(PodStatus { phase: Some(phase.into()), ..Default::default() }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
 
     #[test]
     fn counts_live_pods_and_healthy_gpus() {
-        let nodes = vec![gpunode("a", "NVIDIA H100 80GB HBM3", 81559, 8, 1), gpunode("b", "NVIDIA H100 80GB HBM3", 81559, 8, 0)];
+        let nodes = vec![
+            gpunode("a", "NVIDIA H100 80GB HBM3", 81559, 8, 1),
+            gpunode("b", "NVIDIA H100 80GB HBM3", 81559, 8, 0),
+        ];
         let pods = vec![
             pod(Some("a"), 2, "Running"),
             pod(Some("a"), 4, "Succeeded"),
@@ -173,7 +191,13 @@ pub(crate) mod tests {
         let mut p = pod(Some("a"), 1, "Running");
         let init = p.spec.as_ref().unwrap().containers[0].clone();
         let mut init = init;
-        init.resources.as_mut().unwrap().limits.as_mut().unwrap().insert(GPU_RESOURCE.into(), Quantity("4".into()));
+        init.resources
+            .as_mut()
+            .unwrap()
+            .limits
+            .as_mut()
+            .unwrap()
+            .insert(GPU_RESOURCE.into(), Quantity("4".into()));
         p.spec.as_mut().unwrap().init_containers = Some(vec![init]);
         assert_eq!(pod_gpus(&p), 4);
     }

@@ -7,16 +7,16 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gpupool_crds::conditions::find;
-use gpupool_crds::{AiJob, AiJobStatus, GpuNode, RunsOn, AIJOB_FINALIZER, LABEL_AIJOB};
+use gpupool_crds::{AIJOB_FINALIZER, AiJob, AiJobStatus, GpuNode, LABEL_AIJOB, RunsOn};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
@@ -24,8 +24,8 @@ use tracing::{debug, info, warn};
 use crate::capacity::{self, inventory};
 use crate::jobbuild::{self, MANAGED_BY, MANAGER};
 use crate::jobstatus::observe;
-use crate::placement::{decide, Decision, Need};
-use crate::status::{plan, Outcome, COND_PLACED};
+use crate::placement::{Decision, Need, decide};
+use crate::status::{COND_PLACED, Outcome, plan};
 use crate::telemetry::Metrics;
 
 pub const FIELD_MANAGER: &str = "gpupool-operator";
@@ -95,11 +95,14 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> a
     let gpunodes_api: Api<GpuNode> = Api::all(client.clone());
 
     let (jobs, jobs_writer) = reflector::store();
-    let job_stream = watcher(jobs_api, watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}")))
-        .default_backoff()
-        .modify(|j: &mut Job| j.meta_mut().managed_fields = None)
-        .reflect(jobs_writer)
-        .applied_objects();
+    let job_stream = watcher(
+        jobs_api,
+        watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}")),
+    )
+    .default_backoff()
+    .modify(|j: &mut Job| j.meta_mut().managed_fields = None)
+    .reflect(jobs_writer)
+    .applied_objects();
 
     let (our_pods, our_pods_writer) = reflector::store();
     let our_pod_stream = watcher(pods_api.clone(), watcher::Config::default().labels(LABEL_AIJOB))
@@ -109,11 +112,14 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> a
         .applied_objects();
 
     let (live_pods, live_writer) = reflector::store();
-    let live_stream = watcher(pods_api, watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"))
-        .default_backoff()
-        .map(|ev| ev.map(|e| e.modify(|p: &mut Pod| *p = slim(std::mem::take(p)))))
-        .reflect(live_writer)
-        .for_each(|_| futures::future::ready(()));
+    let live_stream = watcher(
+        pods_api,
+        watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"),
+    )
+    .default_backoff()
+    .map(|ev| ev.map(|e| e.modify(|p: &mut Pod| *p = slim(std::mem::take(p)))))
+    .reflect(live_writer)
+    .for_each(|_| futures::future::ready(()));
     let (gpunodes, gpunodes_writer) = reflector::store();
     let gpunode_stream = watcher(gpunodes_api, watcher::Config::default())
         .default_backoff()
@@ -123,7 +129,10 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> a
     tokio::spawn(live_stream);
     tokio::spawn(gpunode_stream);
 
-    let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
@@ -195,7 +204,9 @@ fn key(ns: &str, name: &str) -> String {
 
 /// The pods of one AiJob's Job, from the cache.
 fn pods_of(ctx: &Context, ns: &str, name: &str) -> Vec<Arc<Pod>> {
-    ctx.our_pods.state_filter(|p| p.namespace().as_deref() == Some(ns) && p.labels().get(LABEL_AIJOB).map(String::as_str) == Some(name))
+    ctx.our_pods.state_filter(|p| {
+        p.namespace().as_deref() == Some(ns) && p.labels().get(LABEL_AIJOB).map(String::as_str) == Some(name)
+    })
 }
 
 async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Action, Error> {
@@ -209,7 +220,10 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
     let placed_before = find(&old.conditions, COND_PLACED).is_some_and(|c| c.status == "True");
     if job.is_none() && placed_before {
         // The cache may lag behind our own create; ask the API server itself.
-        job = Api::<Job>::namespaced(ctx.client.clone(), &ns).get_opt(&job_name).await?.map(Arc::new);
+        job = Api::<Job>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&job_name)
+            .await?
+            .map(Arc::new);
     }
 
     // Validate, build, apply.
@@ -229,10 +243,16 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
                     job: job_name.clone(),
                     gpu_product: old.runs_on.as_ref().and_then(|r| r.gpu_product.clone()),
                 };
-                Outcome::Local { runs_on, observed, created_now: false }
+                Outcome::Local {
+                    runs_on,
+                    observed,
+                    created_now: false,
+                }
             }
             None if old.phase.is_some_and(|p| p.is_terminal()) => return Ok(Action::await_change()),
-            None if placed_before => Outcome::JobLost { job: format!("{ns}/{job_name}") },
+            None if placed_before => Outcome::JobLost {
+                job: format!("{ns}/{job_name}"),
+            },
             None => place(&aijob, &need, ctx).await?,
         },
     };
@@ -245,7 +265,11 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
     let reference = aijob.object_ref(&());
     for e in events {
         let ev = KubeEvent {
-            type_: if e.warning { EventType::Warning } else { EventType::Normal },
+            type_: if e.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: e.reason,
             note: Some(e.note.chars().take(1000).collect()),
             action: e.action.into(),
@@ -284,10 +308,23 @@ async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Err
     ctx.metrics.observe_inventory(&nodes);
     match decide(need, aijob.spec.placement.mode, &nodes) {
         Decision::Wait { reason, message } => Ok(Outcome::Waiting { reason, message }),
-        Decision::Local { node, product, products } => {
+        Decision::Local {
+            node,
+            product,
+            products,
+        } => {
             let job = jobbuild::build(aijob, need, &products)?;
             let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-            match api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &job).await {
+            match api
+                .create(
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &job,
+                )
+                .await
+            {
                 Ok(_) => {
                     info!(aijob = %name, namespace = %ns, node = %node, gpus = need.count, product = %product, "created Job");
                     ctx.metrics.placed_locally();
@@ -296,10 +333,23 @@ async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Err
                 Err(kube::Error::Api(s)) if s.code == 409 => debug!(aijob = %name, "Job already exists"),
                 Err(e) => return Err(e.into()),
             }
-            placing.insert(key(&ns, &name), Reservation { node, gpus: need.count, at: Instant::now() });
+            placing.insert(
+                key(&ns, &name),
+                Reservation {
+                    node,
+                    gpus: need.count,
+                    at: Instant::now(),
+                },
+            );
             let job_name = jobbuild::job_name(aijob);
             Ok(Outcome::Local {
-                runs_on: RunsOn { org: ctx.settings.org.clone(), peer_id: None, namespace: ns, job: job_name, gpu_product: Some(product) },
+                runs_on: RunsOn {
+                    org: ctx.settings.org.clone(),
+                    peer_id: None,
+                    namespace: ns,
+                    job: job_name,
+                    gpu_product: Some(product),
+                },
                 observed: crate::jobstatus::Observation {
                     phase: gpupool_crds::AiJobPhase::Pending,
                     reason: "PodStarting".into(),
@@ -330,7 +380,10 @@ async fn cleanup(aijob: Arc<AiJob>, ctx: &Context) -> Result<Action, Error> {
         }
         Some(job) => {
             if job.metadata.deletion_timestamp.is_none() {
-                let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..Default::default() };
+                let dp = DeleteParams {
+                    propagation_policy: Some(PropagationPolicy::Foreground),
+                    ..Default::default()
+                };
                 api.delete(&job_name, &dp).await?;
                 info!(aijob = %name, namespace = %ns, job = %job_name, "deleting Job");
             }
@@ -347,6 +400,7 @@ async fn patch_status(api: &Api<AiJob>, name: &str, status: &AiJobStatus) -> Res
         "kind": "AiJob",
         "status": status,
     });
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use gpupool_crds::{product_label_value, AiJob, GPU_RESOURCE, LABEL_AIJOB, LABEL_GPU_MEMORY_MIB, LABEL_GPU_PRODUCT};
+use gpupool_crds::{AiJob, GPU_RESOURCE, LABEL_AIJOB, LABEL_GPU_MEMORY_MIB, LABEL_GPU_PRODUCT, product_label_value};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ResourceRequirements, Toleration,
@@ -43,7 +43,11 @@ pub fn build(aijob: &AiJob, need: &Need, products: &[String]) -> Result<Job, Bui
     let name = job_name(aijob);
 
     let mut template = aijob.spec.template.clone();
-    let mut labels: BTreeMap<String, String> = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    let mut labels: BTreeMap<String, String> = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
     labels.insert(LABEL_AIJOB.into(), name.clone());
     labels.insert(MANAGED_BY.into(), MANAGER.into());
     let meta = template.metadata.get_or_insert_with(Default::default);
@@ -60,7 +64,9 @@ pub fn build(aijob: &AiJob, need: &Need, products: &[String]) -> Result<Job, Bui
             map.remove(GPU_RESOURCE);
         }
         if i == 0 {
-            res.limits.get_or_insert_with(Default::default).insert(GPU_RESOURCE.into(), Quantity(need.count.to_string()));
+            res.limits
+                .get_or_insert_with(Default::default)
+                .insert(GPU_RESOURCE.into(), Quantity(need.count.to_string()));
         }
     }
 
@@ -80,13 +86,17 @@ pub fn build(aijob: &AiJob, need: &Need, products: &[String]) -> Result<Job, Bui
     let node_affinity = affinity.node_affinity.get_or_insert_with(NodeAffinity::default);
     let required = node_affinity
         .required_during_scheduling_ignored_during_execution
-        .get_or_insert_with(|| NodeSelector { node_selector_terms: vec![NodeSelectorTerm::default()] });
+        .get_or_insert_with(|| NodeSelector {
+            node_selector_terms: vec![NodeSelectorTerm::default()],
+        });
     if required.node_selector_terms.is_empty() {
         required.node_selector_terms.push(NodeSelectorTerm::default());
     }
     // Terms are ORed: our requirements go into every term so none escapes them.
     for term in &mut required.node_selector_terms {
-        term.match_expressions.get_or_insert_with(Vec::new).extend(requirements.iter().cloned());
+        term.match_expressions
+            .get_or_insert_with(Vec::new)
+            .extend(requirements.iter().cloned());
     }
     let tolerations = pod.tolerations.get_or_insert_with(Vec::new);
     if !tolerations.iter().any(|t| t.key.as_deref() == Some(GPU_RESOURCE)) {
@@ -134,16 +144,31 @@ mod tests {
             "train",
             AiJobSpec {
                 template: PodTemplateSpec {
-                    metadata: Some(ObjectMeta { labels: Some(BTreeMap::from([("team".into(), "nlp".into())])), ..Default::default() }),
+                    metadata: Some(ObjectMeta {
+                        labels: Some(BTreeMap::from([("team".into(), "nlp".into())])),
+                        ..Default::default()
+                    }),
                     spec: Some(PodSpec {
                         containers: vec![
-                            Container { name: "main".into(), image: Some("pytorch".into()), ..Default::default() },
-                            Container { name: "side".into(), ..Default::default() },
+                            Container {
+                                name: "main".into(),
+                                image: Some("pytorch".into()),
+                                ..Default::default()
+                            },
+                            Container {
+                                name: "side".into(),
+                                ..Default::default()
+                            },
                         ],
                         ..Default::default()
                     }),
                 },
-                gpus: GpuRequirements { count: 4, models: vec!["H100".into()], min_memory: None, interconnect: Default::default() },
+                gpus: GpuRequirements {
+                    count: 4,
+                    models: vec!["H100".into()],
+                    min_memory: None,
+                    interconnect: Default::default(),
+                },
                 max_price_per_gpu_hour: "2".into(),
                 max_duration: std::time::Duration::from_secs(3600).into(),
                 placement: Default::default(),
@@ -157,12 +182,19 @@ mod tests {
 
     #[test]
     fn builds_gpu_job_owned_by_aijob() {
-        let need = Need { count: 4, models: vec!["H100".into()], min_memory_mib: 81920 };
+        let need = Need {
+            count: 4,
+            models: vec!["H100".into()],
+            min_memory_mib: 81920,
+        };
         let job = build(&aijob(), &need, &["NVIDIA H100 80GB HBM3".into()]).unwrap();
         assert_eq!(job.metadata.name.as_deref(), Some("train"));
         assert_eq!(job.metadata.namespace.as_deref(), Some("ml"));
         let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("AiJob", "uid-1", Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("AiJob", "uid-1", Some(true))
+        );
         let spec = job.spec.unwrap();
         assert_eq!(spec.active_deadline_seconds, Some(3600));
         assert_eq!(spec.backoff_limit, Some(0));
@@ -174,10 +206,26 @@ mod tests {
         let limits = pod.containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap();
         assert_eq!(limits.get(GPU_RESOURCE), Some(&Quantity("4".into())));
         assert!(pod.containers[1].resources.as_ref().unwrap().limits.is_none());
-        let terms = pod.affinity.unwrap().node_affinity.unwrap().required_during_scheduling_ignored_during_execution.unwrap().node_selector_terms;
+        let terms = pod
+            .affinity
+            .unwrap()
+            .node_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap()
+            .node_selector_terms;
         let exprs = terms[0].match_expressions.as_ref().unwrap();
-        assert_eq!(exprs[0].values.as_ref().unwrap(), &vec!["NVIDIA-H100-80GB-HBM3".to_string()]);
-        assert_eq!((exprs[1].operator.as_str(), exprs[1].values.as_ref().unwrap()[0].as_str()), ("Gt", "81919"));
+        assert_eq!(
+            exprs[0].values.as_ref().unwrap(),
+            &vec!["NVIDIA-H100-80GB-HBM3".to_string()]
+        );
+        assert_eq!(
+            (
+                exprs[1].operator.as_str(),
+                exprs[1].values.as_ref().unwrap()[0].as_str()
+            ),
+            ("Gt", "81919")
+        );
         assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some(GPU_RESOURCE));
     }
 
@@ -189,7 +237,11 @@ mod tests {
             limits: Some(BTreeMap::from([(GPU_RESOURCE.into(), Quantity("8".into()))])),
             ..Default::default()
         });
-        let need = Need { count: 4, models: vec![], min_memory_mib: 0 };
+        let need = Need {
+            count: 4,
+            models: vec![],
+            min_memory_mib: 0,
+        };
         let job = build(&j, &need, &["X".into()]).unwrap();
         let pod = job.spec.unwrap().template.spec.unwrap();
         let total: u32 = pod
@@ -205,7 +257,11 @@ mod tests {
     fn unsaved_aijob_is_refused() {
         let mut j = aijob();
         j.metadata.uid = None;
-        let need = Need { count: 1, models: vec![], min_memory_mib: 0 };
+        let need = Need {
+            count: 1,
+            models: vec![],
+            min_memory_mib: 0,
+        };
         assert_eq!(build(&j, &need, &[]).unwrap_err(), BuildError::Unsaved);
     }
 }

@@ -20,7 +20,12 @@ pub struct Observation {
 }
 
 fn job_condition<'a>(job: &'a Job, type_: &str) -> Option<&'a k8s_openapi::api::batch::v1::JobCondition> {
-    job.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == type_ && c.status == "True")
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == "True")
 }
 
 /// The first container's exit code, from the most informative pod.
@@ -37,7 +42,9 @@ fn exit_code(pod: &Pod) -> Option<i32> {
 pub fn observe(job: &Job, pods: &[&Pod]) -> Observation {
     let status = job.status.clone().unwrap_or_default();
     let ended_pod = pods.iter().find(|p| exit_code(p).is_some());
-    let running_pod = pods.iter().find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
+    let running_pod = pods
+        .iter()
+        .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
     let node_of = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.clone());
     let base = Observation {
         phase: AiJobPhase::Pending,
@@ -63,7 +70,14 @@ pub fn observe(job: &Job, pods: &[&Pod]) -> Observation {
         let code = base.exit_code.map(|c| format!(" (exit code {c})")).unwrap_or_default();
         return Observation {
             phase: AiJobPhase::Failed,
-            message: format!("the workload failed{code}: {why}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") }),
+            message: format!(
+                "the workload failed{code}: {why}{}",
+                if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {detail}")
+                }
+            ),
             reason: why,
             completion_time: failed.last_transition_time.clone(),
             ..base
@@ -73,31 +87,56 @@ pub fn observe(job: &Job, pods: &[&Pod]) -> Observation {
         return Observation {
             phase: AiJobPhase::Running,
             reason: "PodRunning".into(),
-            message: format!("pod {} is running on node {}", p.metadata.name.clone().unwrap_or_default(), node_of(p).unwrap_or_default()),
+            message: format!(
+                "pod {} is running on node {}",
+                p.metadata.name.clone().unwrap_or_default(),
+                node_of(p).unwrap_or_default()
+            ),
             ..base
         };
     }
     // Still starting: say what the pod waits for, if anything says so.
     let waiting = pods.iter().find_map(|p| {
         let s = p.status.as_ref()?;
-        let unsched = s.conditions.iter().flatten().find(|c| c.type_ == "PodScheduled" && c.status == "False");
+        let unsched = s
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False");
         if let Some(c) = unsched {
-            return Some((c.reason.clone().unwrap_or_else(|| "Unschedulable".into()), c.message.clone().unwrap_or_default()));
+            return Some((
+                c.reason.clone().unwrap_or_else(|| "Unschedulable".into()),
+                c.message.clone().unwrap_or_default(),
+            ));
         }
         s.container_statuses.iter().flatten().find_map(|cs| {
             let w = cs.state.as_ref()?.waiting.as_ref()?;
-            Some((w.reason.clone().unwrap_or_else(|| "ContainerWaiting".into()), w.message.clone().unwrap_or_default()))
+            Some((
+                w.reason.clone().unwrap_or_else(|| "ContainerWaiting".into()),
+                w.message.clone().unwrap_or_default(),
+            ))
         })
     });
     match waiting {
         Some((reason, message)) => Observation {
-            message: format!("the pod is waiting: {reason}{}", if message.is_empty() { String::new() } else { format!(": {message}") }),
+            message: format!(
+                "the pod is waiting: {reason}{}",
+                if message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {message}")
+                }
+            ),
             reason,
             ..base
         },
         None => Observation {
             reason: "PodStarting".into(),
-            message: if pods.is_empty() { "the Job was created; waiting for its pod".into() } else { "the pod is starting".into() },
+            message: if pods.is_empty() {
+                "the Job was created; waiting for its pod".into()
+            } else {
+                "the pod is starting".into()
+            },
             ..base
         },
     }
@@ -116,7 +155,12 @@ mod tests {
         Job {
             status: Some(JobStatus {
                 conditions: cond.map(|(t, r)| {
-                    vec![JobCondition { type_: t.into(), status: "True".into(), reason: Some(r.into()), ..Default::default() }]
+                    vec![JobCondition {
+                        type_: t.into(),
+                        status: "True".into(),
+                        reason: Some(r.into()),
+                        ..Default::default()
+                    }]
                 }),
                 ..Default::default()
             }),
@@ -126,8 +170,14 @@ mod tests {
 
     fn pod(phase: &str, exit: Option<i32>, unschedulable: bool) -> Pod {
         Pod {
-            metadata: ObjectMeta { name: Some("p".into()), ..Default::default() },
-            spec: Some(PodSpec { node_name: Some("n1".into()), ..Default::default() }),
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some("n1".into()),
+                ..Default::default()
+            }),
             status: Some(PodStatus {
                 phase: Some(phase.into()),
                 conditions: unschedulable.then(|| {
@@ -143,7 +193,10 @@ mod tests {
                     vec![ContainerStatus {
                         name: "main".into(),
                         state: Some(ContainerState {
-                            terminated: Some(ContainerStateTerminated { exit_code: code, ..Default::default() }),
+                            terminated: Some(ContainerStateTerminated {
+                                exit_code: code,
+                                ..Default::default()
+                            }),
                             ..Default::default()
                         }),
                         ..Default::default()
@@ -165,7 +218,10 @@ mod tests {
         assert_eq!((o.phase, o.exit_code), (AiJobPhase::Succeeded, Some(0)));
         let bad = pod("Failed", Some(3), false);
         let o = observe(&job(Some(("Failed", "BackoffLimitExceeded"))), &[&bad]);
-        assert_eq!((o.phase, o.exit_code, o.reason.as_str()), (AiJobPhase::Failed, Some(3), "BackoffLimitExceeded"));
+        assert_eq!(
+            (o.phase, o.exit_code, o.reason.as_str()),
+            (AiJobPhase::Failed, Some(3), "BackoffLimitExceeded")
+        );
         assert!(o.message.contains("exit code 3"), "{}", o.message);
     }
 

@@ -38,9 +38,13 @@ async fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let metrics = Arc::new(Metrics::default());
-    let bound = telemetry::serve(args.metrics_addr, metrics.clone()).await.context("binding the metrics address")?;
+    let bound = telemetry::serve(args.metrics_addr, metrics.clone())
+        .await
+        .context("binding the metrics address")?;
     tracing::info!(org = %args.org, metrics = %bound, "gpupool operator starting");
     let settings = Settings {
         org: args.org,

@@ -26,9 +26,21 @@ pub enum NeedError {
 
 impl Need {
     pub fn from_spec(gpus: &GpuRequirements) -> Result<Self, NeedError> {
-        let count = u32::try_from(gpus.count).ok().filter(|c| *c > 0).ok_or(NeedError::Count)?;
-        let min_memory_mib = gpus.min_memory.as_deref().map(quantity::to_mib).transpose()?.unwrap_or(0);
-        Ok(Self { count, models: gpus.models.clone(), min_memory_mib })
+        let count = u32::try_from(gpus.count)
+            .ok()
+            .filter(|c| *c > 0)
+            .ok_or(NeedError::Count)?;
+        let min_memory_mib = gpus
+            .min_memory
+            .as_deref()
+            .map(quantity::to_mib)
+            .transpose()?
+            .unwrap_or(0);
+        Ok(Self {
+            count,
+            models: gpus.models.clone(),
+            min_memory_mib,
+        })
     }
 
     fn accepts(&self, n: &NodeGpus) -> bool {
@@ -37,8 +49,16 @@ impl Need {
 
     /// "8×H100 (≥ 81920 MiB)" in words for messages.
     pub fn describe(&self) -> String {
-        let models = if self.models.is_empty() { "GPUs".to_string() } else { self.models.join("|") };
-        let mem = if self.min_memory_mib > 0 { format!(" with at least {} MiB each", self.min_memory_mib) } else { String::new() };
+        let models = if self.models.is_empty() {
+            "GPUs".to_string()
+        } else {
+            self.models.join("|")
+        };
+        let mem = if self.min_memory_mib > 0 {
+            format!(" with at least {} MiB each", self.min_memory_mib)
+        } else {
+            String::new()
+        };
         format!("{}×{models}{mem}", self.count)
     }
 }
@@ -48,7 +68,11 @@ impl Need {
 pub enum Decision {
     /// Run here. `node` is the best fit, for accounting until the scheduler
     /// binds the pod; `products` are all products the Job may be scheduled on.
-    Local { node: String, product: String, products: Vec<String> },
+    Local {
+        node: String,
+        product: String,
+        products: Vec<String>,
+    },
     /// Wait; `reason` is a CamelCase condition reason, `message` a sentence.
     Wait { reason: &'static str, message: String },
 }
@@ -66,15 +90,25 @@ pub fn decide(need: &Need, mode: PlacementMode, nodes: &[NodeGpus]) -> Decision 
     if mode == PlacementMode::PoolOnly {
         return Decision::Wait {
             reason: REASON_POOL_ONLY,
-            message: format!("placement.mode is PoolOnly, but {POOL_LATER} Use LocalFirst or LocalOnly to run on this cluster's GPUs."),
+            message: format!(
+                "placement.mode is PoolOnly, but {POOL_LATER} Use LocalFirst or LocalOnly to run on this cluster's GPUs."
+            ),
         };
     }
-    let pool_hint = if mode == PlacementMode::LocalFirst { format!(" LocalFirst would ask the pool next, but {POOL_LATER}") } else { String::new() };
+    let pool_hint = if mode == PlacementMode::LocalFirst {
+        format!(" LocalFirst would ask the pool next, but {POOL_LATER}")
+    } else {
+        String::new()
+    };
     let eligible: Vec<&NodeGpus> = nodes.iter().filter(|n| need.accepts(n)).collect();
     if eligible.is_empty() {
         return Decision::Wait {
             reason: REASON_NO_MATCH,
-            message: format!("no node in this cluster has {}; GPUs here: {}.{pool_hint}", need.describe(), summarize(nodes)),
+            message: format!(
+                "no node in this cluster has {}; GPUs here: {}.{pool_hint}",
+                need.describe(),
+                summarize(nodes)
+            ),
         };
     }
     let largest = eligible.iter().map(|n| n.healthy).max().unwrap_or(0);
@@ -87,17 +121,31 @@ pub fn decide(need: &Need, mode: PlacementMode, nodes: &[NodeGpus]) -> Decision 
             ),
         };
     }
-    let best = eligible.iter().filter(|n| n.free() >= need.count).min_by_key(|n| (n.free(), n.node.clone()));
+    let best = eligible
+        .iter()
+        .filter(|n| n.free() >= need.count)
+        .min_by_key(|n| (n.free(), n.node.clone()));
     match best {
         Some(n) => {
             let products: BTreeSet<String> = eligible.iter().map(|e| e.product.clone()).collect();
-            Decision::Local { node: n.node.clone(), product: n.product.clone(), products: products.into_iter().collect() }
+            Decision::Local {
+                node: n.node.clone(),
+                product: n.product.clone(),
+                products: products.into_iter().collect(),
+            }
         }
         None => {
-            let most = eligible.iter().max_by_key(|n| n.free()).map(|n| format!("{} on {}", n.free(), n.node)).unwrap_or_default();
+            let most = eligible
+                .iter()
+                .max_by_key(|n| n.free())
+                .map(|n| format!("{} on {}", n.free(), n.node))
+                .unwrap_or_default();
             Decision::Wait {
                 reason: REASON_INSUFFICIENT,
-                message: format!("waiting for {} free on one node; the most free now is {most}.{pool_hint}", need.describe()),
+                message: format!(
+                    "waiting for {} free on one node; the most free now is {most}.{pool_hint}",
+                    need.describe()
+                ),
             }
         }
     }
@@ -124,11 +172,21 @@ mod tests {
     use super::*;
 
     fn node(name: &str, product: &str, mem: u64, healthy: u32, allocated: u32) -> NodeGpus {
-        NodeGpus { node: name.into(), product: product.into(), memory_mib: mem, healthy, allocated }
+        NodeGpus {
+            node: name.into(),
+            product: product.into(),
+            memory_mib: mem,
+            healthy,
+            allocated,
+        }
     }
 
     fn need(count: u32, models: &[&str], mem: u64) -> Need {
-        Need { count, models: models.iter().map(|s| s.to_string()).collect(), min_memory_mib: mem }
+        Need {
+            count,
+            models: models.iter().map(|s| s.to_string()).collect(),
+            min_memory_mib: mem,
+        }
     }
 
     const H100: &str = "NVIDIA H100 80GB HBM3";
@@ -136,9 +194,20 @@ mod tests {
 
     #[test]
     fn best_fit_packs_nodes() {
-        let nodes = [node("a", H100, 81559, 8, 0), node("b", H100, 81559, 8, 6), node("c", H100, 81559, 8, 4)];
+        let nodes = [
+            node("a", H100, 81559, 8, 0),
+            node("b", H100, 81559, 8, 6),
+            node("c", H100, 81559, 8, 4),
+        ];
         let d = decide(&need(2, &["H100"], 0), PlacementMode::LocalFirst, &nodes);
-        assert_eq!(d, Decision::Local { node: "b".into(), product: H100.into(), products: vec![H100.into()] });
+        assert_eq!(
+            d,
+            Decision::Local {
+                node: "b".into(),
+                product: H100.into(),
+                products: vec![H100.into()]
+            }
+        );
         let d = decide(&need(4, &[], 0), PlacementMode::LocalOnly, &nodes);
         assert!(matches!(d, Decision::Local { node, .. } if node == "c"));
     }
@@ -146,7 +215,9 @@ mod tests {
     #[test]
     fn memory_and_model_filter() {
         let nodes = [node("l", L40S, 46068, 4, 0), node("h", H100, 81559, 8, 0)];
-        assert!(matches!(decide(&need(1, &[], 70 * 1024), PlacementMode::LocalOnly, &nodes), Decision::Local { node, .. } if node == "h"));
+        assert!(
+            matches!(decide(&need(1, &[], 70 * 1024), PlacementMode::LocalOnly, &nodes), Decision::Local { node, .. } if node == "h")
+        );
         match decide(&need(1, &["B200"], 0), PlacementMode::LocalOnly, &nodes) {
             Decision::Wait { reason, message } => {
                 assert_eq!(reason, REASON_NO_MATCH);
@@ -185,7 +256,13 @@ mod tests {
 
     #[test]
     fn pool_only_waits_and_empty_cluster_says_so() {
-        assert!(matches!(decide(&need(1, &[], 0), PlacementMode::PoolOnly, &[]), Decision::Wait { reason: REASON_POOL_ONLY, .. }));
+        assert!(matches!(
+            decide(&need(1, &[], 0), PlacementMode::PoolOnly, &[]),
+            Decision::Wait {
+                reason: REASON_POOL_ONLY,
+                ..
+            }
+        ));
         match decide(&need(1, &[], 0), PlacementMode::LocalOnly, &[]) {
             Decision::Wait { message, .. } => assert!(message.contains("none reported by any gpupool agent")),
             d => panic!("{d:?}"),
@@ -194,11 +271,22 @@ mod tests {
 
     #[test]
     fn need_parses_spec() {
-        let spec = gpupool_crds::GpuRequirements { count: 2, models: vec![], min_memory: Some("40Gi".into()), interconnect: Default::default() };
+        let spec = gpupool_crds::GpuRequirements {
+            count: 2,
+            models: vec![],
+            min_memory: Some("40Gi".into()),
+            interconnect: Default::default(),
+        };
         assert_eq!(Need::from_spec(&spec).unwrap().min_memory_mib, 40960);
-        let bad = gpupool_crds::GpuRequirements { count: 0, ..spec.clone() };
+        let bad = gpupool_crds::GpuRequirements {
+            count: 0,
+            ..spec.clone()
+        };
         assert_eq!(Need::from_spec(&bad), Err(NeedError::Count));
-        let bad = gpupool_crds::GpuRequirements { min_memory: Some("lots".into()), ..spec };
+        let bad = gpupool_crds::GpuRequirements {
+            min_memory: Some("lots".into()),
+            ..spec
+        };
         assert!(matches!(Need::from_spec(&bad), Err(NeedError::Memory(_))));
     }
 }

@@ -28,7 +28,7 @@ pub fn to_mib(q: &str) -> Result<u64, QuantityError> {
     }
     let value: f64 = num.parse().map_err(|_| err())?;
     let bytes = value * multiplier;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > 1e18 {
+    if !bytes.is_finite() || !(0.0..=1e18).contains(&bytes) {
         return Err(err());
     }
     Ok((bytes / (1024.0 * 1024.0)).ceil() as u64)

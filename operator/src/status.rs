@@ -1,7 +1,7 @@
 //! The AiJob status a reconcile wants, and the Events that mark its changes.
 //! Pure: it compares the old status with what was just observed.
 
-use gpupool_crds::conditions::{find, set_condition, ConditionUpdate};
+use gpupool_crds::conditions::{ConditionUpdate, find, set_condition};
 use gpupool_crds::{AiJobPhase, AiJobStatus, RunsOn};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -16,13 +16,18 @@ pub const COND_FAILED: &str = "Failed";
 
 /// What the reconcile found out this time.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // built once per reconcile, never stored
 pub enum Outcome {
     /// The spec passed the API server but cannot be acted on.
     Invalid { message: String },
     /// No Job, and none may be created yet.
     Waiting { reason: &'static str, message: String },
     /// A Job runs the workload here; this is what it says.
-    Local { runs_on: RunsOn, observed: Observation, created_now: bool },
+    Local {
+        runs_on: RunsOn,
+        observed: Observation,
+        created_now: bool,
+    },
     /// The Job was placed before but is gone, and the job had not ended.
     JobLost { job: String },
 }
@@ -37,7 +42,12 @@ pub struct PlannedEvent {
 }
 
 /// Computes the next status and the Events for what changed.
-pub fn plan(old: &AiJobStatus, generation: Option<i64>, outcome: &Outcome, now: Timestamp) -> (AiJobStatus, Vec<PlannedEvent>) {
+pub fn plan(
+    old: &AiJobStatus,
+    generation: Option<i64>,
+    outcome: &Outcome,
+    now: Timestamp,
+) -> (AiJobStatus, Vec<PlannedEvent>) {
     let mut s = old.clone();
     s.observed_generation = generation;
     let mut events = Vec::new();
@@ -45,28 +55,60 @@ pub fn plan(old: &AiJobStatus, generation: Option<i64>, outcome: &Outcome, now: 
 
     match outcome {
         Outcome::Invalid { message } => {
-            set(&mut s, ConditionUpdate::new(COND_ACCEPTED, false, "InvalidSpec", message.clone()));
-            set(&mut s, ConditionUpdate::new(COND_FAILED, true, "InvalidSpec", message.clone()));
+            set(
+                &mut s,
+                ConditionUpdate::new(COND_ACCEPTED, false, "InvalidSpec", message.clone()),
+            );
+            set(
+                &mut s,
+                ConditionUpdate::new(COND_FAILED, true, "InvalidSpec", message.clone()),
+            );
             s.phase = Some(AiJobPhase::Failed);
             s.message = Some(message.clone());
         }
         Outcome::Waiting { reason, message } => {
-            set(&mut s, ConditionUpdate::new(COND_ACCEPTED, true, "Validated", "the spec is valid"));
+            set(
+                &mut s,
+                ConditionUpdate::new(COND_ACCEPTED, true, "Validated", "the spec is valid"),
+            );
             let previous_reason = find(&old.conditions, COND_PLACED).map(|c| c.reason.clone());
             if previous_reason.as_deref() != Some(*reason) {
-                events.push(PlannedEvent { warning: false, reason: (*reason).into(), action: "Place", note: message.clone() });
+                events.push(PlannedEvent {
+                    warning: false,
+                    reason: (*reason).into(),
+                    action: "Place",
+                    note: message.clone(),
+                });
             }
-            set(&mut s, ConditionUpdate::new(COND_PLACED, false, reason, message.clone()));
+            set(
+                &mut s,
+                ConditionUpdate::new(COND_PLACED, false, reason, message.clone()),
+            );
             s.phase = Some(AiJobPhase::Pending);
             s.message = Some(message.clone());
         }
-        Outcome::Local { runs_on, observed, created_now } => {
-            set(&mut s, ConditionUpdate::new(COND_ACCEPTED, true, "Validated", "the spec is valid"));
+        Outcome::Local {
+            runs_on,
+            observed,
+            created_now,
+        } => {
+            set(
+                &mut s,
+                ConditionUpdate::new(COND_ACCEPTED, true, "Validated", "the spec is valid"),
+            );
             let placed_msg = format!("runs in this cluster as Job {}/{}", runs_on.namespace, runs_on.job);
             if *created_now {
-                events.push(PlannedEvent { warning: false, reason: "JobCreated".into(), action: "Place", note: placed_msg.clone() });
+                events.push(PlannedEvent {
+                    warning: false,
+                    reason: "JobCreated".into(),
+                    action: "Place",
+                    note: placed_msg.clone(),
+                });
             }
-            set(&mut s, ConditionUpdate::new(COND_PLACED, true, "PlacedLocally", placed_msg));
+            set(
+                &mut s,
+                ConditionUpdate::new(COND_PLACED, true, "PlacedLocally", placed_msg),
+            );
             s.runs_on = Some(runs_on.clone());
             if old.phase != Some(observed.phase) {
                 let (warning, reason) = match observed.phase {
@@ -76,16 +118,30 @@ pub fn plan(old: &AiJobStatus, generation: Option<i64>, outcome: &Outcome, now: 
                     _ => (false, "Pending"),
                 };
                 if !(observed.phase == AiJobPhase::Pending && *created_now) {
-                    events.push(PlannedEvent { warning, reason: reason.into(), action: "Run", note: observed.message.clone() });
+                    events.push(PlannedEvent {
+                        warning,
+                        reason: reason.into(),
+                        action: "Run",
+                        note: observed.message.clone(),
+                    });
                 }
             }
             let running = observed.phase == AiJobPhase::Running;
-            set(&mut s, ConditionUpdate::new(COND_RUNNING, running, &observed.reason, observed.message.clone()));
+            set(
+                &mut s,
+                ConditionUpdate::new(COND_RUNNING, running, &observed.reason, observed.message.clone()),
+            );
             if observed.phase == AiJobPhase::Succeeded {
-                set(&mut s, ConditionUpdate::new(COND_COMPLETE, true, &observed.reason, observed.message.clone()));
+                set(
+                    &mut s,
+                    ConditionUpdate::new(COND_COMPLETE, true, &observed.reason, observed.message.clone()),
+                );
             }
             if observed.phase == AiJobPhase::Failed {
-                set(&mut s, ConditionUpdate::new(COND_FAILED, true, &observed.reason, observed.message.clone()));
+                set(
+                    &mut s,
+                    ConditionUpdate::new(COND_FAILED, true, &observed.reason, observed.message.clone()),
+                );
             }
             s.phase = Some(observed.phase);
             s.message = (!running && observed.phase != AiJobPhase::Succeeded).then(|| observed.message.clone());
@@ -97,11 +153,24 @@ pub fn plan(old: &AiJobStatus, generation: Option<i64>, outcome: &Outcome, now: 
             }
         }
         Outcome::JobLost { job } => {
-            let message = format!("Job {job} was deleted by someone other than gpupool before it finished; the AiJob is not re-run so the workload never runs twice. Re-create the AiJob to run it again.");
-            set(&mut s, ConditionUpdate::new(COND_RUNNING, false, "JobDeleted", message.clone()));
-            set(&mut s, ConditionUpdate::new(COND_FAILED, true, "JobDeleted", message.clone()));
+            let message = format!(
+                "Job {job} was deleted by someone other than gpupool before it finished; the AiJob is not re-run so the workload never runs twice. Re-create the AiJob to run it again."
+            );
+            set(
+                &mut s,
+                ConditionUpdate::new(COND_RUNNING, false, "JobDeleted", message.clone()),
+            );
+            set(
+                &mut s,
+                ConditionUpdate::new(COND_FAILED, true, "JobDeleted", message.clone()),
+            );
             if old.phase != Some(AiJobPhase::Failed) {
-                events.push(PlannedEvent { warning: true, reason: "JobDeleted".into(), action: "Run", note: message.clone() });
+                events.push(PlannedEvent {
+                    warning: true,
+                    reason: "JobDeleted".into(),
+                    action: "Run",
+                    note: message.clone(),
+                });
             }
             s.phase = Some(AiJobPhase::Failed);
             s.message = Some(message);
@@ -119,7 +188,12 @@ mod tests {
     }
 
     fn runs_on() -> RunsOn {
-        RunsOn { org: "acme".into(), namespace: "ml".into(), job: "train".into(), ..Default::default() }
+        RunsOn {
+            org: "acme".into(),
+            namespace: "ml".into(),
+            job: "train".into(),
+            ..Default::default()
+        }
     }
 
     fn obs(phase: AiJobPhase, reason: &str) -> Observation {
@@ -136,12 +210,21 @@ mod tests {
 
     #[test]
     fn waiting_emits_one_event_per_reason() {
-        let w = Outcome::Waiting { reason: "InsufficientFreeGpus", message: "waiting for 8×H100".into() };
+        let w = Outcome::Waiting {
+            reason: "InsufficientFreeGpus",
+            message: "waiting for 8×H100".into(),
+        };
         let (s1, e1) = plan(&AiJobStatus::default(), Some(1), &w, t("00"));
         assert_eq!(s1.phase, Some(AiJobPhase::Pending));
         assert_eq!(e1.len(), 1);
-        assert_eq!(find(&s1.conditions, COND_PLACED).unwrap().reason, "InsufficientFreeGpus");
-        let w2 = Outcome::Waiting { reason: "InsufficientFreeGpus", message: "waiting for 8×H100; 3 free".into() };
+        assert_eq!(
+            find(&s1.conditions, COND_PLACED).unwrap().reason,
+            "InsufficientFreeGpus"
+        );
+        let w2 = Outcome::Waiting {
+            reason: "InsufficientFreeGpus",
+            message: "waiting for 8×H100; 3 free".into(),
+        };
         let (s2, e2) = plan(&s1, Some(1), &w2, t("05"));
         assert!(e2.is_empty());
         assert_eq!(s2.message.as_deref(), Some("waiting for 8×H100; 3 free"));
@@ -149,12 +232,20 @@ mod tests {
 
     #[test]
     fn local_lifecycle_conditions_and_events() {
-        let created = Outcome::Local { runs_on: runs_on(), observed: obs(AiJobPhase::Pending, "PodStarting"), created_now: true };
+        let created = Outcome::Local {
+            runs_on: runs_on(),
+            observed: obs(AiJobPhase::Pending, "PodStarting"),
+            created_now: true,
+        };
         let (s1, e1) = plan(&AiJobStatus::default(), Some(1), &created, t("00"));
         assert_eq!(e1.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(), ["JobCreated"]);
         assert_eq!(find(&s1.conditions, COND_PLACED).unwrap().status, "True");
 
-        let running = Outcome::Local { runs_on: runs_on(), observed: obs(AiJobPhase::Running, "PodRunning"), created_now: false };
+        let running = Outcome::Local {
+            runs_on: runs_on(),
+            observed: obs(AiJobPhase::Running, "PodRunning"),
+            created_now: false,
+        };
         let (s2, e2) = plan(&s1, Some(1), &running, t("01"));
         assert_eq!(e2[0].reason, "Started");
         assert_eq!(find(&s2.conditions, COND_RUNNING).unwrap().status, "True");
@@ -166,7 +257,16 @@ mod tests {
 
         let mut done = obs(AiJobPhase::Succeeded, "Completed");
         done.exit_code = Some(0);
-        let (s3, e3) = plan(&s2, Some(1), &Outcome::Local { runs_on: runs_on(), observed: done, created_now: false }, t("03"));
+        let (s3, e3) = plan(
+            &s2,
+            Some(1),
+            &Outcome::Local {
+                runs_on: runs_on(),
+                observed: done,
+                created_now: false,
+            },
+            t("03"),
+        );
         assert_eq!((s3.phase, s3.exit_code), (Some(AiJobPhase::Succeeded), Some(0)));
         assert_eq!(find(&s3.conditions, COND_RUNNING).unwrap().status, "False");
         assert_eq!(find(&s3.conditions, COND_COMPLETE).unwrap().status, "True");
@@ -178,7 +278,16 @@ mod tests {
     fn failure_is_a_warning() {
         let mut f = obs(AiJobPhase::Failed, "BackoffLimitExceeded");
         f.exit_code = Some(2);
-        let (s, e) = plan(&AiJobStatus::default(), None, &Outcome::Local { runs_on: runs_on(), observed: f, created_now: false }, t("00"));
+        let (s, e) = plan(
+            &AiJobStatus::default(),
+            None,
+            &Outcome::Local {
+                runs_on: runs_on(),
+                observed: f,
+                created_now: false,
+            },
+            t("00"),
+        );
         assert!(e[0].warning);
         assert_eq!(s.exit_code, Some(2));
         assert_eq!(find(&s.conditions, COND_FAILED).unwrap().reason, "BackoffLimitExceeded");
@@ -186,10 +295,20 @@ mod tests {
 
     #[test]
     fn invalid_and_lost() {
-        let (s, _) = plan(&AiJobStatus::default(), None, &Outcome::Invalid { message: "bad".into() }, t("00"));
+        let (s, _) = plan(
+            &AiJobStatus::default(),
+            None,
+            &Outcome::Invalid { message: "bad".into() },
+            t("00"),
+        );
         assert_eq!(s.phase, Some(AiJobPhase::Failed));
         assert_eq!(find(&s.conditions, COND_ACCEPTED).unwrap().status, "False");
-        let (s, e) = plan(&AiJobStatus::default(), None, &Outcome::JobLost { job: "x".into() }, t("00"));
+        let (s, e) = plan(
+            &AiJobStatus::default(),
+            None,
+            &Outcome::JobLost { job: "x".into() },
+            t("00"),
+        );
         assert_eq!(s.phase, Some(AiJobPhase::Failed));
         assert!(e[0].warning);
     }

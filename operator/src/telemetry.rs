@@ -4,14 +4,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::routing::get;
 use axum::Router;
-use prometheus_client::encoding::text::encode;
+use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::capacity::NodeGpus;
@@ -42,11 +42,34 @@ impl Default for Metrics {
         let local_placements = Counter::default();
         let gpus = Family::<ProductState, Gauge>::default();
         registry.register("aijob_reconciles", "AiJob reconciles run", reconciles.clone());
-        registry.register("aijob_reconcile_errors", "AiJob reconciles that failed and were retried", reconcile_errors.clone());
-        registry.register("aijob_reconcile_duration_seconds", "Time one AiJob reconcile took", reconcile_seconds.clone());
-        registry.register("local_placements", "AiJobs placed on this cluster's GPUs", local_placements.clone());
-        registry.register("gpus", "GPUs on this cluster by product and state (total, free)", gpus.clone());
-        Self { registry: Mutex::new(registry), reconciles, reconcile_errors, reconcile_seconds, local_placements, gpus }
+        registry.register(
+            "aijob_reconcile_errors",
+            "AiJob reconciles that failed and were retried",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "aijob_reconcile_duration_seconds",
+            "Time one AiJob reconcile took",
+            reconcile_seconds.clone(),
+        );
+        registry.register(
+            "local_placements",
+            "AiJobs placed on this cluster's GPUs",
+            local_placements.clone(),
+        );
+        registry.register(
+            "gpus",
+            "GPUs on this cluster by product and state (total, free)",
+            gpus.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            reconciles,
+            reconcile_errors,
+            reconcile_seconds,
+            local_placements,
+            gpus,
+        }
     }
 }
 
@@ -72,8 +95,18 @@ impl Metrics {
             t.1 += i64::from(n.free());
         }
         for (product, (total, free)) in totals {
-            self.gpus.get_or_create(&ProductState { product: product.into(), state: "total".into() }).set(total);
-            self.gpus.get_or_create(&ProductState { product: product.into(), state: "free".into() }).set(free);
+            self.gpus
+                .get_or_create(&ProductState {
+                    product: product.into(),
+                    state: "total".into(),
+                })
+                .set(total);
+            self.gpus
+                .get_or_create(&ProductState {
+                    product: product.into(),
+                    state: "free".into(),
+                })
+                .set(free);
         }
     }
 
@@ -92,10 +125,13 @@ impl Metrics {
 /// Serves /metrics, /healthz and /readyz until the process ends.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
     let app = Router::new()
-        .route("/metrics", get(move || {
-            let m = metrics.clone();
-            async move { m.render() }
-        }))
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { m.render() }
+            }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }));
     let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use gpupool_e2e::cluster::{self, Binaries};
-use gpupool_e2e::env::{default_root, TestEnv, ENV_FILE};
+use gpupool_e2e::env::{ENV_FILE, TestEnv, default_root};
 use gpupool_e2e::orgs::org_specs;
 
 #[derive(Parser)]
@@ -46,7 +46,10 @@ fn workspace() -> PathBuf {
 
 fn build_binaries() -> anyhow::Result<PathBuf> {
     let script = workspace().join("e2e/testenv/build.sh");
-    let out = Command::new("bash").arg(&script).output().with_context(|| format!("running {}", script.display()))?;
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
         anyhow::bail!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr));
     }
@@ -65,7 +68,10 @@ async fn main() -> anyhow::Result<()> {
     match args.cmd {
         Cmd::Up { orgs, agent, bin_dir } => {
             if root.join(ENV_FILE).exists() {
-                anyhow::bail!("a test environment is already up at {}; run `make testenv-down` first", root.display());
+                anyhow::bail!(
+                    "a test environment is already up at {}; run `make testenv-down` first",
+                    root.display()
+                );
             }
             anyhow::ensure!((1..=8).contains(&orgs), "--orgs must be between 1 and 8");
             let bin_dir = match bin_dir {
@@ -74,14 +80,20 @@ async fn main() -> anyhow::Result<()> {
             };
             std::fs::create_dir_all(&root)?;
             let root = root.canonicalize()?;
-            let agent = agent.map(|a| a.canonicalize()).transpose().context("the --agent binary")?;
+            let agent = agent
+                .map(|a| a.canonicalize())
+                .transpose()
+                .context("the --agent binary")?;
             let bins = Binaries { dir: bin_dir, agent };
             let stages = workspace().join("e2e/testenv/stages.yaml").canonicalize()?;
             let rbac = std::fs::read_to_string(workspace().join("e2e/testenv/rbac.yaml"))?;
             let specs = org_specs(orgs);
             let mut all_pids: Vec<Vec<u32>> = vec![Vec::new(); specs.len()];
             let started = futures::future::join_all(
-                specs.iter().zip(all_pids.iter_mut()).map(|(spec, pids)| cluster::start(spec, &root, &bins, &stages, &rbac, pids)),
+                specs
+                    .iter()
+                    .zip(all_pids.iter_mut())
+                    .map(|(spec, pids)| cluster::start(spec, &root, &bins, &stages, &rbac, pids)),
             )
             .await;
             let mut infos = Vec::new();
@@ -96,7 +108,10 @@ async fn main() -> anyhow::Result<()> {
                 cluster::stop(&all_pids.concat());
                 anyhow::bail!("starting the test environment failed: {f}");
             }
-            let env = TestEnv { root: root.clone(), orgs: infos };
+            let env = TestEnv {
+                root: root.clone(),
+                orgs: infos,
+            };
             env.save()?;
             for o in &env.orgs {
                 println!(

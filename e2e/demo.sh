@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The gpupool tour. Today: one organisation's real control plane with
+# simulated H100 nodes, the node agents, and the operator placing a sample
+# AiJob locally and running it to completion. Federation across three
+# organisations and on-chain settlement arrive with the pool and escrow work.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+state=${GPUPOOL_TESTENV:-$PWD/e2e/.state}
+export GPUPOOL_TESTENV=$state
+bin=$(bash e2e/testenv/build.sh)
+kubectl="$bin/kubectl"
+testenv=target/debug/testenv
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+$testenv down >/dev/null
+operator_pid=
+cleanup() {
+  [ -n "$operator_pid" ] && kill "$operator_pid" 2>/dev/null || true
+  if [ "${KEEP:-0}" = 1 ]; then
+    echo "KEEP=1: the cluster stays up; stop it with 'make testenv-down'"
+  else
+    $testenv down >/dev/null
+  fi
+}
+trap cleanup EXIT
+
+say "Starting organisation 'acme': etcd, kube-apiserver, controller-manager, scheduler, kwok, one agent per node"
+$testenv up --orgs 1 --agent target/debug/gpupool-agent
+export KUBECONFIG=$state/acme/admin.kubeconfig
+
+say "GPU nodes, labelled by the agents"
+$kubectl get nodes -L gpupool.dev/gpu-product,gpupool.dev/gpu-count
+say "What the agents read (GpuNode)"
+$kubectl get gpunodes
+
+say "Starting the gpupool operator (as its own ServiceAccount identity)"
+KUBECONFIG=$state/acme/operator.kubeconfig target/debug/gpupool-operator --org acme --metrics-addr 127.0.0.1:0 \
+  >"$state/acme/logs/operator-demo.log" 2>&1 &
+operator_pid=$!
+
+say "A bad AiJob is refused by the API server"
+sed 's/count: 2/count: 0/' manifests/samples/aijob-finetune.yaml | $kubectl apply -f - 2>&1 | sed 's/^/  /' || true
+
+say "kubectl apply -f manifests/samples/aijob-finetune.yaml"
+$kubectl apply -f manifests/samples/aijob-finetune.yaml
+$kubectl apply -f manifests/samples/aijob-too-big.yaml
+
+say "Watching the AiJob until it finishes"
+deadline=$((SECONDS + 120))
+last=
+while :; do
+  phase=$($kubectl get aijob finetune-llama -o jsonpath='{.status.phase}' 2>/dev/null || true)
+  if [ "$phase" != "$last" ]; then
+    $kubectl get aijob finetune-llama
+    last=$phase
+  fi
+  case "$phase" in Succeeded|Failed) break ;; esac
+  if [ $SECONDS -gt $deadline ]; then echo "timed out; operator log: $state/acme/logs/operator-demo.log" >&2; exit 1; fi
+  sleep 0.5
+done
+
+say "Its Job and pod"
+$kubectl get jobs,pods -o wide
+say "Its Events"
+$kubectl get events --field-selector involvedObject.kind=AiJob,involvedObject.name=finetune-llama \
+  -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.note --sort-by=.metadata.creationTimestamp 2>/dev/null \
+  || $kubectl get events --field-selector involvedObject.name=finetune-llama
+say "The job that does not fit says why"
+$kubectl get aijob pretrain-huge -o wide
+
+[ "$phase" = Succeeded ] || exit 1
+say "Done. Federation across organisations and settlement come next (see README)."
