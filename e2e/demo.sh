@@ -65,8 +65,7 @@ say "Its Job and pod"
 $kubectl get jobs,pods -o wide
 say "Its Events"
 $kubectl get events --field-selector involvedObject.kind=AiJob,involvedObject.name=finetune-llama \
-  -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.note --sort-by=.metadata.creationTimestamp 2>/dev/null \
-  || $kubectl get events --field-selector involvedObject.name=finetune-llama
+  -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message --sort-by=.metadata.creationTimestamp
 say "The job that does not fit says why"
 $kubectl get aijob pretrain-huge -o wide
 

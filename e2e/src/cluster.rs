@@ -168,6 +168,7 @@ pub async fn start(
     let agent = kubeconfig("agent", AGENT_USER, &[])?;
 
     let s = |p: &Path| p.display().to_string();
+    let audit_policy = stages.with_file_name("audit-policy.yaml");
     pids.push(spawn(
         &bin("etcd"),
         &[
@@ -206,6 +207,9 @@ pub async fn start(
             "--profiling=false".into(),
             "--max-requests-inflight=2000".into(),
             "--max-mutating-requests-inflight=1000".into(),
+            format!("--audit-policy-file={}", s(&audit_policy)),
+            format!("--audit-log-path={}", s(&logs.join("audit.log"))),
+            "--audit-log-maxsize=1024".into(),
         ],
         &[],
         &logs.join("kube-apiserver.log"),

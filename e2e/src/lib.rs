@@ -2,6 +2,7 @@
 //! Go module proxy, one per simulated organisation, on loopback; and helpers
 //! the end-to-end tests share.
 
+pub mod bench;
 pub mod certs;
 pub mod cluster;
 pub mod env;

@@ -95,6 +95,20 @@ pub fn observe(job: &Job, pods: &[&Pod]) -> Observation {
             ..base
         };
     }
+    // The pod ended but the Job controller has not ruled yet: the workload is
+    // over, so it is no longer Pending, and success is the Job's call.
+    if let Some(p) = ended_pod {
+        return Observation {
+            phase: AiJobPhase::Running,
+            reason: "PodFinished".into(),
+            message: format!(
+                "pod {} ended with exit code {}; waiting for the Job to record the outcome",
+                p.metadata.name.clone().unwrap_or_default(),
+                base.exit_code.unwrap_or_default()
+            ),
+            ..base
+        };
+    }
     // Still starting: say what the pod waits for, if anything says so.
     let waiting = pods.iter().find_map(|p| {
         let s = p.status.as_ref()?;
@@ -216,6 +230,8 @@ mod tests {
         let ok = pod("Succeeded", Some(0), false);
         let o = observe(&job(Some(("Complete", "CompletionsReached"))), &[&ok]);
         assert_eq!((o.phase, o.exit_code), (AiJobPhase::Succeeded, Some(0)));
+        let o = observe(&job(None), &[&ok]);
+        assert_eq!((o.phase, o.reason.as_str()), (AiJobPhase::Running, "PodFinished"), "never back to Pending");
         let bad = pod("Failed", Some(3), false);
         let o = observe(&job(Some(("Failed", "BackoffLimitExceeded"))), &[&bad]);
         assert_eq!(

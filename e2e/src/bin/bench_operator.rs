@@ -1,0 +1,180 @@
+//! The operator placing many AiJobs at once on one cluster's simulated
+//! nodes: time until every Job exists, time until every AiJob is Running,
+//! API requests per AiJob (from the API server's audit log) and operator RSS.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::StreamExt;
+use gpupool_crds::{AiJob, AiJobPhase, GpuDevice, GpuNode, GpuNodeStatus};
+use gpupool_e2e::bench::{memory_kib, write, Figure};
+use gpupool_e2e::cluster::{free_port, spawn, stop, ClusterInfo, OPERATOR_USER};
+use gpupool_e2e::env::{default_root, TestEnv};
+use gpupool_e2e::harness::{aijob_json, namespace};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::Client;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    operator: std::path::PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    jobs: usize,
+    #[arg(long, default_value = "target/bench/operator.json")]
+    out: std::path::PathBuf,
+}
+
+const GPUS_PER_NODE: u32 = 8;
+const PRODUCT: &str = "NVIDIA H100 80GB HBM3";
+
+/// Extra simulated nodes, with the GpuNodes an agent would write for them
+/// (one agent process per node would measure the agents, not the operator).
+async fn add_nodes(client: &Client, count: usize) -> anyhow::Result<Vec<String>> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let gpunodes: Api<GpuNode> = Api::all(client.clone());
+    let names: Vec<String> = (0..count).map(|i| format!("bench-h100-{i}")).collect();
+    futures::stream::iter(names.clone())
+        .for_each_concurrent(16, |name| {
+            let (nodes, gpunodes) = (nodes.clone(), gpunodes.clone());
+            async move {
+                let node: Node = serde_json::from_value(serde_json::json!({
+                    "metadata": {
+                        "name": name,
+                        "annotations": { "kwok.x-k8s.io/node": "fake" },
+                        "labels": {
+                            "type": "kwok",
+                            gpupool_crds::LABEL_GPU_PRODUCT: gpupool_crds::product_label_value(PRODUCT),
+                            gpupool_crds::LABEL_GPU_MEMORY_MIB: "81559",
+                        },
+                    },
+                    "spec": { "taints": [{ "key": "nvidia.com/gpu", "effect": "NoSchedule" }] },
+                }))
+                .expect("node");
+                let _ = nodes.create(&PostParams::default(), &node).await;
+                let cap = serde_json::json!({ "cpu": "192", "memory": "2Ti", "pods": "110", "nvidia.com/gpu": GPUS_PER_NODE.to_string() });
+                let _ = nodes.patch_status(&name, &PatchParams::default(), &Patch::Merge(&serde_json::json!({ "status": { "capacity": cap, "allocatable": cap } }))).await;
+                let _ = write_gpunode(&gpunodes, &name).await;
+            }
+        })
+        .await;
+    Ok(names)
+}
+
+async fn write_gpunode(api: &Api<GpuNode>, name: &str) -> Result<(), kube::Error> {
+    let gpus = (0..GPUS_PER_NODE)
+        .map(|i| GpuDevice { index: i, uuid: format!("GPU-{name}-{i}"), product: PRODUCT.into(), memory_mib: 81559, ..Default::default() })
+        .collect();
+    let status = GpuNodeStatus {
+        backend: Some("simulated".into()),
+        gpus,
+        product: Some(PRODUCT.into()),
+        gpus_total: GPUS_PER_NODE as i32,
+        gpus_healthy: GPUS_PER_NODE as i32,
+        gpus_free: GPUS_PER_NODE as i32,
+        last_heartbeat: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+        ..Default::default()
+    };
+    let pp = PatchParams::apply("gpupool-bench").force();
+    api.patch(name, &pp, &Patch::Apply(serde_json::json!({"apiVersion": "gpupool.dev/v1alpha1", "kind": "GpuNode", "metadata": {"name": name}, "spec": {"nodeName": name}}))).await?;
+    api.patch_status(name, &pp, &Patch::Apply(serde_json::json!({"apiVersion": "gpupool.dev/v1alpha1", "kind": "GpuNode", "metadata": {"name": name}, "status": status}))).await?;
+    Ok(())
+}
+
+fn operator_requests(org: &ClusterInfo) -> anyhow::Result<BTreeMap<String, u64>> {
+    let text = std::fs::read_to_string(org.dir.join("logs/audit.log")).unwrap_or_default();
+    let mut by_verb = BTreeMap::new();
+    for line in text.lines() {
+        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if ev["user"]["username"] == OPERATOR_USER {
+            *by_verb.entry(ev["verb"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        }
+    }
+    Ok(by_verb)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let env = TestEnv::load(&default_root())?;
+    let org = env.orgs.iter().find(|o| o.org.fleet.product == PRODUCT).unwrap_or(&env.orgs[0]).clone();
+    let client = gpupool_e2e::cluster::client_for(&org.admin_kubeconfig).await?;
+    let node_count = args.jobs.div_ceil(GPUS_PER_NODE as usize);
+    let names = add_nodes(&client, node_count).await?;
+    // Keep the GpuNodes' heartbeats fresh for the run, as agents would.
+    let gpunodes: Api<GpuNode> = Api::all(client.clone());
+    let refresher = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            for n in &names {
+                let _ = write_gpunode(&gpunodes, n).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await; // kwok marks the new nodes Ready
+
+    let metrics_port = free_port()?;
+    let pid = spawn(
+        &args.operator,
+        &[format!("--org={}", org.org.name), format!("--metrics-addr=127.0.0.1:{metrics_port}"), "--concurrency=32".into()],
+        &[("KUBECONFIG", &org.operator_kubeconfig)],
+        &org.dir.join("logs/bench-operator.log"),
+    )?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = operator_requests(&org)?.values().sum::<u64>();
+    let ns = namespace(&client, "bench").await;
+
+    let aijobs: Api<AiJob> = Api::namespaced(client.clone(), &ns);
+    let start = Instant::now();
+    futures::stream::iter(0..args.jobs)
+        .for_each_concurrent(32, |i| {
+            let aijobs = aijobs.clone();
+            async move {
+                let j: AiJob = serde_json::from_value(aijob_json(&format!("job-{i:05}"), 1, &["H100"], "3600s", serde_json::json!({}))).expect("aijob");
+                if let Err(e) = aijobs.create(&PostParams::default(), &j).await {
+                    eprintln!("create job-{i}: {e}");
+                }
+            }
+        })
+        .await;
+    let submitted = start.elapsed().as_secs_f64();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let deadline = Duration::from_secs(600);
+    let mut all_jobs = None;
+    let mut all_running = None;
+    while start.elapsed() < deadline && all_running.is_none() {
+        if all_jobs.is_none() && jobs.list_metadata(&ListParams::default()).await?.items.len() >= args.jobs {
+            all_jobs = Some(start.elapsed().as_secs_f64());
+        }
+        let running = aijobs.list(&ListParams::default()).await?.items.iter().filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(AiJobPhase::Running)).count();
+        if running >= args.jobs {
+            all_running = Some(start.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Let the operator settle, then measure what it holds and what it asked.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (rss, peak) = memory_kib(pid)?;
+    let by_verb = operator_requests(&org)?;
+    let total = by_verb.values().sum::<u64>() - before;
+    stop(&[pid]);
+    refresher.abort();
+
+    let conditions = serde_json::json!({
+        "aijobs": args.jobs, "gpus_per_aijob": 1, "nodes": node_count, "gpus_per_node": GPUS_PER_NODE,
+        "submit_concurrency": 32, "submit_seconds": submitted, "operator_concurrency": 32,
+        "cluster": "real kube-apiserver + kcm + scheduler + kwok on loopback, 2 cores shared with the operator",
+        "requests_by_verb_total_run": by_verb,
+    });
+    let figures = vec![
+        Figure::new("operator_all_jobs_exist", all_jobs.unwrap_or(f64::NAN), "s", conditions.clone()),
+        Figure::new("operator_all_aijobs_running", all_running.unwrap_or(f64::NAN), "s", conditions.clone()),
+        Figure::new("operator_api_requests_per_aijob", total as f64 / args.jobs as f64, "requests", conditions.clone()),
+        Figure::new("operator_rss", rss as f64 / 1024.0, "MiB", conditions.clone()),
+        Figure::new("operator_peak_rss", peak as f64 / 1024.0, "MiB", conditions),
+    ];
+    write(&args.out, &figures)
+}
