@@ -15,7 +15,12 @@ pub struct Figure {
 
 impl Figure {
     pub fn new(name: &str, figure: f64, unit: &str, conditions: serde_json::Value) -> Self {
-        Self { name: name.into(), figure, unit: unit.into(), conditions }
+        Self {
+            name: name.into(),
+            figure,
+            unit: unit.into(),
+            conditions,
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The AiJob controller: dereference → validate → build → apply → update status.
 //! All decisions are made by the pure modules; this file only talks to the API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -291,78 +291,84 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
 async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Error> {
     let ns = aijob.namespace().ok_or(Error::NoNamespace)?;
     let name = aijob.name_any();
-    let mut placing = ctx.placing.lock().await;
-    placing.retain(|_, r| r.at.elapsed() < RESERVATION_TTL);
-    // A reservation stops counting once its pod shows up bound in the cache.
-    let mut extra: BTreeMap<String, u32> = BTreeMap::new();
-    for (k, r) in placing.iter() {
-        let (rns, rname) = k.split_once('/').unwrap_or_default();
-        let bound = pods_of(ctx, rns, rname)
+    let me = key(&ns, &name);
+    // Decide and reserve under the lock; create the Job outside it, so
+    // placements are serialised only for the in-memory bookkeeping.
+    let (node, product, products) = {
+        let mut placing = ctx.placing.lock().await;
+        placing.retain(|_, r| r.at.elapsed() < RESERVATION_TTL);
+        // A reservation stops counting once its pod shows up bound in the cache.
+        let bound: HashSet<String> = ctx
+            .our_pods
+            .state()
             .iter()
-            .any(|p| capacity::pod_is_live(p) && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some());
-        if !bound {
+            .filter(|p| capacity::pod_is_live(p) && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+            .filter_map(|p| Some(key(&p.namespace()?, p.labels().get(LABEL_AIJOB)?)))
+            .collect();
+        placing.retain(|k, _| !bound.contains(k));
+        let mut extra: BTreeMap<String, u32> = BTreeMap::new();
+        for r in placing.values() {
             *extra.entry(r.node.clone()).or_default() += r.gpus;
         }
-    }
-    let nodes = inventory(&ctx.gpunodes.state(), &ctx.live_pods.state(), &extra, Timestamp::now());
-    ctx.metrics.observe_inventory(&nodes);
-    match decide(need, aijob.spec.placement.mode, &nodes) {
-        Decision::Wait { reason, message } => Ok(Outcome::Waiting { reason, message }),
-        Decision::Local {
-            node,
-            product,
-            products,
-        } => {
-            let job = jobbuild::build(aijob, need, &products)?;
-            let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-            match api
-                .create(
-                    &PostParams {
-                        field_manager: Some(FIELD_MANAGER.into()),
-                        ..Default::default()
+        let nodes = inventory(&ctx.gpunodes.state(), &ctx.live_pods.state(), &extra, Timestamp::now());
+        ctx.metrics.observe_inventory(&nodes);
+        match decide(need, aijob.spec.placement.mode, &nodes) {
+            Decision::Wait { reason, message } => return Ok(Outcome::Waiting { reason, message }),
+            Decision::Local {
+                node,
+                product,
+                products,
+            } => {
+                placing.insert(
+                    me.clone(),
+                    Reservation {
+                        node: node.clone(),
+                        gpus: need.count,
+                        at: Instant::now(),
                     },
-                    &job,
-                )
-                .await
-            {
-                Ok(_) => {
-                    info!(aijob = %name, namespace = %ns, node = %node, gpus = need.count, product = %product, "created Job");
-                    ctx.metrics.placed_locally();
-                }
-                // Same deterministic name: the Job is already there, which is fine.
-                Err(kube::Error::Api(s)) if s.code == 409 => debug!(aijob = %name, "Job already exists"),
-                Err(e) => return Err(e.into()),
+                );
+                (node, product, products)
             }
-            placing.insert(
-                key(&ns, &name),
-                Reservation {
-                    node,
-                    gpus: need.count,
-                    at: Instant::now(),
-                },
-            );
-            let job_name = jobbuild::job_name(aijob);
-            Ok(Outcome::Local {
-                runs_on: RunsOn {
-                    org: ctx.settings.org.clone(),
-                    peer_id: None,
-                    namespace: ns,
-                    job: job_name,
-                    gpu_product: Some(product),
-                },
-                observed: crate::jobstatus::Observation {
-                    phase: gpupool_crds::AiJobPhase::Pending,
-                    reason: "PodStarting".into(),
-                    message: "the Job was created; waiting for its pod".into(),
-                    node: None,
-                    exit_code: None,
-                    start_time: None,
-                    completion_time: None,
-                },
-                created_now: true,
-            })
+        }
+    };
+
+    let job = jobbuild::build(aijob, need, &products)?;
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let pp = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api.create(&pp, &job).await {
+        Ok(_) => {
+            info!(aijob = %name, namespace = %ns, node = %node, gpus = need.count, product = %product, "created Job");
+            ctx.metrics.placed_locally();
+        }
+        // Same deterministic name: the Job is already there, which is fine.
+        Err(kube::Error::Api(s)) if s.code == 409 => debug!(aijob = %name, "Job already exists"),
+        Err(e) => {
+            ctx.placing.lock().await.remove(&me);
+            return Err(e.into());
         }
     }
+    Ok(Outcome::Local {
+        runs_on: RunsOn {
+            org: ctx.settings.org.clone(),
+            peer_id: None,
+            namespace: ns,
+            job: jobbuild::job_name(aijob),
+            gpu_product: Some(product),
+        },
+        observed: crate::jobstatus::Observation {
+            phase: gpupool_crds::AiJobPhase::Pending,
+            reason: "PodStarting".into(),
+            message: "the Job was created; waiting for its pod".into(),
+            node: None,
+            exit_code: None,
+            start_time: None,
+            completion_time: None,
+        },
+        created_now: true,
+    })
 }
 
 /// Deletes the Job (foreground, so its pods go first) and holds the finalizer

@@ -231,7 +231,11 @@ mod tests {
         let o = observe(&job(Some(("Complete", "CompletionsReached"))), &[&ok]);
         assert_eq!((o.phase, o.exit_code), (AiJobPhase::Succeeded, Some(0)));
         let o = observe(&job(None), &[&ok]);
-        assert_eq!((o.phase, o.reason.as_str()), (AiJobPhase::Running, "PodFinished"), "never back to Pending");
+        assert_eq!(
+            (o.phase, o.reason.as_str()),
+            (AiJobPhase::Running, "PodFinished"),
+            "never back to Pending"
+        );
         let bad = pod("Failed", Some(3), false);
         let o = observe(&job(Some(("Failed", "BackoffLimitExceeded"))), &[&bad]);
         assert_eq!(

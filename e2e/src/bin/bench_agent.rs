@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use gpupool_e2e::bench::{cpu_seconds, memory_kib, write, Figure};
+use gpupool_e2e::bench::{Figure, cpu_seconds, memory_kib, write};
 use gpupool_e2e::cluster::{spawn, stop};
-use gpupool_e2e::env::{default_root, TestEnv};
+use gpupool_e2e::env::{TestEnv, default_root};
 
 #[derive(Parser)]
 struct Args {
@@ -24,13 +24,28 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let env = TestEnv::load(&default_root())?;
-    let org = env.orgs.iter().find(|o| o.org.fleet.gpus_per_node == 8).unwrap_or(&env.orgs[0]);
+    let org = env
+        .orgs
+        .iter()
+        .find(|o| o.org.fleet.gpus_per_node == 8)
+        .unwrap_or(&env.orgs[0]);
     let node = org.nodes[0].clone();
     let inventory = org.dir.join("bench-inventory.yaml");
-    std::fs::write(&inventory, format!("product: {}\nmemoryMib: {}\ncount: 8\n", org.org.fleet.product, org.org.fleet.memory_mib))?;
+    std::fs::write(
+        &inventory,
+        format!(
+            "product: {}\nmemoryMib: {}\ncount: 8\n",
+            org.org.fleet.product, org.org.fleet.memory_mib
+        ),
+    )?;
     let pid = spawn(
         &args.agent,
-        &[format!("--node-name={node}"), "--backend=simulated".into(), format!("--inventory={}", inventory.display()), "--poll-seconds=10".into()],
+        &[
+            format!("--node-name={node}"),
+            "--backend=simulated".into(),
+            format!("--inventory={}", inventory.display()),
+            "--poll-seconds=10".into(),
+        ],
         &[("KUBECONFIG", &org.agent_kubeconfig)],
         &org.dir.join("logs/bench-agent.log"),
     )?;
@@ -49,7 +64,12 @@ async fn main() -> anyhow::Result<()> {
         &[
             Figure::new("agent_rss", rss as f64 / 1024.0, "MiB", conditions.clone()),
             Figure::new("agent_peak_rss", peak as f64 / 1024.0, "MiB", conditions.clone()),
-            Figure::new("agent_cpu_share", (cpu1 - cpu0) / wall * 100.0, "% of one core", conditions),
+            Figure::new(
+                "agent_cpu_share",
+                (cpu1 - cpu0) / wall * 100.0,
+                "% of one core",
+                conditions,
+            ),
         ],
     )
 }

@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::StreamExt;
 use gpupool_crds::{AiJob, AiJobPhase, GpuDevice, GpuNode, GpuNodeStatus};
-use gpupool_e2e::bench::{memory_kib, write, Figure};
-use gpupool_e2e::cluster::{free_port, spawn, stop, ClusterInfo, OPERATOR_USER};
-use gpupool_e2e::env::{default_root, TestEnv};
+use gpupool_e2e::bench::{Figure, memory_kib, write};
+use gpupool_e2e::cluster::{ClusterInfo, OPERATOR_USER, free_port, spawn, stop};
+use gpupool_e2e::env::{TestEnv, default_root};
 use gpupool_e2e::harness::{aijob_json, namespace};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 
 #[derive(Parser)]
 struct Args {
@@ -66,7 +66,13 @@ async fn add_nodes(client: &Client, count: usize) -> anyhow::Result<Vec<String>>
 
 async fn write_gpunode(api: &Api<GpuNode>, name: &str) -> Result<(), kube::Error> {
     let gpus = (0..GPUS_PER_NODE)
-        .map(|i| GpuDevice { index: i, uuid: format!("GPU-{name}-{i}"), product: PRODUCT.into(), memory_mib: 81559, ..Default::default() })
+        .map(|i| GpuDevice {
+            index: i,
+            uuid: format!("GPU-{name}-{i}"),
+            product: PRODUCT.into(),
+            memory_mib: 81559,
+            ..Default::default()
+        })
         .collect();
     let status = GpuNodeStatus {
         backend: Some("simulated".into()),
@@ -88,9 +94,13 @@ fn operator_requests(org: &ClusterInfo) -> anyhow::Result<BTreeMap<String, u64>>
     let text = std::fs::read_to_string(org.dir.join("logs/audit.log")).unwrap_or_default();
     let mut by_verb = BTreeMap::new();
     for line in text.lines() {
-        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if ev["user"]["username"] == OPERATOR_USER {
-            *by_verb.entry(ev["verb"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+            *by_verb
+                .entry(ev["verb"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
         }
     }
     Ok(by_verb)
@@ -100,7 +110,12 @@ fn operator_requests(org: &ClusterInfo) -> anyhow::Result<BTreeMap<String, u64>>
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let env = TestEnv::load(&default_root())?;
-    let org = env.orgs.iter().find(|o| o.org.fleet.product == PRODUCT).unwrap_or(&env.orgs[0]).clone();
+    let org = env
+        .orgs
+        .iter()
+        .find(|o| o.org.fleet.product == PRODUCT)
+        .unwrap_or(&env.orgs[0])
+        .clone();
     let client = gpupool_e2e::cluster::client_for(&org.admin_kubeconfig).await?;
     let node_count = args.jobs.div_ceil(GPUS_PER_NODE as usize);
     let names = add_nodes(&client, node_count).await?;
@@ -119,7 +134,11 @@ async fn main() -> anyhow::Result<()> {
     let metrics_port = free_port()?;
     let pid = spawn(
         &args.operator,
-        &[format!("--org={}", org.org.name), format!("--metrics-addr=127.0.0.1:{metrics_port}"), "--concurrency=32".into()],
+        &[
+            format!("--org={}", org.org.name),
+            format!("--metrics-addr=127.0.0.1:{metrics_port}"),
+            "--concurrency=32".into(),
+        ],
         &[("KUBECONFIG", &org.operator_kubeconfig)],
         &org.dir.join("logs/bench-operator.log"),
     )?;
@@ -133,7 +152,14 @@ async fn main() -> anyhow::Result<()> {
         .for_each_concurrent(32, |i| {
             let aijobs = aijobs.clone();
             async move {
-                let j: AiJob = serde_json::from_value(aijob_json(&format!("job-{i:05}"), 1, &["H100"], "3600s", serde_json::json!({}))).expect("aijob");
+                let j: AiJob = serde_json::from_value(aijob_json(
+                    &format!("job-{i:05}"),
+                    1,
+                    &["H100"],
+                    "3600s",
+                    serde_json::json!({}),
+                ))
+                .expect("aijob");
                 if let Err(e) = aijobs.create(&PostParams::default(), &j).await {
                     eprintln!("create job-{i}: {e}");
                 }
@@ -149,7 +175,13 @@ async fn main() -> anyhow::Result<()> {
         if all_jobs.is_none() && jobs.list_metadata(&ListParams::default()).await?.items.len() >= args.jobs {
             all_jobs = Some(start.elapsed().as_secs_f64());
         }
-        let running = aijobs.list(&ListParams::default()).await?.items.iter().filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(AiJobPhase::Running)).count();
+        let running = aijobs
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(AiJobPhase::Running))
+            .count();
         if running >= args.jobs {
             all_running = Some(start.elapsed().as_secs_f64());
         }
@@ -170,9 +202,24 @@ async fn main() -> anyhow::Result<()> {
         "requests_by_verb_total_run": by_verb,
     });
     let figures = vec![
-        Figure::new("operator_all_jobs_exist", all_jobs.unwrap_or(f64::NAN), "s", conditions.clone()),
-        Figure::new("operator_all_aijobs_running", all_running.unwrap_or(f64::NAN), "s", conditions.clone()),
-        Figure::new("operator_api_requests_per_aijob", total as f64 / args.jobs as f64, "requests", conditions.clone()),
+        Figure::new(
+            "operator_all_jobs_exist",
+            all_jobs.unwrap_or(f64::NAN),
+            "s",
+            conditions.clone(),
+        ),
+        Figure::new(
+            "operator_all_aijobs_running",
+            all_running.unwrap_or(f64::NAN),
+            "s",
+            conditions.clone(),
+        ),
+        Figure::new(
+            "operator_api_requests_per_aijob",
+            total as f64 / args.jobs as f64,
+            "requests",
+            conditions.clone(),
+        ),
         Figure::new("operator_rss", rss as f64 / 1024.0, "MiB", conditions.clone()),
         Figure::new("operator_peak_rss", peak as f64 / 1024.0, "MiB", conditions),
     ];
