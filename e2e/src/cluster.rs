@@ -21,6 +21,7 @@ use crate::certs::{self, Ca};
 use crate::kubeapply::{FIELD_MANAGER, apply_yaml};
 use crate::orgs::OrgSpec;
 
+/// The chart's ServiceAccounts, as the API server names them.
 pub const OPERATOR_USER: &str = "system:serviceaccount:gpupool-system:gpupool-operator";
 pub const AGENT_USER: &str = "system:serviceaccount:gpupool-system:gpupool-agent";
 
@@ -32,7 +33,7 @@ pub struct ClusterInfo {
     pub server: String,
     /// Full rights, for tests and people.
     pub admin_kubeconfig: PathBuf,
-    /// The operator's identity, bound by the RBAC in rbac.yaml.
+    /// The operator's identity, bound by the chart's RBAC.
     pub operator_kubeconfig: PathBuf,
     /// The agents' identity.
     pub agent_kubeconfig: PathBuf,
@@ -249,7 +250,7 @@ pub async fn start(
         &logs.join("kube-scheduler.log"),
     )?);
 
-    // CRDs and the RBAC our host processes run under.
+    // CRDs, and the chart's RBAC that our host processes run under.
     let crds: Api<CustomResourceDefinition> = Api::all(admin_client.clone());
     for crd in gpupool_crds::yaml::crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
@@ -272,7 +273,12 @@ pub async fn start(
         (established == gpupool_crds::yaml::crds().len()).then_some(())
     })
     .await?;
-    apply_yaml(&admin_client, rbac).await?;
+    apply_yaml(
+        &admin_client,
+        rbac,
+        &["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"],
+    )
+    .await?;
 
     // Simulated GPU nodes, and kwok to play their kubelets.
     let nodes_api: Api<Node> = Api::all(admin_client.clone());

@@ -18,10 +18,12 @@ pub enum ApplyError {
     Kube(#[from] kube::Error),
 }
 
-pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<(), ApplyError> {
+/// Applies the documents whose kind is in `kinds` (all when empty).
+pub async fn apply_yaml(client: &Client, yaml: &str, kinds: &[&str]) -> Result<(), ApplyError> {
     let docs: Vec<serde_json::Value> =
         serde_saphyr::from_multiple(yaml).map_err(|e| ApplyError::Yaml(e.to_string()))?;
-    for doc in docs.into_iter().filter(|d| !d.is_null()) {
+    let wanted = |d: &serde_json::Value| kinds.is_empty() || d["kind"].as_str().is_some_and(|k| kinds.contains(&k));
+    for doc in docs.into_iter().filter(|d| !d.is_null() && wanted(d)) {
         let obj: DynamicObject = serde_json::from_value(doc).map_err(|e| ApplyError::Yaml(e.to_string()))?;
         let types = obj.types.clone().ok_or(ApplyError::Incomplete)?;
         let name = obj.metadata.name.clone().ok_or(ApplyError::Incomplete)?;

@@ -86,7 +86,9 @@ async fn main() -> anyhow::Result<()> {
                 .context("the --agent binary")?;
             let bins = Binaries { dir: bin_dir, agent };
             let stages = workspace().join("e2e/testenv/stages.yaml").canonicalize()?;
-            let rbac = std::fs::read_to_string(workspace().join("e2e/testenv/rbac.yaml"))?;
+            // The RBAC the chart ships, rendered by `make manifests`: tests run the
+            // operator and agents under exactly what users install.
+            let rbac = std::fs::read_to_string(workspace().join("manifests/gpupool.yaml"))?;
             let specs = org_specs(orgs);
             let mut all_pids: Vec<Vec<u32>> = vec![Vec::new(); specs.len()];
             let started = futures::future::join_all(
