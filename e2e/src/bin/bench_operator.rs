@@ -16,7 +16,8 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Client;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 
 #[derive(Parser)]
 struct Args {
@@ -167,25 +168,37 @@ async fn main() -> anyhow::Result<()> {
         })
         .await;
     let submitted = start.elapsed().as_secs_f64();
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    // Count from watches, not repeated LISTs: polling 1000 full AiJobs
+    // twice a second would load the API server more than the operator does.
+    let (job_store, job_writer) = reflector::store::<Job>();
+    let (aijob_store, aijob_writer) = reflector::store::<AiJob>();
+    let jobs_api: Api<Job> = Api::namespaced(client.clone(), &ns);
+    tokio::spawn(
+        watcher(jobs_api, watcher::Config::default())
+            .reflect(job_writer)
+            .for_each(|_| async {}),
+    );
+    tokio::spawn(
+        watcher(aijobs.clone(), watcher::Config::default())
+            .reflect(aijob_writer)
+            .for_each(|_| async {}),
+    );
     let deadline = Duration::from_secs(600);
     let mut all_jobs = None;
     let mut all_running = None;
     while start.elapsed() < deadline && all_running.is_none() {
-        if all_jobs.is_none() && jobs.list_metadata(&ListParams::default()).await?.items.len() >= args.jobs {
+        if all_jobs.is_none() && job_store.state().len() >= args.jobs {
             all_jobs = Some(start.elapsed().as_secs_f64());
         }
-        let running = aijobs
-            .list(&ListParams::default())
-            .await?
-            .items
+        let running = aijob_store
+            .state()
             .iter()
             .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(AiJobPhase::Running))
             .count();
         if running >= args.jobs {
             all_running = Some(start.elapsed().as_secs_f64());
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Let the operator settle, then measure what it holds and what it asked.
     tokio::time::sleep(Duration::from_secs(10)).await;
