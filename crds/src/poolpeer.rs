@@ -57,7 +57,7 @@ pub struct PoolPeerStatus {
 }
 
 /// Free GPUs of one product and their price, as advertised.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerCapacity {
     pub gpu_product: String,
@@ -65,6 +65,9 @@ pub struct PeerCapacity {
     pub free: i32,
     /// Largest number of free GPUs on one node.
     pub max_per_node: i32,
+    /// Price per GPU-hour in tokens, as a decimal string.
+    #[x_kube(validation = Rule::new(r"self.matches('^(0|[1-9][0-9]{0,11})([.][0-9]{1,18})?$')").message("pricePerGpuHour must be a non-negative decimal number of tokens"))]
+    #[schemars(length(max = 32))]
     pub price_per_gpu_hour: String,
 }
 

@@ -11,7 +11,7 @@ const SCALE: u128 = 10u128.pow(DECIMALS);
 
 /// The CEL-compatible pattern the CRDs use, kept next to the parser so both
 /// accept exactly the same strings.
-pub const DECIMAL_PATTERN: &str = r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,18})?$";
+pub const DECIMAL_PATTERN: &str = "^(0|[1-9][0-9]{0,11})([.][0-9]{1,18})?$";
 
 /// An amount of tokens in base units.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,7 +36,8 @@ impl FromStr for TokenAmount {
             Some((w, f)) => (w, f),
             None => (s, ""),
         };
-        if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
+        if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) || (whole.len() > 1 && whole.starts_with('0'))
+        {
             return Err(malformed());
         }
         if s.contains('.') && frac.is_empty() {
@@ -49,6 +50,9 @@ impl FromStr for TokenAmount {
             return Err(PriceError::TooPrecise(s.to_string()));
         }
         let too_large = || PriceError::TooLarge(s.to_string());
+        if whole.len() > 12 {
+            return Err(too_large());
+        }
         let whole: u128 = whole.parse().map_err(|_| too_large())?;
         let mut frac_units: u128 = 0;
         for b in frac.bytes() {
@@ -108,7 +112,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_amounts() {
-        for s in ["", "-1", "1.", ".5", "1e3", "abc", "1.2.3", " 1", "+1"] {
+        for s in ["", "-1", "1.", ".5", "1e3", "abc", "1.2.3", " 1", "+1", "01"] {
             assert!(matches!(s.parse::<TokenAmount>(), Err(PriceError::Malformed(_))), "{s}");
         }
         assert!(matches!(
@@ -116,9 +120,21 @@ mod tests {
             Err(PriceError::TooPrecise(_))
         ));
         assert!(matches!(
-            "999999999999999999999999999".parse::<TokenAmount>(),
+            "1000000000000".parse::<TokenAmount>(),
             Err(PriceError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn every_crd_price_rule_uses_the_parsers_pattern() {
+        let rule = format!("self.matches('{DECIMAL_PATTERN}')");
+        for crd in crate::yaml::crds() {
+            let json = serde_json::to_string(&crd).unwrap();
+            let name = crd.metadata.name.unwrap_or_default();
+            if json.contains("pricePerGpuHour") || json.contains("PricePerGpuHour") {
+                assert!(json.contains(&rule), "{name} has a price rule other than {rule}");
+            }
+        }
     }
 
     #[test]
