@@ -48,7 +48,9 @@ pub struct PoolPeerSpec {
 pub struct PoolPeerStatus {
     #[serde(default)]
     pub connected: bool,
+    /// Free GPUs by product. Bounded so the API server can cost its CEL rules.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub capacity: Vec<PeerCapacity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<Time>,
