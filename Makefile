@@ -62,7 +62,8 @@ e2e: build testenv-binaries ## end-to-end tests against real clusters (starts an
 	$(MAKE) --no-print-directory testenv-down
 	trap '$(MAKE) --no-print-directory testenv-down' EXIT; \
 	  $(TESTENV) up --orgs $(ORGS) --agent target/debug/gpupool-agent; \
-	  $(CARGO) test -p gpupool-e2e -- --test-threads=1
+	  $(CARGO) test -p gpupool-e2e -- --test-threads=1 || { \
+	    for f in $(STATE)/*/logs/operator-*.log; do echo "--- $$f"; tail -n 40 "$$f"; done; exit 1; }
 
 test: lint check-generated unit e2e ## everything CI checks
 
