@@ -21,6 +21,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
+use crate::cache::{slim_job, slim_pod};
 use crate::capacity::{self, inventory};
 use crate::jobbuild::{self, MANAGED_BY, MANAGER};
 use crate::jobstatus::observe;
@@ -81,12 +82,6 @@ pub struct Context {
     metrics: Arc<Metrics>,
 }
 
-/// Keeps cached objects small: the operator never reads managed fields.
-fn slim<K: Resource>(mut obj: K) -> K {
-    obj.meta_mut().managed_fields = None;
-    obj
-}
-
 /// Runs the controller until shutdown.
 pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let aijobs: Api<AiJob> = Api::all(client.clone());
@@ -100,14 +95,14 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> a
         watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}")),
     )
     .default_backoff()
-    .modify(|j: &mut Job| j.meta_mut().managed_fields = None)
+    .modify(slim_job)
     .reflect(jobs_writer)
     .applied_objects();
 
     let (our_pods, our_pods_writer) = reflector::store();
     let our_pod_stream = watcher(pods_api.clone(), watcher::Config::default().labels(LABEL_AIJOB))
         .default_backoff()
-        .modify(|p: &mut Pod| p.meta_mut().managed_fields = None)
+        .modify(slim_pod)
         .reflect(our_pods_writer)
         .applied_objects();
 
@@ -117,7 +112,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> a
         watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"),
     )
     .default_backoff()
-    .map(|ev| ev.map(|e| e.modify(|p: &mut Pod| *p = slim(std::mem::take(p)))))
+    .modify(slim_pod)
     .reflect(live_writer)
     .for_each(|_| futures::future::ready(()));
     let (gpunodes, gpunodes_writer) = reflector::store();

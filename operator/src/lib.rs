@@ -2,6 +2,7 @@
 //! building, status planning) live apart from the I/O in `controller`, so they
 //! are unit-tested without any server.
 
+pub mod cache;
 pub mod capacity;
 pub mod controller;
 pub mod jobbuild;
