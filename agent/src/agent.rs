@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gpupool_crds::GpuNodeStatus;
+use gpupool_crds::pods::{pod_gpus, pod_is_live};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::{self, Store};
@@ -33,20 +34,8 @@ fn allocated(store: &Store<Pod>) -> u32 {
     store
         .state()
         .iter()
-        .filter(|p| {
-            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            !matches!(phase, Some("Succeeded") | Some("Failed"))
-        })
-        .map(|p| gpu_limit(p))
-        .sum()
-}
-
-fn gpu_limit(p: &Pod) -> u32 {
-    p.spec
-        .iter()
-        .flat_map(|s| s.containers.iter())
-        .filter_map(|c| c.resources.as_ref()?.limits.as_ref()?.get(gpupool_crds::GPU_RESOURCE))
-        .filter_map(|q| q.0.parse::<u32>().ok())
+        .filter(|p| pod_is_live(p))
+        .map(|p| pod_gpus(p))
         .sum()
 }
 

@@ -3,7 +3,7 @@
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
-use gpupool_crds::{GPU_RESOURCE, GpuHealth, GpuNode};
+use gpupool_crds::{GpuHealth, GpuNode};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
@@ -29,32 +29,7 @@ impl NodeGpus {
 /// that stopped reporting may be on a node whose GPUs are gone.
 pub const STALE_AFTER: SignedDuration = SignedDuration::from_mins(5);
 
-/// GPUs one pod holds: the sum over its containers, or its largest init
-/// container if that is more, as the scheduler counts it.
-pub fn pod_gpus(pod: &Pod) -> u32 {
-    let Some(spec) = &pod.spec else { return 0 };
-    let of = |c: &k8s_openapi::api::core::v1::Container| -> u32 {
-        c.resources
-            .as_ref()
-            .and_then(|r| {
-                r.limits
-                    .as_ref()
-                    .and_then(|l| l.get(GPU_RESOURCE))
-                    .or_else(|| r.requests.as_ref().and_then(|q| q.get(GPU_RESOURCE)))
-            })
-            .and_then(|q| q.0.parse::<u32>().ok())
-            .unwrap_or(0)
-    };
-    let main: u32 = spec.containers.iter().map(of).sum();
-    let init = spec.init_containers.iter().flatten().map(of).max().unwrap_or(0);
-    main.max(init)
-}
-
-/// Whether a pod still holds its node's resources.
-pub fn pod_is_live(pod: &Pod) -> bool {
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    !matches!(phase, Some("Succeeded") | Some("Failed"))
-}
+pub use gpupool_crds::pods::{pod_gpus, pod_is_live};
 
 /// Counts free GPUs on every node whose agent reported recently. `extra`
 /// adds GPUs of placements the pod cache does not show yet, by node.
@@ -101,7 +76,7 @@ pub fn inventory(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use gpupool_crds::{GpuDevice, GpuNodeSpec, GpuNodeStatus};
+    use gpupool_crds::{GPU_RESOURCE, GpuDevice, GpuNodeSpec, GpuNodeStatus};
     use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus, ResourceRequirements};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
