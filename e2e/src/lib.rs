@@ -4,8 +4,10 @@
 
 pub mod bench;
 pub mod certs;
+pub mod chain;
 pub mod cluster;
 pub mod env;
 pub mod harness;
 pub mod kubeapply;
 pub mod orgs;
+pub mod rpcproxy;

@@ -1,0 +1,192 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity 0.8.37;
+
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+
+/// @title LeaseEscrow
+/// @notice Holds renters' deposits for gpupool leases and pays providers by the second.
+///
+/// Storage holds one word per lease: the hash of its current state (or CLOSED).
+/// Callers pass the state itself, which every event lets anyone rebuild, and the
+/// contract checks it against the hash. A lease's whole life (open, one withdraw,
+/// close) then costs about a third of the gas that storing the struct would, and a
+/// caller acting on a state that someone else has just changed gets `StaleLease`
+/// instead of a surprise.
+///
+/// Invariant: for every token, this contract's balance equals the sum of `balance`
+/// over open leases in that token. Fee-on-transfer and rebasing tokens break it and
+/// are not supported.
+contract LeaseEscrow is ReentrancyGuardTransient {
+    using SafeERC20 for IERC20;
+
+    /// The state of an open lease, as its hash was committed.
+    struct Lease {
+        address renter;
+        address provider;
+        IERC20 token;
+        /// Tokens per second the provider earns while the lease is funded.
+        uint128 ratePerSecond;
+        /// Tokens held for this lease, including `owed`.
+        uint128 balance;
+        /// Accrued to the provider and not yet paid; never more than `balance`.
+        uint128 owed;
+        /// Accrual up to this time is already folded into `owed`.
+        uint64 settledAt;
+    }
+
+    enum CloseReason {
+        Completed,
+        RenterCancelled,
+        ProviderFailed,
+        InsufficientFunds
+    }
+
+    /// Marks a closed lease, so that its id can never be opened again.
+    bytes32 public constant CLOSED = bytes32(uint256(1));
+
+    /// Lease id => keccak256(abi.encode(Lease)) while open, CLOSED after, 0 if never opened.
+    mapping(bytes32 leaseId => bytes32 stateHash) public leaseHash;
+
+    event LeaseOpened(
+        bytes32 indexed leaseId,
+        address indexed renter,
+        address indexed provider,
+        IERC20 token,
+        uint256 ratePerSecond,
+        uint256 deposit,
+        uint256 startedAt
+    );
+    event LeaseWithdrawn(bytes32 indexed leaseId, uint256 amount, uint256 balance, uint256 settledAt);
+    event LeaseToppedUp(bytes32 indexed leaseId, uint256 amount, uint256 balance, uint256 owed, uint256 settledAt);
+    event LeaseClosed(
+        bytes32 indexed leaseId, CloseReason reason, address closedBy, uint256 paid, uint256 refunded
+    );
+
+    error InvalidLeaseId();
+    error InvalidProvider();
+    error InvalidToken();
+    error ZeroRate();
+    error ZeroAmount();
+    error LeaseExists(bytes32 leaseId);
+    error UnknownLease(bytes32 leaseId);
+    error LeaseIsClosed(bytes32 leaseId);
+    error StaleLease(bytes32 leaseId);
+    error NotRenter();
+    error NotProvider();
+    error NotParty();
+    error ReasonNotAllowed(CloseReason reason);
+    error NotOverdrawn(bytes32 leaseId);
+
+    /// @notice Opens a lease and pulls `deposit` from the caller, who becomes its renter.
+    /// @dev Renters derive `leaseId` from their order, so retrying an open whose
+    /// receipt was lost can only ever hit `LeaseExists`, never open a second lease.
+    function open(bytes32 leaseId, address provider, IERC20 token, uint128 ratePerSecond, uint128 deposit)
+        external
+        nonReentrant
+        returns (Lease memory lease)
+    {
+        if (leaseId == bytes32(0) || leaseId == CLOSED) revert InvalidLeaseId();
+        if (provider == address(0) || provider == msg.sender) revert InvalidProvider();
+        if (address(token) == address(0)) revert InvalidToken();
+        if (ratePerSecond == 0) revert ZeroRate();
+        if (deposit == 0) revert ZeroAmount();
+        if (leaseHash[leaseId] != bytes32(0)) revert LeaseExists(leaseId);
+
+        lease = Lease({
+            renter: msg.sender,
+            provider: provider,
+            token: token,
+            ratePerSecond: ratePerSecond,
+            balance: deposit,
+            owed: 0,
+            settledAt: uint64(block.timestamp)
+        });
+        leaseHash[leaseId] = keccak256(abi.encode(lease));
+        emit LeaseOpened(leaseId, msg.sender, provider, token, ratePerSecond, deposit, block.timestamp);
+        token.safeTransferFrom(msg.sender, address(this), deposit);
+    }
+
+    /// @notice Pays the provider what has accrued so far.
+    function withdraw(bytes32 leaseId, Lease calldata current) external nonReentrant returns (uint256 amount) {
+        _check(leaseId, current);
+        if (msg.sender != current.provider) revert NotProvider();
+
+        Lease memory lease = _accrue(current);
+        amount = lease.owed;
+        lease.balance -= lease.owed;
+        lease.owed = 0;
+        leaseHash[leaseId] = keccak256(abi.encode(lease));
+        emit LeaseWithdrawn(leaseId, amount, lease.balance, lease.settledAt);
+        if (amount > 0) lease.token.safeTransfer(lease.provider, amount);
+    }
+
+    /// @notice Adds funds. Time during which the lease was out of funds is not charged
+    /// afterwards: accrual is folded in first, and it had stopped at the balance.
+    function topUp(bytes32 leaseId, Lease calldata current, uint128 amount) external nonReentrant {
+        _check(leaseId, current);
+        if (msg.sender != current.renter) revert NotRenter();
+        if (amount == 0) revert ZeroAmount();
+
+        Lease memory lease = _accrue(current);
+        lease.balance += amount;
+        leaseHash[leaseId] = keccak256(abi.encode(lease));
+        emit LeaseToppedUp(leaseId, amount, lease.balance, lease.owed, lease.settledAt);
+        lease.token.safeTransferFrom(msg.sender, address(this), amount);
+    }
+
+    /// @notice Closes the lease: the provider gets what has accrued (never more than
+    /// the balance) and the renter gets the rest back.
+    /// @dev Only the renter may say it cancelled; `InsufficientFunds` needs the lease
+    /// to have run out, so neither side can use it to end a funded lease early.
+    function close(bytes32 leaseId, Lease calldata current, CloseReason reason)
+        external
+        nonReentrant
+        returns (uint256 paid, uint256 refunded)
+    {
+        _check(leaseId, current);
+        if (msg.sender != current.renter && msg.sender != current.provider) revert NotParty();
+        if (reason == CloseReason.RenterCancelled && msg.sender != current.renter) revert ReasonNotAllowed(reason);
+
+        Lease memory lease = _accrue(current);
+        if (reason == CloseReason.InsufficientFunds && lease.owed < lease.balance) revert NotOverdrawn(leaseId);
+        paid = lease.owed;
+        refunded = lease.balance - lease.owed;
+        leaseHash[leaseId] = CLOSED;
+        emit LeaseClosed(leaseId, reason, msg.sender, paid, refunded);
+        if (paid > 0) lease.token.safeTransfer(lease.provider, paid);
+        if (refunded > 0) lease.token.safeTransfer(lease.renter, refunded);
+    }
+
+    /// @notice What the lease owes its provider at `timestamp`, and whether it has run out.
+    function accruedAt(Lease calldata lease, uint64 timestamp) external pure returns (uint256 owed, bool overdrawn) {
+        uint256 elapsed = timestamp > lease.settledAt ? timestamp - lease.settledAt : 0;
+        owed = _owedAfter(lease, elapsed);
+        overdrawn = owed == lease.balance;
+    }
+
+    /// @notice The hash `leaseHash` holds for `lease`; clients compare it to check the state they rebuilt.
+    function hashLease(Lease calldata lease) external pure returns (bytes32) {
+        return keccak256(abi.encode(lease));
+    }
+
+    function _check(bytes32 leaseId, Lease calldata current) private view {
+        bytes32 stored = leaseHash[leaseId];
+        if (stored == bytes32(0)) revert UnknownLease(leaseId);
+        if (stored == CLOSED) revert LeaseIsClosed(leaseId);
+        if (keccak256(abi.encode(current)) != stored) revert StaleLease(leaseId);
+    }
+
+    function _accrue(Lease calldata current) private view returns (Lease memory lease) {
+        lease = current;
+        lease.owed = uint128(_owedAfter(current, block.timestamp - current.settledAt));
+        lease.settledAt = uint64(block.timestamp);
+    }
+
+    /// Accrual stops at the balance: an overdrawn lease owes exactly its balance.
+    function _owedAfter(Lease calldata lease, uint256 elapsed) private pure returns (uint256) {
+        uint256 owed = uint256(lease.owed) + uint256(lease.ratePerSecond) * elapsed;
+        return owed < lease.balance ? owed : lease.balance;
+    }
+}

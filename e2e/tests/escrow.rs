@@ -1,0 +1,496 @@
+//! The escrow contract and the Rust client against a real chain (anvil), with
+//! time moved forward through anvil's RPC.
+
+use std::time::Duration;
+
+use alloy::providers::ext::AnvilApi;
+use gpupool_chain::{
+    Address, B256, ChainConfig, ChainError, ClientOptions, CloseReason, EscrowClient, LeaseOnChain, OpenOutcome,
+    lease_id,
+};
+use gpupool_e2e::chain::{Anvil, FUNDING_TOKENS, ONE_TOKEN, deploy_and_fund};
+use gpupool_e2e::rpcproxy::RpcProxy;
+
+const RENTER: usize = 1;
+const PROVIDER: usize = 2;
+const STRANGER: usize = 3;
+const RATE: u128 = 1_000_000_000_000_000; // 0.001 token per second
+
+struct Chain {
+    anvil: Anvil,
+    config: ChainConfig,
+    _dir: tempdir::Dir,
+}
+
+mod tempdir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("gpupool-escrow-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+async fn chain(tag: &str) -> Chain {
+    let dir = tempdir::Dir::new(tag);
+    let anvil = Anvil::start(&dir.0).await.expect("anvil");
+    let config = deploy_and_fund(&anvil, &[1, 2, 3, 4, 5, 6]).await.expect("deploy");
+    Chain {
+        anvil,
+        config,
+        _dir: dir,
+    }
+}
+
+impl Chain {
+    fn client(&self, account: usize) -> EscrowClient {
+        let wallet = self.anvil.wallet(account).unwrap();
+        EscrowClient::connect(self.config.clone(), Some(&wallet), ClientOptions::default()).unwrap()
+    }
+    fn address(&self, account: usize) -> Address {
+        self.anvil.wallet(account).unwrap().address()
+    }
+    async fn jump(&self, seconds: u64) {
+        let c = self.client(0);
+        c.provider().anvil_increase_time(seconds).await.unwrap();
+        c.provider().evm_mine(None).await.unwrap();
+    }
+    async fn escrow_holds(&self) -> u128 {
+        self.client(0).token_balance(self.config.escrow).await.unwrap()
+    }
+}
+
+fn refused_code(e: &ChainError) -> &'static str {
+    match e {
+        ChainError::Refused { code, .. } => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn open_state(s: &LeaseOnChain) -> &gpupool_chain::OpenLease {
+    match s {
+        LeaseOnChain::Open { lease, .. } => lease,
+        other => panic!("expected an open lease, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn full_lifecycle_pays_the_provider_and_refunds_the_rest() {
+    let c = chain("lifecycle").await;
+    let renter = c.client(RENTER);
+    let provider = c.client(PROVIDER);
+    let id = lease_id(c.address(RENTER), "order-lifecycle");
+    let deposit = 10 * ONE_TOKEN;
+    let renter_before = renter.token_balance(c.address(RENTER)).await.unwrap();
+    let provider_before = renter.token_balance(c.address(PROVIDER)).await.unwrap();
+
+    let opened = renter.open(id, c.address(PROVIDER), RATE, deposit).await.unwrap();
+    assert!(matches!(opened, OpenOutcome::Opened { .. }), "{opened:?}");
+    assert_eq!(c.escrow_holds().await, deposit);
+    let start = open_state(&renter.lease(id).await.unwrap()).settled_at;
+
+    c.jump(1_000).await;
+    let withdrawn = provider.withdraw(id).await.unwrap();
+    let after_withdraw = renter.lease(id).await.unwrap();
+    let l = open_state(&after_withdraw);
+    assert_eq!(withdrawn, RATE * u128::from(l.settled_at - start), "paid by the second");
+    assert!(withdrawn >= 1_000 * RATE);
+    assert_eq!(l.balance, deposit - withdrawn);
+    assert_eq!(c.escrow_holds().await, l.balance);
+
+    c.jump(500).await;
+    let closed = renter.close(id, CloseReason::Completed).await.unwrap();
+    assert!(closed.by_us);
+    let LeaseOnChain::Closed {
+        reason,
+        paid,
+        refunded,
+        deposited,
+        ..
+    } = provider.lease(id).await.unwrap()
+    else {
+        panic!("closed expected")
+    };
+    assert_eq!(reason, CloseReason::Completed);
+    assert_eq!(paid, withdrawn + closed.paid);
+    assert_eq!(refunded, closed.refunded);
+    assert_eq!(paid + refunded, deposit);
+    assert_eq!(deposited, deposit);
+    assert!(closed.paid >= 500 * RATE);
+    assert_eq!(c.escrow_holds().await, 0);
+    assert_eq!(
+        renter.token_balance(c.address(RENTER)).await.unwrap(),
+        renter_before - paid
+    );
+    assert_eq!(
+        renter.token_balance(c.address(PROVIDER)).await.unwrap(),
+        provider_before + paid
+    );
+
+    // Closing again is a no-op that reports the close, not a second payment.
+    let again = provider.close(id, CloseReason::Completed).await.unwrap();
+    assert!(!again.by_us);
+    assert_eq!(c.escrow_holds().await, 0);
+    // Both sides list it.
+    assert_eq!(renter.lease_ids_of(c.address(RENTER)).await.unwrap(), vec![id]);
+    assert_eq!(provider.lease_ids_of(c.address(PROVIDER)).await.unwrap(), vec![id]);
+}
+
+#[tokio::test]
+async fn forbidden_actions_are_refused_and_change_nothing() {
+    let c = chain("forbidden").await;
+    let renter = c.client(RENTER);
+    let provider = c.client(PROVIDER);
+    let stranger = c.client(STRANGER);
+    let id = lease_id(c.address(RENTER), "order-forbidden");
+    let deposit = 5 * ONE_TOKEN;
+    renter.open(id, c.address(PROVIDER), RATE, deposit).await.unwrap();
+    c.jump(100).await;
+    let before = renter.lease(id).await.unwrap();
+
+    // A stranger can neither withdraw nor close; the renter cannot take the provider's share.
+    assert_eq!(refused_code(&stranger.withdraw(id).await.unwrap_err()), "NotProvider");
+    assert_eq!(
+        refused_code(&stranger.close(id, CloseReason::Completed).await.unwrap_err()),
+        "NotParty"
+    );
+    assert_eq!(refused_code(&renter.withdraw(id).await.unwrap_err()), "NotProvider");
+    assert_eq!(
+        refused_code(&stranger.top_up(id, ONE_TOKEN).await.unwrap_err()),
+        "NotRenter"
+    );
+    // Only the renter may say it cancelled; a funded lease is not out of funds.
+    assert_eq!(
+        refused_code(&provider.close(id, CloseReason::RenterCancelled).await.unwrap_err()),
+        "ReasonNotAllowed"
+    );
+    assert_eq!(
+        refused_code(&renter.close(id, CloseReason::InsufficientFunds).await.unwrap_err()),
+        "NotOverdrawn"
+    );
+    // A duplicate lease id, sent raw (the client itself would read first and not send).
+    let dup = renter
+        .escrow()
+        .open(id, c.address(PROVIDER), c.config.token, RATE, deposit)
+        .into_transaction_request();
+    assert_eq!(
+        refused_code(&renter.send("open", dup).await.unwrap_err()),
+        "LeaseExists"
+    );
+    // Zero deposit, zero top-up, no provider.
+    let other = lease_id(c.address(RENTER), "order-zero");
+    assert_eq!(
+        refused_code(&renter.open(other, c.address(PROVIDER), RATE, 0).await.unwrap_err()),
+        "ZeroAmount"
+    );
+    assert_eq!(refused_code(&renter.top_up(id, 0).await.unwrap_err()), "ZeroAmount");
+    assert_eq!(
+        refused_code(&renter.open(other, c.address(RENTER), RATE, deposit).await.unwrap_err()),
+        "InvalidProvider"
+    );
+    // A stale state (what a replayed call would carry) is refused.
+    let stale = open_state(&before).to_sol();
+    c.jump(10).await;
+    provider.withdraw(id).await.unwrap();
+    let replay = provider.escrow().withdraw(id, stale).into_transaction_request();
+    assert_eq!(
+        refused_code(&provider.send("withdraw", replay).await.unwrap_err()),
+        "StaleLease"
+    );
+
+    let held = c.escrow_holds().await;
+    assert_eq!(held, open_state(&renter.lease(id).await.unwrap()).balance);
+
+    // Closed twice: the second, sent raw, is refused; a closed lease takes nothing more.
+    renter.close(id, CloseReason::RenterCancelled).await.unwrap();
+    let closed_state = open_state(&before).to_sol();
+    let twice = renter.escrow().close(id, closed_state, 0).into_transaction_request();
+    assert_eq!(
+        refused_code(&renter.send("close", twice).await.unwrap_err()),
+        "LeaseIsClosed"
+    );
+    assert_eq!(
+        refused_code(&renter.top_up(id, ONE_TOKEN).await.unwrap_err()),
+        "LeaseIsClosed"
+    );
+    assert_eq!(refused_code(&provider.withdraw(id).await.unwrap_err()), "LeaseIsClosed");
+    assert_eq!(
+        refused_code(&renter.open(id, c.address(PROVIDER), RATE, deposit).await.unwrap_err()),
+        "LeaseIsClosed"
+    );
+    assert_eq!(c.escrow_holds().await, 0);
+}
+
+#[tokio::test]
+async fn a_lease_that_runs_dry_stops_accruing_and_closes_as_insufficient_funds() {
+    let c = chain("dry").await;
+    let renter = c.client(RENTER);
+    let provider = c.client(PROVIDER);
+    let id = lease_id(c.address(RENTER), "order-dry");
+    let deposit = 60 * RATE; // one minute
+    renter.open(id, c.address(PROVIDER), RATE, deposit).await.unwrap();
+    c.jump(3_600).await;
+    let now = renter.now().await.unwrap();
+    let l = open_state(&renter.lease(id).await.unwrap()).clone();
+    assert!(l.overdrawn_at(now));
+    assert_eq!(l.owed_at(now), deposit, "accrual stops at the balance");
+    let closed = provider.close(id, CloseReason::InsufficientFunds).await.unwrap();
+    assert_eq!((closed.paid, closed.refunded), (deposit, 0));
+    assert_eq!(c.escrow_holds().await, 0);
+}
+
+#[tokio::test]
+async fn top_up_adds_funds_and_time_out_of_funds_is_not_charged_later() {
+    let c = chain("topup").await;
+    let renter = c.client(RENTER);
+    let provider = c.client(PROVIDER);
+    let id = lease_id(c.address(RENTER), "order-topup");
+    let deposit = 100 * RATE;
+    renter.open(id, c.address(PROVIDER), RATE, deposit).await.unwrap();
+    c.jump(30).await;
+    renter.top_up(id, 100 * RATE).await.unwrap();
+    let l = open_state(&renter.lease(id).await.unwrap()).clone();
+    assert_eq!(l.balance, 200 * RATE);
+    assert!(
+        l.owed >= 30 * RATE,
+        "accrual before the top-up is kept for the provider"
+    );
+    assert_eq!(c.escrow_holds().await, 200 * RATE);
+
+    // Run dry for a long time, then top up: the dry hours are not billed.
+    c.jump(10_000).await;
+    renter.top_up(id, 50 * RATE).await.unwrap();
+    let l = open_state(&renter.lease(id).await.unwrap()).clone();
+    assert_eq!((l.owed, l.balance), (200 * RATE, 250 * RATE));
+    let paid = provider.withdraw(id).await.unwrap();
+    assert!(
+        paid <= 202 * RATE,
+        "at most a couple of seconds after the top-up: {paid}"
+    );
+    assert_eq!(c.escrow_holds().await, 250 * RATE - paid);
+}
+
+/// Hundreds of mixed actions and time jumps by three renters and three providers,
+/// allowed and forbidden; after every step the escrow holds exactly the sum of open
+/// leases' balances, and no token is created or lost anywhere.
+#[tokio::test]
+async fn randomised_actions_conserve_tokens() {
+    let c = chain("random").await;
+    let renters = [1usize, 2, 3];
+    let providers = [4usize, 5, 6];
+    let clients: Vec<EscrowClient> = (0..=6).map(|i| c.client(i)).collect();
+    let all_wallets: Vec<Address> = (1..=6).map(|i| c.address(i)).collect();
+    let supply = 6 * FUNDING_TOKENS * ONE_TOKEN;
+    let mut seed: u64 = std::env::var("GPUPOOL_ESCROW_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_1234);
+    println!("seed {seed}");
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut leases: Vec<(B256, usize, usize)> = Vec::new(); // id, renter, provider
+    let (mut opened, mut refused, mut closed) = (0, 0, 0);
+    for step in 0..300u32 {
+        let action = next(10);
+        let result: Result<(), ChainError> = match action {
+            0 | 1 => {
+                let (r, p) = (renters[next(3) as usize], providers[next(3) as usize]);
+                let id = lease_id(c.address(r), &format!("order-{step}"));
+                let deposit = (1 + u128::from(next(500))) * RATE;
+                let rate = RATE / (1 + u128::from(next(4)));
+                let res = clients[r].open(id, c.address(p), rate, deposit).await.map(|_| ());
+                if res.is_ok() {
+                    leases.push((id, r, p));
+                    opened += 1;
+                }
+                res
+            }
+            2 | 3 if !leases.is_empty() => {
+                let (id, _, p) = leases[next(leases.len() as u64) as usize];
+                clients[p].withdraw(id).await.map(|_| ())
+            }
+            4 if !leases.is_empty() => {
+                let (id, r, _) = leases[next(leases.len() as u64) as usize];
+                clients[r].top_up(id, (1 + u128::from(next(100))) * RATE).await
+            }
+            5 | 6 if !leases.is_empty() => {
+                let (id, r, p) = leases[next(leases.len() as u64) as usize];
+                let reason = CloseReason::ALL[next(4) as usize];
+                let who = if next(2) == 0 { r } else { p };
+                let res = clients[who].close(id, reason).await.map(|_| ());
+                if res.is_ok() {
+                    closed += 1;
+                }
+                res
+            }
+            7 if !leases.is_empty() => {
+                // Someone who is not a party tries to take the money.
+                let (id, r, p) = leases[next(leases.len() as u64) as usize];
+                let stranger = (1..=6).find(|i| *i != r && *i != p).unwrap();
+                clients[stranger].withdraw(id).await.map(|_| ())
+            }
+            _ => {
+                c.jump(1 + next(300)).await;
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => {}
+            Err(ChainError::Refused { .. }) => refused += 1,
+            Err(e) => panic!("step {step}: chain error {e}"),
+        }
+        // Drop closed leases from the candidates now and then so most actions hit open ones.
+        let mut held = 0u128;
+        let mut still_open = Vec::new();
+        for &(id, r, p) in &leases {
+            match clients[0].lease(id).await.unwrap() {
+                LeaseOnChain::Open { lease, .. } => {
+                    held += lease.balance;
+                    still_open.push((id, r, p));
+                }
+                LeaseOnChain::Closed {
+                    paid,
+                    refunded,
+                    deposited,
+                    ..
+                } => {
+                    assert_eq!(
+                        paid + refunded,
+                        deposited,
+                        "step {step}: lease {id} lost or created tokens"
+                    );
+                }
+                LeaseOnChain::Unknown => panic!("step {step}: lease {id} vanished"),
+            }
+        }
+        if next(4) == 0 {
+            leases = still_open;
+        }
+        assert_eq!(
+            c.escrow_holds().await,
+            held,
+            "step {step}: escrow balance != sum of open leases"
+        );
+        let mut total = c.escrow_holds().await;
+        for w in &all_wallets {
+            total += clients[0].token_balance(*w).await.unwrap();
+        }
+        assert_eq!(total, supply, "step {step}: tokens created or lost");
+    }
+    println!("opened {opened}, closed {closed}, refused {refused}");
+    assert!(
+        opened > 20 && closed > 5 && refused > 5,
+        "the mix exercised too little: {opened}/{closed}/{refused}"
+    );
+}
+
+/// The RPC goes away right after the open transaction reaches the node: the
+/// client hears nothing back. Retrying after the RPC returns must find the lease
+/// the first attempt opened, not open a second one.
+#[tokio::test]
+async fn rpc_outage_while_opening_ends_with_exactly_one_lease() {
+    let c = chain("outage").await;
+    let proxy = RpcProxy::start(&c.anvil.url).await.unwrap();
+    let wallet = c.anvil.wallet(RENTER).unwrap();
+    let config = ChainConfig {
+        rpc_url: proxy.url.clone(),
+        ..c.config.clone()
+    };
+    let options = ClientOptions {
+        rpc_timeout: Duration::from_secs(2),
+        receipt_timeout: Duration::from_secs(5),
+    };
+    let renter = EscrowClient::connect(config, Some(&wallet), options).unwrap();
+    // A first lease makes the allowance standing, so the next send is the open itself.
+    renter
+        .open(
+            lease_id(wallet.address(), "warm-up"),
+            c.address(PROVIDER),
+            RATE,
+            ONE_TOKEN,
+        )
+        .await
+        .unwrap();
+
+    let id = lease_id(wallet.address(), "order-outage");
+    proxy.cut_after_next_send();
+    let first = renter.open(id, c.address(PROVIDER), RATE, 3 * ONE_TOKEN).await;
+    let err = first.expect_err("the open's answer was lost");
+    assert!(err.is_transient(), "an outage is worth retrying: {err}");
+    assert!(proxy.is_down());
+    // While down, reads fail cleanly too.
+    assert!(renter.lease(id).await.unwrap_err().is_transient());
+
+    proxy.pass();
+    let second = renter.open(id, c.address(PROVIDER), RATE, 3 * ONE_TOKEN).await.unwrap();
+    assert!(matches!(second, OpenOutcome::AlreadyOpen { .. }), "{second:?}");
+    let ids = renter.lease_ids_of(wallet.address()).await.unwrap();
+    assert_eq!(ids.iter().filter(|i| **i == id).count(), 1);
+    assert_eq!(
+        c.escrow_holds().await,
+        4 * ONE_TOKEN,
+        "one warm-up and exactly one outage lease"
+    );
+    // And the wallet keeps working: nonces recover after the lost send.
+    renter.top_up(id, ONE_TOKEN).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_rpc_answering_garbage_is_an_error_not_a_state() {
+    let c = chain("garbage").await;
+    let proxy = RpcProxy::start(&c.anvil.url).await.unwrap();
+    let wallet = c.anvil.wallet(RENTER).unwrap();
+    let config = ChainConfig {
+        rpc_url: proxy.url.clone(),
+        ..c.config.clone()
+    };
+    let renter = EscrowClient::connect(config, Some(&wallet), ClientOptions::default()).unwrap();
+    let id = lease_id(wallet.address(), "order-garbage");
+    proxy.garbage();
+    let err = renter.open(id, c.address(PROVIDER), RATE, ONE_TOKEN).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(
+        !err.to_string().contains(&proxy.url),
+        "errors never carry the RPC URL: {err}"
+    );
+    proxy.down();
+    let err = renter.token_balance(wallet.address()).await.unwrap_err();
+    assert_eq!(err.reason(), "ChainUnreachable", "{err}");
+    proxy.pass();
+    assert_eq!(renter.lease(id).await.unwrap(), LeaseOnChain::Unknown);
+    renter.open(id, c.address(PROVIDER), RATE, ONE_TOKEN).await.unwrap();
+}
+
+/// Many leases at once from one wallet: nonces never collide.
+#[tokio::test]
+async fn one_wallet_opens_many_leases_concurrently() {
+    let c = chain("concurrent").await;
+    let renter = std::sync::Arc::new(c.client(RENTER));
+    let provider = c.address(PROVIDER);
+    let tasks: Vec<_> = (0..25)
+        .map(|i| {
+            let renter = renter.clone();
+            tokio::spawn(async move {
+                let id = lease_id(renter.wallet().unwrap(), &format!("order-{i}"));
+                renter.open(id, provider, RATE, ONE_TOKEN).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(renter.lease_ids_of(c.address(RENTER)).await.unwrap().len(), 25);
+    assert_eq!(c.escrow_holds().await, 25 * ONE_TOKEN);
+}
