@@ -10,15 +10,18 @@ use alloy::primitives::B256;
 pub enum ChainError {
     /// The RPC endpoint could not be reached or failed. Its URL is left out on
     /// purpose: hosted RPC URLs carry API keys.
-    #[error("chain RPC failed during {during}: {detail}")]
+    #[error("chain RPC failed during {during}: {}", redact_urls(detail))]
     Rpc { during: &'static str, detail: String },
 
     /// The endpoint answered, but not with anything an escrow could have produced.
-    #[error("chain RPC answered {during} with data that is not a valid escrow response: {detail}")]
+    #[error(
+        "chain RPC answered {during} with data that is not a valid escrow response: {}",
+        redact_urls(detail)
+    )]
     Garbage { during: &'static str, detail: String },
 
     /// The escrow refused the call; retrying the same call will not help.
-    #[error("the escrow refused {call}: {reason}")]
+    #[error("the escrow refused {call}: {}", redact_urls(reason))]
     Refused {
         call: &'static str,
         /// The contract's error name, e.g. `LeaseExists`.
@@ -73,5 +76,47 @@ impl ChainError {
             Self::NoWallet(_) | Self::WalletKey { .. } => "WalletUnavailable",
             Self::Config(_) => "ChainMisconfigured",
         }
+    }
+}
+
+/// HTTP client errors name the URL they failed on, and hosted RPC URLs carry API
+/// keys in the path or query: every URL in an error's text becomes `<rpc-url>`.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = ["http://", "https://", "ws://", "wss://"]
+        .iter()
+        .filter_map(|p| rest.find(p))
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        out.push_str("<rpc-url>");
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | ','))
+            .unwrap_or(tail.len());
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_never_survive_into_errors() {
+        assert_eq!(
+            redact_urls("error sending request for url (https://eth.example/v2/SECRETKEY?x=1)"),
+            "error sending request for url (<rpc-url>)"
+        );
+        assert_eq!(redact_urls("a http://h:1/k b ws://x c"), "a <rpc-url> b <rpc-url> c");
+        assert_eq!(redact_urls("nothing here"), "nothing here");
+        let e = ChainError::Rpc {
+            during: "x",
+            detail: "failed for url (http://127.0.0.1:1/key)".into(),
+        };
+        assert!(!e.to_string().contains("key"), "{e}");
     }
 }

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Price", type_ = "string", json_path = ".spec.pricePerGpuHour"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
     printcolumn(name = "Paid", type_ = "string", json_path = ".status.paid"),
+    printcolumn(name = "Remaining", type_ = "string", json_path = ".status.remaining"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -52,9 +53,35 @@ pub struct LeaseSpec {
     pub gpu_count: i32,
     /// The GPU product leased.
     pub gpu_product: String,
-    /// Where the money is held.
+    /// Where the money is held. Without it the lease is not on chain and the
+    /// settlement worker leaves it alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escrow: Option<Escrow>,
+    /// Set to close the lease on chain with this reason. The renter may use any
+    /// reason; the provider may not claim RenterCancelled; InsufficientFunds only
+    /// works once the lease has run out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_reason: Option<CloseReason>,
+}
+
+/// Why a lease closes; the same codes the escrow contract records.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    Completed,
+    RenterCancelled,
+    ProviderFailed,
+    InsufficientFunds,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "Completed",
+            Self::RenterCancelled => "RenterCancelled",
+            Self::ProviderFailed => "ProviderFailed",
+            Self::InsufficientFunds => "InsufficientFunds",
+        }
+    }
 }
 
 /// Which side a Lease copy belongs to.
@@ -65,7 +92,7 @@ pub enum LeaseSide {
 }
 
 /// One party to a lease.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct LeaseParty {
     /// Organisation name.
@@ -75,20 +102,28 @@ pub struct LeaseParty {
     pub peer_id: Option<String>,
     /// The wallet address that pays or is paid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(r"self.matches('^0x[0-9a-fA-F]{40}$')").message("wallet must be a 0x-prefixed 20-byte hex address"))]
     pub wallet: Option<String>,
 }
 
 /// The on-chain escrow holding a lease's deposit.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Escrow {
     /// EVM chain id.
     pub chain_id: u64,
     /// Escrow contract address.
+    #[x_kube(validation = Rule::new(r"self.matches('^0x[0-9a-fA-F]{40}$')").message("contract must be a 0x-prefixed 20-byte hex address"))]
     pub contract: String,
-    /// The lease id in the contract, 0x-prefixed hex.
-    pub lease_id: String,
-    /// Tokens deposited.
+    /// The lease id in the contract, 0x-prefixed 32-byte hex. The renter's side
+    /// may leave it out: it is then derived from the renter's wallet and the order,
+    /// so a retried open can never create a second lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(r"self.matches('^0x[0-9a-fA-F]{64}$')").message("leaseId must be 0x followed by 64 hex digits"))]
+    pub lease_id: Option<String>,
+    /// Tokens the renter deposits when opening, as a decimal number of tokens.
+    #[x_kube(validation = Rule::new(r"self.matches('^(0|[1-9][0-9]{0,11})([.][0-9]{1,18})?$') && !self.matches('^0([.]0+)?$')").message("deposit must be a positive decimal number of tokens, e.g. \"25\" or \"0.5\""))]
+    #[schemars(length(max = 32))]
     pub deposit: String,
 }
 
@@ -112,6 +147,26 @@ pub struct LeaseStatus {
     /// The provider's last heartbeat.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<Time>,
+    /// The on-chain lease id in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
+    /// Tokens put in: the deposit plus top-ups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deposited: Option<String>,
+    /// Tokens left for the renter if the lease closed now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<String>,
+    /// When, at the current rate, the funds run out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub funds_run_out_at: Option<Time>,
+    /// The provider's last withdrawal (chain time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_withdrawal: Option<Time>,
+    /// Block of the open transaction, and confirmations seen so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened_block: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmations: Option<i64>,
 }
 
 /// Lease states.

@@ -24,8 +24,11 @@ pub use aijob::{
 };
 pub use bid::{Bid, BidSpec, BidState, BidStatus};
 pub use gpunode::{GpuDevice, GpuHealth, GpuNode, GpuNodeSpec, GpuNodeStatus, MigMode};
-pub use lease::{Escrow, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, LeaseStatus};
+pub use lease::{CloseReason, Escrow, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, LeaseStatus};
 pub use poolpeer::{PeerCapacity, PoolPeer, PoolPeerSpec, PoolPeerStatus, Reputation};
+
+/// Finalizer on Leases with an escrow: the on-chain side is settled before the record goes.
+pub const LEASE_FINALIZER: &str = "gpupool.dev/settlement";
 
 /// The API group of every gpupool resource.
 pub const GROUP: &str = "gpupool.dev";

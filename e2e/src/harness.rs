@@ -52,15 +52,22 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(org: &ClusterInfo, tag: &str) -> Self {
+        Self::start_with(org, tag, &[])
+    }
+
+    /// Starts it with extra flags (the chain settings, for one).
+    pub fn start_with(org: &ClusterInfo, tag: &str, extra: &[String]) -> Self {
         let metrics_port = free_port().expect("port");
         let log = org.dir.join("logs").join(format!("operator-{tag}.log"));
+        let mut args = vec![
+            format!("--org={}", org.org.name),
+            format!("--metrics-addr=127.0.0.1:{metrics_port}"),
+            "--wait-requeue-seconds=1".into(),
+        ];
+        args.extend_from_slice(extra);
         let pid = spawn(
             &workspace_bin("gpupool-operator"),
-            &[
-                format!("--org={}", org.org.name),
-                format!("--metrics-addr=127.0.0.1:{metrics_port}"),
-                "--wait-requeue-seconds=1".into(),
-            ],
+            &args,
             &[("KUBECONFIG", &org.operator_kubeconfig)],
             &log,
         )

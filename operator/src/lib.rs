@@ -10,5 +10,7 @@ pub mod jobstatus;
 pub mod matching;
 pub mod placement;
 pub mod quantity;
+pub mod settlement;
+pub mod settlement_plan;
 pub mod status;
 pub mod telemetry;

@@ -2,9 +2,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use anyhow::Context as _;
 use clap::Parser;
+use gpupool_chain::{Address, ChainConfig, ClientOptions, EscrowClient, Wallet};
 use gpupool_operator::controller::{self, Settings};
+use gpupool_operator::settlement::{self, SettlementSettings};
 use gpupool_operator::telemetry::{self, Metrics};
 use tracing_subscriber::EnvFilter;
 
@@ -27,6 +31,80 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "GPUPOOL_LOG_JSON")]
     log_json: bool,
+    #[command(flatten)]
+    chain: ChainArgs,
+}
+
+/// Settlement on chain. Without an RPC URL (from the file or the flag) the
+/// settlement worker does not run and Leases with an escrow stay untouched.
+#[derive(clap::Args, Debug)]
+struct ChainArgs {
+    /// JSON file with rpcUrl, chainId, escrow, token and fromBlock (the test environment writes one).
+    #[arg(long, env = "GPUPOOL_CHAIN_CONFIG")]
+    chain_config: Option<PathBuf>,
+    /// JSON-RPC URL; overrides the file's. Never logged: hosted URLs carry keys.
+    #[arg(long, env = "GPUPOOL_CHAIN_RPC_URL", hide_env_values = true)]
+    chain_rpc_url: Option<String>,
+    #[arg(long, env = "GPUPOOL_CHAIN_ID")]
+    chain_id: Option<u64>,
+    #[arg(long, env = "GPUPOOL_ESCROW_ADDRESS")]
+    escrow_address: Option<Address>,
+    #[arg(long, env = "GPUPOOL_TOKEN_ADDRESS")]
+    token_address: Option<Address>,
+    /// File holding this organisation's wallet key (mount the Secret here).
+    #[arg(long, env = "GPUPOOL_WALLET_KEY_FILE")]
+    wallet_key_file: Option<PathBuf>,
+    /// Blocks before a lease counts as Active (the open's own block is the first).
+    #[arg(long, env = "GPUPOOL_CONFIRMATIONS", default_value_t = 1)]
+    confirmations: u64,
+    /// How often providers withdraw what has accrued.
+    #[arg(long, env = "GPUPOOL_WITHDRAW_EVERY_SECONDS", default_value_t = 300)]
+    withdraw_every_seconds: u64,
+    /// Warn the renter when a lease's funds last less than this.
+    #[arg(long, env = "GPUPOOL_FUNDS_WARNING_SECONDS", default_value_t = 900)]
+    funds_warning_seconds: u64,
+    /// Longest time between two reads of an open lease.
+    #[arg(long, env = "GPUPOOL_CHAIN_RESYNC_SECONDS", default_value_t = 30)]
+    chain_resync_seconds: u64,
+}
+
+impl ChainArgs {
+    fn config(&self) -> anyhow::Result<Option<ChainConfig>> {
+        let mut config = match &self.chain_config {
+            Some(p) => Some(ChainConfig::load(p)?),
+            None => None,
+        };
+        if let Some(url) = &self.chain_rpc_url {
+            let c = config.get_or_insert_with(|| ChainConfig {
+                rpc_url: String::new(),
+                chain_id: 0,
+                escrow: Address::ZERO,
+                token: Address::ZERO,
+                from_block: 0,
+            });
+            c.rpc_url.clone_from(url);
+        }
+        let Some(mut c) = config else { return Ok(None) };
+        if let Some(v) = self.chain_id {
+            c.chain_id = v;
+        }
+        if let Some(v) = self.escrow_address {
+            c.escrow = v;
+        }
+        if let Some(v) = self.token_address {
+            c.token = v;
+        }
+        anyhow::ensure!(c.chain_id != 0, "--chain-id is required with --chain-rpc-url");
+        anyhow::ensure!(
+            c.escrow != Address::ZERO,
+            "--escrow-address is required with --chain-rpc-url"
+        );
+        anyhow::ensure!(
+            c.token != Address::ZERO,
+            "--token-address is required with --chain-rpc-url"
+        );
+        Ok(Some(c))
+    }
 }
 
 #[tokio::main]
@@ -51,5 +129,41 @@ async fn main() -> anyhow::Result<()> {
         wait_requeue: Duration::from_secs(args.wait_requeue_seconds.max(1)),
         concurrency: args.concurrency.max(1),
     };
-    controller::run(client, settings, metrics).await
+    let settlement = match args.chain.config()? {
+        Some(config) => {
+            let key = args
+                .chain
+                .wallet_key_file
+                .as_deref()
+                .context("--wallet-key-file is required to settle on chain")?;
+            let wallet = Wallet::from_file(key)?;
+            let m = metrics.clone();
+            let chain = EscrowClient::connect(config, Some(&wallet), ClientOptions::default())?
+                .with_observer(Arc::new(move |tx| m.observe_tx(tx)));
+            if let Err(e) = chain.verify().await {
+                // Not fatal: the RPC may come up later; Leases will say so meanwhile.
+                tracing::warn!(error = %e, "the chain is not usable yet");
+            }
+            tracing::info!(wallet = %wallet.address(), escrow = %chain.config().escrow, chain_id = chain.config().chain_id, "settling leases on chain");
+            let s = SettlementSettings {
+                confirmations: args.chain.confirmations.max(1),
+                withdraw_every: Duration::from_secs(args.chain.withdraw_every_seconds.max(1)),
+                warn_below: Duration::from_secs(args.chain.funds_warning_seconds),
+                resync: Duration::from_secs(args.chain.chain_resync_seconds.max(1)),
+            };
+            Some(settlement::run(client.clone(), Arc::new(chain), s, metrics.clone()))
+        }
+        None => {
+            tracing::info!("no chain configured (--chain-config or --chain-rpc-url): settlement is off");
+            None
+        }
+    };
+    let placement = controller::run(client, settings, metrics);
+    match settlement {
+        Some(s) => {
+            tokio::try_join!(placement, s)?;
+        }
+        None => placement.await?,
+    }
+    Ok(())
 }

@@ -22,6 +22,16 @@ struct ProductState {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Call {
+    call: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
 /// The operator's metrics. Names are `gpupool_*`; the chart's dashboard
 /// queries only names registered here.
 pub struct Metrics {
@@ -31,6 +41,11 @@ pub struct Metrics {
     reconcile_seconds: Histogram,
     local_placements: Counter,
     gpus: Family<ProductState, Gauge>,
+    chain_tx_gas: Family<Call, Histogram>,
+    chain_tx_seconds: Family<Call, Histogram>,
+    chain_errors: Family<Reason, Counter>,
+    tokens_received: Counter<f64, std::sync::atomic::AtomicU64>,
+    tokens_deposited: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -62,7 +77,44 @@ impl Default for Metrics {
             "GPUs on this cluster by product and state (total, free)",
             gpus.clone(),
         );
+        let chain_tx_gas =
+            Family::<Call, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(20_000.0, 1.5, 10)));
+        let chain_tx_seconds =
+            Family::<Call, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.01, 2.0, 14)));
+        let chain_errors = Family::<Reason, Counter>::default();
+        let tokens_received = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        let tokens_deposited = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "chain_tx_gas",
+            "Gas used by escrow transactions, by call",
+            chain_tx_gas.clone(),
+        );
+        registry.register(
+            "chain_tx_duration_seconds",
+            "From sending an escrow transaction to its receipt, by call",
+            chain_tx_seconds.clone(),
+        );
+        registry.register(
+            "chain_errors",
+            "Chain RPC failures and refusals, by reason",
+            chain_errors.clone(),
+        );
+        registry.register(
+            "tokens_received",
+            "Tokens this operator's wallet withdrew as a provider",
+            tokens_received.clone(),
+        );
+        registry.register(
+            "tokens_deposited",
+            "Tokens this operator's wallet deposited into leases as a renter",
+            tokens_deposited.clone(),
+        );
         Self {
+            chain_tx_gas,
+            chain_tx_seconds,
+            chain_errors,
+            tokens_received,
+            tokens_deposited,
             registry: Mutex::new(registry),
             reconciles,
             reconcile_errors,
@@ -108,6 +160,33 @@ impl Metrics {
                 })
                 .set(free);
         }
+    }
+
+    /// Feeds the chain client's per-transaction records.
+    pub fn observe_tx(&self, tx: &gpupool_chain::TxRecord) {
+        let label = Call {
+            call: tx.call.to_string(),
+        };
+        self.chain_tx_gas.get_or_create(&label).observe(tx.gas_used as f64);
+        self.chain_tx_seconds
+            .get_or_create(&label)
+            .observe(tx.latency.as_secs_f64());
+    }
+
+    pub fn chain_error(&self, reason: &str) {
+        self.chain_errors
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn tokens_received(&self, base_units: u128) {
+        self.tokens_received.inc_by(base_units as f64 / 1e18);
+    }
+
+    pub fn tokens_deposited(&self, base_units: u128) {
+        self.tokens_deposited.inc_by(base_units as f64 / 1e18);
     }
 
     pub fn render(&self) -> String {

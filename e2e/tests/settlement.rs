@@ -1,0 +1,390 @@
+//! The settlement worker in two organisations' operators, against real clusters
+//! and a real chain: a renter's Lease opens on chain, the provider's copy follows
+//! it and withdraws, the renter is warned as funds run low, an RPC outage shows
+//! on the Lease and heals, and closes (completed, out of funds, record deleted)
+//! leave both copies agreeing with the chain.
+
+use std::path::Path;
+use std::time::Duration;
+
+use alloy::providers::ext::AnvilApi;
+use gpupool_chain::{ChainConfig, ClientOptions, CloseReason, EscrowClient, LeaseOnChain, lease_id};
+use gpupool_crds::conditions::find;
+use gpupool_crds::{Lease, LeaseState};
+use gpupool_e2e::chain::{Anvil, deploy_and_fund};
+use gpupool_e2e::harness::{Operator, admin, namespace, testenv, wait_for};
+use gpupool_e2e::rpcproxy::RpcProxy;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+
+const RENTER: usize = 1;
+const PROVIDER: usize = 2;
+const WAIT: Duration = Duration::from_secs(60);
+
+fn write_chain_files(dir: &Path, config: &ChainConfig, key: &str, tag: &str) -> (String, String) {
+    let cfg = dir.join(format!("chain-{tag}.json"));
+    config.save(&cfg).unwrap();
+    let key_file = dir.join(format!("wallet-{tag}.key"));
+    std::fs::write(&key_file, key).unwrap();
+    (cfg.display().to_string(), key_file.display().to_string())
+}
+
+// A test fixture: one positional argument per field the cases vary.
+#[allow(clippy::too_many_arguments)]
+fn lease_json(
+    name: &str,
+    side: &str,
+    order: &str,
+    renter: &str,
+    provider: &str,
+    config: &ChainConfig,
+    deposit: &str,
+    id: Option<String>,
+) -> Lease {
+    let mut escrow = serde_json::json!({
+        "chainId": config.chain_id,
+        "contract": config.escrow.to_string(),
+        "deposit": deposit,
+    });
+    if let Some(id) = id {
+        escrow["leaseId"] = id.into();
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "gpupool.dev/v1alpha1",
+        "kind": "Lease",
+        "metadata": { "name": name },
+        "spec": {
+            "side": side,
+            "orderId": order,
+            "bid": "bid-1",
+            "renter": { "org": "acme", "wallet": renter },
+            "provider": { "org": "bravo", "wallet": provider },
+            // 36 tokens per GPU-hour = 0.01 token per second.
+            "pricePerGpuHour": "36",
+            "gpuCount": 1,
+            "gpuProduct": "NVIDIA-A100-SXM4-40GB",
+            "escrow": escrow,
+        }
+    }))
+    .unwrap()
+}
+
+async fn wait_lease(api: &Api<Lease>, name: &str, what: &str, f: impl Fn(&Lease) -> bool) -> Lease {
+    wait_for(WAIT, what, || async {
+        let l = api.get(name).await.ok()?;
+        f(&l).then_some(l)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: last seen {:#?}",
+            futures::executor::block_on(api.get(name)).ok().and_then(|l| l.status)
+        )
+    })
+}
+
+fn state(l: &Lease) -> Option<LeaseState> {
+    l.status.as_ref().and_then(|s| s.state)
+}
+
+fn cond_is(l: &Lease, type_: &str, status: &str) -> bool {
+    l.status
+        .as_ref()
+        .and_then(|s| find(&s.conditions, type_))
+        .is_some_and(|c| c.status == status)
+}
+
+async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+#[tokio::test]
+async fn leases_settle_on_chain_from_both_sides() {
+    let env = testenv();
+    let (acme, bravo) = (env.org("acme").expect("acme"), env.org("bravo").expect("bravo"));
+    let dir = env.root.join("settlement-test");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let anvil = Anvil::start(&dir).await.unwrap();
+    let config = deploy_and_fund(&anvil, &[RENTER, PROVIDER]).await.unwrap();
+    let renter_wallet = anvil.wallet(RENTER).unwrap().address();
+    let provider_wallet = anvil.wallet(PROVIDER).unwrap().address();
+
+    // The renter's operator reaches the chain through a proxy the test can break.
+    let proxy = RpcProxy::start(&anvil.url).await.unwrap();
+    let renter_config = ChainConfig {
+        rpc_url: proxy.url.clone(),
+        ..config.clone()
+    };
+    let (rcfg, rkey) = write_chain_files(&dir, &renter_config, &anvil.keys[RENTER], "acme");
+    let (pcfg, pkey) = write_chain_files(&dir, &config, &anvil.keys[PROVIDER], "bravo");
+    let common = |cfg: &str, key: &str| {
+        vec![
+            format!("--chain-config={cfg}"),
+            format!("--wallet-key-file={key}"),
+            "--confirmations=2".into(),
+            "--withdraw-every-seconds=600".into(),
+            "--funds-warning-seconds=3600".into(),
+            "--chain-resync-seconds=1".into(),
+        ]
+    };
+    let _renter_op = Operator::start_with(acme, "settlement", &common(&rcfg, &rkey));
+    let _provider_op = Operator::start_with(bravo, "settlement", &common(&pcfg, &pkey));
+
+    let acme_client = admin(acme).await;
+    let bravo_client = admin(bravo).await;
+    let rns = namespace(&acme_client, "lease").await;
+    let pns = namespace(&bravo_client, "lease").await;
+    let renter_leases: Api<Lease> = Api::namespaced(acme_client.clone(), &rns);
+    let provider_leases: Api<Lease> = Api::namespaced(bravo_client.clone(), &pns);
+    let reader = EscrowClient::connect(config.clone(), None, ClientOptions::default()).unwrap();
+    let mine = || async { reader.provider().anvil_mine(Some(1), None).await.unwrap() };
+    let jump = |s: u64| {
+        let p = reader.provider().clone();
+        async move {
+            p.anvil_increase_time(s).await.unwrap();
+            p.anvil_mine(Some(1), None).await.unwrap();
+        }
+    };
+    let (rw, pw) = (renter_wallet.to_string(), provider_wallet.to_string());
+
+    // 1. The renter's copy opens the lease on chain; Active after two confirmations.
+    let renter_lease = lease_json("job-a", "Renter", "order-a", &rw, &pw, &config, "50", None);
+    renter_leases
+        .create(&PostParams::default(), &renter_lease)
+        .await
+        .unwrap();
+    let l = wait_lease(&renter_leases, "job-a", "the lease to open on chain", |l| {
+        l.status.as_ref().and_then(|s| s.opened_block).is_some()
+    })
+    .await;
+    let id = l.status.as_ref().and_then(|s| s.lease_id.clone()).unwrap();
+    assert_eq!(
+        id,
+        lease_id(renter_wallet, "order-a").to_string(),
+        "the id comes from the order"
+    );
+    assert!(l.finalizers().iter().any(|f| f == gpupool_crds::LEASE_FINALIZER));
+    mine().await;
+    wait_lease(&renter_leases, "job-a", "Active after 2 confirmations", |l| {
+        state(l) == Some(LeaseState::Active)
+    })
+    .await;
+    assert!(matches!(
+        reader.lease(id.parse().unwrap()).await.unwrap(),
+        LeaseOnChain::Open { .. }
+    ));
+
+    // 2. The provider's copy (the lease offer's id) follows and withdraws what accrued.
+    let provider_lease = lease_json(
+        "order-a",
+        "Provider",
+        "order-a",
+        &rw,
+        &pw,
+        &config,
+        "50",
+        Some(id.clone()),
+    );
+    provider_leases
+        .create(&PostParams::default(), &provider_lease)
+        .await
+        .unwrap();
+    jump(100).await;
+    let p = wait_lease(&provider_leases, "order-a", "the provider to withdraw", |l| {
+        l.status.as_ref().and_then(|s| s.last_withdrawal.as_ref()).is_some()
+    })
+    .await;
+    let paid: f64 = p.status.as_ref().and_then(|s| s.paid.clone()).unwrap().parse().unwrap();
+    assert!(paid >= 1.0, "about 100 s at 0.01/s: {paid}");
+    assert!(
+        events_for(&bravo_client, &pns, "order-a")
+            .await
+            .iter()
+            .any(|(r, _)| r == "Withdrawn")
+    );
+
+    // 3. Funds run low (50 tokens last 5,000 s; warn below 3,600 s): a condition and a Warning.
+    jump(1_500).await;
+    let l = wait_lease(&renter_leases, "job-a", "the FundsLow warning", |l| {
+        cond_is(l, "FundsLow", "True")
+    })
+    .await;
+    let msg = find(&l.status.as_ref().unwrap().conditions, "FundsLow")
+        .unwrap()
+        .message
+        .clone();
+    assert!(msg.contains("tokens left"), "{msg}");
+    assert!(
+        events_for(&acme_client, &rns, "job-a")
+            .await
+            .iter()
+            .any(|(r, _)| r == "FundsLow")
+    );
+
+    // 4. The RPC goes down: the Lease says so and keeps its state; then it heals.
+    proxy.down();
+    let l = wait_lease(&renter_leases, "job-a", "ChainReachable=False", |l| {
+        cond_is(l, "ChainReachable", "False")
+    })
+    .await;
+    assert_eq!(
+        state(&l),
+        Some(LeaseState::Active),
+        "an outage never changes the lease's state"
+    );
+    let c = find(&l.status.as_ref().unwrap().conditions, "ChainReachable").unwrap();
+    assert_eq!(c.reason, "ChainUnreachable");
+    assert!(
+        !c.message.contains(&proxy.url),
+        "no RPC URL in conditions: {}",
+        c.message
+    );
+    proxy.pass();
+    wait_lease(&renter_leases, "job-a", "ChainReachable=True again", |l| {
+        cond_is(l, "ChainReachable", "True")
+    })
+    .await;
+
+    // 5. The renter completes it: both copies record the same close, paid and refund.
+    renter_leases
+        .patch(
+            "job-a",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"closeReason": "Completed"}})),
+        )
+        .await
+        .unwrap();
+    let r = wait_lease(&renter_leases, "job-a", "renter copy Closed", |l| {
+        state(l) == Some(LeaseState::Closed)
+    })
+    .await;
+    let p = wait_lease(&provider_leases, "order-a", "provider copy Closed", |l| {
+        state(l) == Some(LeaseState::Closed)
+    })
+    .await;
+    let (rs, ps) = (r.status.unwrap(), p.status.unwrap());
+    assert_eq!(rs.close_reason.as_deref(), Some("Completed"));
+    assert_eq!(
+        (&rs.close_reason, &rs.paid, &rs.refunded),
+        (&ps.close_reason, &ps.paid, &ps.refunded)
+    );
+    let LeaseOnChain::Closed { paid, refunded, .. } = reader.lease(id.parse().unwrap()).await.unwrap() else {
+        panic!("closed on chain")
+    };
+    assert_eq!(rs.paid, Some(gpupool_crds::price::TokenAmount(paid).to_string()));
+    assert_eq!(
+        rs.refunded,
+        Some(gpupool_crds::price::TokenAmount(refunded).to_string())
+    );
+    assert_eq!(reader.token_balance(config.escrow).await.unwrap(), 0);
+
+    // 6. A lease that runs dry is closed as InsufficientFunds by the worker.
+    let dry = lease_json("job-dry", "Renter", "order-dry", &rw, &pw, &config, "0.5", None);
+    renter_leases.create(&PostParams::default(), &dry).await.unwrap();
+    wait_lease(&renter_leases, "job-dry", "the small lease to open", |l| {
+        l.status.as_ref().and_then(|s| s.opened_block).is_some()
+    })
+    .await;
+    jump(100).await;
+    let l = wait_lease(&renter_leases, "job-dry", "closed as InsufficientFunds", |l| {
+        state(l) == Some(LeaseState::Closed)
+    })
+    .await;
+    assert_eq!(
+        l.status.as_ref().unwrap().close_reason.as_deref(),
+        Some("InsufficientFunds")
+    );
+    assert_eq!(l.status.as_ref().unwrap().paid.as_deref(), Some("0.5"));
+
+    // 7. Deleting the renter's record cancels the lease on chain first (finalizer).
+    let gone = lease_json("job-gone", "Renter", "order-gone", &rw, &pw, &config, "10", None);
+    renter_leases.create(&PostParams::default(), &gone).await.unwrap();
+    wait_lease(&renter_leases, "job-gone", "the lease to open", |l| {
+        state(l) == Some(LeaseState::Active) || l.status.as_ref().and_then(|s| s.opened_block).is_some()
+    })
+    .await;
+    let gone_id = lease_id(renter_wallet, "order-gone");
+    renter_leases
+        .delete("job-gone", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(WAIT, "the record to go", || async {
+        renter_leases.get_opt("job-gone").await.unwrap().is_none().then_some(())
+    })
+    .await
+    .unwrap();
+    match reader.lease(gone_id).await.unwrap() {
+        LeaseOnChain::Closed { reason, .. } => assert_eq!(reason, CloseReason::RenterCancelled),
+        other => panic!("expected closed on chain, got {other:?}"),
+    }
+    assert_eq!(
+        reader.token_balance(config.escrow).await.unwrap(),
+        0,
+        "nothing left in escrow"
+    );
+}
+
+#[tokio::test]
+async fn a_lease_for_another_chain_is_refused_with_a_reason() {
+    let env = testenv();
+    let acme = env.org("acme").expect("acme");
+    let dir = env.root.join("settlement-mismatch");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let anvil = Anvil::start(&dir).await.unwrap();
+    let config = deploy_and_fund(&anvil, &[RENTER]).await.unwrap();
+    let (cfg, key) = write_chain_files(&dir, &config, &anvil.keys[RENTER], "acme");
+    let _op = Operator::start_with(
+        acme,
+        "settlement-mismatch",
+        &[format!("--chain-config={cfg}"), format!("--wallet-key-file={key}")],
+    );
+    let client = admin(acme).await;
+    let ns = namespace(&client, "lease-bad").await;
+    let api: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let other_chain = ChainConfig {
+        chain_id: 1,
+        ..config.clone()
+    };
+    let rw = anvil.wallet(RENTER).unwrap().address().to_string();
+    let pw = anvil.wallet(PROVIDER).unwrap().address().to_string();
+    api.create(
+        &PostParams::default(),
+        &lease_json("wrong-chain", "Renter", "o-1", &rw, &pw, &other_chain, "1", None),
+    )
+    .await
+    .unwrap();
+    let l = wait_lease(&api, "wrong-chain", "InvalidEscrow", |l| {
+        cond_is(l, "Settling", "False")
+    })
+    .await;
+    let c = find(&l.status.as_ref().unwrap().conditions, "Settling").unwrap();
+    assert_eq!(c.reason, "InvalidEscrow");
+    assert!(c.message.contains("chain 1"), "{}", c.message);
+    let reader = EscrowClient::connect(config.clone(), None, ClientOptions::default()).unwrap();
+    assert_eq!(
+        reader.token_balance(config.escrow).await.unwrap(),
+        0,
+        "nothing was opened"
+    );
+    // And the API server refuses a malformed escrow outright.
+    let mut bad = lease_json("bad-wallet", "Renter", "o-2", "0x1234", &pw, &config, "1", None);
+    bad.spec.escrow.as_mut().unwrap().deposit = "0".into();
+    let err = api.create(&PostParams::default(), &bad).await.unwrap_err().to_string();
+    assert!(
+        err.contains("wallet must be a 0x-prefixed 20-byte hex address"),
+        "{err}"
+    );
+    assert!(err.contains("deposit must be a positive decimal"), "{err}");
+}

@@ -1,0 +1,466 @@
+//! The settlement worker: keeps each Lease's status following the chain, and acts
+//! for its side: the renter opens and (when asked, or out of funds) closes, the
+//! provider withdraws on a period and closes leases that ran dry.
+//!
+//! dereference (the on-chain lease) → validate (chain, contract, wallet) → plan
+//! (pure, `settlement_plan`) → act (one chain call) → status by server-side apply.
+//! A finalizer settles the chain side before a Lease record can go.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use gpupool_chain::{Address, B256, ChainError, EscrowClient, LeaseOnChain, OpenOutcome, lease_id};
+use gpupool_crds::conditions::{ConditionUpdate, find, set_condition};
+use gpupool_crds::price::TokenAmount;
+use gpupool_crds::{LEASE_FINALIZER, Lease, LeaseSide, LeaseState, LeaseStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use tracing::{debug, info, warn};
+
+use crate::settlement_plan::{COND_CHAIN, COND_FUNDS_LOW, COND_SETTLED, Observed, Policy, Step, plan, rate_per_second};
+use crate::telemetry::Metrics;
+
+const FIELD_MANAGER: &str = "gpupool-settlement";
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("chain: {0}")]
+    Chain(#[from] ChainError),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("the Lease has no namespace")]
+    NoNamespace,
+}
+
+#[derive(Clone, Debug)]
+pub struct SettlementSettings {
+    pub confirmations: u64,
+    pub withdraw_every: Duration,
+    pub warn_below: Duration,
+    /// The longest a lease goes unread. Chain time moves without any watch event,
+    /// so this bounds how late a warning or a close can come.
+    pub resync: Duration,
+}
+
+struct Context {
+    client: Client,
+    chain: Arc<EscrowClient>,
+    settings: SettlementSettings,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    /// Consecutive chain failures per lease, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+pub async fn run(
+    client: Client,
+    chain: Arc<EscrowClient>,
+    settings: SettlementSettings,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let leases: Api<Lease> = Api::all(client.clone());
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        chain,
+        settings,
+        metrics,
+        failures: Mutex::new(HashMap::new()),
+    });
+    info!("starting the settlement worker");
+    Controller::new(leases, watcher::Config::default())
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                debug!(error = %e, "settlement reconcile failed");
+            }
+        })
+        .await;
+    Ok(())
+}
+
+fn key(lease: &Lease) -> String {
+    format!("{}/{}", lease.namespace().unwrap_or_default(), lease.name_any())
+}
+
+fn error_policy(lease: Arc<Lease>, err: &Error, ctx: Arc<Context>) -> Action {
+    let n = {
+        let mut f = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = f.entry(key(&lease)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let backoff = Duration::from_secs(1u64 << n.min(8)).min(MAX_BACKOFF);
+    warn!(lease = %key(&lease), error = %err, retry_in = ?backoff, "settlement failed; retrying");
+    Action::requeue(backoff)
+}
+
+async fn reconcile(lease: Arc<Lease>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if lease.spec.escrow.is_none() {
+        return Ok(Action::await_change());
+    }
+    let ns = lease.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, LEASE_FINALIZER, lease, |event| async {
+        match event {
+            Finalizer::Apply(l) => apply(l, &ctx, &api).await,
+            Finalizer::Cleanup(l) => cleanup(l, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Which on-chain lease this record is about, or why it cannot say.
+fn resolve(lease: &Lease, chain: &EscrowClient) -> Result<(B256, Address), String> {
+    let escrow = lease.spec.escrow.as_ref().ok_or("no escrow")?;
+    let config = chain.config();
+    if escrow.chain_id != config.chain_id {
+        return Err(format!(
+            "the lease is on chain {}, this operator settles on chain {}",
+            escrow.chain_id, config.chain_id
+        ));
+    }
+    let contract = Address::from_str(&escrow.contract).map_err(|_| "escrow.contract is not an address".to_string())?;
+    if contract != config.escrow {
+        return Err(format!(
+            "the lease is in escrow {contract}, this operator uses {}",
+            config.escrow
+        ));
+    }
+    let me = chain.wallet().ok_or("no wallet configured")?;
+    let (ours, other) = match lease.spec.side {
+        LeaseSide::Renter => (&lease.spec.renter, &lease.spec.provider),
+        LeaseSide::Provider => (&lease.spec.provider, &lease.spec.renter),
+    };
+    if let Some(w) = &ours.wallet
+        && Address::from_str(w).ok() != Some(me)
+    {
+        return Err(format!("this side's wallet is {w}, the operator's is {me}"));
+    }
+    let id = match &escrow.lease_id {
+        Some(h) => B256::from_str(h).map_err(|_| "escrow.leaseId is not 32 bytes of hex".to_string())?,
+        None if lease.spec.side == LeaseSide::Renter => lease_id(me, &lease.spec.order_id),
+        None => return Err("the provider's copy needs escrow.leaseId from the lease offer".into()),
+    };
+    let counterpart = match (&other.wallet, lease.spec.side) {
+        (Some(w), _) => Address::from_str(w).map_err(|_| "the other side's wallet is not an address".to_string())?,
+        (None, LeaseSide::Provider) => Address::ZERO,
+        (None, LeaseSide::Renter) => return Err("spec.provider.wallet is needed to open the lease".into()),
+    };
+    Ok((id, counterpart))
+}
+
+async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Action, Error> {
+    let name = lease.name_any();
+    let mut status = lease.status.clone().unwrap_or_default();
+    let before = status.clone();
+    let generation = lease.metadata.generation;
+    let now_ts = Timestamp::now();
+
+    let (id, counterpart) = match resolve(&lease, &ctx.chain) {
+        Ok(v) => v,
+        Err(why) => {
+            set_condition(
+                &mut status.conditions,
+                &ConditionUpdate::new(COND_SETTLED, false, "InvalidEscrow", why.clone()),
+                generation,
+                now_ts,
+            );
+            if status != before {
+                ctx.event(&lease, EventType::Warning, "InvalidEscrow", &why).await;
+                patch_status(api, &name, &status).await?;
+            }
+            return Ok(Action::requeue(Duration::from_secs(300)));
+        }
+    };
+    status.lease_id = Some(id.to_string());
+
+    let observed = match observe(&lease, ctx, id).await {
+        Ok(o) => o,
+        Err(e) => return chain_trouble(&lease, ctx, api, status, &before, e).await,
+    };
+    let policy = Policy {
+        side: lease.spec.side,
+        confirmations: ctx.settings.confirmations,
+        withdraw_every: ctx.settings.withdraw_every,
+        warn_below: ctx.settings.warn_below,
+    };
+    let decided = plan(&policy, &observed);
+    for c in &decided.conditions {
+        set_condition(&mut status.conditions, c, generation, now_ts);
+    }
+    write_figures(&mut status, &decided.figures);
+
+    // Carry out the one step the plan asks for.
+    let acted = match &decided.step {
+        Step::Nothing => Ok(false),
+        Step::Open => open(&lease, ctx, id, counterpart).await.map(|_| true),
+        Step::Withdraw => match ctx.chain.withdraw(id).await {
+            Ok(amount) => {
+                status.last_withdrawal = Some(Time(ts(observed.now)));
+                ctx.metrics.tokens_received(amount);
+                ctx.event(
+                    &lease,
+                    EventType::Normal,
+                    "Withdrawn",
+                    &format!("withdrew {} tokens accrued to this provider", TokenAmount(amount)),
+                )
+                .await;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        },
+        Step::Close(reason) => match ctx.chain.close(id, *reason).await {
+            Ok(closed) => {
+                if closed.by_us {
+                    ctx.event(
+                        &lease,
+                        EventType::Normal,
+                        "Closed",
+                        &format!(
+                            "closed on chain as {}: {} paid at close, {} refunded",
+                            reason.as_str(),
+                            TokenAmount(closed.paid),
+                            TokenAmount(closed.refunded)
+                        ),
+                    )
+                    .await;
+                }
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        },
+    };
+    let acted = match acted {
+        Ok(a) => a,
+        Err(e) if e.is_transient() => return chain_trouble(&lease, ctx, api, status, &before, e).await,
+        Err(e) => {
+            // The escrow refused: retrying the same thing will not help, so say why and wait.
+            let msg = e.to_string();
+            set_condition(
+                &mut status.conditions,
+                &ConditionUpdate::new(COND_SETTLED, false, e.reason(), msg.clone()),
+                generation,
+                now_ts,
+            );
+            if find(&before.conditions, COND_SETTLED).map(|c| c.reason.as_str()) != Some(e.reason()) {
+                ctx.event(&lease, EventType::Warning, e.reason(), &msg).await;
+            }
+            patch_status(api, &name, &status).await?;
+            return Ok(Action::requeue(Duration::from_secs(60)));
+        }
+    };
+
+    announce_transitions(&lease, ctx, &before, &status).await;
+    if status != before {
+        patch_status(api, &name, &status).await?;
+    }
+    ctx.failures
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key(&lease));
+    Ok(match (acted, decided.requeue) {
+        // Something changed on chain: read it back at once.
+        (true, _) => Action::requeue(Duration::from_millis(200)),
+        (false, Some(d)) => Action::requeue(d.min(ctx.settings.resync)),
+        (false, None) => Action::await_change(),
+    })
+}
+
+async fn observe(lease: &Lease, ctx: &Context, id: B256) -> Result<Observed, ChainError> {
+    let onchain = ctx.chain.lease(id).await?;
+    let head = ctx.chain.head().await?;
+    let now = ctx.chain.now().await?;
+    let last_withdrawal = lease
+        .status
+        .as_ref()
+        .and_then(|s| s.last_withdrawal.as_ref())
+        .map(|t| u64::try_from(t.0.as_second()).unwrap_or(0));
+    Ok(Observed {
+        onchain,
+        head,
+        now,
+        last_withdrawal,
+        close_requested: lease.spec.close_reason,
+    })
+}
+
+async fn open(lease: &Lease, ctx: &Context, id: B256, provider: Address) -> Result<(), ChainError> {
+    let escrow = lease
+        .spec
+        .escrow
+        .as_ref()
+        .ok_or(ChainError::Config("no escrow".into()))?;
+    let price = TokenAmount::from_str(&lease.spec.price_per_gpu_hour)
+        .map_err(|e| ChainError::Config(format!("pricePerGpuHour: {e}")))?;
+    let gpus = u32::try_from(lease.spec.gpu_count).unwrap_or(0);
+    let rate = rate_per_second(price, gpus)
+        .ok_or_else(|| ChainError::Config("the price per second rounds to zero tokens".into()))?;
+    let deposit = TokenAmount::from_str(&escrow.deposit)
+        .map_err(|e| ChainError::Config(format!("deposit: {e}")))?
+        .0;
+    match ctx.chain.open(id, provider, rate, deposit).await? {
+        OpenOutcome::Opened { block, gas_used, .. } => {
+            ctx.metrics.tokens_deposited(deposit);
+            ctx.event(
+                lease,
+                EventType::Normal,
+                "Opened",
+                &format!(
+                    "opened on chain in block {block} with a deposit of {} tokens ({gas_used} gas)",
+                    escrow.deposit
+                ),
+            )
+            .await;
+        }
+        OpenOutcome::AlreadyOpen { block } => debug!(lease = %key(lease), block, "already open on chain"),
+    }
+    Ok(())
+}
+
+/// The chain is down or answering nonsense: say so on the Lease, keep every
+/// figure as it was, and retry with backoff.
+async fn chain_trouble(
+    lease: &Lease,
+    ctx: &Context,
+    api: &Api<Lease>,
+    mut status: LeaseStatus,
+    before: &LeaseStatus,
+    e: ChainError,
+) -> Result<Action, Error> {
+    ctx.metrics.chain_error(e.reason());
+    let msg = format!("{e}; retrying with backoff");
+    set_condition(
+        &mut status.conditions,
+        &ConditionUpdate::new(COND_CHAIN, false, e.reason(), msg.clone()),
+        lease.metadata.generation,
+        Timestamp::now(),
+    );
+    if find(&before.conditions, COND_CHAIN).map(|c| c.status.as_str()) != Some("False") {
+        ctx.event(lease, EventType::Warning, e.reason(), &msg).await;
+    }
+    patch_status(api, &lease.name_any(), &status).await?;
+    Err(Error::Chain(e))
+}
+
+async fn announce_transitions(lease: &Lease, ctx: &Context, before: &LeaseStatus, after: &LeaseStatus) {
+    if before.state != after.state
+        && let Some(state) = after.state
+    {
+        let (kind, reason) = match state {
+            LeaseState::InsufficientFunds => (EventType::Warning, "InsufficientFunds"),
+            LeaseState::Active => (EventType::Normal, "Active"),
+            LeaseState::Closed => (EventType::Normal, "Settled"),
+            LeaseState::Pending => (EventType::Normal, "Pending"),
+        };
+        let note = match state {
+            LeaseState::Closed => find(&after.conditions, COND_SETTLED)
+                .map(|c| c.message.clone())
+                .unwrap_or_default(),
+            _ => format!("lease is {state:?}"),
+        };
+        ctx.event(lease, kind, reason, &note).await;
+    }
+    let low = |s: &LeaseStatus| find(&s.conditions, COND_FUNDS_LOW).is_some_and(|c| c.status == "True");
+    if !low(before) && low(after) && after.state != Some(LeaseState::Closed) {
+        let msg = find(&after.conditions, COND_FUNDS_LOW)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        ctx.event(lease, EventType::Warning, "FundsLow", &msg).await;
+    }
+    let chain_back = |s: &LeaseStatus| find(&s.conditions, COND_CHAIN).is_some_and(|c| c.status == "True");
+    if !chain_back(before) && chain_back(after) && find(&before.conditions, COND_CHAIN).is_some() {
+        ctx.event(lease, EventType::Normal, "ChainReachable", "the chain answers again")
+            .await;
+    }
+}
+
+fn write_figures(status: &mut LeaseStatus, f: &crate::settlement_plan::Figures) {
+    let tokens = |v: Option<u128>| v.map(|v| TokenAmount(v).to_string());
+    status.state = f.state.or(status.state);
+    if let Some(r) = f.close_reason {
+        status.close_reason = Some(r.to_string());
+    }
+    status.paid = tokens(f.paid).or(status.paid.take());
+    status.refunded = tokens(f.refunded).or(status.refunded.take());
+    status.deposited = tokens(f.deposited).or(status.deposited.take());
+    status.remaining = tokens(f.remaining).or(status.remaining.take());
+    status.funds_run_out_at = f.funds_run_out_at.map(|t| Time(ts(t)));
+    status.opened_block = f
+        .opened_block
+        .and_then(|b| i64::try_from(b).ok())
+        .or(status.opened_block);
+    status.confirmations = f
+        .confirmations
+        .and_then(|b| i64::try_from(b).ok())
+        .or(status.confirmations);
+}
+
+fn ts(secs: u64) -> Timestamp {
+    Timestamp::from_second(i64::try_from(secs).unwrap_or(i64::MAX)).unwrap_or(Timestamp::MAX)
+}
+
+/// Before a Lease record goes, its chain side is settled: the renter closes an
+/// open lease as cancelled (refunding the rest); the provider takes what it earned.
+async fn cleanup(lease: Arc<Lease>, ctx: &Context) -> Result<Action, Error> {
+    let Ok((id, _)) = resolve(&lease, &ctx.chain) else {
+        return Ok(Action::await_change());
+    };
+    if let LeaseOnChain::Open { .. } = ctx.chain.lease(id).await? {
+        match lease.spec.side {
+            LeaseSide::Renter => {
+                let closed = ctx.chain.close(id, gpupool_chain::CloseReason::RenterCancelled).await?;
+                info!(lease = %key(&lease), refunded = %TokenAmount(closed.refunded), "lease record deleted: closed on chain");
+            }
+            LeaseSide::Provider => {
+                let amount = ctx.chain.withdraw(id).await?;
+                info!(lease = %key(&lease), withdrawn = %TokenAmount(amount), "lease record deleted: withdrew what accrued");
+            }
+        }
+    }
+    Ok(Action::await_change())
+}
+
+impl Context {
+    async fn event(&self, lease: &Lease, type_: EventType, reason: &str, note: &str) {
+        let ev = KubeEvent {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Settle".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &lease.object_ref(&())).await {
+            debug!(error = %e, "event not recorded");
+        }
+    }
+}
+
+async fn patch_status(api: &Api<Lease>, name: &str, status: &LeaseStatus) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "apiVersion": "gpupool.dev/v1alpha1",
+        "kind": "Lease",
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,452 @@
+//! What the settlement worker should do with one Lease, decided from what the
+//! chain shows. Pure: the controller observes, calls `plan`, and carries it out.
+
+use std::time::Duration;
+
+use gpupool_chain::{CloseReason as ChainReason, LeaseOnChain};
+use gpupool_crds::conditions::ConditionUpdate;
+use gpupool_crds::price::TokenAmount;
+use gpupool_crds::{CloseReason, LeaseSide, LeaseState};
+
+pub const COND_CONFIRMED: &str = "Confirmed";
+pub const COND_FUNDS_LOW: &str = "FundsLow";
+pub const COND_CHAIN: &str = "ChainReachable";
+pub const COND_SETTLED: &str = "Settling";
+
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub side: LeaseSide,
+    /// Blocks on top of the open (the open's own included) before the lease is Active.
+    pub confirmations: u64,
+    /// How often the provider withdraws what has accrued.
+    pub withdraw_every: Duration,
+    /// Warn the renter when the funds last less than this.
+    pub warn_below: Duration,
+}
+
+/// What the chain showed, all read at one moment.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    pub onchain: LeaseOnChain,
+    pub head: u64,
+    /// The chain's clock (latest block time), which accrual follows.
+    pub now: u64,
+    /// The provider's last withdrawal, chain time, from our status.
+    pub last_withdrawal: Option<u64>,
+    /// `spec.closeReason`.
+    pub close_requested: Option<CloseReason>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    Nothing,
+    /// Renter: put the deposit in.
+    Open,
+    Withdraw,
+    Close(ChainReason),
+}
+
+/// The lease's status as the chain shows it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Figures {
+    pub state: Option<LeaseState>,
+    pub close_reason: Option<&'static str>,
+    pub paid: Option<u128>,
+    pub refunded: Option<u128>,
+    pub deposited: Option<u128>,
+    pub remaining: Option<u128>,
+    pub funds_run_out_at: Option<u64>,
+    pub opened_block: Option<u64>,
+    pub confirmations: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub step: Step,
+    pub figures: Figures,
+    pub conditions: Vec<ConditionUpdate>,
+    /// When to look again; None once the lease is closed.
+    pub requeue: Option<Duration>,
+}
+
+pub fn to_chain_reason(r: CloseReason) -> ChainReason {
+    match r {
+        CloseReason::Completed => ChainReason::Completed,
+        CloseReason::RenterCancelled => ChainReason::RenterCancelled,
+        CloseReason::ProviderFailed => ChainReason::ProviderFailed,
+        CloseReason::InsufficientFunds => ChainReason::InsufficientFunds,
+    }
+}
+
+/// Tokens per second for `gpus` at an hourly price per GPU, rounded down; None
+/// when that rounds to nothing (the contract refuses a zero rate).
+pub fn rate_per_second(price_per_gpu_hour: TokenAmount, gpus: u32) -> Option<u128> {
+    let rate = price_per_gpu_hour.for_gpu_seconds(gpus, 1)?.0;
+    (rate > 0).then_some(rate)
+}
+
+fn tokens(v: u128) -> String {
+    TokenAmount(v).to_string()
+}
+
+fn human(d: u64) -> String {
+    match d {
+        0..=119 => format!("{d}s"),
+        120..=7199 => format!("{}m", d / 60),
+        _ => format!("{}h", d / 3600),
+    }
+}
+
+pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
+    let mut figures = Figures::default();
+    let mut conditions = vec![ConditionUpdate::new(
+        COND_CHAIN,
+        true,
+        "Reachable",
+        "the chain answered",
+    )];
+    match &seen.onchain {
+        LeaseOnChain::Unknown => {
+            figures.state = Some(LeaseState::Pending);
+            let (step, message) = match (policy.side, seen.close_requested) {
+                (LeaseSide::Renter, None) => (Step::Open, "opening the lease on chain"),
+                (LeaseSide::Renter, Some(_)) => (Step::Nothing, "closed before it was opened; nothing was deposited"),
+                (LeaseSide::Provider, _) => (Step::Nothing, "waiting for the renter to open the lease on chain"),
+            };
+            if step == Step::Nothing && policy.side == LeaseSide::Renter {
+                figures.state = Some(LeaseState::Closed);
+                figures.close_reason = seen.close_requested.map(CloseReason::as_str);
+            }
+            conditions.push(ConditionUpdate::new(COND_CONFIRMED, false, "NotOpened", message));
+            let requeue = (figures.state != Some(LeaseState::Closed)).then_some(Duration::from_secs(2));
+            Plan {
+                step,
+                figures,
+                conditions,
+                requeue,
+            }
+        }
+        LeaseOnChain::Open {
+            lease,
+            opened_block,
+            paid,
+            deposited,
+        } => {
+            let confirmations = (seen.head + 1).saturating_sub(*opened_block);
+            let confirmed = confirmations >= policy.confirmations;
+            let overdrawn = lease.overdrawn_at(seen.now);
+            let left = lease.seconds_left_at(seen.now);
+            figures.paid = Some(*paid);
+            figures.deposited = Some(*deposited);
+            figures.remaining = Some(lease.remaining_at(seen.now));
+            figures.funds_run_out_at = Some(seen.now.saturating_add(left));
+            figures.opened_block = Some(*opened_block);
+            figures.confirmations = Some(confirmations);
+            figures.state = Some(if !confirmed {
+                LeaseState::Pending
+            } else if overdrawn {
+                LeaseState::InsufficientFunds
+            } else {
+                LeaseState::Active
+            });
+            conditions.push(if confirmed {
+                ConditionUpdate::new(
+                    COND_CONFIRMED,
+                    true,
+                    "Confirmed",
+                    format!("{confirmations} confirmations"),
+                )
+            } else {
+                ConditionUpdate::new(
+                    COND_CONFIRMED,
+                    false,
+                    "AwaitingConfirmations",
+                    format!("{confirmations} of {} confirmations", policy.confirmations),
+                )
+            });
+            let low = u128::from(left) < policy.warn_below.as_secs().into();
+            conditions.push(if overdrawn {
+                ConditionUpdate::new(
+                    COND_FUNDS_LOW,
+                    true,
+                    "OutOfFunds",
+                    "the deposit is used up; the lease closes as InsufficientFunds",
+                )
+            } else if low {
+                ConditionUpdate::new(
+                    COND_FUNDS_LOW,
+                    true,
+                    "FundsRunningOut",
+                    format!(
+                        "{} tokens left, about {} at the current rate; top up with `gpupool escrow deposit`",
+                        tokens(lease.remaining_at(seen.now)),
+                        human(left)
+                    ),
+                )
+            } else {
+                ConditionUpdate::new(
+                    COND_FUNDS_LOW,
+                    false,
+                    "Funded",
+                    format!("funded for about {}", human(left)),
+                )
+            });
+
+            let may_close = |r: CloseReason| policy.side == LeaseSide::Renter || r != CloseReason::RenterCancelled;
+            let withdraw_due = seen
+                .last_withdrawal
+                .is_none_or(|t| seen.now.saturating_sub(t) >= policy.withdraw_every.as_secs());
+            let step = match seen.close_requested {
+                Some(r) if may_close(r) && (r != CloseReason::InsufficientFunds || overdrawn) => {
+                    Step::Close(to_chain_reason(r))
+                }
+                _ if overdrawn => Step::Close(ChainReason::InsufficientFunds),
+                _ if policy.side == LeaseSide::Provider && confirmed && withdraw_due && lease.owed_at(seen.now) > 0 => {
+                    Step::Withdraw
+                }
+                _ => Step::Nothing,
+            };
+            if let Some(r) = seen.close_requested
+                && !(may_close(r) && (r != CloseReason::InsufficientFunds || overdrawn))
+            {
+                conditions.push(ConditionUpdate::new(
+                    COND_SETTLED,
+                    false,
+                    "CloseNotAllowed",
+                    format!("this side cannot close with {} now", r.as_str()),
+                ));
+            } else {
+                conditions.push(ConditionUpdate::new(
+                    COND_SETTLED,
+                    true,
+                    "Settling",
+                    "payments follow the chain",
+                ));
+            }
+            // Look again when something is due: confirmations, the next withdrawal,
+            // the funds warning, the funds running out; at least every 30 s.
+            let mut next = Duration::from_secs(30);
+            if !confirmed {
+                next = Duration::from_secs(1);
+            }
+            if policy.side == LeaseSide::Provider
+                && let Some(t) = seen.last_withdrawal
+            {
+                let due = (t + policy.withdraw_every.as_secs()).saturating_sub(seen.now);
+                next = next.min(Duration::from_secs(due.max(1)));
+            }
+            if !low {
+                next = next.min(Duration::from_secs(
+                    (left - policy.warn_below.as_secs().min(left)).max(1),
+                ));
+            }
+            next = next.min(Duration::from_secs(left.max(1)));
+            Plan {
+                step,
+                figures,
+                conditions,
+                requeue: Some(next),
+            }
+        }
+        LeaseOnChain::Closed {
+            reason,
+            paid,
+            refunded,
+            deposited,
+            ..
+        } => {
+            figures.state = Some(LeaseState::Closed);
+            figures.close_reason = Some(reason.as_str());
+            figures.paid = Some(*paid);
+            figures.refunded = Some(*refunded);
+            figures.deposited = Some(*deposited);
+            figures.remaining = Some(0);
+            conditions.push(ConditionUpdate::new(
+                COND_FUNDS_LOW,
+                false,
+                "Closed",
+                "the lease is closed",
+            ));
+            conditions.push(ConditionUpdate::new(
+                COND_SETTLED,
+                true,
+                "Settled",
+                format!(
+                    "closed as {}: {} paid, {} refunded",
+                    reason.as_str(),
+                    tokens(*paid),
+                    tokens(*refunded)
+                ),
+            ));
+            Plan {
+                step: Step::Nothing,
+                figures,
+                conditions,
+                requeue: None,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpupool_chain::{Address, OpenLease};
+
+    const RATE: u128 = 1_000;
+
+    fn policy(side: LeaseSide) -> Policy {
+        Policy {
+            side,
+            confirmations: 2,
+            withdraw_every: Duration::from_secs(300),
+            warn_below: Duration::from_secs(600),
+        }
+    }
+
+    fn open(balance: u128, settled_at: u64) -> LeaseOnChain {
+        LeaseOnChain::Open {
+            lease: OpenLease {
+                renter: Address::repeat_byte(1),
+                provider: Address::repeat_byte(2),
+                token: Address::repeat_byte(3),
+                rate_per_second: RATE,
+                balance,
+                owed: 0,
+                settled_at,
+            },
+            opened_block: 10,
+            paid: 0,
+            deposited: balance,
+        }
+    }
+
+    fn seen(onchain: LeaseOnChain, head: u64, now: u64) -> Observed {
+        Observed {
+            onchain,
+            head,
+            now,
+            last_withdrawal: None,
+            close_requested: None,
+        }
+    }
+
+    fn cond<'a>(p: &'a Plan, t: &str) -> &'a ConditionUpdate {
+        p.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn renter_opens_provider_waits() {
+        let r = plan(&policy(LeaseSide::Renter), &seen(LeaseOnChain::Unknown, 5, 100));
+        assert_eq!(r.step, Step::Open);
+        assert_eq!(r.figures.state, Some(LeaseState::Pending));
+        let p = plan(&policy(LeaseSide::Provider), &seen(LeaseOnChain::Unknown, 5, 100));
+        assert_eq!(p.step, Step::Nothing);
+        assert!(p.requeue.is_some());
+        let mut cancelled = seen(LeaseOnChain::Unknown, 5, 100);
+        cancelled.close_requested = Some(CloseReason::RenterCancelled);
+        let c = plan(&policy(LeaseSide::Renter), &cancelled);
+        assert_eq!((c.step, c.figures.state), (Step::Nothing, Some(LeaseState::Closed)));
+    }
+
+    #[test]
+    fn active_only_after_confirmations() {
+        let p = policy(LeaseSide::Renter);
+        let one = plan(&p, &seen(open(10_000_000, 100), 10, 100));
+        assert_eq!(one.figures.state, Some(LeaseState::Pending));
+        assert_eq!(one.figures.confirmations, Some(1));
+        assert!(!cond(&one, COND_CONFIRMED).status);
+        let two = plan(&p, &seen(open(10_000_000, 100), 11, 100));
+        assert_eq!(two.figures.state, Some(LeaseState::Active));
+    }
+
+    #[test]
+    fn provider_withdraws_on_its_period() {
+        let p = policy(LeaseSide::Provider);
+        let mut s = seen(open(10_000_000, 100), 20, 400);
+        assert_eq!(plan(&p, &s).step, Step::Withdraw, "never withdrawn");
+        s.last_withdrawal = Some(200);
+        assert_eq!(plan(&p, &s).step, Step::Nothing, "200 s since the last one");
+        assert_eq!(plan(&p, &s).requeue, Some(Duration::from_secs(30)));
+        s.now = 500;
+        assert_eq!(plan(&p, &s).step, Step::Withdraw);
+        assert_eq!(
+            plan(&policy(LeaseSide::Renter), &s).step,
+            Step::Nothing,
+            "renters never withdraw"
+        );
+    }
+
+    #[test]
+    fn warns_when_funds_run_low_and_closes_when_out() {
+        let p = policy(LeaseSide::Renter);
+        // 1,000,000 at 1,000/s lasts 1,000 s from t=100.
+        let fine = plan(&p, &seen(open(1_000_000, 100), 20, 200));
+        assert!(!cond(&fine, COND_FUNDS_LOW).status);
+        assert_eq!(fine.figures.funds_run_out_at, Some(1_100));
+        let low = plan(&p, &seen(open(1_000_000, 100), 20, 700));
+        assert!(cond(&low, COND_FUNDS_LOW).status);
+        assert!(
+            cond(&low, COND_FUNDS_LOW).message.contains("6m"),
+            "{}",
+            cond(&low, COND_FUNDS_LOW).message
+        );
+        assert_eq!(low.step, Step::Nothing);
+        let out = plan(&p, &seen(open(1_000_000, 100), 20, 1_100));
+        assert_eq!(out.figures.state, Some(LeaseState::InsufficientFunds));
+        assert_eq!(out.step, Step::Close(ChainReason::InsufficientFunds));
+        assert_eq!(
+            plan(&policy(LeaseSide::Provider), &seen(open(1_000_000, 100), 20, 5_000)).step,
+            Step::Close(ChainReason::InsufficientFunds)
+        );
+    }
+
+    #[test]
+    fn close_requests_respect_who_may_say_what() {
+        let mut s = seen(open(10_000_000, 100), 20, 200);
+        s.close_requested = Some(CloseReason::RenterCancelled);
+        assert_eq!(
+            plan(&policy(LeaseSide::Renter), &s).step,
+            Step::Close(ChainReason::RenterCancelled)
+        );
+        let provider = plan(&policy(LeaseSide::Provider), &s);
+        assert_ne!(provider.step, Step::Close(ChainReason::RenterCancelled));
+        assert_eq!(cond(&provider, COND_SETTLED).reason, "CloseNotAllowed");
+        s.close_requested = Some(CloseReason::InsufficientFunds);
+        assert_eq!(plan(&policy(LeaseSide::Renter), &s).step, Step::Nothing, "still funded");
+        s.close_requested = Some(CloseReason::Completed);
+        assert_eq!(
+            plan(&policy(LeaseSide::Provider), &s).step,
+            Step::Close(ChainReason::Completed)
+        );
+    }
+
+    #[test]
+    fn closed_is_final_and_recorded() {
+        let closed = LeaseOnChain::Closed {
+            renter: Address::repeat_byte(1),
+            provider: Address::repeat_byte(2),
+            reason: ChainReason::Completed,
+            closed_by: Address::repeat_byte(1),
+            opened_block: 1,
+            closed_block: 9,
+            paid: 30,
+            refunded: 70,
+            deposited: 100,
+        };
+        let p = plan(&policy(LeaseSide::Provider), &seen(closed, 20, 200));
+        assert_eq!(p.step, Step::Nothing);
+        assert_eq!(p.requeue, None);
+        assert_eq!(
+            (p.figures.paid, p.figures.refunded, p.figures.close_reason),
+            (Some(30), Some(70), Some("Completed"))
+        );
+    }
+
+    #[test]
+    fn rate_rounds_down_and_refuses_zero() {
+        let price: TokenAmount = "3.6".parse().unwrap();
+        assert_eq!(rate_per_second(price, 2), Some(2_000_000_000_000_000));
+        assert_eq!(rate_per_second(TokenAmount(1), 1), None);
+    }
+}
