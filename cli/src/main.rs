@@ -1,7 +1,8 @@
-//! `gpupool`: the command line for renters and operators. Today it reads the
-//! cluster's AiJobs and GPUs; the market, leases and escrow commands come
-//! with the pool and settlement work.
+//! `gpupool`: the command line for renters and operators. It reads the
+//! cluster's AiJobs and GPUs, and the escrow and leases straight from the chain;
+//! the market commands come with the pool work.
 
+mod escrow;
 mod output;
 
 use std::io::Write;
@@ -35,6 +36,21 @@ enum Cmd {
     },
     /// GPUs in this cluster, per node, as the agents report them.
     Gpus,
+    /// Escrow: your balance, topping up a lease, withdrawing what a lease earned.
+    Escrow {
+        #[command(flatten)]
+        chain: escrow::ChainOpts,
+        #[command(subcommand)]
+        cmd: escrow::EscrowCmd,
+    },
+    /// Leases you rent or provide, with their on-chain state.
+    Leases {
+        #[command(flatten)]
+        chain: escrow::ChainOpts,
+        /// Whose leases; the key file's wallet by default.
+        #[arg(long)]
+        address: Option<gpupool_chain::Address>,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -138,6 +154,8 @@ async fn main() -> std::process::ExitCode {
             all_namespaces,
         } => jobs(cli.output, namespace, all_namespaces).await,
         Cmd::Gpus => gpus(cli.output).await,
+        Cmd::Escrow { chain, cmd } => escrow::escrow(cli.output, &chain, cmd).await,
+        Cmd::Leases { chain, address } => escrow::leases(cli.output, &chain, address).await,
         Cmd::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "gpupool", &mut out);

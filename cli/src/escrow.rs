@@ -1,0 +1,238 @@
+//! `gpupool escrow …` and `gpupool leases`: a renter's or provider's view of the
+//! escrow, straight from the chain (no cluster needed).
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use anyhow::Context as _;
+use gpupool_chain::{Address, B256, ChainConfig, ClientOptions, EscrowClient, LeaseOnChain, Wallet};
+use gpupool_crds::price::TokenAmount;
+use serde::Serialize;
+
+use crate::output::{Format, structured, table};
+
+/// Where the chain is and who we are.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ChainOpts {
+    /// JSON file with rpcUrl, chainId, escrow, token, fromBlock (`make testenv-up` writes e2e/.state/chain.json).
+    #[arg(long, env = "GPUPOOL_CHAIN_CONFIG", global = true)]
+    chain_config: Option<PathBuf>,
+    /// JSON-RPC URL (overrides the file's).
+    #[arg(long, env = "GPUPOOL_CHAIN_RPC_URL", hide_env_values = true, global = true)]
+    rpc_url: Option<String>,
+    /// Escrow contract address (overrides the file's).
+    #[arg(long, env = "GPUPOOL_ESCROW_ADDRESS", global = true)]
+    escrow: Option<Address>,
+    /// File holding the wallet's private key. Needed to deposit or withdraw.
+    #[arg(long, env = "GPUPOOL_WALLET_KEY_FILE", global = true)]
+    wallet_key_file: Option<PathBuf>,
+}
+
+impl ChainOpts {
+    fn connect(&self) -> anyhow::Result<(EscrowClient, Option<Wallet>)> {
+        let path = self
+            .chain_config
+            .as_deref()
+            .context("no chain configured: pass --chain-config (or GPUPOOL_CHAIN_CONFIG)")?;
+        let mut config = ChainConfig::load(path)?;
+        if let Some(u) = &self.rpc_url {
+            config.rpc_url.clone_from(u);
+        }
+        if let Some(e) = self.escrow {
+            config.escrow = e;
+        }
+        let wallet = self.wallet_key_file.as_deref().map(Wallet::from_file).transpose()?;
+        let client = EscrowClient::connect(config, wallet.as_ref(), ClientOptions::default())?;
+        Ok((client, wallet))
+    }
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum EscrowCmd {
+    /// Token balance of a wallet and what it has in open leases.
+    Balance {
+        /// The wallet; the key file's by default.
+        #[arg(long)]
+        address: Option<Address>,
+    },
+    /// Add tokens to an open lease you rent (a top-up).
+    Deposit {
+        /// The on-chain lease id (0x + 64 hex digits).
+        #[arg(long)]
+        lease: String,
+        /// Tokens, as a decimal (e.g. 25 or 0.5).
+        #[arg(long)]
+        amount: String,
+    },
+    /// Withdraw what a lease you provide has accrued.
+    Withdraw {
+        #[arg(long)]
+        lease: String,
+    },
+}
+
+fn lease_arg(s: &str) -> anyhow::Result<B256> {
+    B256::from_str(s).map_err(|_| anyhow::anyhow!("--lease must be 0x followed by 64 hex digits"))
+}
+
+fn tokens(v: u128) -> String {
+    TokenAmount(v).to_string()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Balance {
+    address: String,
+    wallet: String,
+    /// Remaining in open leases where this address is the renter.
+    in_leases_as_renter: String,
+    /// Accrued, unpaid, in open leases where this address is the provider.
+    owed_as_provider: String,
+    open_leases: usize,
+}
+
+pub async fn escrow(format: Format, opts: &ChainOpts, cmd: EscrowCmd) -> anyhow::Result<String> {
+    let (client, wallet) = opts.connect()?;
+    match cmd {
+        EscrowCmd::Balance { address } => {
+            let who = address
+                .or(wallet.as_ref().map(Wallet::address))
+                .context("pass --address or --wallet-key-file")?;
+            let now = client.now().await?;
+            let (mut renting, mut owed, mut open) = (0u128, 0u128, 0usize);
+            for id in client.lease_ids_of(who).await? {
+                if let LeaseOnChain::Open { lease, .. } = client.lease(id).await? {
+                    open += 1;
+                    if lease.renter == who {
+                        renting += lease.remaining_at(now);
+                    }
+                    if lease.provider == who {
+                        owed += lease.owed_at(now);
+                    }
+                }
+            }
+            let b = Balance {
+                address: who.to_string(),
+                wallet: tokens(client.token_balance(who).await?),
+                in_leases_as_renter: tokens(renting),
+                owed_as_provider: tokens(owed),
+                open_leases: open,
+            };
+            if !matches!(format, Format::Table) {
+                return structured(format, &b);
+            }
+            Ok(table(
+                &["ADDRESS", "WALLET", "IN-LEASES", "OWED-TO-YOU", "OPEN-LEASES"],
+                &[vec![
+                    b.address,
+                    b.wallet,
+                    b.in_leases_as_renter,
+                    b.owed_as_provider,
+                    b.open_leases.to_string(),
+                ]],
+            ))
+        }
+        EscrowCmd::Deposit { lease, amount } => {
+            let id = lease_arg(&lease)?;
+            let amount: TokenAmount = amount.parse().map_err(|e| anyhow::anyhow!("--amount: {e}"))?;
+            anyhow::ensure!(amount.0 > 0, "--amount must be above zero");
+            client.top_up(id, amount.0).await?;
+            Ok(format!("deposited {amount} tokens into lease {id}\n"))
+        }
+        EscrowCmd::Withdraw { lease } => {
+            let id = lease_arg(&lease)?;
+            let got = client.withdraw(id).await?;
+            Ok(format!("withdrew {} tokens from lease {id}\n", tokens(got)))
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LeaseRow {
+    lease_id: String,
+    role: &'static str,
+    state: String,
+    renter: String,
+    provider: String,
+    paid: String,
+    remaining: String,
+    close_reason: Option<String>,
+}
+
+/// Leases where the wallet (or `--address`) is renter or provider, from the chain.
+pub async fn leases(format: Format, opts: &ChainOpts, address: Option<Address>) -> anyhow::Result<String> {
+    let (client, wallet) = opts.connect()?;
+    let who = address
+        .or(wallet.as_ref().map(Wallet::address))
+        .context("pass --address or --wallet-key-file")?;
+    let now = client.now().await?;
+    let mut rows = Vec::new();
+    for id in client.lease_ids_of(who).await? {
+        let row = match client.lease(id).await? {
+            LeaseOnChain::Open { lease, paid, .. } => LeaseRow {
+                lease_id: id.to_string(),
+                role: if lease.renter == who { "renter" } else { "provider" },
+                state: if lease.overdrawn_at(now) {
+                    "InsufficientFunds".into()
+                } else {
+                    "Open".into()
+                },
+                renter: lease.renter.to_string(),
+                provider: lease.provider.to_string(),
+                paid: tokens(paid),
+                remaining: tokens(lease.remaining_at(now)),
+                close_reason: None,
+            },
+            LeaseOnChain::Closed {
+                renter,
+                provider,
+                reason,
+                paid,
+                ..
+            } => LeaseRow {
+                lease_id: id.to_string(),
+                role: if renter == who { "renter" } else { "provider" },
+                state: "Closed".into(),
+                renter: renter.to_string(),
+                provider: provider.to_string(),
+                paid: tokens(paid),
+                remaining: "0".into(),
+                close_reason: Some(reason.as_str().into()),
+            },
+            LeaseOnChain::Unknown => continue,
+        };
+        rows.push(row);
+    }
+    if !matches!(format, Format::Table) {
+        return structured(format, &rows);
+    }
+    let short = |a: &str| format!("{}…{}", &a[..6], &a[a.len() - 4..]);
+    Ok(table(
+        &[
+            "LEASE",
+            "ROLE",
+            "STATE",
+            "RENTER",
+            "PROVIDER",
+            "PAID",
+            "REMAINING",
+            "CLOSE-REASON",
+        ],
+        &rows
+            .into_iter()
+            .map(|r| {
+                vec![
+                    r.lease_id,
+                    r.role.into(),
+                    r.state,
+                    short(&r.renter),
+                    short(&r.provider),
+                    r.paid,
+                    r.remaining,
+                    r.close_reason.unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    ))
+}
