@@ -12,3 +12,4 @@ trap '$testenv down >/dev/null' EXIT
 $testenv up --orgs 1 --agent target/release/gpupool-agent
 target/debug/bench-agent --agent target/release/gpupool-agent --seconds "${AGENT_SECONDS:-120}"
 target/debug/bench-operator --operator target/release/gpupool-operator --jobs "${JOBS:-1000}"
+target/debug/bench-escrow

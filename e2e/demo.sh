@@ -37,6 +37,7 @@ $kubectl get gpunodes
 
 say "Starting the gpupool operator (as its own ServiceAccount identity)"
 KUBECONFIG=$state/acme/operator.kubeconfig target/debug/gpupool-operator --org acme --metrics-addr 127.0.0.1:0 \
+  --chain-config "$state/chain/chain.json" --wallet-key-file "$state/chain/acme.key" --chain-resync-seconds 2 \
   >"$state/acme/logs/operator-demo.log" 2>&1 &
 operator_pid=$!
 
@@ -70,4 +71,53 @@ say "The job that does not fit says why"
 $kubectl get aijob pretrain-huge -o wide
 
 [ "$phase" = Succeeded ] || exit 1
-say "Done. Federation across organisations and settlement come next (see README)."
+
+# Settlement: acme rents 8 GPUs from a provider wallet through the on-chain escrow.
+chaincfg=$state/chain/chain.json
+gp() { target/debug/gpupool "$@" --chain-config "$chaincfg"; }
+addr() { gp escrow balance --wallet-key-file "$state/chain/$1.key" -o json | sed -n 's/.*"address": "\(0x[0-9a-fA-F]*\)".*/\1/p'; }
+acme_wallet=$(addr acme)
+provider_wallet=$(addr provider)
+say "Token balances before the lease (anvil chain, escrow at $(sed -n 's/.*"escrow": "\(.*\)".*/\1/p' "$chaincfg"))"
+gp escrow balance --wallet-key-file "$state/chain/acme.key"
+gp escrow balance --wallet-key-file "$state/chain/provider.key" | tail -n 1
+
+say "acme's Lease: 8 GPUs at 36 tokens per GPU-hour, 100 tokens deposited; the operator opens it on chain"
+$kubectl apply -f - <<EOF2
+apiVersion: gpupool.dev/v1alpha1
+kind: Lease
+metadata:
+  name: demo-lease
+spec:
+  side: Renter
+  orderId: demo-order-1
+  bid: demo-bid
+  renter: { org: acme, wallet: "$acme_wallet" }
+  provider: { org: provider, wallet: "$provider_wallet" }
+  pricePerGpuHour: "36"
+  gpuCount: 8
+  gpuProduct: NVIDIA-H100-80GB-HBM3
+  escrow:
+    chainId: 31337
+    contract: "$(sed -n 's/.*"escrow": "\(.*\)".*/\1/p' "$chaincfg")"
+    deposit: "100"
+EOF2
+$kubectl wait leases.gpupool.dev/demo-lease --for=jsonpath='{.status.state}'=Active --timeout=60s >/dev/null
+$kubectl get leases.gpupool.dev demo-lease
+lease_id=$($kubectl get leases.gpupool.dev demo-lease -o jsonpath='{.status.leaseId}')
+sleep 5
+say "The provider withdraws what 8 GPUs earned so far (gpupool escrow withdraw)"
+gp escrow withdraw --wallet-key-file "$state/chain/provider.key" --lease "$lease_id"
+gp leases --wallet-key-file "$state/chain/provider.key"
+
+say "The work is done: acme closes the lease as Completed; the rest is refunded"
+$kubectl patch leases.gpupool.dev demo-lease --type merge -p '{"spec":{"closeReason":"Completed"}}' >/dev/null
+$kubectl wait leases.gpupool.dev/demo-lease --for=jsonpath='{.status.state}'=Closed --timeout=60s >/dev/null
+$kubectl get leases.gpupool.dev demo-lease -o custom-columns=NAME:.metadata.name,STATE:.status.state,REASON:.status.closeReason,DEPOSITED:.status.deposited,PAID:.status.paid,REFUNDED:.status.refunded
+$kubectl get events --field-selector involvedObject.kind=Lease,involvedObject.name=demo-lease \
+  -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message --sort-by=.metadata.creationTimestamp
+say "Token balances after"
+gp escrow balance --wallet-key-file "$state/chain/acme.key"
+gp escrow balance --wallet-key-file "$state/chain/provider.key" | tail -n 1
+
+say "Done. Placing jobs in other organisations over libp2p comes next (see README)."

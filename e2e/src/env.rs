@@ -11,6 +11,20 @@ use crate::cluster::ClusterInfo;
 pub struct TestEnv {
     pub root: PathBuf,
     pub orgs: Vec<ClusterInfo>,
+    /// The chain (anvil) with the escrow deployed, when it was started.
+    #[serde(default)]
+    pub chain: Option<ChainInfo>,
+}
+
+/// The test chain as the operators and the CLI find it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChainInfo {
+    pub pid: u32,
+    pub url: String,
+    /// `ChainConfig` JSON: RPC URL, chain id, escrow and token addresses.
+    pub config: PathBuf,
+    /// Wallet key file per organisation, and "renter" for a renter without a cluster.
+    pub wallets: std::collections::BTreeMap<String, PathBuf>,
 }
 
 pub const ENV_FILE: &str = "env.json";

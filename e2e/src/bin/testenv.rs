@@ -6,8 +6,9 @@ use std::process::Command;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use gpupool_e2e::chain;
 use gpupool_e2e::cluster::{self, Binaries};
-use gpupool_e2e::env::{ENV_FILE, TestEnv, default_root};
+use gpupool_e2e::env::{ChainInfo, ENV_FILE, TestEnv, default_root};
 use gpupool_e2e::orgs::org_specs;
 
 #[derive(Parser)]
@@ -56,6 +57,35 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
     let stdout = String::from_utf8(out.stdout)?;
     let dir = stdout.lines().last().context("build.sh printed no directory")?;
     Ok(PathBuf::from(dir.trim()))
+}
+
+/// anvil with the escrow deployed; account 0 deploys, account i+1 is the i-th
+/// organisation's wallet, then a renter and a provider without a cluster. Every
+/// one of them is funded.
+async fn start_chain(root: &Path, orgs: &[cluster::ClusterInfo]) -> anyhow::Result<ChainInfo> {
+    let dir = root.join("chain");
+    let anvil = chain::Anvil::start(&dir).await?;
+    let mut names: Vec<String> = orgs.iter().map(|o| o.org.name.clone()).collect();
+    // Wallets without a cluster: a renter using only the CLI, and a provider.
+    names.push("renter".into());
+    names.push("provider".into());
+    let funded: Vec<usize> = (1..=names.len()).collect();
+    let config = chain::deploy_and_fund(&anvil, &funded).await?;
+    let config_path = dir.join("chain.json");
+    config.save(&config_path)?;
+    let mut wallets = std::collections::BTreeMap::new();
+    for (i, name) in names.iter().enumerate() {
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&key, &anvil.keys[i + 1])?;
+        wallets.insert(name.clone(), key);
+    }
+    let anvil = anvil.detach();
+    Ok(ChainInfo {
+        pid: anvil.pid,
+        url: anvil.url.clone(),
+        config: config_path,
+        wallets,
+    })
 }
 
 #[tokio::main]
@@ -110,9 +140,17 @@ async fn main() -> anyhow::Result<()> {
                 cluster::stop(&all_pids.concat());
                 anyhow::bail!("starting the test environment failed: {f}");
             }
+            let chain = match start_chain(&root, &infos).await {
+                Ok(c) => c,
+                Err(e) => {
+                    cluster::stop(&all_pids.concat());
+                    anyhow::bail!("starting the chain failed: {e:#}");
+                }
+            };
             let env = TestEnv {
                 root: root.clone(),
                 orgs: infos,
+                chain: Some(chain),
             };
             env.save()?;
             for o in &env.orgs {
@@ -126,11 +164,15 @@ async fn main() -> anyhow::Result<()> {
                     o.admin_kubeconfig.display()
                 );
             }
+            if let Some(c) = &env.chain {
+                println!("chain    {}  escrow config {}", c.url, c.config.display());
+            }
         }
         Cmd::Down => {
             match TestEnv::load(&root) {
                 Ok(env) => {
-                    let pids: Vec<u32> = env.orgs.iter().flat_map(|o| o.pids.iter().copied()).collect();
+                    let mut pids: Vec<u32> = env.orgs.iter().flat_map(|o| o.pids.iter().copied()).collect();
+                    pids.extend(env.chain.iter().map(|c| c.pid));
                     cluster::stop(&pids);
                     println!("stopped {} organisation(s)", env.orgs.len());
                 }

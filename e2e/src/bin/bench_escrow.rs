@@ -1,0 +1,179 @@
+//! Escrow benchmark against anvil: gas for each call and for a whole lease
+//! (open + one withdraw + close), and the latency of one wallet opening 100
+//! leases concurrently through the Rust client. JSON in target/bench/escrow.json.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alloy::providers::Provider;
+use alloy::providers::ext::AnvilApi;
+use clap::Parser;
+use gpupool_chain::{ClientOptions, CloseReason, EscrowClient, OpenOutcome, lease_id};
+use gpupool_e2e::bench::{Figure, write};
+use gpupool_e2e::chain::{Anvil, ONE_TOKEN, deploy_and_fund};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 100)]
+    concurrent: usize,
+    #[arg(long, default_value = "target/bench/escrow.json")]
+    out: std::path::PathBuf,
+}
+
+const RATE: u128 = ONE_TOKEN / 100;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = std::env::temp_dir().join(format!("gpupool-bench-escrow-{}", std::process::id()));
+    let anvil = Anvil::start(&dir).await?;
+    let config = deploy_and_fund(&anvil, &[1, 2, 3]).await?;
+    let renter_w = anvil.wallet(1)?;
+    let renter = EscrowClient::connect(config.clone(), Some(&renter_w), ClientOptions::default())?;
+    let provider = EscrowClient::connect(config.clone(), Some(&anvil.wallet(2)?), ClientOptions::default())?;
+    let fresh_provider = anvil.wallet(9)?.address(); // holds no tokens yet
+    let mut figures = Vec::new();
+
+    // The escrow is approved once per wallet (standing allowance); not part of a lease.
+    renter
+        .open(
+            lease_id(renter_w.address(), "warm-up"),
+            provider.wallet().unwrap_or_default(),
+            RATE,
+            ONE_TOKEN,
+        )
+        .await?;
+
+    for (case, provider_addr, provider_client) in [
+        (
+            "provider-already-holds-tokens",
+            provider.wallet().unwrap_or_default(),
+            Some(&provider),
+        ),
+        ("first-payment-to-a-fresh-provider", fresh_provider, None),
+    ] {
+        let id = lease_id(renter_w.address(), case);
+        let OpenOutcome::Opened { gas_used: open_gas, .. } =
+            renter.open(id, provider_addr, RATE, 100 * ONE_TOKEN).await?
+        else {
+            anyhow::bail!("lease already open")
+        };
+        renter.provider().anvil_increase_time(3600).await?;
+        renter.provider().anvil_mine(Some(1), None).await?;
+        let withdraw_gas = match provider_client {
+            Some(p) => {
+                let before = p.provider().get_block_number().await?;
+                p.withdraw(id).await?;
+                gas_of_last_tx(p, before).await?
+            }
+            None => {
+                // The fresh provider withdraws with its own key.
+                let fresh = EscrowClient::connect(config.clone(), Some(&anvil.wallet(9)?), ClientOptions::default())?;
+                let before = fresh.provider().get_block_number().await?;
+                fresh.withdraw(id).await?;
+                gas_of_last_tx(&fresh, before).await?
+            }
+        };
+        renter.provider().anvil_increase_time(600).await?;
+        renter.provider().anvil_mine(Some(1), None).await?;
+        let before = renter.provider().get_block_number().await?;
+        renter.close(id, CloseReason::Completed).await?;
+        let close_gas = gas_of_last_tx(&renter, before).await?;
+        let total = open_gas + withdraw_gas + close_gas;
+        let cond = json!({ "case": case, "chain": "anvil 1.7.1 (cancun rules for the contract)", "solc": "0.8.37, optimizer 10000 runs" });
+        println!("{case}: open {open_gas}, withdraw {withdraw_gas}, close {close_gas}, lifecycle {total} gas");
+        figures.push(Figure::new(
+            &format!("escrow_gas_open/{case}"),
+            open_gas as f64,
+            "gas",
+            cond.clone(),
+        ));
+        figures.push(Figure::new(
+            &format!("escrow_gas_withdraw/{case}"),
+            withdraw_gas as f64,
+            "gas",
+            cond.clone(),
+        ));
+        figures.push(Figure::new(
+            &format!("escrow_gas_close/{case}"),
+            close_gas as f64,
+            "gas",
+            cond.clone(),
+        ));
+        figures.push(Figure::new(
+            &format!("escrow_gas_lifecycle/{case}"),
+            total as f64,
+            "gas",
+            cond,
+        ));
+    }
+
+    // One wallet, many leases at once.
+    let renter = Arc::new(renter);
+    let provider_addr = provider.wallet().unwrap_or_default();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.concurrent)
+        .map(|i| {
+            let r = renter.clone();
+            let me = renter_w.address();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                r.open(lease_id(me, &format!("bench-{i}")), provider_addr, RATE, ONE_TOKEN)
+                    .await
+                    .map(|_| t.elapsed())
+            })
+        })
+        .collect();
+    let mut lat: Vec<Duration> = Vec::new();
+    for t in tasks {
+        lat.push(t.await??);
+    }
+    let wall = started.elapsed();
+    lat.sort();
+    let pct = |p: f64| {
+        lat[((lat.len() as f64 * p).ceil() as usize)
+            .saturating_sub(1)
+            .min(lat.len() - 1)]
+        .as_secs_f64()
+            * 1000.0
+    };
+    let cond =
+        json!({ "leases": args.concurrent, "wallets": 1, "chain": "anvil automine on loopback", "confirmations": 1 });
+    println!(
+        "{} concurrent opens from one wallet: all done in {:.0} ms; per open p50 {:.0} ms, p99 {:.0} ms",
+        args.concurrent,
+        wall.as_secs_f64() * 1000.0,
+        pct(0.5),
+        pct(0.99)
+    );
+    figures.push(Figure::new(
+        "escrow_concurrent_open_all",
+        wall.as_secs_f64() * 1000.0,
+        "ms",
+        cond.clone(),
+    ));
+    figures.push(Figure::new("escrow_concurrent_open_p50", pct(0.5), "ms", cond.clone()));
+    figures.push(Figure::new("escrow_concurrent_open_p99", pct(0.99), "ms", cond));
+    anyhow::ensure!(
+        renter.lease_ids_of(renter_w.address()).await?.len() == args.concurrent + 3,
+        "every open landed once"
+    );
+    write(&args.out, &figures)?;
+    println!("wrote {}", args.out.display());
+    drop(anvil);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Gas of the one transaction the client just sent (the only one in blocks after `before`).
+async fn gas_of_last_tx(c: &EscrowClient, before: u64) -> anyhow::Result<u64> {
+    let head = c.provider().get_block_number().await?;
+    let mut gas = 0;
+    for n in before + 1..=head {
+        if let Some(receipts) = c.provider().get_block_receipts(n.into()).await? {
+            gas += receipts.iter().map(|r| r.gas_used).sum::<u64>();
+        }
+    }
+    Ok(gas)
+}
