@@ -64,6 +64,13 @@ pub struct TxRecord {
 
 pub type TxObserver = Arc<dyn Fn(&TxRecord) + Send + Sync>;
 
+/// The latest block, as far as leases care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tip {
+    pub number: u64,
+    pub timestamp: u64,
+}
+
 /// What `open` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpenOutcome {
@@ -202,15 +209,23 @@ impl EscrowClient {
             .map_err(|e| rpc("eth_blockNumber", e))
     }
 
-    /// The chain's clock: the latest block's timestamp.
-    pub async fn now(&self) -> Result<u64, ChainError> {
+    /// The latest block's number and time, from one request.
+    pub async fn tip(&self) -> Result<Tip, ChainError> {
         let block = self
             .provider
             .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
             .await
             .map_err(|e| rpc("eth_getBlockByNumber", e))?
             .ok_or_else(|| garbage("eth_getBlockByNumber", "no latest block"))?;
-        Ok(block.header.timestamp)
+        Ok(Tip {
+            number: block.header.number,
+            timestamp: block.header.timestamp,
+        })
+    }
+
+    /// The chain's clock: the latest block's timestamp.
+    pub async fn now(&self) -> Result<u64, ChainError> {
+        Ok(self.tip().await?.timestamp)
     }
 
     pub async fn token_balance(&self, owner: Address) -> Result<u128, ChainError> {
@@ -233,10 +248,14 @@ impl EscrowClient {
         Ok(u128::try_from(v).unwrap_or(u128::MAX))
     }
 
-    /// The lease as the chain has it, rebuilt from its events and checked against
-    /// the hash the contract stores, both read at the same block.
+    /// The lease as the chain has it at the latest block; see [`Self::lease_at`].
     pub async fn lease(&self, id: B256) -> Result<LeaseOnChain, ChainError> {
-        let at = self.head().await?;
+        self.lease_at(id, self.head().await?).await
+    }
+
+    /// The lease at block `at`, rebuilt from its events and checked against the
+    /// hash the contract stores, both read at that block.
+    pub async fn lease_at(&self, id: B256, at: u64) -> Result<LeaseOnChain, ChainError> {
         let stored = self
             .escrow()
             .leaseHash(id)

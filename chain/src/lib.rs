@@ -17,7 +17,7 @@ pub mod error;
 pub mod wallet;
 
 pub use accounting::{CloseReason, LeaseOnChain, OpenLease, lease_id};
-pub use client::{ClientOptions, EscrowClient, OpenOutcome, TxRecord};
+pub use client::{ClientOptions, EscrowClient, OpenOutcome, Tip, TxRecord};
 pub use config::ChainConfig;
 pub use error::ChainError;
 pub use wallet::Wallet;

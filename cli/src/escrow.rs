@@ -98,10 +98,11 @@ pub async fn escrow(format: Format, opts: &ChainOpts, cmd: EscrowCmd) -> anyhow:
             let who = address
                 .or(wallet.as_ref().map(Wallet::address))
                 .context("pass --address or --wallet-key-file")?;
-            let now = client.now().await?;
+            let tip = client.tip().await?;
+            let now = tip.timestamp;
             let (mut renting, mut owed, mut open) = (0u128, 0u128, 0usize);
             for id in client.lease_ids_of(who).await? {
-                if let LeaseOnChain::Open { lease, .. } = client.lease(id).await? {
+                if let LeaseOnChain::Open { lease, .. } = client.lease_at(id, tip.number).await? {
                     open += 1;
                     if lease.renter == who {
                         renting += lease.remaining_at(now);
@@ -166,10 +167,11 @@ pub async fn leases(format: Format, opts: &ChainOpts, address: Option<Address>) 
     let who = address
         .or(wallet.as_ref().map(Wallet::address))
         .context("pass --address or --wallet-key-file")?;
-    let now = client.now().await?;
+    let tip = client.tip().await?;
+    let now = tip.timestamp;
     let mut rows = Vec::new();
     for id in client.lease_ids_of(who).await? {
-        let row = match client.lease(id).await? {
+        let row = match client.lease_at(id, tip.number).await? {
             LeaseOnChain::Open { lease, paid, .. } => LeaseRow {
                 lease_id: id.to_string(),
                 role: if lease.renter == who { "renter" } else { "provider" },

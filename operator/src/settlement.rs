@@ -286,9 +286,9 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
 }
 
 async fn observe(lease: &Lease, ctx: &Context, id: B256) -> Result<Observed, ChainError> {
-    let onchain = ctx.chain.lease(id).await?;
-    let head = ctx.chain.head().await?;
-    let now = ctx.chain.now().await?;
+    // One block for everything: the lease, the confirmations and the clock agree.
+    let tip = ctx.chain.tip().await?;
+    let onchain = ctx.chain.lease_at(id, tip.number).await?;
     let last_withdrawal = lease
         .status
         .as_ref()
@@ -296,8 +296,8 @@ async fn observe(lease: &Lease, ctx: &Context, id: B256) -> Result<Observed, Cha
         .map(|t| u64::try_from(t.0.as_second()).unwrap_or(0));
     Ok(Observed {
         onchain,
-        head,
-        now,
+        head: tip.number,
+        now: tip.timestamp,
         last_withdrawal,
         close_requested: lease.spec.close_reason,
     })
