@@ -11,7 +11,7 @@ use gpupool_crds::{AIJOB_FINALIZER, AiJob, AiJobStatus, GpuNode, LABEL_AIJOB, Ru
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::{DeleteParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -396,12 +396,5 @@ async fn cleanup(aijob: Arc<AiJob>, ctx: &Context) -> Result<Action, Error> {
 }
 
 async fn patch_status(api: &Api<AiJob>, name: &str, status: &AiJobStatus) -> Result<(), Error> {
-    let patch = serde_json::json!({
-        "apiVersion": "gpupool.dev/v1alpha1",
-        "kind": "AiJob",
-        "status": status,
-    });
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
-    Ok(())
+    Ok(crate::ssa::apply_status(api, name, FIELD_MANAGER, status).await?)
 }

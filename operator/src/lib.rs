@@ -12,5 +12,6 @@ pub mod placement;
 pub mod quantity;
 pub mod settlement;
 pub mod settlement_plan;
+pub mod ssa;
 pub mod status;
 pub mod telemetry;

@@ -18,7 +18,6 @@ use gpupool_crds::price::TokenAmount;
 use gpupool_crds::{LEASE_FINALIZER, Lease, LeaseSide, LeaseState, LeaseStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -455,12 +454,5 @@ impl Context {
 }
 
 async fn patch_status(api: &Api<Lease>, name: &str, status: &LeaseStatus) -> Result<(), Error> {
-    let patch = serde_json::json!({
-        "apiVersion": "gpupool.dev/v1alpha1",
-        "kind": "Lease",
-        "status": status,
-    });
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
-    Ok(())
+    Ok(crate::ssa::apply_status(api, name, FIELD_MANAGER, status).await?)
 }
