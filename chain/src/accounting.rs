@@ -12,43 +12,23 @@ use alloy::{
 
 use crate::bindings::LeaseEscrow;
 
-/// Why a lease closed, as the contract encodes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CloseReason {
-    Completed,
-    RenterCancelled,
-    ProviderFailed,
-    InsufficientFunds,
+/// Why a lease closed: the resource's type, so the chain and the Lease records
+/// name reasons the same way.
+pub use gpupool_crds::CloseReason;
+
+/// The contract's encoding of a close reason: its position in the Solidity enum.
+pub trait ContractCode: Copy {
+    fn as_u8(self) -> u8;
+    fn from_u8(v: u8) -> Option<Self>;
 }
 
-impl CloseReason {
-    pub const ALL: [CloseReason; 4] = [
-        Self::Completed,
-        Self::RenterCancelled,
-        Self::ProviderFailed,
-        Self::InsufficientFunds,
-    ];
-
-    pub fn as_u8(self) -> u8 {
+impl ContractCode for CloseReason {
+    fn as_u8(self) -> u8 {
         self as u8
     }
 
-    pub fn from_u8(v: u8) -> Option<Self> {
+    fn from_u8(v: u8) -> Option<Self> {
         Self::ALL.get(usize::from(v)).copied()
-    }
-
-    /// The name Lease resources and the CLI use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Completed => "Completed",
-            Self::RenterCancelled => "RenterCancelled",
-            Self::ProviderFailed => "ProviderFailed",
-            Self::InsufficientFunds => "InsufficientFunds",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|r| r.as_str().eq_ignore_ascii_case(s))
     }
 }
 

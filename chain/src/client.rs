@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
 use crate::{
-    accounting::{CloseReason, LeaseEvent, LeaseOnChain, OpenLease, fold},
+    accounting::{CloseReason, ContractCode, LeaseEvent, LeaseOnChain, OpenLease, fold},
     bindings::{GpuToken, LeaseEscrow},
     config::ChainConfig,
     error::ChainError,

@@ -64,8 +64,9 @@ pub struct LeaseSpec {
     pub close_reason: Option<CloseReason>,
 }
 
-/// Why a lease closes; the same codes the escrow contract records.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+/// Why a lease closes; the same codes, in the same order, as the escrow
+/// contract's `CloseReason` (the chain crate encodes it by position).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CloseReason {
     Completed,
     RenterCancelled,
@@ -74,6 +75,17 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    pub const ALL: [CloseReason; 4] = [
+        Self::Completed,
+        Self::RenterCancelled,
+        Self::ProviderFailed,
+        Self::InsufficientFunds,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str().eq_ignore_ascii_case(s))
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Completed => "Completed",

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gpupool_chain::{CloseReason as ChainReason, LeaseOnChain};
+use gpupool_chain::LeaseOnChain;
 use gpupool_crds::conditions::ConditionUpdate;
 use gpupool_crds::price::TokenAmount;
 use gpupool_crds::{CloseReason, LeaseSide, LeaseState};
@@ -43,7 +43,7 @@ pub enum Step {
     /// Renter: put the deposit in.
     Open,
     Withdraw,
-    Close(ChainReason),
+    Close(CloseReason),
 }
 
 /// The lease's status as the chain shows it.
@@ -67,15 +67,6 @@ pub struct Plan {
     pub conditions: Vec<ConditionUpdate>,
     /// When to look again; None once the lease is closed.
     pub requeue: Option<Duration>,
-}
-
-pub fn to_chain_reason(r: CloseReason) -> ChainReason {
-    match r {
-        CloseReason::Completed => ChainReason::Completed,
-        CloseReason::RenterCancelled => ChainReason::RenterCancelled,
-        CloseReason::ProviderFailed => ChainReason::ProviderFailed,
-        CloseReason::InsufficientFunds => ChainReason::InsufficientFunds,
-    }
 }
 
 /// Tokens per second for `gpus` at an hourly price per GPU, rounded down; None
@@ -197,10 +188,8 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
                 .last_withdrawal
                 .is_none_or(|t| seen.now.saturating_sub(t) >= policy.withdraw_every.as_secs());
             let step = match seen.close_requested {
-                Some(r) if may_close(r) && (r != CloseReason::InsufficientFunds || overdrawn) => {
-                    Step::Close(to_chain_reason(r))
-                }
-                _ if overdrawn => Step::Close(ChainReason::InsufficientFunds),
+                Some(r) if may_close(r) && (r != CloseReason::InsufficientFunds || overdrawn) => Step::Close(r),
+                _ if overdrawn => Step::Close(CloseReason::InsufficientFunds),
                 _ if policy.side == LeaseSide::Provider && confirmed && withdraw_due && lease.owed_at(seen.now) > 0 => {
                     Step::Withdraw
                 }
@@ -394,10 +383,10 @@ mod tests {
         assert_eq!(low.step, Step::Nothing);
         let out = plan(&p, &seen(open(1_000_000, 100), 20, 1_100));
         assert_eq!(out.figures.state, Some(LeaseState::InsufficientFunds));
-        assert_eq!(out.step, Step::Close(ChainReason::InsufficientFunds));
+        assert_eq!(out.step, Step::Close(CloseReason::InsufficientFunds));
         assert_eq!(
             plan(&policy(LeaseSide::Provider), &seen(open(1_000_000, 100), 20, 5_000)).step,
-            Step::Close(ChainReason::InsufficientFunds)
+            Step::Close(CloseReason::InsufficientFunds)
         );
     }
 
@@ -407,17 +396,17 @@ mod tests {
         s.close_requested = Some(CloseReason::RenterCancelled);
         assert_eq!(
             plan(&policy(LeaseSide::Renter), &s).step,
-            Step::Close(ChainReason::RenterCancelled)
+            Step::Close(CloseReason::RenterCancelled)
         );
         let provider = plan(&policy(LeaseSide::Provider), &s);
-        assert_ne!(provider.step, Step::Close(ChainReason::RenterCancelled));
+        assert_ne!(provider.step, Step::Close(CloseReason::RenterCancelled));
         assert_eq!(cond(&provider, COND_SETTLED).reason, "CloseNotAllowed");
         s.close_requested = Some(CloseReason::InsufficientFunds);
         assert_eq!(plan(&policy(LeaseSide::Renter), &s).step, Step::Nothing, "still funded");
         s.close_requested = Some(CloseReason::Completed);
         assert_eq!(
             plan(&policy(LeaseSide::Provider), &s).step,
-            Step::Close(ChainReason::Completed)
+            Step::Close(CloseReason::Completed)
         );
     }
 
@@ -426,7 +415,7 @@ mod tests {
         let closed = LeaseOnChain::Closed {
             renter: Address::repeat_byte(1),
             provider: Address::repeat_byte(2),
-            reason: ChainReason::Completed,
+            reason: CloseReason::Completed,
             closed_by: Address::repeat_byte(1),
             opened_block: 1,
             closed_block: 9,
