@@ -75,6 +75,40 @@ pub fn free_port() -> std::io::Result<u16> {
     Err(std::io::Error::other("no free loopback port in 20000-31999"))
 }
 
+/// A Node that kwok plays the kubelet for (it manages nodes annotated
+/// `kwok.x-k8s.io/node=fake`), tainted so only GPU pods land on it; `labels` are
+/// added to the usual ones.
+pub fn simulated_node(name: &str, labels: serde_json::Value) -> anyhow::Result<Node> {
+    let mut node = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": { "kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0" },
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok",
+            },
+        },
+        "spec": { "taints": [{ "key": gpupool_crds::GPU_RESOURCE, "effect": "NoSchedule" }] },
+    });
+    if let (Some(all), Some(extra)) = (node["metadata"]["labels"].as_object_mut(), labels.as_object()) {
+        all.extend(extra.clone());
+    }
+    Ok(serde_json::from_value(node)?)
+}
+
+/// The status patch giving a simulated node its CPU, memory and `gpus` GPUs.
+pub fn simulated_node_status(gpus: u32) -> serde_json::Value {
+    let capacity = serde_json::json!({
+        "cpu": "192", "memory": "2Ti", "pods": "110", "ephemeral-storage": "30Ti",
+        gpupool_crds::GPU_RESOURCE: gpus.to_string(),
+    });
+    serde_json::json!({ "status": { "capacity": capacity, "allocatable": capacity } })
+}
+
 /// Starts a process in its own process group, output to `log`.
 pub fn spawn(bin: &Path, args: &[String], env: &[(&str, &Path)], log: &Path) -> anyhow::Result<u32> {
     let out = File::create(log)?;
@@ -284,32 +318,13 @@ pub async fn start(
     let nodes_api: Api<Node> = Api::all(admin_client.clone());
     let names = org.node_names();
     for name in &names {
-        let node: Node = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": name,
-                "annotations": { "kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0" },
-                "labels": {
-                    "kubernetes.io/hostname": name,
-                    "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": "amd64",
-                    "type": "kwok",
-                    "gpupool.dev/org": org.name,
-                },
-            },
-            "spec": { "taints": [{ "key": gpupool_crds::GPU_RESOURCE, "effect": "NoSchedule" }] },
-        }))?;
+        let node = simulated_node(name, serde_json::json!({ "gpupool.dev/org": org.name }))?;
         match nodes_api.create(&PostParams::default(), &node).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(e.into()),
         }
-        let capacity = serde_json::json!({
-            "cpu": "192", "memory": "2Ti", "pods": "110", "ephemeral-storage": "30Ti",
-            gpupool_crds::GPU_RESOURCE: org.fleet.gpus_per_node.to_string(),
-        });
-        let status = serde_json::json!({ "status": { "capacity": capacity, "allocatable": capacity } });
+        let status = simulated_node_status(org.fleet.gpus_per_node);
         nodes_api
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
             .await?;

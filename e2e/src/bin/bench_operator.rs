@@ -9,7 +9,7 @@ use clap::Parser;
 use futures::StreamExt;
 use gpupool_crds::{AiJob, AiJobPhase, GpuDevice, GpuNode, GpuNodeStatus};
 use gpupool_e2e::bench::{Figure, memory_kib, write};
-use gpupool_e2e::cluster::{ClusterInfo, OPERATOR_USER, free_port, spawn, stop};
+use gpupool_e2e::cluster::{ClusterInfo, OPERATOR_USER, free_port, simulated_node, simulated_node_status, spawn, stop};
 use gpupool_e2e::env::{TestEnv, default_root};
 use gpupool_e2e::harness::{aijob_json, namespace};
 use k8s_openapi::api::batch::v1::Job;
@@ -42,22 +42,19 @@ async fn add_nodes(client: &Client, count: usize) -> anyhow::Result<Vec<String>>
         .for_each_concurrent(16, |name| {
             let (nodes, gpunodes) = (nodes.clone(), gpunodes.clone());
             async move {
-                let node: Node = serde_json::from_value(serde_json::json!({
-                    "metadata": {
-                        "name": name,
-                        "annotations": { "kwok.x-k8s.io/node": "fake" },
-                        "labels": {
-                            "type": "kwok",
-                            gpupool_crds::LABEL_GPU_PRODUCT: gpupool_crds::product_label_value(PRODUCT),
-                            gpupool_crds::LABEL_GPU_MEMORY_MIB: "81559",
-                        },
-                    },
-                    "spec": { "taints": [{ "key": "nvidia.com/gpu", "effect": "NoSchedule" }] },
-                }))
+                let node = simulated_node(
+                    &name,
+                    serde_json::json!({
+                        gpupool_crds::LABEL_GPU_PRODUCT: gpupool_crds::product_label_value(PRODUCT),
+                        gpupool_crds::LABEL_GPU_MEMORY_MIB: "81559",
+                    }),
+                )
                 .expect("node");
                 let _ = nodes.create(&PostParams::default(), &node).await;
-                let cap = serde_json::json!({ "cpu": "192", "memory": "2Ti", "pods": "110", "nvidia.com/gpu": GPUS_PER_NODE.to_string() });
-                let _ = nodes.patch_status(&name, &PatchParams::default(), &Patch::Merge(&serde_json::json!({ "status": { "capacity": cap, "allocatable": cap } }))).await;
+                let status = simulated_node_status(GPUS_PER_NODE);
+                let _ = nodes
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                    .await;
                 let _ = write_gpunode(&gpunodes, &name).await;
             }
         })
