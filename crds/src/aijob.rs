@@ -217,6 +217,29 @@ pub struct AiJobStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The order in the pool, while the job is placed there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<PoolOrder>,
+}
+
+/// The AiJob's current order in the pool. Each re-auction is a new attempt
+/// with a new order id, so late bids for an old order are refused.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolOrder {
+    /// The order id peers bid on.
+    pub id: String,
+    /// 1 for the first order, +1 for each re-auction.
+    pub attempt: i32,
+    /// When the bid window of this attempt closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closes_at: Option<Time>,
+    /// Organisations that failed this job's leases; they are not asked again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_orgs: Vec<String>,
+    /// The Lease (in the AiJob's namespace) that runs this attempt, once a bid won.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
 }
 
 /// The life of a job.

@@ -179,6 +179,27 @@ pub struct LeaseStatus {
     pub opened_block: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirmations: Option<i64>,
+    /// What the provider last reported about the workload (renter's copy), or
+    /// what it runs (provider's copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadReport>,
+}
+
+/// The workload's state as the provider reports it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadReport {
+    /// Pending, Running, Succeeded, Failed or Refused.
+    pub phase: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// The provider's namespace that runs it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
 }
 
 /// Lease states.

@@ -20,11 +20,13 @@ pub mod yaml;
 
 pub use aijob::{
     AiJob, AiJobPhase, AiJobSpec, AiJobStatus, BidSelection, Bidding, GpuRequirements, Interconnect, Placement,
-    PlacementMode, RunsOn,
+    PlacementMode, PoolOrder, RunsOn,
 };
 pub use bid::{Bid, BidSpec, BidState, BidStatus};
 pub use gpunode::{GpuDevice, GpuHealth, GpuNode, GpuNodeSpec, GpuNodeStatus, MigMode};
-pub use lease::{CloseReason, Escrow, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, LeaseStatus};
+pub use lease::{
+    CloseReason, Escrow, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, LeaseStatus, WorkloadReport,
+};
 pub use poolpeer::{PeerCapacity, PoolPeer, PoolPeerSpec, PoolPeerStatus, Reputation};
 
 /// Finalizer on Leases with an escrow: the on-chain side is settled before the record goes.
@@ -46,6 +48,12 @@ pub const LABEL_GPU_COUNT: &str = "gpupool.dev/gpu-count";
 /// The extended resource the NVIDIA device plugin advertises.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// Finalizer the operator puts on AiJobs, so deletion waits for cleanup.
+/// On Bids: the order they answer. On Leases: the order they fulfil.
+pub const LABEL_ORDER: &str = "gpupool.dev/order-id";
+/// On a provider's lease namespace and Lease copy: the on-chain lease id's first 12 hex digits.
+pub const LABEL_LEASE: &str = "gpupool.dev/lease";
+/// Marks a provider's namespace that runs one lease's workload.
+pub const LABEL_LEASE_NAMESPACE: &str = "gpupool.dev/lease-namespace";
 pub const AIJOB_FINALIZER: &str = "gpupool.dev/aijob-cleanup";
 
 /// Turns a GPU product name into a valid label value the way NVIDIA's GPU

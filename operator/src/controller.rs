@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gpupool_crds::conditions::find;
-use gpupool_crds::{AIJOB_FINALIZER, AiJob, AiJobStatus, GpuNode, LABEL_AIJOB, RunsOn};
+use gpupool_crds::{
+    AIJOB_FINALIZER, AiJob, AiJobStatus, GpuNode, LABEL_AIJOB, LABEL_ORDER, Lease, PlacementMode, RunsOn,
+};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
@@ -18,7 +20,10 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::market::node::Market;
+use crate::market::renter_io::in_pool;
 use tracing::{debug, info, warn};
 
 use crate::cache::{slim_job, slim_pod};
@@ -43,6 +48,8 @@ pub enum Error {
     NoNamespace,
     #[error("waiting for Job {0} and its pods to be deleted")]
     CleanupPending(String),
+    #[error("pool: {0}")]
+    Market(#[from] crate::market::renter_io::MarketError),
 }
 
 /// Settings that change behaviour, not wiring.
@@ -80,10 +87,17 @@ pub struct Context {
     /// book the same free GPUs.
     placing: Mutex<BTreeMap<String, Reservation>>,
     metrics: Arc<Metrics>,
+    /// The pool market; None when this cluster only runs its own jobs.
+    market: Option<Arc<Market>>,
 }
 
 /// Runs the controller until shutdown.
-pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    market: Option<(Arc<Market>, mpsc::Receiver<ObjectRef<AiJob>>)>,
+) -> anyhow::Result<()> {
     let aijobs: Api<AiJob> = Api::all(client.clone());
     let jobs_api: Api<Job> = Api::all(client.clone());
     let pods_api: Api<Pod> = Api::all(client.clone());
@@ -128,7 +142,15 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> a
         controller: FIELD_MANAGER.into(),
         instance: std::env::var("POD_NAME").ok(),
     };
+    let (market, wake) = match market {
+        Some((m, w)) => {
+            m.attach_stores(gpunodes.clone(), live_pods.clone());
+            (Some(m), Some(w))
+        }
+        None => (None, None),
+    };
     let ctx = Arc::new(Context {
+        market,
         recorder: Recorder::new(client.clone(), reporter),
         client,
         settings: settings.clone(),
@@ -146,9 +168,25 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) -> a
     gpunodes.wait_until_ready().await?;
     info!("caches ready; starting the AiJob controller");
 
-    Controller::new(aijobs, watcher::Config::default())
+    let wake = futures::stream::unfold(wake, |w| async move {
+        match w {
+            Some(mut rx) => rx.recv().await.map(|r| (r, Some(rx))),
+            None => futures::future::pending().await,
+        }
+    });
+    let pool = ctx.market.is_some();
+    let mut controller = Controller::new(aijobs, watcher::Config::default())
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
-        .owns_stream(job_stream)
+        .owns_stream(job_stream);
+    if pool {
+        controller = controller
+            .owns(
+                Api::<Lease>::all(ctx.client.clone()),
+                watcher::Config::default().labels(LABEL_ORDER),
+            )
+            .reconcile_on(wake);
+    }
+    controller
         .watches_stream(our_pod_stream, |pod: Pod| {
             let name = pod.labels().get(LABEL_AIJOB)?.clone();
             Some(ObjectRef::<AiJob>::new(&name).within(&pod.namespace()?))
@@ -245,12 +283,21 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
                 }
             }
             None if old.phase.is_some_and(|p| p.is_terminal()) => return Ok(Action::await_change()),
+            None if in_pool(Some(&old)) && ctx.market.is_some() => remote(&aijob, &need, ctx).await?,
             None if placed_before => Outcome::JobLost {
                 job: format!("{ns}/{job_name}"),
             },
-            None => place(&aijob, &need, ctx).await?,
+            None => match place(&aijob, &need, ctx).await? {
+                Outcome::Waiting { .. }
+                    if ctx.market.is_some() && aijob.spec.placement.mode != PlacementMode::LocalOnly =>
+                {
+                    remote(&aijob, &need, ctx).await?
+                }
+                o => o,
+            },
         },
     };
+    observe_placement(&aijob, &old, &outcome, ctx);
 
     // Update status, only when something changed: a steady job costs no writes.
     let (status, events) = plan(&old, aijob.metadata.generation, &outcome, Timestamp::now());
@@ -276,10 +323,42 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
     }
 
     Ok(match (&outcome, status.phase) {
+        (Outcome::Remote(r), _) => r.requeue.map_or_else(Action::await_change, Action::requeue),
         (Outcome::Waiting { .. }, _) => Action::requeue(ctx.settings.wait_requeue),
         (_, Some(p)) if p.is_terminal() => Action::await_change(),
         _ => Action::requeue(Duration::from_secs(300)),
     })
+}
+
+/// Places the job in the pool (or carries its placement there one step further).
+async fn remote(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Error> {
+    match &ctx.market {
+        Some(m) => Ok(Outcome::Remote(m.reconcile_remote(aijob, need).await?)),
+        None => Ok(Outcome::Waiting {
+            reason: crate::placement::REASON_POOL_ONLY,
+            message: "this cluster is not a member of a pool".into(),
+        }),
+    }
+}
+
+/// Placement latency as users feel it: from the AiJob's creation to the lease
+/// being active and to the pod running in another organisation.
+fn observe_placement(aijob: &AiJob, old: &AiJobStatus, outcome: &Outcome, ctx: &Context) {
+    let Outcome::Remote(r) = outcome else { return };
+    let Some(created) = aijob.metadata.creation_timestamp.as_ref() else {
+        return;
+    };
+    let secs = Timestamp::now().duration_since(created.0).as_secs_f64().max(0.0);
+    let old_reason = find(&old.conditions, COND_PLACED).map(|c| c.reason.as_str());
+    if r.reason == "LeaseActive"
+        && old_reason != Some("LeaseActive")
+        && old.phase != Some(gpupool_crds::AiJobPhase::Running)
+    {
+        ctx.metrics.placement("lease_active", secs);
+    }
+    if r.phase == gpupool_crds::AiJobPhase::Running && old.phase != Some(gpupool_crds::AiJobPhase::Running) {
+        ctx.metrics.placement("pod_running", secs);
+    }
 }
 
 /// Decides and, when it fits, creates the Job.
@@ -372,6 +451,23 @@ async fn cleanup(aijob: Arc<AiJob>, ctx: &Context) -> Result<Action, Error> {
     let ns = aijob.namespace().ok_or(Error::NoNamespace)?;
     let name = aijob.name_any();
     ctx.placing.lock().await.remove(&key(&ns, &name));
+    // In the pool: deleting our Lease closes it on chain as RenterCancelled
+    // (its finalizer), which the provider sees and stops the workload for.
+    if let Some(lease) = aijob
+        .status
+        .as_ref()
+        .and_then(|s| s.order.as_ref())
+        .and_then(|o| o.lease.clone())
+    {
+        let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+        if let Some(l) = leases.get_opt(&lease).await? {
+            if l.metadata.deletion_timestamp.is_none() {
+                leases.delete(&lease, &DeleteParams::default()).await?;
+                info!(aijob = %name, namespace = %ns, lease = %lease, "AiJob deleted: cancelling its lease");
+            }
+            return Err(Error::CleanupPending(format!("{ns}/{lease} (lease)")));
+        }
+    }
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let job_name = jobbuild::job_name(&aijob);
     match api.get_opt(&job_name).await? {

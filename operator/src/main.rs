@@ -8,6 +8,10 @@ use anyhow::Context as _;
 use clap::Parser;
 use gpupool_chain::{Address, ChainConfig, ClientOptions, EscrowClient, Wallet};
 use gpupool_operator::controller::{self, Settings};
+use gpupool_operator::market::node::{Market, MarketSettings};
+use gpupool_operator::market::policy::ProviderPolicy;
+use gpupool_operator::p2p::identity;
+use gpupool_operator::p2p::swarm::{self, SwarmConfig};
 use gpupool_operator::settlement::{self, SettlementSettings};
 use gpupool_operator::telemetry::{self, Metrics};
 use tracing_subscriber::EnvFilter;
@@ -33,6 +37,49 @@ struct Args {
     log_json: bool,
     #[command(flatten)]
     chain: ChainArgs,
+    #[command(flatten)]
+    pool: PoolArgs,
+}
+
+/// Membership of the pool. Needs the chain settings (leases are paid on chain).
+#[derive(clap::Args, Debug)]
+struct PoolArgs {
+    /// Join the pool. Off: this cluster only runs its own jobs.
+    #[arg(long, env = "GPUPOOL_POOL", default_value_t = false)]
+    pool: bool,
+    /// The operator's namespace: its identity Secret and provider Lease copies live here.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "gpupool-system")]
+    namespace: String,
+    /// Secret holding the libp2p identity (created on first start).
+    #[arg(long, env = "GPUPOOL_IDENTITY_SECRET", default_value = "gpupool-identity")]
+    identity_secret: String,
+    /// Multiaddresses to listen on.
+    #[arg(
+        long = "p2p-listen",
+        env = "GPUPOOL_P2P_LISTEN",
+        value_delimiter = ',',
+        default_value = "/ip4/0.0.0.0/tcp/4001"
+    )]
+    listen: Vec<libp2p::Multiaddr>,
+    /// Bootstrap peers (multiaddresses; /p2p/<peer id> optional).
+    #[arg(long = "bootstrap", env = "GPUPOOL_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Vec<libp2p::Multiaddr>,
+    /// Provider policy (prices, lending limit, org lists), YAML. Without it this cluster rents but never lends.
+    #[arg(long, env = "GPUPOOL_POLICY_FILE")]
+    policy_file: Option<PathBuf>,
+    #[arg(long, env = "GPUPOOL_ADVERT_EVERY_MS", default_value_t = 5000)]
+    advert_every_ms: u64,
+    #[arg(long, env = "GPUPOOL_HEARTBEAT_EVERY_MS", default_value_t = 2000)]
+    heartbeat_every_ms: u64,
+    /// A provider silent this long is taken as failed and the job re-auctioned.
+    #[arg(long, env = "GPUPOOL_HEARTBEAT_GRACE_MS", default_value_t = 15000)]
+    heartbeat_grace_ms: u64,
+    /// How long a bid, and the GPUs it reserves, stay valid.
+    #[arg(long, env = "GPUPOOL_BID_TTL_SECONDS", default_value_t = 60)]
+    bid_ttl_seconds: u64,
+    /// The lease deposit covers this much of the job (at most its maxDuration).
+    #[arg(long, env = "GPUPOOL_DEPOSIT_SECONDS", default_value_t = 3600)]
+    deposit_seconds: u64,
 }
 
 /// Settlement on chain. Without an RPC URL (from the file or the flag) the
@@ -158,7 +205,60 @@ async fn main() -> anyhow::Result<()> {
             None
         }
     };
-    let placement = controller::run(client, settings, metrics);
+    let market = if args.pool.pool {
+        let config = args
+            .chain
+            .config()?
+            .context("--pool needs the chain settings: leases are paid on chain")?;
+        let key = args
+            .chain
+            .wallet_key_file
+            .as_deref()
+            .context("--pool needs --wallet-key-file")?;
+        let wallet = Wallet::from_file(key)?;
+        let chain = EscrowClient::connect(config, Some(&wallet), ClientOptions::default())?;
+        let policy = match &args.pool.policy_file {
+            Some(p) => ProviderPolicy::load(p)?,
+            None => ProviderPolicy::default(),
+        };
+        let identity = identity::load_or_create(&client, &args.pool.namespace, &args.pool.identity_secret).await?;
+        let (p2p, inbound) = swarm::start(
+            identity.clone(),
+            SwarmConfig {
+                listen: args.pool.listen.clone(),
+                bootstrap: args.pool.bootstrap.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(4096);
+        let market = Market::new(
+            p2p,
+            identity,
+            client.clone(),
+            Arc::new(chain),
+            wallet.address(),
+            MarketSettings {
+                org: settings.org.clone(),
+                namespace: args.pool.namespace.clone(),
+                advert_every: Duration::from_millis(args.pool.advert_every_ms.max(100)),
+                heartbeat_every: Duration::from_millis(args.pool.heartbeat_every_ms.max(100)),
+                heartbeat_grace: Duration::from_millis(args.pool.heartbeat_grace_ms.max(500)),
+                bid_ttl: Duration::from_secs(args.pool.bid_ttl_seconds.max(1)),
+                deposit_seconds: args.pool.deposit_seconds.max(60),
+                message_ttl: Duration::from_secs(60),
+                policy,
+            },
+            metrics.clone(),
+            wake_tx,
+        );
+        market.log_started();
+        tokio::spawn(market.clone().run(inbound));
+        Some((market, wake_rx))
+    } else {
+        None
+    };
+    let placement = controller::run(client, settings, metrics, market);
     match settlement {
         Some(s) => {
             tokio::try_join!(placement, s)?;

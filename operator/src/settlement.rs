@@ -454,5 +454,10 @@ impl Context {
 }
 
 async fn patch_status(api: &Api<Lease>, name: &str, status: &LeaseStatus) -> Result<(), Error> {
-    Ok(crate::ssa::apply_status(api, name, FIELD_MANAGER, status).await?)
+    // The market owns what the provider reports; leaving those fields out keeps
+    // a stale copy read here from overwriting a newer report.
+    let mut status = status.clone();
+    status.workload = None;
+    status.last_heartbeat = None;
+    Ok(crate::ssa::apply_status(api, name, FIELD_MANAGER, &status).await?)
 }

@@ -7,6 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::jobstatus::Observation;
+use crate::market::renter_io::RemoteOutcome;
 
 pub const COND_ACCEPTED: &str = "Accepted";
 pub const COND_PLACED: &str = "Placed";
@@ -30,6 +31,8 @@ pub enum Outcome {
     },
     /// The Job was placed before but is gone, and the job had not ended.
     JobLost { job: String },
+    /// The job is ordered, leased or running in another organisation.
+    Remote(RemoteOutcome),
 }
 
 /// A Kubernetes Event to publish about the AiJob.
@@ -174,6 +177,73 @@ pub fn plan(
             }
             s.phase = Some(AiJobPhase::Failed);
             s.message = Some(message);
+        }
+        Outcome::Remote(r) => {
+            set(
+                &mut s,
+                ConditionUpdate::new(COND_ACCEPTED, true, "Validated", "the spec is valid"),
+            );
+            set(
+                &mut s,
+                ConditionUpdate::new(COND_PLACED, r.placed, r.reason, r.message.clone()),
+            );
+            for (warning, reason, note) in &r.events {
+                events.push(PlannedEvent {
+                    warning: *warning,
+                    reason: (*reason).into(),
+                    action: "Place",
+                    note: note.clone(),
+                });
+            }
+            if old.phase != Some(r.phase) {
+                let transition = match r.phase {
+                    AiJobPhase::Running => Some((false, "Started")),
+                    AiJobPhase::Succeeded => Some((false, "Succeeded")),
+                    AiJobPhase::Failed => Some((true, "Failed")),
+                    _ => None,
+                };
+                if let Some((warning, reason)) = transition {
+                    events.push(PlannedEvent {
+                        warning,
+                        reason: reason.into(),
+                        action: "Run",
+                        note: r.message.clone(),
+                    });
+                }
+            }
+            let running = r.phase == AiJobPhase::Running;
+            set(
+                &mut s,
+                ConditionUpdate::new(COND_RUNNING, running, r.reason, r.message.clone()),
+            );
+            if r.phase == AiJobPhase::Succeeded {
+                set(
+                    &mut s,
+                    ConditionUpdate::new(COND_COMPLETE, true, r.reason, r.message.clone()),
+                );
+            }
+            if r.phase == AiJobPhase::Failed {
+                set(
+                    &mut s,
+                    ConditionUpdate::new(COND_FAILED, true, r.reason, r.message.clone()),
+                );
+            }
+            if running && s.start_time.is_none() {
+                s.start_time = Some(Time(now));
+            }
+            if r.phase.is_terminal() && s.completion_time.is_none() {
+                s.completion_time = Some(Time(now));
+            }
+            s.phase = Some(r.phase);
+            s.message = Some(r.message.clone());
+            s.order = Some(r.order.clone());
+            s.lease = r.lease.clone();
+            s.runs_on = r
+                .runs_on
+                .clone()
+                .or_else(|| old.runs_on.clone().filter(|_| r.lease.is_some()));
+            s.exit_code = r.exit_code.or(old.exit_code);
+            s.cost_so_far = r.cost.clone().or_else(|| old.cost_so_far.clone());
         }
     }
     (s, events)

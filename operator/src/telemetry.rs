@@ -46,6 +46,25 @@ pub struct Metrics {
     chain_errors: Family<Reason, Counter>,
     tokens_received: Counter<f64, std::sync::atomic::AtomicU64>,
     tokens_deposited: Counter<f64, std::sync::atomic::AtomicU64>,
+    pool: PoolMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: String,
+}
+
+/// The pool's metrics: messages, peers, the market.
+struct PoolMetrics {
+    received: Family<Kind, Counter>,
+    dropped: Family<Reason, Counter>,
+    peers_connected: Gauge,
+    banned: Counter,
+    orders: Counter,
+    bids_sent: Counter,
+    bids_received: Counter,
+    leases: Family<Kind, Counter>,
+    placement_seconds: Family<Kind, Histogram>,
 }
 
 impl Default for Metrics {
@@ -109,7 +128,60 @@ impl Default for Metrics {
             "Tokens this operator's wallet deposited into leases as a renter",
             tokens_deposited.clone(),
         );
+        let pool = PoolMetrics {
+            placement_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.05, 2.0, 14))),
+            received: Default::default(),
+            dropped: Default::default(),
+            peers_connected: Default::default(),
+            banned: Default::default(),
+            orders: Default::default(),
+            bids_sent: Default::default(),
+            bids_received: Default::default(),
+            leases: Default::default(),
+        };
+        registry.register(
+            "pool_messages_received",
+            "Peer messages that passed every check, by kind",
+            pool.received.clone(),
+        );
+        registry.register(
+            "pool_messages_dropped",
+            "Peer messages dropped, by reason",
+            pool.dropped.clone(),
+        );
+        registry.register(
+            "pool_peers_connected",
+            "Peers with an open connection",
+            pool.peers_connected.clone(),
+        );
+        registry.register("pool_peers_banned", "Peers banned for their score", pool.banned.clone());
+        registry.register(
+            "pool_orders_published",
+            "Orders this cluster published",
+            pool.orders.clone(),
+        );
+        registry.register(
+            "pool_bids_sent",
+            "Bids this cluster sent as a provider",
+            pool.bids_sent.clone(),
+        );
+        registry.register(
+            "pool_bids_received",
+            "Bids recorded for this cluster's orders",
+            pool.bids_received.clone(),
+        );
+        registry.register(
+            "pool_leases",
+            "Pool leases by side and event (opened, accepted, closed)",
+            pool.leases.clone(),
+        );
+        registry.register(
+            "pool_placement_duration_seconds",
+            "From AiJob creation to lease active and to pod running in another organisation",
+            pool.placement_seconds.clone(),
+        );
         Self {
+            pool,
             chain_tx_gas,
             chain_tx_seconds,
             chain_errors,
@@ -187,6 +259,50 @@ impl Metrics {
 
     pub fn tokens_deposited(&self, base_units: u128) {
         self.tokens_deposited.inc_by(base_units as f64 / 1e18);
+    }
+
+    pub fn message_received(&self, kind: &str) {
+        self.pool.received.get_or_create(&Kind { kind: kind.into() }).inc();
+    }
+
+    pub fn message_dropped(&self, reason: &str) {
+        self.pool.dropped.get_or_create(&Reason { reason: reason.into() }).inc();
+    }
+
+    pub fn dropped_count(&self, reason: &str) -> u64 {
+        self.pool.dropped.get_or_create(&Reason { reason: reason.into() }).get()
+    }
+
+    pub fn peers_connected(&self, n: usize) {
+        self.pool.peers_connected.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn peer_banned(&self) {
+        self.pool.banned.inc();
+    }
+
+    pub fn order_published(&self) {
+        self.pool.orders.inc();
+    }
+
+    pub fn bid_sent(&self) {
+        self.pool.bids_sent.inc();
+    }
+
+    pub fn bid_received(&self) {
+        self.pool.bids_received.inc();
+    }
+
+    pub fn pool_lease(&self, event: &str) {
+        self.pool.leases.get_or_create(&Kind { kind: event.into() }).inc();
+    }
+
+    /// `stage` is "lease_active" or "pod_running".
+    pub fn placement(&self, stage: &str, seconds: f64) {
+        self.pool
+            .placement_seconds
+            .get_or_create(&Kind { kind: stage.into() })
+            .observe(seconds);
     }
 
     pub fn render(&self) -> String {

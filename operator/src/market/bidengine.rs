@@ -1,0 +1,210 @@
+//! The bid engine: given an order and this provider's free GPUs and policy,
+//! what to offer, or why not. Pure and allocation-light: it runs for every
+//! order on the gossip topic.
+
+use gpupool_crds::price::TokenAmount;
+
+use super::policy::ProviderPolicy;
+use crate::matching::product_matches;
+
+/// Free GPUs of one product here, after reservations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Supply {
+    pub product: String,
+    pub memory_mib: u64,
+    pub free: u32,
+    /// Most free on one node: an AiJob runs on one node.
+    pub max_per_node: u32,
+}
+
+/// What an order asks for, parsed once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ask {
+    pub renter_org: String,
+    pub count: u32,
+    pub models: Vec<String>,
+    pub min_memory_mib: u64,
+    pub max_price: TokenAmount,
+    pub allowed_orgs: Vec<String>,
+    pub denied_orgs: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offer {
+    pub product: String,
+    pub count: u32,
+    pub price: TokenAmount,
+}
+
+/// Why this provider does not bid; logged at debug, never sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoBid {
+    /// The order excludes this organisation.
+    ExcludedByOrder,
+    /// This provider's policy does not serve the renter.
+    RenterNotServed,
+    /// Lending would pass the policy's limit.
+    LendingLimit { lent: u32, limit: u32 },
+    /// No product here matches models and memory.
+    NoMatchingProduct,
+    /// Matching products, but not enough free on one node.
+    NotEnoughFree { most: u32 },
+    /// Matching and free, but priced above the renter's maximum (or unpriced).
+    TooExpensive { cheapest: Option<TokenAmount> },
+    /// Our own order.
+    OwnOrder,
+}
+
+/// Decides the bid for `ask` from organisation `me`, with `lent` GPUs already
+/// lent or reserved. Picks the cheapest matching product that fits.
+pub fn evaluate(me: &str, policy: &ProviderPolicy, supply: &[Supply], lent: u32, ask: &Ask) -> Result<Offer, NoBid> {
+    if ask.renter_org == me {
+        return Err(NoBid::OwnOrder);
+    }
+    if ask.denied_orgs.iter().any(|o| o == me)
+        || (!ask.allowed_orgs.is_empty() && !ask.allowed_orgs.iter().any(|o| o == me))
+    {
+        return Err(NoBid::ExcludedByOrder);
+    }
+    if !policy.serves(&ask.renter_org) {
+        return Err(NoBid::RenterNotServed);
+    }
+    if lent.saturating_add(ask.count) > policy.max_lent_gpus {
+        return Err(NoBid::LendingLimit {
+            lent,
+            limit: policy.max_lent_gpus,
+        });
+    }
+    let mut matching = false;
+    let mut most = 0;
+    let mut cheapest_fit: Option<(TokenAmount, &Supply)> = None;
+    let mut cheapest_any: Option<TokenAmount> = None;
+    for s in supply {
+        if s.memory_mib < ask.min_memory_mib || !product_matches(&ask.models, &s.product) {
+            continue;
+        }
+        matching = true;
+        most = most.max(s.max_per_node);
+        if s.max_per_node < ask.count {
+            continue;
+        }
+        let Some(price) = policy.price_of(&s.product) else {
+            continue;
+        };
+        cheapest_any = Some(cheapest_any.map_or(price, |c| c.min(price)));
+        if price <= ask.max_price && cheapest_fit.is_none_or(|(p, _)| price < p) {
+            cheapest_fit = Some((price, s));
+        }
+    }
+    match cheapest_fit {
+        Some((price, s)) => Ok(Offer {
+            product: s.product.clone(),
+            count: ask.count,
+            price,
+        }),
+        None if !matching => Err(NoBid::NoMatchingProduct),
+        None if most < ask.count => Err(NoBid::NotEnoughFree { most }),
+        None => Err(NoBid::TooExpensive { cheapest: cheapest_any }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::policy::PriceRule;
+    use super::*;
+
+    const H100: &str = "NVIDIA H100 80GB HBM3";
+    const A100: &str = "NVIDIA A100-SXM4-80GB";
+
+    fn policy() -> ProviderPolicy {
+        ProviderPolicy {
+            prices: vec![
+                PriceRule {
+                    model: "H100".into(),
+                    price: "2.5".parse().unwrap(),
+                },
+                PriceRule {
+                    model: "A100".into(),
+                    price: "1.5".parse().unwrap(),
+                },
+            ],
+            max_lent_gpus: 16,
+            allowed_orgs: vec![],
+            denied_orgs: vec!["evil".into()],
+        }
+    }
+
+    fn supply() -> Vec<Supply> {
+        vec![
+            Supply {
+                product: H100.into(),
+                memory_mib: 81559,
+                free: 16,
+                max_per_node: 8,
+            },
+            Supply {
+                product: A100.into(),
+                memory_mib: 81920,
+                free: 4,
+                max_per_node: 4,
+            },
+        ]
+    }
+
+    fn ask(count: u32, models: &[&str], max: &str) -> Ask {
+        Ask {
+            renter_org: "acme".into(),
+            count,
+            models: models.iter().map(|s| s.to_string()).collect(),
+            min_memory_mib: 0,
+            max_price: max.parse().unwrap(),
+            allowed_orgs: vec![],
+            denied_orgs: vec![],
+        }
+    }
+
+    #[test]
+    fn cheapest_fitting_product_wins() {
+        let o = evaluate("globex", &policy(), &supply(), 0, &ask(4, &[], "3")).unwrap();
+        assert_eq!((o.product.as_str(), o.price), (A100, "1.5".parse().unwrap()));
+        let o = evaluate("globex", &policy(), &supply(), 0, &ask(8, &[], "3")).unwrap();
+        assert_eq!(o.product, H100, "A100 has only 4 on one node");
+    }
+
+    #[test]
+    fn every_refusal_says_why() {
+        let p = policy();
+        let s = supply();
+        assert_eq!(evaluate("acme", &p, &s, 0, &ask(1, &[], "9")), Err(NoBid::OwnOrder));
+        assert_eq!(
+            evaluate("globex", &p, &s, 0, &ask(8, &["H100"], "2")),
+            Err(NoBid::TooExpensive {
+                cheapest: Some("2.5".parse().unwrap())
+            })
+        );
+        assert_eq!(
+            evaluate("globex", &p, &s, 0, &ask(1, &["B200"], "9")),
+            Err(NoBid::NoMatchingProduct)
+        );
+        assert_eq!(
+            evaluate("globex", &p, &s, 0, &ask(12, &["H100"], "9")),
+            Err(NoBid::NotEnoughFree { most: 8 })
+        );
+        assert_eq!(
+            evaluate("globex", &p, &s, 12, &ask(8, &[], "9")),
+            Err(NoBid::LendingLimit { lent: 12, limit: 16 })
+        );
+        let mut a = ask(1, &[], "9");
+        a.denied_orgs = vec!["globex".into()];
+        assert_eq!(evaluate("globex", &p, &s, 0, &a), Err(NoBid::ExcludedByOrder));
+        let mut a = ask(1, &[], "9");
+        a.allowed_orgs = vec!["initech".into()];
+        assert_eq!(evaluate("globex", &p, &s, 0, &a), Err(NoBid::ExcludedByOrder));
+        let mut a = ask(1, &[], "9");
+        a.renter_org = "evil".into();
+        assert_eq!(evaluate("globex", &p, &s, 0, &a), Err(NoBid::RenterNotServed));
+        let mut a = ask(1, &[], "9");
+        a.min_memory_mib = 100_000;
+        assert_eq!(evaluate("globex", &p, &s, 0, &a), Err(NoBid::NoMatchingProduct));
+    }
+}

@@ -1,0 +1,643 @@
+//! This cluster as a member of the pool: the message loop, identity and
+//! capacity adverts, and the tables the renter and provider sides share.
+//! Everything here is I/O; decisions come from the pure modules.
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use gpupool_chain::{Address, EscrowClient};
+use gpupool_crds::price::TokenAmount;
+use gpupool_crds::{AiJob, GpuNode, PeerCapacity, PoolPeer, PoolPeerSpec, PoolPeerStatus};
+use gpupool_proto::peer::v1::envelope::Body;
+use gpupool_proto::peer::v1::{CapacityAdvert, GpuOffer, IdentityRecord};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client};
+use libp2p::PeerId;
+use libp2p::gossipsub::MessageAcceptance;
+use libp2p::identity::Keypair;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::bidengine::Supply;
+use super::policy::ProviderPolicy;
+use super::selection::PeerSupply;
+use crate::capacity::inventory;
+use crate::p2p::envelope::{DropReason, Opened, Opener, seal};
+use crate::p2p::score::{PeerScores, ScoreParams};
+use crate::p2p::swarm::{Inbound, P2p, SendError, Topic};
+use crate::telemetry::Metrics;
+
+pub const MARKET_MANAGER: &str = "gpupool-market";
+
+#[derive(Clone, Debug)]
+pub struct MarketSettings {
+    pub org: String,
+    /// The operator's namespace: its identity Secret and provider Lease copies.
+    pub namespace: String,
+    pub advert_every: Duration,
+    pub heartbeat_every: Duration,
+    pub heartbeat_grace: Duration,
+    /// How long a bid (and the provider's reservation) stays valid.
+    pub bid_ttl: Duration,
+    /// The deposit covers this much of the job's time (at most its maxDuration).
+    pub deposit_seconds: u64,
+    pub message_ttl: Duration,
+    pub policy: ProviderPolicy,
+}
+
+/// What this cluster knows about another member.
+#[derive(Clone, Debug, Default)]
+pub struct PeerInfo {
+    pub org: String,
+    pub wallet: Option<Address>,
+    pub addresses: Vec<String>,
+    pub offers: Vec<GpuOffer>,
+    pub last_seen_ms: u64,
+    pub connected: bool,
+    /// Last time its PoolPeer was written, to bound API writes.
+    pub written_ms: u64,
+}
+
+/// An order this cluster published and still takes bids for.
+#[derive(Clone, Debug)]
+pub struct OpenOrder {
+    pub aijob: ObjectRef<AiJob>,
+    pub uid: String,
+    pub order: gpupool_proto::peer::v1::Order,
+    pub max_price: TokenAmount,
+    pub published_ms: u64,
+    pub closes_ms: u64,
+}
+
+/// GPUs this provider promised in a bid, until the bid lapses or loses.
+#[derive(Clone, Debug)]
+pub struct Reservation {
+    pub order: gpupool_proto::peer::v1::Order,
+    pub renter: PeerId,
+    pub product: String,
+    pub count: u32,
+    pub price: TokenAmount,
+    pub until_ms: u64,
+}
+
+/// A renter Lease that a provider's status messages update.
+#[derive(Clone, Debug)]
+pub struct RenterLease {
+    pub namespace: String,
+    pub name: String,
+    pub aijob: String,
+    pub provider: PeerId,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub opener: Opener,
+    pub scores: PeerScores,
+    pub peers: HashMap<PeerId, PeerInfo>,
+    pub orgs: HashMap<String, PeerId>,
+    pub orders: HashMap<String, OpenOrder>,
+    pub reservations: HashMap<String, Reservation>,
+    /// On-chain lease id (0x hex) → renter Lease.
+    pub renter_leases: HashMap<String, RenterLease>,
+    /// GPUs lent in provider leases that are not closed.
+    pub lent: u32,
+    /// Lease ids whose offer is being handled, so a resent offer is not run twice.
+    pub accepting: std::collections::HashSet<String>,
+}
+
+pub(crate) struct Stores {
+    pub gpunodes: Store<GpuNode>,
+    pub live_pods: Store<Pod>,
+}
+
+/// One member of the pool.
+pub struct Market {
+    pub(crate) p2p: P2p,
+    pub(crate) key: Keypair,
+    pub(crate) client: Client,
+    pub(crate) chain: Arc<EscrowClient>,
+    pub(crate) wallet: Address,
+    pub(crate) settings: MarketSettings,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) state: Mutex<State>,
+    pub(crate) stores: OnceLock<Stores>,
+    pub(crate) wake: mpsc::Sender<ObjectRef<AiJob>>,
+}
+
+pub fn now_ms() -> u64 {
+    u64::try_from(Timestamp::now().as_millisecond()).unwrap_or(0)
+}
+
+fn kind_of(b: &Body) -> &'static str {
+    match b {
+        Body::Identity(_) => "identity",
+        Body::Capacity(_) => "capacity",
+        Body::Order(_) => "order",
+        Body::Bid(_) => "bid",
+        Body::LeaseOffer(_) => "lease_offer",
+        Body::LeaseStatus(_) => "lease_status",
+        Body::Heartbeat(_) => "heartbeat",
+        Body::BidResult(_) => "bid_result",
+    }
+}
+
+/// PoolPeer names are the organisation, lowercased into a DNS label.
+pub fn poolpeer_name(org: &str) -> String {
+    let s: String = org
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .collect();
+    s.trim_matches('-').chars().take(63).collect()
+}
+
+impl Market {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        p2p: P2p,
+        key: Keypair,
+        client: Client,
+        chain: Arc<EscrowClient>,
+        wallet: Address,
+        settings: MarketSettings,
+        metrics: Arc<Metrics>,
+        wake: mpsc::Sender<ObjectRef<AiJob>>,
+    ) -> Arc<Self> {
+        let ttl = u64::try_from(settings.message_ttl.as_millis()).unwrap_or(u64::MAX);
+        Arc::new(Self {
+            p2p,
+            key,
+            client,
+            chain,
+            wallet,
+            metrics,
+            state: Mutex::new(State {
+                // Nonces are remembered for at most 15 minutes of messages.
+                opener: Opener::new(ttl.max(15 * 60 * 1000), 1_000_000),
+                scores: PeerScores::new(ScoreParams::default()),
+                peers: HashMap::new(),
+                orgs: HashMap::new(),
+                orders: HashMap::new(),
+                reservations: HashMap::new(),
+                renter_leases: HashMap::new(),
+                lent: 0,
+                accepting: Default::default(),
+            }),
+            settings,
+            stores: OnceLock::new(),
+            wake,
+        })
+    }
+
+    pub fn org(&self) -> &str {
+        &self.settings.org
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.p2p.local_peer_id()
+    }
+
+    /// Hands the controller's caches to the market (GPU supply for bids and adverts).
+    pub fn attach_stores(&self, gpunodes: Store<GpuNode>, live_pods: Store<Pod>) {
+        let _ = self.stores.set(Stores { gpunodes, live_pods });
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain maps; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn seal(&self, body: Body) -> Vec<u8> {
+        let ttl = u64::try_from(self.settings.message_ttl.as_millis()).unwrap_or(60_000);
+        seal(&self.key, body, now_ms(), ttl, BTreeMap::new())
+    }
+
+    pub(crate) async fn send(&self, peer: PeerId, body: Body) -> Result<(), SendError> {
+        self.p2p.send(peer, self.seal(body)).await
+    }
+
+    /// Counts a dropped message against its sender and bans it past the line.
+    pub(crate) async fn drop_message(&self, peer: Option<PeerId>, reason: DropReason, detail: &str) {
+        self.metrics.message_dropped(reason.as_str());
+        let Some(peer) = peer else { return };
+        let now = now_ms();
+        let (score, banned) = {
+            let mut st = self.lock();
+            let score = st.scores.penalise(peer, reason, now);
+            (score, st.scores.is_banned(&peer, now))
+        };
+        debug!(%peer, reason = reason.as_str(), score, detail, "dropped peer message");
+        if banned {
+            self.metrics.peer_banned();
+            self.p2p.ban(peer).await;
+        }
+    }
+
+    /// Runs the message loop and the advert ticker until the swarm stops.
+    pub async fn run(self: Arc<Self>, mut inbound: mpsc::Receiver<Inbound>) {
+        let adverts = tokio::spawn(self.clone().advertise_forever());
+        let provider = tokio::spawn(self.clone().provider_forever());
+        while let Some(msg) = inbound.recv().await {
+            self.clone().handle(msg).await;
+        }
+        adverts.abort();
+        provider.abort();
+    }
+
+    async fn handle(self: Arc<Self>, msg: Inbound) {
+        let now = now_ms();
+        match msg {
+            Inbound::Gossip {
+                author,
+                propagation_source,
+                id,
+                bytes,
+                topic,
+            } => {
+                let banned = author.is_some_and(|a| self.lock().scores.is_banned(&a, now));
+                let opened = if banned {
+                    Err(DropReason::Banned)
+                } else {
+                    self.lock().opener.open(&bytes, author, now)
+                };
+                match opened {
+                    Ok(o) if topic_allows(topic, &o.body) => {
+                        self.p2p
+                            .validated(id, propagation_source, MessageAcceptance::Accept)
+                            .await;
+                        self.dispatch(o).await;
+                    }
+                    Ok(o) => {
+                        self.p2p
+                            .validated(id, propagation_source, MessageAcceptance::Reject)
+                            .await;
+                        self.drop_message(Some(o.sender), DropReason::Malformed, "wrong topic")
+                            .await;
+                    }
+                    Err(reason) => {
+                        let accept = if reason == DropReason::Replayed {
+                            MessageAcceptance::Ignore
+                        } else {
+                            MessageAcceptance::Reject
+                        };
+                        self.p2p.validated(id, propagation_source, accept).await;
+                        self.drop_message(author.or(Some(propagation_source)), reason, "gossip")
+                            .await;
+                    }
+                }
+            }
+            Inbound::Direct { peer, bytes } => {
+                if self.lock().scores.is_banned(&peer, now) {
+                    self.drop_message(Some(peer), DropReason::Banned, "direct").await;
+                    return;
+                }
+                let opened = self.lock().opener.open(&bytes, Some(peer), now);
+                match opened {
+                    Ok(o) if !matches!(o.body, Body::Identity(_) | Body::Capacity(_) | Body::Order(_)) => {
+                        self.dispatch(o).await
+                    }
+                    Ok(o) => {
+                        self.drop_message(Some(o.sender), DropReason::Malformed, "gossip body sent directly")
+                            .await
+                    }
+                    Err(reason) => self.drop_message(Some(peer), reason, "direct").await,
+                }
+            }
+            Inbound::Oversized { peer } => self.drop_message(Some(peer), DropReason::Oversized, "frame").await,
+            Inbound::Connected { peer } | Inbound::Disconnected { peer } => {
+                let connected = matches!(msg, Inbound::Connected { .. });
+                let n = {
+                    let mut st = self.lock();
+                    if let Some(p) = st.peers.get_mut(&peer) {
+                        p.connected = connected;
+                        p.written_ms = 0;
+                    }
+                    st.peers.values().filter(|p| p.connected).count()
+                };
+                let info = self.p2p.info().await;
+                self.metrics.peers_connected(info.connected.len().max(n));
+            }
+        }
+    }
+
+    async fn dispatch(self: Arc<Self>, o: Opened) {
+        self.metrics.message_received(kind_of(&o.body));
+        let sender = o.sender;
+        let result = match o.body {
+            Body::Identity(r) => self.on_identity(sender, r).await,
+            Body::Capacity(c) => self.on_capacity(sender, c).await,
+            Body::Order(order) => self.clone().on_order(sender, order).await,
+            Body::Bid(b) => self.on_bid(sender, b).await,
+            Body::LeaseOffer(l) => self.clone().on_lease_offer(sender, l).await,
+            Body::LeaseStatus(s) => self.on_lease_status(sender, Some(s.clone()), &s.lease_id).await,
+            Body::Heartbeat(h) => self.on_lease_status(sender, None, &h.lease_id).await,
+            Body::BidResult(r) => self.on_bid_result(sender, r).await,
+        };
+        if let Err((reason, detail)) = result {
+            self.drop_message(Some(sender), reason, &detail).await;
+        }
+    }
+
+    /// The org a sender proved with its identity record.
+    pub(crate) fn org_of(&self, peer: &PeerId) -> Option<String> {
+        self.lock()
+            .peers
+            .get(peer)
+            .map(|p| p.org.clone())
+            .filter(|o| !o.is_empty())
+    }
+
+    async fn on_identity(&self, sender: PeerId, r: IdentityRecord) -> Result<(), (DropReason, String)> {
+        if r.org != self.settings.org && !self.settings.policy.serves(&r.org) {
+            return Err((DropReason::DeniedOrg, r.org));
+        }
+        let wallet = Address::from_str(&r.wallet).map_err(|_| (DropReason::Malformed, "wallet".to_string()))?;
+        let write = {
+            let mut st = self.lock();
+            if let Some(bound) = st.orgs.get(&r.org)
+                && *bound != sender
+            {
+                return Err((DropReason::Impersonation, format!("{} is bound to {bound}", r.org)));
+            }
+            if r.org == self.settings.org && sender != self.peer_id() {
+                return Err((DropReason::Impersonation, "claims our own organisation".into()));
+            }
+            st.orgs.insert(r.org.clone(), sender);
+            let now = now_ms();
+            let p = st.peers.entry(sender).or_default();
+            let changed = p.org != r.org || p.wallet != Some(wallet) || p.addresses != r.addresses;
+            p.org = r.org.clone();
+            p.wallet = Some(wallet);
+            p.addresses = r.addresses.clone();
+            p.last_seen_ms = now;
+            p.connected = true;
+            let due = changed || now.saturating_sub(p.written_ms) > 15_000;
+            if due {
+                p.written_ms = now;
+            }
+            due.then(|| p.clone())
+        };
+        for a in &r.addresses {
+            if let Ok(addr) = a.parse() {
+                self.p2p.add_peer(sender, addr).await;
+            }
+        }
+        if let Some(p) = write {
+            self.write_poolpeer(sender, &p).await;
+        }
+        Ok(())
+    }
+
+    async fn on_capacity(&self, sender: PeerId, c: CapacityAdvert) -> Result<(), (DropReason, String)> {
+        let write = {
+            let mut st = self.lock();
+            let now = now_ms();
+            let Some(p) = st.peers.get_mut(&sender) else {
+                // Adverts before the identity record are useless: we cannot name the org yet.
+                return Ok(());
+            };
+            let changed = p.offers != c.offers;
+            p.offers = c.offers;
+            p.last_seen_ms = now;
+            let due = changed || now.saturating_sub(p.written_ms) > 15_000;
+            if due {
+                p.written_ms = now;
+            }
+            due.then(|| p.clone())
+        };
+        if let Some(p) = write {
+            self.write_poolpeer(sender, &p).await;
+        }
+        Ok(())
+    }
+
+    /// Keeps the peer's PoolPeer current. Failures are logged: the next advert retries.
+    async fn write_poolpeer(&self, peer: PeerId, p: &PeerInfo) {
+        let api: Api<PoolPeer> = Api::all(self.client.clone());
+        let name = poolpeer_name(&p.org);
+        let spec = PoolPeerSpec {
+            peer_id: peer.to_string(),
+            org: p.org.clone(),
+            wallet: p.wallet.map(|w| w.to_string()),
+            addresses: p.addresses.iter().take(32).cloned().collect(),
+        };
+        let patch = serde_json::json!({
+            "apiVersion": "gpupool.dev/v1alpha1",
+            "kind": "PoolPeer",
+            "metadata": {"name": name},
+            "spec": spec,
+        });
+        if let Err(e) = api
+            .patch(
+                &name,
+                &PatchParams::apply(MARKET_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            warn!(peer = %p.org, error = %e, "could not write PoolPeer");
+            return;
+        }
+        let capacity: Vec<PeerCapacity> = p
+            .offers
+            .iter()
+            .take(64)
+            .map(|o| PeerCapacity {
+                gpu_product: o.product.clone(),
+                memory_mib: o.memory_mib,
+                free: i32::try_from(o.free).unwrap_or(i32::MAX),
+                max_per_node: i32::try_from(o.max_per_node).unwrap_or(i32::MAX),
+                price_per_gpu_hour: o.price_per_gpu_hour.clone(),
+            })
+            .collect();
+        let reputation = api
+            .get_opt(&name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|pp| pp.status)
+            .map(|s| s.reputation)
+            .unwrap_or_default();
+        let status = PoolPeerStatus {
+            connected: p.connected,
+            capacity,
+            last_seen: Timestamp::from_millisecond(i64::try_from(p.last_seen_ms).unwrap_or(0))
+                .ok()
+                .map(Time),
+            reputation,
+        };
+        if let Err(e) = crate::ssa::apply_status(&api, &name, MARKET_MANAGER, &status).await {
+            warn!(peer = %p.org, error = %e, "could not write PoolPeer status");
+        }
+    }
+
+    /// Adds one completed or failed lease to a peer's reputation.
+    pub(crate) async fn record_outcome(&self, org: &str, completed: bool) {
+        let api: Api<PoolPeer> = Api::all(self.client.clone());
+        let name = poolpeer_name(org);
+        let Ok(Some(pp)) = api.get_opt(&name).await else { return };
+        let mut status = pp.status.unwrap_or_default();
+        if completed {
+            status.reputation.completed += 1;
+        } else {
+            status.reputation.failed += 1;
+        }
+        if let Err(e) = crate::ssa::apply_status(&api, &name, MARKET_MANAGER, &status).await {
+            warn!(peer = %org, error = %e, "could not record reputation");
+        }
+    }
+
+    /// Reputation (completed, failed) by org, from PoolPeers.
+    pub(crate) async fn reputations(&self) -> HashMap<String, (u64, u64)> {
+        let api: Api<PoolPeer> = Api::all(self.client.clone());
+        match api.list(&Default::default()).await {
+            Ok(l) => l
+                .items
+                .into_iter()
+                .map(|p| {
+                    let r = p.status.map(|s| s.reputation).unwrap_or_default();
+                    (p.spec.org, (r.completed, r.failed))
+                })
+                .collect(),
+            Err(_) => HashMap::new(),
+        }
+    }
+
+    /// Free GPUs per product here, after bid reservations, capped by what the
+    /// policy still lets this cluster lend.
+    pub(crate) fn supply(&self) -> (Vec<Supply>, u32) {
+        let Some(stores) = self.stores.get() else {
+            return (vec![], 0);
+        };
+        let nodes = inventory(
+            &stores.gpunodes.state(),
+            &stores.live_pods.state(),
+            &BTreeMap::new(),
+            Timestamp::now(),
+        );
+        let st = self.lock();
+        let now = now_ms();
+        let mut reserved: HashMap<&str, u32> = HashMap::new();
+        let mut reserved_total = 0;
+        for r in st.reservations.values().filter(|r| r.until_ms > now) {
+            *reserved.entry(r.product.as_str()).or_default() += r.count;
+            reserved_total += r.count;
+        }
+        let lent = st.lent + reserved_total;
+        let mut by_product: BTreeMap<String, Supply> = BTreeMap::new();
+        for n in &nodes {
+            let s = by_product.entry(n.product.clone()).or_insert(Supply {
+                product: n.product.clone(),
+                memory_mib: n.memory_mib,
+                free: 0,
+                max_per_node: 0,
+            });
+            s.free += n.free();
+            s.max_per_node = s.max_per_node.max(n.free());
+            s.memory_mib = s.memory_mib.min(n.memory_mib);
+        }
+        let room = self.settings.policy.max_lent_gpus.saturating_sub(lent);
+        let out = by_product
+            .into_values()
+            .map(|mut s| {
+                let held = reserved.get(s.product.as_str()).copied().unwrap_or(0);
+                s.free = s.free.saturating_sub(held).min(room);
+                s.max_per_node = s.max_per_node.min(s.free);
+                s
+            })
+            .collect();
+        (out, lent)
+    }
+
+    async fn advertise_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.advert_every);
+        loop {
+            tick.tick().await;
+            let info = self.p2p.info().await;
+            self.metrics.peers_connected(info.connected.len());
+            let identity = Body::Identity(IdentityRecord {
+                org: self.settings.org.clone(),
+                wallet: self.wallet.to_string(),
+                addresses: info
+                    .listen
+                    .iter()
+                    .take(16)
+                    .map(|a| format!("{a}/p2p/{}", self.peer_id()))
+                    .collect(),
+            });
+            let (supply, _) = self.supply();
+            let offers = supply
+                .into_iter()
+                .filter_map(|s| {
+                    let price = self.settings.policy.price_of(&s.product)?;
+                    Some(GpuOffer {
+                        product: s.product,
+                        memory_mib: s.memory_mib,
+                        free: s.free,
+                        max_per_node: s.max_per_node,
+                        price_per_gpu_hour: price.to_string(),
+                    })
+                })
+                .collect();
+            for (topic, body) in [
+                (Topic::Adverts, identity),
+                (Topic::Adverts, Body::Capacity(CapacityAdvert { offers })),
+            ] {
+                if let Err(e) = self.p2p.publish(topic, self.seal(body)).await {
+                    debug!(error = %e, "advert not published (no peers yet?)");
+                }
+            }
+        }
+    }
+
+    /// What the pool advertises, for no-bid explanations.
+    pub(crate) fn pool_supply(&self) -> Vec<PeerSupply> {
+        let st = self.lock();
+        st.peers
+            .values()
+            .filter(|p| !p.org.is_empty() && p.connected)
+            .map(|p| PeerSupply {
+                org: p.org.clone(),
+                offers: p
+                    .offers
+                    .iter()
+                    .map(|o| {
+                        (
+                            Supply {
+                                product: o.product.clone(),
+                                memory_mib: o.memory_mib,
+                                free: o.free,
+                                max_per_node: o.max_per_node,
+                            },
+                            TokenAmount::from_str(&o.price_per_gpu_hour).ok(),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    pub(crate) async fn wake(&self, aijob: ObjectRef<AiJob>) {
+        if self.wake.try_send(aijob).is_err() {
+            debug!("reconcile trigger queue full");
+        }
+    }
+
+    pub fn log_started(&self) {
+        info!(org = %self.settings.org, peer = %self.peer_id(), wallet = %self.wallet, "pool market started");
+    }
+}
+
+/// Identity, capacity and orders belong on gossip; everything else is direct.
+fn topic_allows(topic: Topic, body: &Body) -> bool {
+    match topic {
+        Topic::Adverts => matches!(body, Body::Identity(_) | Body::Capacity(_)),
+        Topic::Orders => matches!(body, Body::Order(_)),
+    }
+}

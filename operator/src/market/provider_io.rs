@@ -1,0 +1,495 @@
+//! The provider's side: bid on orders, verify and run leases in a namespace
+//! of their own, report status and heartbeats, clean up when the lease closes.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use gpupool_chain::{Address, B256, LeaseOnChain};
+use gpupool_crds::price::TokenAmount;
+use gpupool_crds::{
+    AiJob, AiJobPhase, AiJobSpec, Bidding, CloseReason, Escrow, GpuRequirements, LABEL_LEASE, LABEL_LEASE_NAMESPACE,
+    LABEL_ORDER, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, Placement, PlacementMode,
+};
+use gpupool_proto::peer::v1::envelope::Body;
+use gpupool_proto::peer::v1::{Bid, BidResult, LeaseOffer, LeaseStatus, Order};
+use k8s_openapi::api::core::v1::{Namespace, PodTemplateSpec};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use libp2p::PeerId;
+use tracing::{debug, info, warn};
+
+use super::bidengine::{Ask, evaluate};
+use super::node::{MARKET_MANAGER, Market, Reservation, now_ms};
+use crate::p2p::envelope::DropReason;
+use crate::settlement_plan::rate_per_second;
+
+type Handled = Result<(), (DropReason, String)>;
+
+/// The namespace that runs one lease's workload.
+pub fn lease_namespace(lease_id: &str) -> String {
+    format!("gpupool-lease-{}", lease_short(lease_id))
+}
+
+/// The first 12 hex digits of a lease id: unique enough among one provider's leases.
+pub fn lease_short(lease_id: &str) -> String {
+    lease_id
+        .trim_start_matches("0x")
+        .chars()
+        .take(12)
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+/// The AiJob name of a leased workload inside its namespace.
+pub const WORKLOAD: &str = "workload";
+
+impl Market {
+    pub(crate) async fn on_order(self: Arc<Self>, sender: PeerId, order: Order) -> Handled {
+        let Some(org) = self.org_of(&sender) else {
+            // No identity record yet: we cannot tell who asks. Not the sender's fault.
+            return Ok(());
+        };
+        if org != order.renter_org {
+            return Err((
+                DropReason::Impersonation,
+                format!("{org} published an order as {}", order.renter_org),
+            ));
+        }
+        let Some(gpus) = order.gpus.clone() else {
+            return Err((DropReason::Malformed, "order without gpus".into()));
+        };
+        let max_price = TokenAmount::from_str(&order.max_price_per_gpu_hour)
+            .map_err(|_| (DropReason::Malformed, "max price".to_string()))?;
+        let ask = Ask {
+            renter_org: order.renter_org.clone(),
+            count: gpus.count,
+            models: gpus.models.clone(),
+            min_memory_mib: gpus.min_memory_mib,
+            max_price,
+            allowed_orgs: order.allowed_orgs.clone(),
+            denied_orgs: order.denied_orgs.clone(),
+        };
+        let now = now_ms();
+        let bid_id = format!("{}-{}", self.settings.org, &order.order_id);
+        let offer = {
+            let (supply, lent) = self.supply();
+            let mut st = self.lock();
+            st.reservations.retain(|_, r| r.until_ms > now);
+            if st.reservations.contains_key(&bid_id) {
+                return Ok(()); // the same order again (re-published): our bid stands
+            }
+            match evaluate(&self.settings.org, &self.settings.policy, &supply, lent, &ask) {
+                Ok(offer) => {
+                    let ttl = u64::try_from(self.settings.bid_ttl.as_millis()).unwrap_or(60_000);
+                    st.reservations.insert(
+                        bid_id.clone(),
+                        Reservation {
+                            order: order.clone(),
+                            renter: sender,
+                            product: offer.product.clone(),
+                            count: offer.count,
+                            price: offer.price,
+                            until_ms: now + ttl,
+                        },
+                    );
+                    Some((offer, now + ttl))
+                }
+                Err(why) => {
+                    debug!(order = %order.order_id, renter = %org, ?why, "not bidding");
+                    None
+                }
+            }
+        };
+        let Some((offer, until)) = offer else { return Ok(()) };
+        let bid = Body::Bid(Bid {
+            order_id: order.order_id.clone(),
+            bid_id: bid_id.clone(),
+            provider_org: self.settings.org.clone(),
+            gpu_product: offer.product.clone(),
+            gpu_count: offer.count,
+            price_per_gpu_hour: offer.price.to_string(),
+            bid_expires_at_unix_ms: until,
+        });
+        match self.send(sender, bid).await {
+            Ok(()) => {
+                self.metrics.bid_sent();
+                info!(order = %order.order_id, renter = %org, product = %offer.product, count = offer.count, price = %offer.price, "bid sent");
+            }
+            Err(e) => {
+                warn!(order = %order.order_id, error = %e, "bid not delivered; releasing the reservation");
+                self.lock().reservations.remove(&bid_id);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn on_bid_result(&self, sender: PeerId, r: BidResult) -> Handled {
+        let mut st = self.lock();
+        match st.reservations.get(&r.bid_id) {
+            Some(res) if res.renter == sender && res.order.order_id == r.order_id => {
+                if !r.won {
+                    st.reservations.remove(&r.bid_id);
+                    debug!(bid = %r.bid_id, "bid lost; reservation released");
+                }
+                Ok(())
+            }
+            Some(_) => Err((
+                DropReason::WrongSender,
+                "result from someone else than the renter".into(),
+            )),
+            None => Ok(()), // already lapsed or released
+        }
+    }
+
+    pub(crate) async fn on_lease_offer(self: Arc<Self>, sender: PeerId, l: LeaseOffer) -> Handled {
+        let reservation = {
+            let st = self.lock();
+            st.reservations.get(&l.bid_id).cloned()
+        };
+        let known_lease = self.provider_lease_exists(&l.lease_id).await;
+        let Some(res) = reservation else {
+            if known_lease {
+                return Ok(()); // a resent offer for a lease we already run
+            }
+            return Err((DropReason::UnknownOrder, format!("offer for unknown bid {}", l.bid_id)));
+        };
+        if res.renter != sender || res.order.order_id != l.order_id {
+            return Err((DropReason::UnknownOrder, "offer does not match the bid".into()));
+        }
+        if !self.lock().accepting.insert(l.lease_id.clone()) {
+            return Ok(());
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let lease_id = l.lease_id.clone();
+            let result = me.accept_lease(sender, &res, &l).await;
+            me.lock().accepting.remove(&lease_id);
+            match result {
+                Ok(()) => {
+                    me.lock().reservations.remove(&l.bid_id);
+                }
+                Err(Refusal::Retry(why)) => {
+                    debug!(lease = %lease_id, %why, "lease not usable yet; the renter will resend")
+                }
+                Err(Refusal::Refuse(why)) => {
+                    warn!(lease = %lease_id, %why, "refusing lease offer");
+                    me.lock().reservations.remove(&l.bid_id);
+                    let _ = me
+                        .send(
+                            sender,
+                            Body::LeaseStatus(LeaseStatus {
+                                lease_id,
+                                phase: "Refused".into(),
+                                pod_state: String::new(),
+                                exit_code: None,
+                                message: why,
+                            }),
+                        )
+                        .await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn provider_lease_exists(&self, lease_id: &str) -> bool {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.settings.namespace);
+        matches!(
+            api.get_opt(&format!("lease-{}", lease_short(lease_id))).await,
+            Ok(Some(_))
+        )
+    }
+
+    /// Checks the lease on chain, then creates the namespace, its network
+    /// policy, our Lease copy and the workload.
+    async fn accept_lease(&self, renter: PeerId, res: &Reservation, l: &LeaseOffer) -> Result<(), Refusal> {
+        let id = B256::from_str(&l.lease_id).map_err(|_| Refusal::Refuse("lease id".into()))?;
+        let renter_wallet = self.lock().peers.get(&renter).and_then(|p| p.wallet);
+        let offered_wallet =
+            Address::from_str(&l.renter_wallet).map_err(|_| Refusal::Refuse("renter wallet".into()))?;
+        if renter_wallet != Some(offered_wallet) {
+            return Err(Refusal::Refuse(
+                "the renter wallet is not the one its identity record names".into(),
+            ));
+        }
+        if l.chain_id != self.chain.config().chain_id
+            || Address::from_str(&l.escrow_contract).ok() != Some(self.chain.config().escrow)
+        {
+            return Err(Refusal::Refuse(
+                "the lease is on another chain or escrow than ours".into(),
+            ));
+        }
+        let rate = rate_per_second(res.price, res.count).ok_or(Refusal::Refuse("price rounds to zero".into()))?;
+        match self.chain.lease(id).await {
+            Ok(LeaseOnChain::Open { lease, .. }) => {
+                if lease.provider != self.wallet {
+                    return Err(Refusal::Refuse(format!(
+                        "the lease pays {}, not our wallet",
+                        lease.provider
+                    )));
+                }
+                if lease.renter != offered_wallet {
+                    return Err(Refusal::Refuse("the lease's renter is not the sender".into()));
+                }
+                if lease.rate_per_second != rate {
+                    return Err(Refusal::Refuse(format!(
+                        "the lease pays {} per second, the bid asked {rate}",
+                        lease.rate_per_second
+                    )));
+                }
+                if lease.balance < rate.saturating_mul(60) {
+                    return Err(Refusal::Refuse("the deposit covers less than a minute".into()));
+                }
+            }
+            Ok(LeaseOnChain::Unknown) => return Err(Refusal::Retry("not on chain yet".into())),
+            Ok(LeaseOnChain::Closed { .. }) => return Err(Refusal::Refuse("the lease is already closed".into())),
+            Err(e) => return Err(Refusal::Retry(e.to_string())),
+        }
+        let template: PodTemplateSpec =
+            serde_json::from_slice(&l.workload).map_err(|e| Refusal::Refuse(format!("workload: {e}")))?;
+        let ns = lease_namespace(&l.lease_id);
+        let short = lease_short(&l.lease_id);
+        let labels = BTreeMap::from([
+            (LABEL_LEASE.to_string(), short.clone()),
+            (LABEL_LEASE_NAMESPACE.to_string(), "true".to_string()),
+            (
+                "app.kubernetes.io/managed-by".to_string(),
+                "gpupool-operator".to_string(),
+            ),
+        ]);
+        let pp = PatchParams::apply(MARKET_MANAGER).force();
+        let k = |e: kube::Error| Refusal::Retry(e.to_string());
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some(ns.clone()),
+                labels: Some(labels.clone()),
+                annotations: Some(BTreeMap::from([
+                    ("gpupool.dev/renter-org".to_string(), res.order.renter_org.clone()),
+                    ("gpupool.dev/lease-id".to_string(), l.lease_id.clone()),
+                ])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let ns_api: Api<Namespace> = Api::all(self.client.clone());
+        ns_api
+            .patch(&ns, &pp, &Patch::Apply(&apply_of(&namespace, "v1", "Namespace")))
+            .await
+            .map_err(k)?;
+        // Default deny: the renter's workload may not reach this cluster's
+        // services, and nothing in the cluster may reach it.
+        let deny = NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some("default-deny".into()),
+                namespace: Some(ns.clone()),
+                labels: Some(labels.clone()),
+                ..Default::default()
+            },
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(LabelSelector::default()),
+                policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+                ..Default::default()
+            }),
+        };
+        Api::<NetworkPolicy>::namespaced(self.client.clone(), &ns)
+            .patch(
+                "default-deny",
+                &pp,
+                &Patch::Apply(&apply_of(&deny, "networking.k8s.io/v1", "NetworkPolicy")),
+            )
+            .await
+            .map_err(k)?;
+        let renter_org = res.order.renter_org.clone();
+        let lease = Lease::new(
+            &format!("lease-{short}"),
+            LeaseSpec {
+                side: LeaseSide::Provider,
+                order_id: l.order_id.clone(),
+                bid: l.bid_id.clone(),
+                ai_job: Some(format!("{ns}/{WORKLOAD}")),
+                renter: LeaseParty {
+                    org: renter_org.clone(),
+                    peer_id: Some(renter.to_string()),
+                    wallet: Some(offered_wallet.to_string()),
+                },
+                provider: LeaseParty {
+                    org: self.settings.org.clone(),
+                    peer_id: Some(self.peer_id().to_string()),
+                    wallet: Some(self.wallet.to_string()),
+                },
+                price_per_gpu_hour: res.price.to_string(),
+                gpu_count: i32::try_from(res.count).unwrap_or(1),
+                gpu_product: res.product.clone(),
+                escrow: Some(Escrow {
+                    chain_id: l.chain_id,
+                    contract: l.escrow_contract.clone(),
+                    lease_id: Some(l.lease_id.clone()),
+                    deposit: l.deposit.clone(),
+                }),
+                close_reason: None,
+            },
+        );
+        let mut lease = lease;
+        lease.metadata.namespace = Some(self.settings.namespace.clone());
+        lease.metadata.labels = Some(BTreeMap::from([
+            (LABEL_LEASE.to_string(), short.clone()),
+            (LABEL_ORDER.to_string(), l.order_id.clone()),
+        ]));
+        let lease_api: Api<Lease> = Api::namespaced(self.client.clone(), &self.settings.namespace);
+        match lease_api.create(&PostParams::default(), &lease).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(k(e)),
+        }
+        let mut aijob = AiJob::new(
+            WORKLOAD,
+            AiJobSpec {
+                template,
+                gpus: GpuRequirements {
+                    count: i32::try_from(res.count).unwrap_or(1),
+                    models: vec![res.product.clone()],
+                    min_memory: None,
+                    interconnect: Default::default(),
+                },
+                max_price_per_gpu_hour: res.price.to_string(),
+                max_duration: std::time::Duration::from_secs(l.max_duration_seconds).into(),
+                placement: Placement {
+                    mode: PlacementMode::LocalOnly,
+                    allowed_orgs: vec![],
+                    denied_orgs: vec![],
+                },
+                bidding: Bidding::default(),
+            },
+        );
+        aijob.metadata.namespace = Some(ns.clone());
+        aijob.metadata.labels = Some(BTreeMap::from([(LABEL_LEASE.to_string(), short)]));
+        let jobs: Api<AiJob> = Api::namespaced(self.client.clone(), &ns);
+        match jobs.create(&PostParams::default(), &aijob).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(k(e)),
+        }
+        self.metrics.pool_lease("provider_accepted");
+        info!(lease = %l.lease_id, renter = %renter_org, namespace = %ns, "lease verified on chain; workload created");
+        self.report(renter, &l.lease_id, &ns).await;
+        Ok(())
+    }
+
+    /// Sends the workload's state to the renter; returns whether it is finished.
+    async fn report(&self, renter: PeerId, lease_id: &str, ns: &str) -> Option<AiJobPhase> {
+        let jobs: Api<AiJob> = Api::namespaced(self.client.clone(), ns);
+        let job = jobs.get_opt(WORKLOAD).await.ok().flatten();
+        let status = job.and_then(|j| j.status).unwrap_or_default();
+        let phase = status.phase.unwrap_or(AiJobPhase::Pending);
+        let wire_phase = match phase {
+            AiJobPhase::Running => "Running",
+            AiJobPhase::Succeeded => "Succeeded",
+            AiJobPhase::Failed => "Failed",
+            _ => "Pending",
+        };
+        let pod_state = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == crate::status::COND_RUNNING || c.type_ == crate::status::COND_PLACED)
+            .map(|c| c.reason.clone())
+            .unwrap_or_default();
+        let msg = Body::LeaseStatus(LeaseStatus {
+            lease_id: lease_id.to_string(),
+            phase: wire_phase.into(),
+            pod_state: pod_state.chars().take(64).collect(),
+            exit_code: status.exit_code,
+            message: format!("{ns}: {}", status.message.unwrap_or_default())
+                .chars()
+                .take(1000)
+                .collect(),
+        });
+        if let Err(e) = self.send(renter, msg).await {
+            debug!(lease = %lease_id, error = %e, "status not delivered");
+        }
+        Some(phase)
+    }
+
+    /// Heartbeats, status and cleanup for every lease this cluster runs.
+    pub(crate) async fn provider_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.heartbeat_every);
+        let mut finished_since: BTreeMap<String, u64> = BTreeMap::new();
+        loop {
+            tick.tick().await;
+            let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.settings.namespace);
+            let leases = match api.list(&ListParams::default().labels(LABEL_LEASE)).await {
+                Ok(l) => l.items,
+                Err(e) => {
+                    debug!(error = %e, "listing provider leases");
+                    continue;
+                }
+            };
+            let mut lent = 0u32;
+            for lease in leases {
+                if lease.spec.side != LeaseSide::Provider {
+                    continue;
+                }
+                let Some(lease_id) = lease.spec.escrow.as_ref().and_then(|e| e.lease_id.clone()) else {
+                    continue;
+                };
+                let ns = lease_namespace(&lease_id);
+                let state = lease.status.as_ref().and_then(|s| s.state);
+                if state == Some(LeaseState::Closed) {
+                    // The chain says it is over: stop the work and give the GPUs back.
+                    let ns_api: Api<Namespace> = Api::all(self.client.clone());
+                    if let Ok(Some(n)) = ns_api.get_opt(&ns).await
+                        && n.metadata.deletion_timestamp.is_none()
+                    {
+                        info!(lease = %lease_id, namespace = %ns, "lease closed on chain; deleting its namespace");
+                        let _ = ns_api.delete(&ns, &DeleteParams::default()).await;
+                        self.metrics.pool_lease("provider_cleaned_up");
+                    }
+                    finished_since.remove(&lease_id);
+                    continue;
+                }
+                lent += u32::try_from(lease.spec.gpu_count).unwrap_or(0);
+                let Some(renter) = lease
+                    .spec
+                    .renter
+                    .peer_id
+                    .as_deref()
+                    .and_then(|p| PeerId::from_str(p).ok())
+                else {
+                    continue;
+                };
+                let phase = self.report(renter, &lease_id, &ns).await;
+                if phase.is_some_and(AiJobPhase::is_terminal) {
+                    // The renter closes finished leases; if it does not (it is
+                    // gone), close it ourselves so the work done is paid.
+                    let since = *finished_since.entry(lease_id.clone()).or_insert_with(now_ms);
+                    let wait = u64::try_from(self.settings.heartbeat_grace.as_millis()).unwrap_or(10_000) * 3;
+                    if now_ms().saturating_sub(since) > wait && lease.spec.close_reason.is_none() {
+                        info!(lease = %lease_id, "the renter did not close a finished lease; closing it as Completed");
+                        let patch = serde_json::json!({"spec": {"closeReason": CloseReason::Completed}});
+                        let _ = api
+                            .patch(&lease.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                            .await;
+                    }
+                }
+            }
+            self.lock().lent = lent;
+        }
+    }
+}
+
+enum Refusal {
+    /// Try again when the renter resends.
+    Retry(String),
+    /// Tell the renter no.
+    Refuse(String),
+}
+
+/// The object as a server-side-apply body.
+fn apply_of<T: serde::Serialize>(obj: &T, api_version: &str, kind: &str) -> serde_json::Value {
+    let mut v = serde_json::to_value(obj).unwrap_or_default();
+    v["apiVersion"] = api_version.into();
+    v["kind"] = kind.into();
+    v
+}

@@ -1,0 +1,291 @@
+//! The renter's side of one pool placement, as a level-based decision: from
+//! what the AiJob status, its Bids and its Lease say now, the one next step.
+//! Pure; `market::renter_io` carries steps out.
+
+use gpupool_crds::{BidSelection, CloseReason, LeaseState, WorkloadReport};
+
+use super::selection::{Candidate, pick};
+
+/// The current attempt's Lease, as far as the decision needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseView {
+    pub provider_org: String,
+    pub state: Option<LeaseState>,
+    /// The reason we asked the chain to close with, if we did.
+    pub close_requested: Option<CloseReason>,
+    /// The reason the chain recorded.
+    pub closed_as: Option<String>,
+    pub workload: Option<WorkloadReport>,
+    /// Last message from the provider, or when the lease became active.
+    pub last_heard_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct View<'a> {
+    pub now_ms: u64,
+    /// Attempt number and bid-window end of the current order, if any.
+    pub order: Option<(i32, u64)>,
+    pub selection: BidSelection,
+    pub accepted_bid: Option<&'a str>,
+    pub bids: &'a [Candidate],
+    pub excluded_orgs: &'a [String],
+    pub lease: Option<&'a LeaseView>,
+    pub heartbeat_grace_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Publish order attempt `attempt`; also after a window with no bids.
+    Publish { attempt: i32, after_no_bids: bool },
+    /// The window is open; look again at `until_ms`.
+    WaitBids { until_ms: u64 },
+    /// Open a lease for this bid.
+    Award { bid: String },
+    /// Manual selection: waiting for spec.bidding.acceptedBid.
+    WaitChoice { open_bids: usize },
+    /// The accepted bid names nothing usable.
+    BadChoice { message: String },
+    /// The lease is being opened on chain.
+    WaitLease,
+    /// The lease is active but the provider has not reported: (re)send the offer.
+    Offer,
+    /// The provider reports; mirror it.
+    Mirror,
+    /// Ask the chain to close the lease.
+    Close(CloseReason),
+    /// Closing is under way.
+    WaitClose,
+    /// The lease closed and the workload ended: the job is done.
+    Done,
+    /// The provider failed: exclude it and order again.
+    Reauction { failed_org: String, attempt: i32 },
+}
+
+fn terminal(w: &WorkloadReport) -> bool {
+    matches!(w.phase.as_str(), "Succeeded" | "Failed")
+}
+
+pub fn decide(v: &View<'_>) -> Step {
+    let Some((attempt, closes_at)) = v.order else {
+        return Step::Publish {
+            attempt: 1,
+            after_no_bids: false,
+        };
+    };
+    if let Some(lease) = v.lease {
+        let finished = lease.workload.as_ref().is_some_and(terminal);
+        let closed = lease.state == Some(LeaseState::Closed);
+        if closed {
+            return if finished || lease.close_requested == Some(CloseReason::Completed) {
+                Step::Done
+            } else {
+                // Closed before the work finished: the provider failed (or the
+                // funds ran out, or it was closed by hand). Never two live leases:
+                // the next order only starts once this one is closed on chain.
+                Step::Reauction {
+                    failed_org: lease.provider_org.clone(),
+                    attempt: attempt + 1,
+                }
+            };
+        }
+        if lease.close_requested.is_some() {
+            return Step::WaitClose;
+        }
+        if finished {
+            return Step::Close(CloseReason::Completed);
+        }
+        if lease.workload.as_ref().is_some_and(|w| w.phase == "Refused") {
+            return Step::Close(CloseReason::ProviderFailed);
+        }
+        return match lease.state {
+            Some(LeaseState::Active) | Some(LeaseState::InsufficientFunds) => {
+                let silent = lease
+                    .last_heard_ms
+                    .is_some_and(|t| v.now_ms.saturating_sub(t) > v.heartbeat_grace_ms);
+                if silent {
+                    Step::Close(CloseReason::ProviderFailed)
+                } else if lease.workload.is_none() {
+                    Step::Offer
+                } else {
+                    Step::Mirror
+                }
+            }
+            _ => Step::WaitLease,
+        };
+    }
+    let usable: Vec<&Candidate> = v
+        .bids
+        .iter()
+        .filter(|b| b.expires_at_ms > v.now_ms && !v.excluded_orgs.contains(&b.org))
+        .collect();
+    match v.selection {
+        BidSelection::Manual => match v.accepted_bid {
+            Some(name) => match v.bids.iter().find(|b| b.name == name) {
+                Some(b) if b.expires_at_ms <= v.now_ms => Step::BadChoice {
+                    message: format!("bid {name} expired before it was accepted; accept another or wait for new bids"),
+                },
+                Some(b) if v.excluded_orgs.contains(&b.org) => Step::BadChoice {
+                    message: format!("bid {name} is from {}, which failed this job before", b.org),
+                },
+                Some(_) => Step::Award { bid: name.to_string() },
+                None => Step::BadChoice {
+                    message: format!(
+                        "bidding.acceptedBid names {name}, which is not a bid for this job's current order"
+                    ),
+                },
+            },
+            None if v.now_ms < closes_at || !usable.is_empty() => Step::WaitChoice {
+                open_bids: usable.len(),
+            },
+            None => Step::Publish {
+                attempt: attempt + 1,
+                after_no_bids: true,
+            },
+        },
+        BidSelection::Auto => {
+            if v.now_ms < closes_at {
+                return Step::WaitBids { until_ms: closes_at };
+            }
+            match pick(v.bids, v.now_ms, v.excluded_orgs) {
+                Some(b) => Step::Award { bid: b.name.clone() },
+                None => Step::Publish {
+                    attempt: attempt + 1,
+                    after_no_bids: true,
+                },
+            }
+        }
+    }
+}
+
+/// Bid window of attempt `attempt`: the configured window, plus a backoff
+/// after windows that got nothing, so an empty pool is not asked every second.
+pub fn window_ms(window_ms: u64, attempt: i32) -> u64 {
+    let extra = if attempt <= 1 {
+        0
+    } else {
+        1000u64 << (attempt - 2).clamp(0, 5)
+    };
+    window_ms + extra.min(30_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bid(name: &str, org: &str, price: &str) -> Candidate {
+        Candidate {
+            name: name.into(),
+            org: org.into(),
+            price: price.parse().unwrap(),
+            completed: 0,
+            failed: 0,
+            latency_ms: 1,
+            expires_at_ms: 100_000,
+        }
+    }
+
+    fn view<'a>(bids: &'a [Candidate], lease: Option<&'a LeaseView>) -> View<'a> {
+        View {
+            now_ms: 10_000,
+            order: Some((1, 5_000)),
+            selection: BidSelection::Auto,
+            accepted_bid: None,
+            bids,
+            excluded_orgs: &[],
+            lease,
+            heartbeat_grace_ms: 3_000,
+        }
+    }
+
+    #[test]
+    fn auction_steps() {
+        let mut v = view(&[], None);
+        v.order = None;
+        assert_eq!(
+            decide(&v),
+            Step::Publish {
+                attempt: 1,
+                after_no_bids: false
+            }
+        );
+        let mut v = view(&[], None);
+        v.now_ms = 1000;
+        assert_eq!(decide(&v), Step::WaitBids { until_ms: 5000 });
+        assert_eq!(
+            decide(&view(&[], None)),
+            Step::Publish {
+                attempt: 2,
+                after_no_bids: true
+            }
+        );
+        let bids = [bid("b1", "globex", "2"), bid("b2", "initech", "1")];
+        assert_eq!(decide(&view(&bids, None)), Step::Award { bid: "b2".into() });
+    }
+
+    #[test]
+    fn manual_selection() {
+        let bids = [bid("b1", "globex", "2")];
+        let mut v = view(&bids, None);
+        v.selection = BidSelection::Manual;
+        assert_eq!(decide(&v), Step::WaitChoice { open_bids: 1 });
+        v.accepted_bid = Some("b1");
+        assert_eq!(decide(&v), Step::Award { bid: "b1".into() });
+        v.accepted_bid = Some("nope");
+        assert!(matches!(decide(&v), Step::BadChoice { .. }));
+    }
+
+    #[test]
+    fn lease_life_and_failover() {
+        let mut l = LeaseView {
+            provider_org: "globex".into(),
+            state: Some(LeaseState::Pending),
+            ..Default::default()
+        };
+        assert_eq!(decide(&view(&[], Some(&l))), Step::WaitLease);
+        l.state = Some(LeaseState::Active);
+        l.last_heard_ms = Some(9_000);
+        assert_eq!(decide(&view(&[], Some(&l))), Step::Offer);
+        l.workload = Some(WorkloadReport {
+            phase: "Running".into(),
+            ..Default::default()
+        });
+        assert_eq!(decide(&view(&[], Some(&l))), Step::Mirror);
+        // Silent past the grace window: close as provider-failed, then re-auction once closed.
+        l.last_heard_ms = Some(6_000);
+        assert_eq!(decide(&view(&[], Some(&l))), Step::Close(CloseReason::ProviderFailed));
+        l.close_requested = Some(CloseReason::ProviderFailed);
+        assert_eq!(decide(&view(&[], Some(&l))), Step::WaitClose);
+        l.state = Some(LeaseState::Closed);
+        assert_eq!(
+            decide(&view(&[], Some(&l))),
+            Step::Reauction {
+                failed_org: "globex".into(),
+                attempt: 2
+            }
+        );
+        // Finished work closes as completed and ends there.
+        let mut done = LeaseView {
+            provider_org: "globex".into(),
+            state: Some(LeaseState::Active),
+            last_heard_ms: Some(9_999),
+            workload: Some(WorkloadReport {
+                phase: "Succeeded".into(),
+                exit_code: Some(0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(decide(&view(&[], Some(&done))), Step::Close(CloseReason::Completed));
+        done.close_requested = Some(CloseReason::Completed);
+        done.state = Some(LeaseState::Closed);
+        assert_eq!(decide(&view(&[], Some(&done))), Step::Done);
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(window_ms(2000, 1), 2000);
+        assert_eq!(window_ms(2000, 2), 3000);
+        assert_eq!(window_ms(2000, 4), 6000);
+        assert_eq!(window_ms(2000, 40), 32_000);
+    }
+}

@@ -1,0 +1,829 @@
+//! The renter's side: publish orders, record bids, open the lease, hand the
+//! workload to the winner, mirror what it reports, close and re-auction.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use gpupool_chain::Address;
+use gpupool_crds::price::TokenAmount;
+use gpupool_crds::{
+    AiJob, AiJobPhase, Bid, BidSpec, BidState, BidStatus, CloseReason, Escrow, LABEL_ORDER, Lease, LeaseParty,
+    LeaseSide, LeaseSpec, LeaseState, PoolOrder, RunsOn, WorkloadReport,
+};
+use gpupool_proto::peer::v1::envelope::Body;
+use gpupool_proto::peer::v1::{self as wire, BidResult, LeaseOffer, LeaseStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use libp2p::PeerId;
+use tracing::{debug, info, warn};
+
+use super::node::{MARKET_MANAGER, Market, OpenOrder, RenterLease, now_ms};
+use super::renter::{LeaseView, Step, View, decide, window_ms};
+use super::selection::{Candidate, Wanted, explain_no_bids};
+use crate::p2p::envelope::DropReason;
+use crate::placement::Need;
+use crate::settlement_plan::rate_per_second;
+
+type Handled = Result<(), (DropReason, String)>;
+
+/// What the pool placement wants the AiJob status to say.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemoteOutcome {
+    pub phase: AiJobPhase,
+    /// Condition reason (CamelCase) for Placed.
+    pub reason: &'static str,
+    pub message: String,
+    pub placed: bool,
+    pub order: PoolOrder,
+    pub runs_on: Option<RunsOn>,
+    pub lease: Option<String>,
+    pub exit_code: Option<i32>,
+    pub cost: Option<String>,
+    pub requeue: Option<Duration>,
+    /// (warning, reason, note)
+    pub events: Vec<(bool, &'static str, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MarketError {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn ms_to_time(ms: u64) -> Option<Time> {
+    Timestamp::from_millisecond(i64::try_from(ms).ok()?).ok().map(Time)
+}
+
+fn time_ms(t: &Time) -> u64 {
+    u64::try_from(t.0.as_millisecond()).unwrap_or(0)
+}
+
+fn owner(aijob: &AiJob) -> Option<OwnerReference> {
+    let mut o = aijob.controller_owner_ref(&())?;
+    o.block_owner_deletion = Some(false);
+    Some(o)
+}
+
+fn bid_name(aijob: &str, bid_id: &str) -> String {
+    let mut s: String = format!("{aijob}-{bid_id}")
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    s.truncate(253);
+    s
+}
+
+impl Market {
+    pub(crate) async fn on_bid(&self, sender: PeerId, b: wire::Bid) -> Handled {
+        let now = now_ms();
+        let order = self.lock().orders.get(&b.order_id).cloned();
+        let Some(order) = order.filter(|o| now <= o.closes_ms + 60_000) else {
+            return Err((DropReason::UnknownOrder, format!("bid for order {}", b.order_id)));
+        };
+        let Some(org) = self.org_of(&sender) else {
+            return Err((
+                DropReason::UnknownOrder,
+                "bid from a peer that never introduced itself".into(),
+            ));
+        };
+        if org != b.provider_org {
+            return Err((DropReason::Impersonation, format!("{org} bid as {}", b.provider_org)));
+        }
+        let o = &order.order;
+        if o.denied_orgs.contains(&org) || (!o.allowed_orgs.is_empty() && !o.allowed_orgs.contains(&org)) {
+            return Err((DropReason::DeniedOrg, format!("bid from {org}")));
+        }
+        let gpus = o.gpus.clone().unwrap_or_default();
+        let price =
+            TokenAmount::from_str(&b.price_per_gpu_hour).map_err(|_| (DropReason::Malformed, "price".to_string()))?;
+        if b.gpu_count != gpus.count
+            || price > order.max_price
+            || !crate::matching::product_matches(&gpus.models, &b.gpu_product)
+            || b.bid_expires_at_unix_ms <= now
+        {
+            return Err((DropReason::Malformed, "bid does not answer the order".into()));
+        }
+        let ns = order.aijob.namespace.clone().unwrap_or_default();
+        let name = bid_name(&order.aijob.name, &b.bid_id);
+        let mut bid = Bid::new(
+            &name,
+            BidSpec {
+                ai_job: order.aijob.name.clone(),
+                order_id: b.order_id.clone(),
+                provider_peer_id: sender.to_string(),
+                provider_org: org.clone(),
+                price_per_gpu_hour: price.to_string(),
+                gpu_product: b.gpu_product.clone(),
+                gpu_count: i32::try_from(b.gpu_count).unwrap_or(0),
+                expires_at: ms_to_time(b.bid_expires_at_unix_ms).unwrap_or(Time(Timestamp::now())),
+                signature: None,
+            },
+        );
+        bid.metadata.namespace = Some(ns.clone());
+        bid.metadata.labels = Some(BTreeMap::from([(LABEL_ORDER.to_string(), b.order_id.clone())]));
+        bid.metadata.annotations = Some(BTreeMap::from([(
+            "gpupool.dev/latency-ms".to_string(),
+            now.saturating_sub(order.published_ms).to_string(),
+        )]));
+        let api: Api<AiJob> = Api::namespaced(self.client.clone(), &ns);
+        let Ok(Some(aijob)) = api.get_opt(&order.aijob.name).await else {
+            return Ok(());
+        };
+        if aijob.metadata.uid.as_deref() != Some(order.uid.as_str()) {
+            return Ok(());
+        }
+        bid.metadata.owner_references = owner(&aijob).map(|o| vec![o]);
+        let bids: Api<Bid> = Api::namespaced(self.client.clone(), &ns);
+        match bids.create(&PostParams::default(), &bid).await {
+            Ok(_) => {
+                let status = BidStatus {
+                    state: Some(BidState::Open),
+                    message: Some("waiting for the bid window to close".into()),
+                };
+                let _ = crate::ssa::apply_status(&bids, &name, MARKET_MANAGER, &status).await;
+                self.metrics.bid_received();
+                info!(order = %b.order_id, provider = %org, price = %price, product = %b.gpu_product, "bid recorded");
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => warn!(error = %e, "could not record bid"),
+        }
+        self.wake(order.aijob.clone()).await;
+        Ok(())
+    }
+
+    async fn renter_lease(&self, lease_id: &str) -> Option<RenterLease> {
+        if let Some(l) = self.lock().renter_leases.get(lease_id) {
+            return Some(l.clone());
+        }
+        // After a restart: find it among the renter Leases.
+        let api: Api<Lease> = Api::all(self.client.clone());
+        let list = api.list(&ListParams::default().labels(LABEL_ORDER)).await.ok()?;
+        for l in list.items {
+            if l.spec.side != LeaseSide::Renter {
+                continue;
+            }
+            let id = l.status.as_ref().and_then(|s| s.lease_id.clone());
+            let (Some(id), Some(ns)) = (id, l.namespace()) else {
+                continue;
+            };
+            let Some(provider) = l
+                .spec
+                .provider
+                .peer_id
+                .as_deref()
+                .and_then(|p| PeerId::from_str(p).ok())
+            else {
+                continue;
+            };
+            let rl = RenterLease {
+                namespace: ns,
+                name: l.name_any(),
+                aijob: l.spec.ai_job.clone().unwrap_or_default(),
+                provider,
+            };
+            self.lock().renter_leases.insert(id.to_ascii_lowercase(), rl);
+        }
+        self.lock().renter_leases.get(lease_id).cloned()
+    }
+
+    pub(crate) async fn on_lease_status(&self, sender: PeerId, s: Option<LeaseStatus>, lease_id: &str) -> Handled {
+        let lease_id = lease_id.to_ascii_lowercase();
+        let Some(rl) = self.renter_lease(&lease_id).await else {
+            return Err((DropReason::UnknownOrder, format!("status for unknown lease {lease_id}")));
+        };
+        if rl.provider != sender {
+            return Err((
+                DropReason::WrongSender,
+                "status from a peer that is not the lease's provider".into(),
+            ));
+        }
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), &rl.namespace);
+        let mut patch = serde_json::json!({
+            "apiVersion": "gpupool.dev/v1alpha1",
+            "kind": "Lease",
+            "status": {"lastHeartbeat": Time(Timestamp::now())},
+        });
+        if let Some(s) = &s {
+            let namespace = s
+                .message
+                .split_once(':')
+                .map(|(n, _)| n.to_string())
+                .unwrap_or_default();
+            patch["status"]["workload"] = serde_json::to_value(WorkloadReport {
+                phase: s.phase.clone(),
+                pod_state: s.pod_state.clone(),
+                exit_code: s.exit_code,
+                message: s
+                    .message
+                    .split_once(": ")
+                    .map(|(_, m)| m.to_string())
+                    .unwrap_or_default(),
+                namespace,
+            })
+            .unwrap_or_default();
+        }
+        if let Err(e) = api
+            .patch_status(
+                &rl.name,
+                &PatchParams::apply(MARKET_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            debug!(error = %e, "could not record lease status");
+        }
+        self.wake(ObjectRef::new(&rl.aijob).within(&rl.namespace)).await;
+        Ok(())
+    }
+
+    /// One step of the pool placement of `aijob`.
+    pub async fn reconcile_remote(&self, aijob: &AiJob, need: &Need) -> Result<RemoteOutcome, MarketError> {
+        let ns = aijob.namespace().unwrap_or_default();
+        let name = aijob.name_any();
+        let status = aijob.status.clone().unwrap_or_default();
+        let mut order = status.order.clone().unwrap_or_default();
+        let now = now_ms();
+
+        // Dereference: the current order's bids and lease.
+        let bids_api: Api<Bid> = Api::namespaced(self.client.clone(), &ns);
+        let bids: Vec<Bid> = if order.id.is_empty() {
+            vec![]
+        } else {
+            bids_api
+                .list(&ListParams::default().labels(&format!("{LABEL_ORDER}={}", order.id)))
+                .await?
+                .items
+        };
+        let reputations = if bids.is_empty() {
+            Default::default()
+        } else {
+            self.reputations().await
+        };
+        let candidates: Vec<Candidate> = bids
+            .iter()
+            .filter_map(|b| {
+                let (completed, failed) = reputations.get(&b.spec.provider_org).copied().unwrap_or_default();
+                Some(Candidate {
+                    name: b.name_any(),
+                    org: b.spec.provider_org.clone(),
+                    price: TokenAmount::from_str(&b.spec.price_per_gpu_hour).ok()?,
+                    completed,
+                    failed,
+                    latency_ms: b
+                        .annotations()
+                        .get("gpupool.dev/latency-ms")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(u64::MAX),
+                    expires_at_ms: time_ms(&b.spec.expires_at),
+                })
+            })
+            .collect();
+        let leases_api: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
+        let lease = match &order.lease {
+            Some(l) => leases_api.get_opt(l).await?,
+            None => None,
+        };
+        let lease_view = lease.as_ref().map(|l| {
+            let st = l.status.clone().unwrap_or_default();
+            let active_since = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == crate::settlement_plan::COND_CONFIRMED && c.status == "True")
+                .map(|c| time_ms(&c.last_transition_time));
+            LeaseView {
+                provider_org: l.spec.provider.org.clone(),
+                state: st.state,
+                close_requested: l.spec.close_reason,
+                closed_as: st.close_reason.clone(),
+                workload: st.workload.clone(),
+                last_heard_ms: st.last_heartbeat.as_ref().map(time_ms).or(active_since),
+            }
+        });
+        if let (Some(l), Some(id)) = (&lease, lease.as_ref().and_then(|l| l.status.as_ref()?.lease_id.clone()))
+            && let Some(provider) = l
+                .spec
+                .provider
+                .peer_id
+                .as_deref()
+                .and_then(|p| PeerId::from_str(p).ok())
+        {
+            self.lock().renter_leases.insert(
+                id.to_ascii_lowercase(),
+                RenterLease {
+                    namespace: ns.clone(),
+                    name: l.name_any(),
+                    aijob: name.clone(),
+                    provider,
+                },
+            );
+        }
+        let window = u64::try_from(std::time::Duration::from(aijob.spec.bidding.window).as_millis()).unwrap_or(5000);
+        let view = View {
+            now_ms: now,
+            order: (!order.id.is_empty()).then(|| (order.attempt, order.closes_at.as_ref().map(time_ms).unwrap_or(0))),
+            selection: aijob.spec.bidding.selection,
+            accepted_bid: aijob.spec.bidding.accepted_bid.as_deref(),
+            bids: &candidates,
+            excluded_orgs: &order.excluded_orgs,
+            lease: lease_view.as_ref(),
+            heartbeat_grace_ms: u64::try_from(self.settings.heartbeat_grace.as_millis()).unwrap_or(10_000),
+        };
+        let step = decide(&view);
+        debug!(aijob = %name, ?step, "pool step");
+
+        let mut out = RemoteOutcome {
+            phase: AiJobPhase::Bidding,
+            reason: "Bidding",
+            message: String::new(),
+            placed: false,
+            order: order.clone(),
+            runs_on: None,
+            lease: order.lease.clone(),
+            exit_code: None,
+            cost: lease.as_ref().and_then(|l| l.status.as_ref()?.paid.clone()),
+            requeue: Some(Duration::from_secs(1)),
+            events: vec![],
+        };
+        let max_price = TokenAmount::from_str(&aijob.spec.max_price_per_gpu_hour)
+            .map_err(|e| MarketError::Invalid(e.to_string()))?;
+        match step {
+            Step::Publish { attempt, after_no_bids } => {
+                let why = after_no_bids.then(|| {
+                    explain_no_bids(
+                        &Wanted {
+                            count: need.count,
+                            models: &need.models,
+                            min_memory_mib: need.min_memory_mib,
+                            max_price,
+                            allowed_orgs: &aijob.spec.placement.allowed_orgs,
+                            denied_orgs: &aijob.spec.placement.denied_orgs,
+                            excluded_orgs: &order.excluded_orgs,
+                        },
+                        &self.pool_supply(),
+                    )
+                });
+                self.lock().orders.remove(&order.id);
+                order = self
+                    .publish(aijob, need, attempt, order.excluded_orgs.clone(), window, max_price)
+                    .await;
+                out.order = order.clone();
+                out.lease = None;
+                let secs = order
+                    .closes_at
+                    .as_ref()
+                    .map(|t| time_ms(t).saturating_sub(now))
+                    .unwrap_or(0) as f64
+                    / 1000.0;
+                match why {
+                    Some((reason, msg)) => {
+                        out.reason = reason;
+                        out.message = format!("{msg} (order {}, next window closes in {secs:.1}s)", order.id);
+                        out.events.push((true, reason, out.message.clone()));
+                    }
+                    None => {
+                        out.message = format!(
+                            "order {} published to the pool; bid window closes in {secs:.1}s",
+                            order.id
+                        );
+                        out.events.push((false, "OrderPublished", out.message.clone()));
+                    }
+                }
+                out.requeue = Some(Duration::from_millis(
+                    time_ms_or(&order.closes_at, now).saturating_sub(now).max(100),
+                ));
+            }
+            Step::WaitBids { until_ms } => {
+                self.ensure_registered(aijob, need, &order, max_price);
+                out.message = format!(
+                    "order {} open: {} bid(s) so far; the window closes in {:.1}s",
+                    order.id,
+                    candidates.len(),
+                    until_ms.saturating_sub(now) as f64 / 1000.0
+                );
+                out.requeue = Some(Duration::from_millis(until_ms.saturating_sub(now).max(50)));
+            }
+            Step::WaitChoice { open_bids } => {
+                self.ensure_registered(aijob, need, &order, max_price);
+                out.reason = "AwaitingChoice";
+                out.message = format!(
+                    "{open_bids} open bid(s) for order {}; set spec.bidding.acceptedBid to one of them (kubectl get bids -n {ns} -l {LABEL_ORDER}={})",
+                    order.id, order.id
+                );
+                out.requeue = Some(Duration::from_secs(2));
+            }
+            Step::BadChoice { message } => {
+                out.reason = "InvalidChoice";
+                out.message = message;
+                out.requeue = Some(Duration::from_secs(5));
+            }
+            Step::Award { bid } => {
+                let Some(winner) = bids.iter().find(|b| b.name_any() == bid) else {
+                    return Err(MarketError::Invalid(format!("bid {bid} vanished")));
+                };
+                let lease_name = self.award(aijob, need, &order, winner, &bids).await?;
+                order.lease = Some(lease_name.clone());
+                out.order = order.clone();
+                out.lease = Some(lease_name.clone());
+                out.phase = AiJobPhase::Leased;
+                out.reason = "LeaseOpening";
+                out.message = format!(
+                    "bid {bid} from {} at {} per GPU-hour won; opening lease {lease_name} on chain",
+                    winner.spec.provider_org, winner.spec.price_per_gpu_hour
+                );
+                out.events.push((false, "BidAccepted", out.message.clone()));
+                out.requeue = Some(Duration::from_millis(300));
+            }
+            Step::WaitLease => {
+                out.phase = AiJobPhase::Leased;
+                out.reason = "LeaseOpening";
+                out.message = format!(
+                    "waiting for lease {} to be confirmed on chain",
+                    order.lease.clone().unwrap_or_default()
+                );
+                out.requeue = Some(Duration::from_millis(500));
+            }
+            Step::Offer => {
+                let l = lease
+                    .as_ref()
+                    .ok_or_else(|| MarketError::Invalid("lease missing".into()))?;
+                self.offer(aijob, l).await;
+                out.phase = AiJobPhase::Leased;
+                out.reason = "LeaseActive";
+                out.message = format!("lease active on chain; handing the workload to {}", l.spec.provider.org);
+                out.requeue = Some(self.settings.heartbeat_every.min(Duration::from_secs(1)));
+                out.runs_on = Some(runs_on(l));
+            }
+            Step::Mirror => {
+                let l = lease
+                    .as_ref()
+                    .ok_or_else(|| MarketError::Invalid("lease missing".into()))?;
+                let w = l.status.as_ref().and_then(|s| s.workload.clone()).unwrap_or_default();
+                out.phase = if w.phase == "Running" {
+                    AiJobPhase::Running
+                } else {
+                    AiJobPhase::Leased
+                };
+                out.placed = true;
+                out.reason = "PlacedInPool";
+                out.message = format!(
+                    "runs in {} ({}): {}",
+                    l.spec.provider.org,
+                    if w.pod_state.is_empty() { &w.phase } else { &w.pod_state },
+                    w.message
+                );
+                out.runs_on = Some(runs_on(l));
+                out.requeue = Some(self.settings.heartbeat_grace / 2);
+            }
+            Step::Close(reason) => {
+                let l = lease
+                    .as_ref()
+                    .ok_or_else(|| MarketError::Invalid("lease missing".into()))?;
+                let patch = serde_json::json!({"spec": {"closeReason": reason}});
+                leases_api
+                    .patch(&l.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+                out.phase = AiJobPhase::Leased;
+                out.placed = true;
+                out.runs_on = Some(runs_on(l));
+                out.reason = "LeaseClosing";
+                out.message = match reason {
+                    CloseReason::ProviderFailed => format!(
+                        "{} stopped answering (no heartbeat for {}s): closing the lease as ProviderFailed to re-auction the job",
+                        l.spec.provider.org,
+                        self.settings.heartbeat_grace.as_secs()
+                    ),
+                    _ => format!(
+                        "the workload ended in {}; closing the lease as {}",
+                        l.spec.provider.org,
+                        reason.as_str()
+                    ),
+                };
+                out.events
+                    .push((reason != CloseReason::Completed, "LeaseClosing", out.message.clone()));
+                out.requeue = Some(Duration::from_millis(300));
+            }
+            Step::WaitClose => {
+                let l = lease
+                    .as_ref()
+                    .ok_or_else(|| MarketError::Invalid("lease missing".into()))?;
+                out.phase = AiJobPhase::Leased;
+                out.placed = true;
+                out.runs_on = Some(runs_on(l));
+                out.reason = "LeaseClosing";
+                out.message = "closing the lease on chain".into();
+                out.requeue = Some(Duration::from_millis(500));
+            }
+            Step::Done => {
+                let l = lease
+                    .as_ref()
+                    .ok_or_else(|| MarketError::Invalid("lease missing".into()))?;
+                let w = l.status.as_ref().and_then(|s| s.workload.clone()).unwrap_or_default();
+                let st = l.status.clone().unwrap_or_default();
+                out.placed = true;
+                out.runs_on = Some(runs_on(l));
+                out.exit_code = w.exit_code;
+                out.phase = if w.phase == "Succeeded" {
+                    AiJobPhase::Succeeded
+                } else {
+                    AiJobPhase::Failed
+                };
+                out.reason = "PlacedInPool";
+                out.message = format!(
+                    "{} in {}; lease closed as {}: paid {} tokens, refunded {}",
+                    w.phase,
+                    l.spec.provider.org,
+                    st.close_reason.unwrap_or_default(),
+                    st.paid.clone().unwrap_or_default(),
+                    st.refunded.unwrap_or_default()
+                );
+                out.requeue = None;
+                if !status.phase.is_some_and(AiJobPhase::is_terminal) {
+                    self.record_outcome(&l.spec.provider.org, true).await;
+                    self.metrics.pool_lease("renter_completed");
+                }
+            }
+            Step::Reauction { failed_org, attempt } => {
+                if !order.excluded_orgs.contains(&failed_org) {
+                    order.excluded_orgs.push(failed_org.clone());
+                    self.record_outcome(&failed_org, false).await;
+                    self.metrics.pool_lease("renter_failed_over");
+                }
+                self.lock().orders.remove(&order.id);
+                let paid = out.cost.clone().unwrap_or_default();
+                order = self
+                    .publish(aijob, need, attempt, order.excluded_orgs.clone(), window, max_price)
+                    .await;
+                out.order = order.clone();
+                out.lease = None;
+                out.reason = "Reauctioned";
+                out.message = format!(
+                    "{failed_org} failed the lease (paid {paid} for the time used, the rest refunded); order {} asks the other peers",
+                    order.id
+                );
+                out.events.push((true, "Reauctioned", out.message.clone()));
+                out.requeue = Some(Duration::from_millis(
+                    time_ms_or(&order.closes_at, now).saturating_sub(now).max(100),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn ensure_registered(&self, aijob: &AiJob, need: &Need, order: &PoolOrder, max_price: TokenAmount) {
+        let mut st = self.lock();
+        if st.orders.contains_key(&order.id) {
+            return;
+        }
+        let closes = order.closes_at.as_ref().map(time_ms).unwrap_or(0);
+        st.orders.insert(
+            order.id.clone(),
+            OpenOrder {
+                aijob: ObjectRef::from_obj(aijob),
+                uid: aijob.metadata.uid.clone().unwrap_or_default(),
+                order: wire_order(aijob, need, &self.settings.org, &order.id, &order.excluded_orgs),
+                max_price,
+                published_ms: closes.saturating_sub(5000),
+                closes_ms: closes,
+            },
+        );
+    }
+
+    async fn publish(
+        &self,
+        aijob: &AiJob,
+        need: &Need,
+        attempt: i32,
+        excluded: Vec<String>,
+        window: u64,
+        max_price: TokenAmount,
+    ) -> PoolOrder {
+        let uid = aijob.metadata.uid.clone().unwrap_or_default();
+        let id = format!(
+            "{}-{}-{attempt}",
+            self.settings.org,
+            uid.chars().take(8).collect::<String>()
+        );
+        let now = now_ms();
+        let closes = now + window_ms(window, attempt);
+        let o = wire_order(aijob, need, &self.settings.org, &id, &excluded);
+        self.lock().orders.insert(
+            id.clone(),
+            OpenOrder {
+                aijob: ObjectRef::from_obj(aijob),
+                uid,
+                order: o.clone(),
+                max_price,
+                published_ms: now,
+                closes_ms: closes,
+            },
+        );
+        match self
+            .p2p
+            .publish(crate::p2p::swarm::Topic::Orders, self.seal(Body::Order(o)))
+            .await
+        {
+            Ok(()) => {
+                self.metrics.order_published();
+                info!(order = %id, aijob = %aijob.name_any(), attempt, "order published");
+            }
+            Err(e) => warn!(order = %id, error = %e, "order not published"),
+        }
+        PoolOrder {
+            id,
+            attempt,
+            closes_at: ms_to_time(closes),
+            excluded_orgs: excluded,
+            lease: None,
+        }
+    }
+
+    /// Creates the renter Lease for the winning bid and tells every bidder.
+    async fn award(
+        &self,
+        aijob: &AiJob,
+        need: &Need,
+        order: &PoolOrder,
+        winner: &Bid,
+        bids: &[Bid],
+    ) -> Result<String, MarketError> {
+        let ns = aijob.namespace().unwrap_or_default();
+        let lease_name = format!("{}-{}", aijob.name_any(), order.attempt);
+        let provider_peer = PeerId::from_str(&winner.spec.provider_peer_id)
+            .map_err(|_| MarketError::Invalid("provider peer id".into()))?;
+        let provider_wallet: Address = self
+            .lock()
+            .peers
+            .get(&provider_peer)
+            .and_then(|p| p.wallet)
+            .ok_or_else(|| MarketError::Invalid(format!("no wallet known for {}", winner.spec.provider_org)))?;
+        let price =
+            TokenAmount::from_str(&winner.spec.price_per_gpu_hour).map_err(|e| MarketError::Invalid(e.to_string()))?;
+        let rate = rate_per_second(price, need.count)
+            .ok_or_else(|| MarketError::Invalid("the winning price rounds to zero tokens per second".into()))?;
+        let max_secs = std::time::Duration::from(aijob.spec.max_duration).as_secs();
+        let deposit = TokenAmount(rate.saturating_mul(u128::from(max_secs.min(self.settings.deposit_seconds).max(60))));
+        let mut lease = Lease::new(
+            &lease_name,
+            LeaseSpec {
+                side: LeaseSide::Renter,
+                order_id: order.id.clone(),
+                bid: winner.name_any(),
+                ai_job: Some(aijob.name_any()),
+                renter: LeaseParty {
+                    org: self.settings.org.clone(),
+                    peer_id: Some(self.peer_id().to_string()),
+                    wallet: Some(self.wallet.to_string()),
+                },
+                provider: LeaseParty {
+                    org: winner.spec.provider_org.clone(),
+                    peer_id: Some(winner.spec.provider_peer_id.clone()),
+                    wallet: Some(provider_wallet.to_string()),
+                },
+                price_per_gpu_hour: price.to_string(),
+                gpu_count: i32::try_from(need.count).unwrap_or(1),
+                gpu_product: winner.spec.gpu_product.clone(),
+                escrow: Some(Escrow {
+                    chain_id: self.chain.config().chain_id,
+                    contract: self.chain.config().escrow.to_string(),
+                    lease_id: None,
+                    deposit: deposit.to_string(),
+                }),
+                close_reason: None,
+            },
+        );
+        lease.metadata.namespace = Some(ns.clone());
+        lease.metadata.labels = Some(BTreeMap::from([(LABEL_ORDER.to_string(), order.id.clone())]));
+        lease.metadata.owner_references = owner(aijob).map(|o| vec![o]);
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
+        match api.create(&PostParams::default(), &lease).await {
+            Ok(_) => {
+                self.metrics.pool_lease("renter_opened");
+                info!(lease = %lease_name, provider = %winner.spec.provider_org, price = %price, deposit = %deposit, "lease created for the winning bid");
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        let bids_api: Api<Bid> = Api::namespaced(self.client.clone(), &ns);
+        for b in bids {
+            let won = b.name_any() == winner.name_any();
+            let status = BidStatus {
+                state: Some(if won { BidState::Accepted } else { BidState::Lost }),
+                message: Some(if won {
+                    format!("won; lease {lease_name}")
+                } else {
+                    format!("{} won at {}", winner.spec.provider_org, winner.spec.price_per_gpu_hour)
+                }),
+            };
+            let _ = crate::ssa::apply_status(&bids_api, &b.name_any(), MARKET_MANAGER, &status).await;
+            if let Ok(peer) = PeerId::from_str(&b.spec.provider_peer_id) {
+                let msg = Body::BidResult(BidResult {
+                    order_id: order.id.clone(),
+                    bid_id: format!("{}-{}", b.spec.provider_org, order.id)
+                        .chars()
+                        .take(128)
+                        .collect::<String>(),
+                    won,
+                });
+                if let Err(e) = self.send(peer, msg).await {
+                    debug!(error = %e, "bid result not delivered; the reservation lapses on its own");
+                }
+            }
+        }
+        self.lock().orders.remove(&order.id);
+        Ok(lease_name)
+    }
+
+    async fn offer(&self, aijob: &AiJob, l: &Lease) {
+        let (Some(id), Some(escrow), Some(peer)) = (
+            l.status.as_ref().and_then(|s| s.lease_id.clone()),
+            l.spec.escrow.as_ref(),
+            l.spec
+                .provider
+                .peer_id
+                .as_deref()
+                .and_then(|p| PeerId::from_str(p).ok()),
+        ) else {
+            return;
+        };
+        let workload = serde_json::to_vec(&aijob.spec.template).unwrap_or_default();
+        let bid_id = format!("{}-{}", l.spec.provider.org, l.spec.order_id);
+        let msg = Body::LeaseOffer(LeaseOffer {
+            order_id: l.spec.order_id.clone(),
+            bid_id,
+            chain_id: escrow.chain_id,
+            escrow_contract: escrow.contract.clone(),
+            lease_id: id.clone(),
+            deposit: l
+                .status
+                .as_ref()
+                .and_then(|s| s.deposited.clone())
+                .unwrap_or_else(|| escrow.deposit.clone()),
+            renter_wallet: self.wallet.to_string(),
+            workload,
+            max_duration_seconds: std::time::Duration::from(aijob.spec.max_duration).as_secs().max(1),
+        });
+        match self.send(peer, msg).await {
+            Ok(()) => debug!(lease = %id, provider = %l.spec.provider.org, "lease offer sent"),
+            Err(e) => debug!(lease = %id, error = %e, "lease offer not delivered; resending"),
+        }
+    }
+}
+
+fn time_ms_or(t: &Option<Time>, default: u64) -> u64 {
+    t.as_ref().map(time_ms).unwrap_or(default)
+}
+
+fn runs_on(l: &Lease) -> RunsOn {
+    let w = l.status.as_ref().and_then(|s| s.workload.clone()).unwrap_or_default();
+    RunsOn {
+        org: l.spec.provider.org.clone(),
+        peer_id: l.spec.provider.peer_id.clone(),
+        namespace: w.namespace,
+        job: super::provider_io::WORKLOAD.into(),
+        gpu_product: Some(l.spec.gpu_product.clone()),
+    }
+}
+
+fn wire_order(aijob: &AiJob, need: &Need, org: &str, id: &str, excluded: &[String]) -> wire::Order {
+    let mut denied = aijob.spec.placement.denied_orgs.clone();
+    denied.extend(excluded.iter().cloned());
+    denied.sort();
+    denied.dedup();
+    wire::Order {
+        order_id: id.to_string(),
+        renter_org: org.to_string(),
+        gpus: Some(wire::GpuRequirements {
+            count: need.count,
+            models: need.models.clone(),
+            min_memory_mib: need.min_memory_mib,
+            interconnect: format!("{:?}", aijob.spec.gpus.interconnect),
+        }),
+        max_price_per_gpu_hour: aijob.spec.max_price_per_gpu_hour.clone(),
+        max_duration_seconds: std::time::Duration::from(aijob.spec.max_duration).as_secs().max(1),
+        allowed_orgs: aijob.spec.placement.allowed_orgs.clone(),
+        denied_orgs: denied,
+    }
+}
+
+/// Whether an AiJob's status shows it in the pool path.
+pub fn in_pool(status: Option<&gpupool_crds::AiJobStatus>) -> bool {
+    status.and_then(|s| s.order.as_ref()).is_some_and(|o| !o.id.is_empty())
+}
+
+/// Lease state for logs.
+pub fn lease_state(l: &Lease) -> Option<LeaseState> {
+    l.status.as_ref().and_then(|s| s.state)
+}

@@ -1,0 +1,213 @@
+//! Choosing among bids, and saying why there are none. Pure.
+
+use gpupool_crds::price::TokenAmount;
+
+use super::bidengine::Supply;
+use crate::matching::product_matches;
+
+/// One bid as selection sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub name: String,
+    pub org: String,
+    pub price: TokenAmount,
+    pub completed: u64,
+    pub failed: u64,
+    /// From publishing the order to receiving the bid.
+    pub latency_ms: u64,
+    pub expires_at_ms: u64,
+}
+
+impl Candidate {
+    /// Laplace-smoothed success ratio in parts per million: a new peer counts
+    /// as 50 %, so it is neither shut out nor preferred over a proven one.
+    fn reputation_ppm(&self) -> u64 {
+        (self.completed + 1).saturating_mul(1_000_000) / (self.completed + self.failed + 2)
+    }
+}
+
+/// Auto selection: lowest price, then reputation, then latency; the name
+/// breaks ties so every replica picks the same. Expired bids and excluded
+/// organisations never win.
+pub fn pick<'a>(bids: &'a [Candidate], now_ms: u64, excluded_orgs: &[String]) -> Option<&'a Candidate> {
+    bids.iter()
+        .filter(|b| b.expires_at_ms > now_ms && !excluded_orgs.contains(&b.org))
+        .min_by(|a, b| {
+            a.price
+                .cmp(&b.price)
+                .then(b.reputation_ppm().cmp(&a.reputation_ppm()))
+                .then(a.latency_ms.cmp(&b.latency_ms))
+                .then(a.name.cmp(&b.name))
+        })
+}
+
+/// What the pool last advertised, per peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSupply {
+    pub org: String,
+    pub offers: Vec<(Supply, Option<TokenAmount>)>,
+}
+
+/// What the AiJob needs, for the sentence.
+#[derive(Clone, Debug)]
+pub struct Wanted<'a> {
+    pub count: u32,
+    pub models: &'a [String],
+    pub min_memory_mib: u64,
+    pub max_price: TokenAmount,
+    pub allowed_orgs: &'a [String],
+    pub denied_orgs: &'a [String],
+    pub excluded_orgs: &'a [String],
+}
+
+impl Wanted<'_> {
+    fn describe(&self) -> String {
+        let models = if self.models.is_empty() {
+            "GPUs".to_string()
+        } else {
+            self.models.join("|")
+        };
+        format!("{}×{models}", self.count)
+    }
+
+    fn may_use(&self, org: &str) -> bool {
+        !self.denied_orgs.iter().any(|o| o == org)
+            && !self.excluded_orgs.iter().any(|o| o == org)
+            && (self.allowed_orgs.is_empty() || self.allowed_orgs.iter().any(|o| o == org))
+    }
+}
+
+/// A reason (CamelCase) and a sentence a person can act on, for an order
+/// that got no usable bid.
+pub fn explain_no_bids(w: &Wanted<'_>, peers: &[PeerSupply]) -> (&'static str, String) {
+    let usable: Vec<&PeerSupply> = peers.iter().filter(|p| w.may_use(&p.org)).collect();
+    if peers.is_empty() {
+        return (
+            "NoPeers",
+            "no other organisation of the pool is connected; check the bootstrap peers".into(),
+        );
+    }
+    if usable.is_empty() {
+        return (
+            "NoAllowedPeers",
+            format!(
+                "every connected organisation ({}) is denied, not allowed or failed this job before",
+                peers.iter().map(|p| p.org.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        );
+    }
+    let fitting: Vec<(&str, Option<TokenAmount>)> = usable
+        .iter()
+        .flat_map(|p| {
+            p.offers
+                .iter()
+                .filter(|(s, _)| {
+                    s.max_per_node >= w.count
+                        && s.memory_mib >= w.min_memory_mib
+                        && product_matches(w.models, &s.product)
+                })
+                .map(move |(_, price)| (p.org.as_str(), *price))
+        })
+        .collect();
+    if fitting.is_empty() {
+        return (
+            "NoPeerHasCapacity",
+            format!("no peer has {} free on one node", w.describe()),
+        );
+    }
+    let lowest = fitting.iter().filter_map(|(o, p)| p.map(|p| (p, *o))).min();
+    match lowest {
+        Some((price, org)) if price > w.max_price => (
+            "PriceTooLow",
+            format!(
+                "lowest ask is {price} per GPU-hour ({org}), above your max price {}; raise maxPricePerGpuHour",
+                w.max_price
+            ),
+        ),
+        _ => (
+            "NoBids",
+            format!(
+                "peers advertise {} free but none bid in the window; asking again",
+                w.describe()
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(name: &str, org: &str, price: &str, completed: u64, failed: u64, latency: u64) -> Candidate {
+        Candidate {
+            name: name.into(),
+            org: org.into(),
+            price: price.parse().unwrap(),
+            completed,
+            failed,
+            latency_ms: latency,
+            expires_at_ms: 10_000,
+        }
+    }
+
+    #[test]
+    fn price_then_reputation_then_latency() {
+        let bids = vec![
+            c("a", "x", "2", 0, 0, 5),
+            c("b", "y", "1.5", 0, 3, 5),
+            c("c", "z", "1.5", 5, 0, 50),
+            c("d", "w", "1.5", 5, 0, 10),
+        ];
+        assert_eq!(pick(&bids, 0, &[]).unwrap().name, "d");
+        assert_eq!(pick(&bids, 0, &["w".into()]).unwrap().name, "c");
+        assert_eq!(pick(&bids, 10_000, &[]), None, "expired bids never win");
+        assert_eq!(pick(&[], 0, &[]), None);
+    }
+
+    fn supply(product: &str, per_node: u32) -> Supply {
+        Supply {
+            product: product.into(),
+            memory_mib: 81559,
+            free: per_node,
+            max_per_node: per_node,
+        }
+    }
+
+    #[test]
+    fn explains_each_no_bid_case() {
+        let models = vec!["H100".to_string()];
+        let w = Wanted {
+            count: 8,
+            models: &models,
+            min_memory_mib: 0,
+            max_price: "2".parse().unwrap(),
+            allowed_orgs: &[],
+            denied_orgs: &[],
+            excluded_orgs: &[],
+        };
+        assert_eq!(explain_no_bids(&w, &[]).0, "NoPeers");
+        let small = PeerSupply {
+            org: "globex".into(),
+            offers: vec![(supply("NVIDIA H100 80GB HBM3", 4), Some("1".parse().unwrap()))],
+        };
+        let (r, m) = explain_no_bids(&w, std::slice::from_ref(&small));
+        assert_eq!(r, "NoPeerHasCapacity");
+        assert_eq!(m, "no peer has 8×H100 free on one node");
+        let dear = PeerSupply {
+            org: "initech".into(),
+            offers: vec![(supply("NVIDIA H100 80GB HBM3", 8), Some("3.1".parse().unwrap()))],
+        };
+        let (r, m) = explain_no_bids(&w, &[small.clone(), dear.clone()]);
+        assert_eq!(r, "PriceTooLow");
+        assert!(
+            m.contains("lowest ask is 3.1 per GPU-hour (initech), above your max price 2"),
+            "{m}"
+        );
+        let denied = vec!["initech".to_string(), "globex".to_string()];
+        let w2 = Wanted {
+            denied_orgs: &denied,
+            ..w.clone()
+        };
+        assert_eq!(explain_no_bids(&w2, &[small, dear]).0, "NoAllowedPeers");
+    }
+}

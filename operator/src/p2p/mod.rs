@@ -1,0 +1,9 @@
+//! The peer-to-peer layer: identity, message sealing and checks (pure), peer
+//! scores (pure) and the libp2p swarm (I/O).
+
+pub mod body;
+pub mod codec;
+pub mod envelope;
+pub mod identity;
+pub mod score;
+pub mod swarm;

@@ -1,0 +1,499 @@
+//! The libp2p swarm: TCP + noise + yamux, identify, Kademlia, gossipsub with
+//! strict signing and application validation, and request-response for direct
+//! messages. It owns no market state: it moves bytes and reports what arrived.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId, ValidationMode};
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, noise, ping, tcp, yamux};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::codec::{Ack, DIRECT_PROTOCOL, EnvelopeCodec, OVERSIZED};
+
+pub const TOPIC_ADVERTS: &str = "gpupool/adverts/v1";
+pub const TOPIC_ORDERS: &str = "gpupool/orders/v1";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Topic {
+    Adverts,
+    Orders,
+}
+
+impl Topic {
+    fn name(self) -> &'static str {
+        match self {
+            Topic::Adverts => TOPIC_ADVERTS,
+            Topic::Orders => TOPIC_ORDERS,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SwarmConfig {
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start and whenever the pool looks empty; `/p2p/<id>`
+    /// is optional (noise tells us who answered).
+    pub bootstrap: Vec<Multiaddr>,
+    pub idle_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for SwarmConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![],
+            bootstrap: vec![],
+            idle_timeout: Duration::from_secs(600),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What arrived from the network, before any check.
+#[derive(Debug)]
+pub enum Inbound {
+    Gossip {
+        topic: Topic,
+        /// The gossipsub author, verified by gossipsub's strict signing.
+        author: Option<PeerId>,
+        propagation_source: PeerId,
+        id: MessageId,
+        bytes: Vec<u8>,
+    },
+    Direct {
+        peer: PeerId,
+        bytes: Vec<u8>,
+    },
+    /// The codec refused a frame before reading it.
+    Oversized {
+        peer: PeerId,
+    },
+    Connected {
+        peer: PeerId,
+    },
+    Disconnected {
+        peer: PeerId,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("the swarm has stopped")]
+    Stopped,
+    #[error("no route to or no answer from {peer}: {reason}")]
+    Failed { peer: PeerId, reason: String },
+    #[error("{0} is busy")]
+    Busy(PeerId),
+    #[error("publishing: {0}")]
+    Publish(String),
+}
+
+enum Command {
+    Publish {
+        topic: Topic,
+        bytes: Vec<u8>,
+        done: oneshot::Sender<Result<(), SendError>>,
+    },
+    Send {
+        peer: PeerId,
+        bytes: Vec<u8>,
+        done: oneshot::Sender<Result<(), SendError>>,
+    },
+    Validated {
+        id: MessageId,
+        source: PeerId,
+        accept: MessageAcceptance,
+    },
+    Ban {
+        peer: PeerId,
+    },
+    AddPeer {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    Info {
+        done: oneshot::Sender<SwarmInfo>,
+    },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SwarmInfo {
+    pub listen: Vec<Multiaddr>,
+    pub connected: Vec<PeerId>,
+}
+
+/// A cheap handle to the running swarm.
+#[derive(Clone, Debug)]
+pub struct P2p {
+    local: PeerId,
+    cmd: mpsc::Sender<Command>,
+}
+
+impl P2p {
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn publish(&self, topic: Topic, bytes: Vec<u8>) -> Result<(), SendError> {
+        self.call(|done| Command::Publish { topic, bytes, done })
+            .await
+            .unwrap_or(Err(SendError::Stopped))
+    }
+
+    /// Sends one direct message and waits for the receiver to take it.
+    pub async fn send(&self, peer: PeerId, bytes: Vec<u8>) -> Result<(), SendError> {
+        self.call(|done| Command::Send { peer, bytes, done })
+            .await
+            .unwrap_or(Err(SendError::Stopped))
+    }
+
+    /// Tells gossipsub what the application made of a message, so it forwards
+    /// only good ones and scores the peer that relayed a bad one.
+    pub async fn validated(&self, id: MessageId, source: PeerId, accept: MessageAcceptance) {
+        let _ = self.cmd.send(Command::Validated { id, source, accept }).await;
+    }
+
+    pub async fn ban(&self, peer: PeerId) {
+        let _ = self.cmd.send(Command::Ban { peer }).await;
+    }
+
+    pub async fn add_peer(&self, peer: PeerId, addr: Multiaddr) {
+        let _ = self.cmd.send(Command::AddPeer { peer, addr }).await;
+    }
+
+    pub async fn info(&self) -> SwarmInfo {
+        self.call(|done| Command::Info { done }).await.unwrap_or_default()
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    direct: request_response::Behaviour<EnvelopeCodec>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("building the swarm: {0}")]
+    Build(String),
+    #[error("listening on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+}
+
+fn behaviour(key: &Keypair, cfg: &SwarmConfig) -> Result<Behaviour, StartError> {
+    let local = key.public().to_peer_id();
+    let gs_config = gossipsub::ConfigBuilder::default()
+        .validation_mode(ValidationMode::Strict)
+        .validate_messages()
+        // Room for an envelope at the limit plus gossipsub's own framing.
+        .max_transmit_size(gpupool_proto::MAX_MESSAGE_BYTES + 4096)
+        .heartbeat_interval(Duration::from_millis(700))
+        .build()
+        .map_err(|e| StartError::Build(e.to_string()))?;
+    let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gs_config)
+        .map_err(|e| StartError::Build(e.to_string()))?;
+    let mut kad = kad::Behaviour::new(local, MemoryStore::new(local));
+    kad.set_mode(Some(kad::Mode::Server));
+    let identify = identify::Behaviour::new(identify::Config::new("/gpupool/1.0.0".into(), key.public()));
+    let direct = request_response::Behaviour::with_codec(
+        EnvelopeCodec,
+        [(DIRECT_PROTOCOL, ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(cfg.request_timeout)
+            .with_max_concurrent_streams(1024),
+    );
+    Ok(Behaviour {
+        gossipsub,
+        kad,
+        identify,
+        ping: ping::Behaviour::default(),
+        direct,
+    })
+}
+
+/// Starts the swarm; returns the handle and the stream of what arrives.
+pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receiver<Inbound>), StartError> {
+    let local = key.public().to_peer_id();
+    let behaviour = behaviour(&key, &cfg)?;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| StartError::Build(e.to_string()))?
+        .with_behaviour(|_| behaviour)
+        .map_err(|e| StartError::Build(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(cfg.idle_timeout))
+        .build();
+    for t in [Topic::Adverts, Topic::Orders] {
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&IdentTopic::new(t.name()))
+            .map_err(|e| StartError::Build(e.to_string()))?;
+    }
+    for addr in &cfg.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    // Wait for the listeners so callers (and tests) can read real ports.
+    let mut pending = cfg.listen.len();
+    while pending > 0 {
+        match swarm.select_next_some().await {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, peer = %local, "p2p listening");
+                pending -= 1;
+            }
+            SwarmEvent::ListenerError { error, .. } | SwarmEvent::ListenerClosed { reason: Err(error), .. } => {
+                return Err(StartError::Listen {
+                    addr: cfg.listen.first().cloned().unwrap_or(Multiaddr::empty()),
+                    reason: error.to_string(),
+                });
+            }
+            _ => {}
+        }
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+    let (in_tx, in_rx) = mpsc::channel(4096);
+    let lp = Loop {
+        swarm,
+        inbound: in_tx,
+        pending: HashMap::new(),
+        bootstrap: cfg.bootstrap,
+    };
+    tokio::spawn(lp.run(cmd_rx));
+    Ok((P2p { local, cmd: cmd_tx }, in_rx))
+}
+
+struct Loop {
+    swarm: Swarm<Behaviour>,
+    inbound: mpsc::Sender<Inbound>,
+    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<(), SendError>>>,
+    bootstrap: Vec<Multiaddr>,
+}
+
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+impl Loop {
+    fn dial_bootstrap(&mut self) {
+        for addr in self.bootstrap.clone() {
+            if let Some(p) = peer_of(&addr)
+                && self.swarm.is_connected(&p)
+            {
+                continue;
+            }
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                debug!(%addr, error = %e, "bootstrap dial failed");
+            }
+        }
+    }
+
+    async fn run(mut self, mut cmds: mpsc::Receiver<Command>) {
+        self.dial_bootstrap();
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    Some(c) => self.command(c),
+                    None => break,
+                },
+                ev = self.swarm.select_next_some() => self.event(ev),
+                _ = tick.tick() => {
+                    // Keep the bootstrap peers dialled while few are connected,
+                    // and walk the DHT so new members are found.
+                    if self.swarm.connected_peers().count() < self.bootstrap.len() {
+                        self.dial_bootstrap();
+                    }
+                    if self.swarm.connected_peers().next().is_some() {
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
+            }
+        }
+        info!("p2p swarm stopped");
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Publish { topic, bytes, done } => {
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(IdentTopic::new(topic.name()), bytes)
+                    .map(|_| ())
+                    .map_err(|e| SendError::Publish(e.to_string()));
+                let _ = done.send(r);
+            }
+            Command::Send { peer, bytes, done } => {
+                let id = self.swarm.behaviour_mut().direct.send_request(&peer, bytes);
+                self.pending.insert(id, done);
+            }
+            Command::Validated { id, source, accept } => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&id, &source, accept);
+            }
+            Command::Ban { peer } => {
+                warn!(%peer, "banning peer for its score");
+                self.swarm.behaviour_mut().gossipsub.blacklist_peer(&peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Command::AddPeer { peer, addr } => {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+            }
+            Command::Info { done } => {
+                let _ = done.send(SwarmInfo {
+                    listen: self.swarm.listeners().cloned().collect(),
+                    connected: self.swarm.connected_peers().copied().collect(),
+                });
+            }
+        }
+    }
+
+    fn deliver(&self, msg: Inbound) {
+        // A full queue means the market is behind: drop rather than stall the swarm.
+        if let Err(e) = self.inbound.try_send(msg) {
+            warn!(error = %e, "inbound queue full; message dropped");
+        }
+    }
+
+    fn event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => {
+                let topic = if message.topic == IdentTopic::new(TOPIC_ORDERS).hash() {
+                    Topic::Orders
+                } else if message.topic == IdentTopic::new(TOPIC_ADVERTS).hash() {
+                    Topic::Adverts
+                } else {
+                    let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        MessageAcceptance::Reject,
+                    );
+                    return;
+                };
+                self.deliver(Inbound::Gossip {
+                    topic,
+                    author: message.source,
+                    propagation_source,
+                    id: message_id,
+                    bytes: message.data,
+                });
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Direct(request_response::Event::Message {
+                peer, message, ..
+            })) => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let ack = if self.inbound.capacity() > 0 {
+                        Ack::Taken
+                    } else {
+                        Ack::Busy
+                    };
+                    let _ = self.swarm.behaviour_mut().direct.send_response(channel, ack);
+                    if ack == Ack::Taken {
+                        self.deliver(Inbound::Direct { peer, bytes: request });
+                    }
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(done) = self.pending.remove(&request_id) {
+                        let _ = done.send(match response {
+                            Ack::Taken => Ok(()),
+                            Ack::Busy => Err(SendError::Busy(peer)),
+                        });
+                    }
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Direct(request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            })) => {
+                if let Some(done) = self.pending.remove(&request_id) {
+                    let _ = done.send(Err(SendError::Failed {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Direct(request_response::Event::InboundFailure {
+                peer,
+                error,
+                ..
+            })) => {
+                if format!("{error:?}").contains(OVERSIZED) || error.to_string().contains(OVERSIZED) {
+                    self.deliver(Inbound::Oversized { peer });
+                } else {
+                    debug!(%peer, %error, "inbound direct message failed");
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                if endpoint.is_dialer() {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, endpoint.get_remote_address().clone());
+                }
+                if num_established.get() == 1 {
+                    debug!(peer = %peer_id, "peer connected");
+                    self.deliver(Inbound::Connected { peer: peer_id });
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                debug!(peer = %peer_id, "peer disconnected");
+                self.deliver(Inbound::Disconnected { peer: peer_id });
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id, %error, "dial failed");
+            }
+            _ => {}
+        }
+    }
+}
