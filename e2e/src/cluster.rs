@@ -310,7 +310,14 @@ pub async fn start(
     apply_yaml(
         &admin_client,
         rbac,
-        &["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"],
+        &[
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+        ],
     )
     .await?;
 

@@ -10,4 +10,5 @@ pub mod env;
 pub mod harness;
 pub mod kubeapply;
 pub mod orgs;
+pub mod pool;
 pub mod rpcproxy;

@@ -56,8 +56,11 @@ pub enum MarketError {
     Invalid(String),
 }
 
+/// Times in resources are written with whole seconds; round up so a stored
+/// deadline is never earlier than the real one.
 fn ms_to_time(ms: u64) -> Option<Time> {
-    Timestamp::from_millisecond(i64::try_from(ms).ok()?).ok().map(Time)
+    let secs = ms.div_ceil(1000);
+    Timestamp::from_second(i64::try_from(secs).ok()?).ok().map(Time)
 }
 
 fn time_ms(t: &Time) -> u64 {

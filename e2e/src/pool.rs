@@ -1,0 +1,154 @@
+//! A pool of operators over the test environment's clusters: each org's
+//! operator joins the pool on its own loopback port, bootstraps from the
+//! others, settles on the environment's anvil, and lends at the prices given.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use gpupool_chain::{Address, ChainConfig, ClientOptions, EscrowClient, Wallet};
+
+use crate::cluster::free_port;
+use crate::env::TestEnv;
+use crate::harness::Operator;
+
+/// One organisation's lending policy in the pool fixture.
+#[derive(Clone, Debug)]
+pub struct Lends {
+    pub org: &'static str,
+    /// (model, price per GPU-hour)
+    pub prices: Vec<(&'static str, &'static str)>,
+}
+
+/// Timings short enough for tests; the defaults are for real pools.
+pub fn fast_flags() -> Vec<String> {
+    vec![
+        "--advert-every-ms=400".into(),
+        "--heartbeat-every-ms=400".into(),
+        "--heartbeat-grace-ms=4000".into(),
+        "--bid-ttl-seconds=30".into(),
+        "--confirmations=1".into(),
+        "--withdraw-every-seconds=600".into(),
+        "--chain-resync-seconds=1".into(),
+    ]
+}
+
+pub struct Member {
+    pub org: String,
+    pub port: u16,
+    pub args: Vec<String>,
+    pub operator: Option<Operator>,
+    pub wallet: Address,
+}
+
+pub struct Pool {
+    pub members: BTreeMap<String, Member>,
+    pub chain: EscrowClient,
+    pub config: ChainConfig,
+    run: u32,
+}
+
+impl Pool {
+    /// Starts one operator per `lends` entry, all in one pool.
+    pub async fn start(env: &TestEnv, tag: &str, lends: &[Lends], extra: &[String]) -> anyhow::Result<Self> {
+        let chain_info = env
+            .chain
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the test environment has no chain"))?;
+        let config = ChainConfig::load(&chain_info.config)?;
+        let chain = EscrowClient::connect(config.clone(), None, ClientOptions::default())?;
+        let ports: Vec<u16> = lends.iter().map(|_| free_port()).collect::<Result<_, _>>()?;
+        let mut members = BTreeMap::new();
+        for (i, l) in lends.iter().enumerate() {
+            let org = env
+                .org(l.org)
+                .ok_or_else(|| anyhow::anyhow!("no org {} in the test environment", l.org))?;
+            let key = chain_info
+                .wallets
+                .get(l.org)
+                .ok_or_else(|| anyhow::anyhow!("no wallet for {}", l.org))?;
+            let wallet = Wallet::from_file(key)?.address();
+            let policy = org.dir.join(format!("policy-{tag}.yaml"));
+            let mut yaml = String::from("maxLentGpus: 64\nprices:\n");
+            for (model, price) in &l.prices {
+                yaml.push_str(&format!("- model: {model:?}\n  pricePerGpuHour: {price:?}\n"));
+            }
+            std::fs::write(&policy, yaml)?;
+            let bootstrap: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| format!("/ip4/127.0.0.1/tcp/{p}"))
+                .collect();
+            let mut args = vec![
+                "--pool".to_string(),
+                format!("--chain-config={}", chain_info.config.display()),
+                format!("--wallet-key-file={}", key.display()),
+                format!("--policy-file={}", policy.display()),
+                format!("--p2p-listen=/ip4/127.0.0.1/tcp/{}", ports[i]),
+                format!("--bootstrap={}", bootstrap.join(",")),
+            ];
+            args.extend(fast_flags());
+            args.extend_from_slice(extra);
+            members.insert(
+                l.org.to_string(),
+                Member {
+                    org: l.org.to_string(),
+                    port: ports[i],
+                    operator: Some(Operator::start_with(org, &format!("{tag}-{}", l.org), &args)),
+                    args,
+                    wallet,
+                },
+            );
+        }
+        Ok(Self {
+            members,
+            chain,
+            config,
+            run: 0,
+        })
+    }
+
+    pub fn operator(&self, org: &str) -> Option<&Operator> {
+        self.members.get(org)?.operator.as_ref()
+    }
+
+    /// Kills an org's operator the hard way.
+    pub fn kill(&mut self, org: &str) {
+        if let Some(op) = self.members.get_mut(org).and_then(|m| m.operator.take()) {
+            op.kill();
+        }
+    }
+
+    /// Starts a killed operator again, same identity and port.
+    pub fn restart(&mut self, env: &TestEnv, org: &str) -> anyhow::Result<()> {
+        self.run += 1;
+        let run = self.run;
+        let m = self
+            .members
+            .get_mut(org)
+            .ok_or_else(|| anyhow::anyhow!("no member {org}"))?;
+        let cluster = env.org(org).ok_or_else(|| anyhow::anyhow!("no org {org}"))?;
+        m.operator = Some(Operator::start_with(cluster, &format!("{org}-restart{run}"), &m.args));
+        Ok(())
+    }
+
+    pub async fn balance(&self, org: &str) -> anyhow::Result<u128> {
+        let w = self
+            .members
+            .get(org)
+            .ok_or_else(|| anyhow::anyhow!("no member {org}"))?
+            .wallet;
+        Ok(self.chain.token_balance(w).await?)
+    }
+}
+
+/// Tokens as base units from a decimal string ("1.25").
+pub fn base_units(s: &str) -> u128 {
+    gpupool_crds::price::TokenAmount::from_str(s).map(|t| t.0).unwrap_or(0)
+}
+
+/// Where an org's operator logs.
+pub fn log_of(env: &TestEnv, org: &str, tag: &str) -> Option<PathBuf> {
+    Some(env.org(org)?.dir.join("logs").join(format!("operator-{tag}-{org}.log")))
+}

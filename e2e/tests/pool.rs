@@ -1,0 +1,190 @@
+//! The pool, end to end: three organisations' operators as real processes on
+//! three real clusters, talking libp2p over loopback and settling on anvil.
+
+use std::time::Duration;
+
+use gpupool_crds::{AiJob, AiJobPhase, Bid, CloseReason, Lease, LeaseSide, LeaseState};
+use gpupool_e2e::harness::{admin, aijob_json, namespace, testenv, wait_for};
+use gpupool_e2e::pool::{Lends, Pool, base_units};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn lends() -> Vec<Lends> {
+    vec![
+        Lends {
+            org: "acme",
+            prices: vec![("H100", "2.5")],
+        },
+        Lends {
+            org: "bravo",
+            prices: vec![("A100", "2")],
+        },
+        Lends {
+            org: "corvus",
+            prices: vec![("L40S", "2.2")],
+        },
+    ]
+}
+
+async fn create(client: &Client, ns: &str, job: serde_json::Value) -> AiJob {
+    let api: Api<AiJob> = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), &serde_json::from_value(job).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn wait_job(client: &Client, ns: &str, name: &str, what: &str, f: impl Fn(&AiJob) -> bool) -> AiJob {
+    let api: Api<AiJob> = Api::namespaced(client.clone(), ns);
+    match wait_for(WAIT, what, || async {
+        let j = api.get(name).await.ok()?;
+        f(&j).then_some(j)
+    })
+    .await
+    {
+        Ok(j) => j,
+        Err(e) => panic!("{e}: last seen {:#?}", api.get(name).await.ok().and_then(|j| j.status)),
+    }
+}
+
+fn phase(j: &AiJob) -> Option<AiJobPhase> {
+    j.status.as_ref().and_then(|s| s.phase)
+}
+
+async fn leases_of(client: &Client, ns: &str) -> Vec<Lease> {
+    Api::<Lease>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+}
+
+/// Paid and refunded add up to what was deposited, and the payment is a whole
+/// number of seconds at the lease's rate.
+fn check_settled(l: &Lease) -> (u128, u128) {
+    let st = l.status.clone().unwrap();
+    let paid = base_units(st.paid.as_deref().unwrap());
+    let refunded = base_units(st.refunded.as_deref().unwrap());
+    let deposited = base_units(st.deposited.as_deref().unwrap());
+    assert_eq!(paid + refunded, deposited, "nothing created or lost: {st:?}");
+    let price = base_units(&l.spec.price_per_gpu_hour);
+    let rate = price * l.spec.gpu_count as u128 / 3600;
+    assert_eq!(paid % rate, 0, "paid {paid} is whole seconds at {rate}/s");
+    (paid, refunded)
+}
+
+#[tokio::test]
+async fn a_job_that_only_fits_elsewhere_runs_there_and_is_settled() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let bravo = admin(env.org("bravo").unwrap()).await;
+    let pool = Pool::start(&env, "fits", &lends(), &[]).await.unwrap();
+    let ns = namespace(&acme, "pool").await;
+    let before = (
+        pool.balance("acme").await.unwrap(),
+        pool.balance("bravo").await.unwrap(),
+    );
+
+    // acme has only H100s; 4×A100 exist only at bravo.
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "train",
+            4,
+            &["A100"],
+            "3s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    let done = wait_job(&acme, &ns, "train", "Succeeded in the pool", |j| {
+        phase(j) == Some(AiJobPhase::Succeeded)
+    })
+    .await;
+    let status = done.status.unwrap();
+    let runs_on = status.runs_on.clone().unwrap();
+    assert_eq!(runs_on.org, "bravo");
+    assert_eq!(runs_on.gpu_product.as_deref(), Some("NVIDIA A100-SXM4-40GB"));
+    assert_eq!(status.exit_code, Some(0));
+
+    // Both Lease copies record the outcome, and the chain agrees.
+    let renter_leases = leases_of(&acme, &ns).await;
+    assert_eq!(renter_leases.len(), 1, "one lease: {renter_leases:#?}");
+    let renter_copy = &renter_leases[0];
+    assert_eq!(renter_copy.spec.side, LeaseSide::Renter);
+    assert_eq!(renter_copy.status.as_ref().unwrap().state, Some(LeaseState::Closed));
+    assert_eq!(
+        renter_copy.status.as_ref().unwrap().close_reason.as_deref(),
+        Some("Completed")
+    );
+    let (paid, refunded) = check_settled(renter_copy);
+    assert!(paid > 0 && refunded > 0);
+    let provider_copy = wait_for(WAIT, "the provider's copy closed", || async {
+        let l = leases_of(&bravo, "gpupool-system")
+            .await
+            .into_iter()
+            .find(|l| l.spec.order_id == renter_copy.spec.order_id)?;
+        (l.status.as_ref()?.state == Some(LeaseState::Closed)).then_some(l)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        provider_copy.status.as_ref().unwrap().close_reason.as_deref(),
+        Some("Completed")
+    );
+    assert_eq!(
+        provider_copy.status.as_ref().unwrap().paid,
+        renter_copy.status.as_ref().unwrap().paid
+    );
+
+    // Tokens moved by exactly what the lease paid.
+    let after = (
+        pool.balance("acme").await.unwrap(),
+        pool.balance("bravo").await.unwrap(),
+    );
+    assert_eq!(before.0 - after.0, paid, "renter paid exactly the lease's payment");
+    assert_eq!(
+        after.1 - before.1,
+        paid,
+        "provider received exactly the lease's payment"
+    );
+
+    // The provider deleted the lease's namespace.
+    let lease_ns = runs_on.namespace.clone();
+    assert!(lease_ns.starts_with("gpupool-lease-"), "{lease_ns}");
+    wait_for(WAIT, "lease namespace gone", || async {
+        match Api::<Namespace>::all(bravo.clone()).get_opt(&lease_ns).await {
+            Ok(None) => Some(()),
+            _ => None,
+        }
+    })
+    .await
+    .unwrap();
+
+    // The bids were recorded; the winner is Accepted.
+    let bids = Api::<Bid>::namespaced(acme.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(
+        bids.items.iter().any(|b| b.spec.provider_org == "bravo"
+            && b.status.as_ref().and_then(|s| s.state) == Some(gpupool_crds::BidState::Accepted)),
+        "{bids:#?}"
+    );
+    let metrics = pool.operator("acme").unwrap().metrics().await;
+    assert!(
+        metrics.contains("gpupool_pool_placement_duration_seconds_count{kind=\"pod_running\"} 1"),
+        "{metrics}"
+    );
+    let _ = CloseReason::Completed;
+    let _ = (
+        Patch::<()>::Merge(()),
+        PatchParams::default(),
+        DeleteParams::default(),
+        acme.default_namespace(),
+    );
+    let _ = renter_copy.name_any();
+}
