@@ -18,6 +18,8 @@ pub struct Lends {
     pub org: &'static str,
     /// (model, price per GPU-hour)
     pub prices: Vec<(&'static str, &'static str)>,
+    /// Organisations this one refuses to deal with.
+    pub denied: Vec<&'static str>,
 }
 
 /// Timings short enough for tests; the defaults are for real pools.
@@ -72,6 +74,9 @@ impl Pool {
             let mut yaml = String::from("maxLentGpus: 64\nprices:\n");
             for (model, price) in &l.prices {
                 yaml.push_str(&format!("- model: {model:?}\n  pricePerGpuHour: {price:?}\n"));
+            }
+            if !l.denied.is_empty() {
+                yaml.push_str(&format!("deniedOrgs: {:?}\n", l.denied));
             }
             std::fs::write(&policy, yaml)?;
             let bootstrap: Vec<String> = ports

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gpupool_crds::{AiJob, AiJobPhase, Bid, CloseReason, Lease, LeaseSide, LeaseState};
+use gpupool_crds::{AiJob, AiJobPhase, Bid, Lease, LeaseSide, LeaseState};
 use gpupool_e2e::harness::{admin, aijob_json, namespace, testenv, wait_for};
 use gpupool_e2e::pool::{Lends, Pool, base_units};
 use k8s_openapi::api::core::v1::Namespace;
@@ -17,14 +17,17 @@ fn lends() -> Vec<Lends> {
         Lends {
             org: "acme",
             prices: vec![("H100", "2.5")],
+            denied: vec!["evil"],
         },
         Lends {
             org: "bravo",
             prices: vec![("A100", "2")],
+            denied: vec![],
         },
         Lends {
             org: "corvus",
             prices: vec![("L40S", "2.2")],
+            denied: vec![],
         },
     ]
 }
@@ -179,12 +182,184 @@ async fn a_job_that_only_fits_elsewhere_runs_there_and_is_settled() {
         metrics.contains("gpupool_pool_placement_duration_seconds_count{kind=\"pod_running\"} 1"),
         "{metrics}"
     );
-    let _ = CloseReason::Completed;
-    let _ = (
-        Patch::<()>::Merge(()),
-        PatchParams::default(),
-        DeleteParams::default(),
-        acme.default_namespace(),
+    finish(&acme, &ns).await;
+}
+
+/// Deletes the test's namespace while the operators still run, so nothing of
+/// it (AiJobs, leases) is left for the next test.
+async fn finish(client: &Client, ns: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let _ = api.delete(ns, &DeleteParams::default()).await;
+    wait_for(WAIT, "test namespace gone", || async {
+        matches!(api.get_opt(ns).await, Ok(None)).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+fn reason(j: &AiJob) -> String {
+    j.status
+        .as_ref()
+        .and_then(|s| gpupool_crds::conditions::find(&s.conditions, "Placed"))
+        .map(|c| c.reason.clone())
+        .unwrap_or_default()
+}
+
+fn message(j: &AiJob) -> String {
+    j.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn manual_selection_waits_for_accepted_bid() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let _pool = Pool::start(&env, "manual", &lends(), &[]).await.unwrap();
+    let ns = namespace(&acme, "manual").await;
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "pick",
+            4,
+            &["A100", "L40S"],
+            "2s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"},
+                "bidding": {"window": "1s", "selection": "Manual"}}),
+        ),
+    )
+    .await;
+    let waiting = wait_job(&acme, &ns, "pick", "two bids and a request to choose", |j| {
+        reason(j) == "AwaitingChoice" && message(j).starts_with("2 open bid(s)")
+    })
+    .await;
+    assert_eq!(phase(&waiting), Some(AiJobPhase::Bidding));
+    // Manual: the cheaper bid does not win by itself.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(leases_of(&acme, &ns).await.is_empty(), "no lease before a choice");
+    let bids = Api::<Bid>::namespaced(acme.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let corvus = bids
+        .items
+        .iter()
+        .find(|b| b.spec.provider_org == "corvus")
+        .expect("corvus bid");
+    let patch = serde_json::json!({"spec": {"bidding": {"acceptedBid": corvus.name_any()}}});
+    Api::<AiJob>::namespaced(acme.clone(), &ns)
+        .patch("pick", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let done = wait_job(&acme, &ns, "pick", "Succeeded at the chosen provider", |j| {
+        phase(j) == Some(AiJobPhase::Succeeded)
+    })
+    .await;
+    assert_eq!(
+        done.status.unwrap().runs_on.unwrap().org,
+        "corvus",
+        "the accepted bid, not the cheapest"
     );
-    let _ = renter_copy.name_any();
+    finish(&acme, &ns).await;
+}
+
+#[tokio::test]
+async fn no_bids_say_why_and_the_order_is_published_again() {
+    let env = testenv();
+    let bravo = admin(env.org("bravo").unwrap()).await;
+    let _pool = Pool::start(&env, "nobid", &lends(), &[]).await.unwrap();
+    let ns = namespace(&bravo, "nobid").await;
+    create(
+        &bravo,
+        &ns,
+        aijob_json(
+            "b200",
+            1,
+            &["B200"],
+            "2s",
+            serde_json::json!({"placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    create(
+        &bravo,
+        &ns,
+        aijob_json(
+            "cheap",
+            8,
+            &["H100"],
+            "2s",
+            serde_json::json!({"maxPricePerGpuHour": "0.5", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    let j = wait_job(&bravo, &ns, "b200", "no capacity reason", |j| {
+        reason(j) == "NoPeerHasCapacity"
+    })
+    .await;
+    assert!(
+        message(&j).contains("no peer has 1×B200 free on one node"),
+        "{}",
+        message(&j)
+    );
+    let j = wait_job(&bravo, &ns, "cheap", "price reason", |j| reason(j) == "PriceTooLow").await;
+    assert!(
+        message(&j).contains("lowest ask is 2.5 per GPU-hour (acme), above your max price 0.5"),
+        "{}",
+        message(&j)
+    );
+    // Each empty window publishes a new attempt, with backoff.
+    let j = wait_job(&bravo, &ns, "b200", "a later attempt", |j| {
+        j.status
+            .as_ref()
+            .and_then(|s| s.order.as_ref())
+            .is_some_and(|o| o.attempt >= 3)
+    })
+    .await;
+    assert_eq!(phase(&j), Some(AiJobPhase::Bidding));
+    assert!(leases_of(&bravo, &ns).await.is_empty());
+    finish(&bravo, &ns).await;
+}
+
+#[tokio::test]
+async fn a_denied_organisation_never_receives_the_job() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let bravo = admin(env.org("bravo").unwrap()).await;
+    let pool = Pool::start(&env, "denied", &lends(), &[]).await.unwrap();
+    let ns = namespace(&acme, "denied").await;
+    // bravo is cheaper and fits, but the job denies it.
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "private",
+            4,
+            &["A100", "L40S"],
+            "2s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly", "deniedOrgs": ["bravo"]},
+                "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    let done = wait_job(&acme, &ns, "private", "Succeeded", |j| {
+        phase(j) == Some(AiJobPhase::Succeeded)
+    })
+    .await;
+    let status = done.status.unwrap();
+    assert_eq!(status.runs_on.unwrap().org, "corvus");
+    let order = status.order.unwrap().id;
+    let bids = Api::<Bid>::namespaced(acme.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(bids.items.iter().all(|b| b.spec.provider_org != "bravo"), "{bids:#?}");
+    let job_orders = order.rsplit_once('-').unwrap().0.to_string();
+    let bravo_leases = leases_of(&bravo, "gpupool-system").await;
+    assert!(
+        bravo_leases.iter().all(|l| !l.spec.order_id.starts_with(&job_orders)),
+        "bravo never got a lease for this job"
+    );
+    let metrics = pool.operator("bravo").unwrap().metrics().await;
+    assert!(!metrics.contains("provider_accepted"), "bravo accepted no lease");
+    finish(&acme, &ns).await;
 }
