@@ -363,3 +363,193 @@ async fn a_denied_organisation_never_receives_the_job() {
     assert!(!metrics.contains("provider_accepted"), "bravo accepted no lease");
     finish(&acme, &ns).await;
 }
+
+/// Renter leases that are not closed right now: never more than one per job.
+async fn live_leases(client: &Client, ns: &str) -> usize {
+    leases_of(client, ns)
+        .await
+        .iter()
+        .filter(|l| l.status.as_ref().and_then(|s| s.state) != Some(LeaseState::Closed))
+        .count()
+}
+
+#[tokio::test]
+async fn a_lost_provider_is_replaced_with_one_live_lease_and_a_refund() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let bravo = admin(env.org("bravo").unwrap()).await;
+    let mut pool = Pool::start(&env, "failover", &lends(), &[]).await.unwrap();
+    let ns = namespace(&acme, "failover").await;
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "long",
+            4,
+            &["A100", "L40S"],
+            "12s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    let running = wait_job(&acme, &ns, "long", "Running at bravo", |j| {
+        phase(j) == Some(AiJobPhase::Running)
+            && j.status
+                .as_ref()
+                .and_then(|s| s.runs_on.as_ref())
+                .is_some_and(|r| r.org == "bravo")
+    })
+    .await;
+    let first_ns = running.status.unwrap().runs_on.unwrap().namespace;
+    pool.kill("bravo");
+
+    // Until it finishes elsewhere, there is never more than one live lease.
+    let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
+    let done = wait_for(Duration::from_secs(120), "Succeeded at corvus", || async {
+        assert!(live_leases(&acme, &ns).await <= 1, "two live leases at once");
+        let j = api.get("long").await.ok()?;
+        (phase(&j) == Some(AiJobPhase::Succeeded)).then_some(j)
+    })
+    .await
+    .unwrap();
+    let status = done.status.unwrap();
+    assert_eq!(status.runs_on.as_ref().unwrap().org, "corvus");
+    assert_eq!(status.order.as_ref().unwrap().excluded_orgs, vec!["bravo".to_string()]);
+    let mut leases = leases_of(&acme, &ns).await;
+    leases.sort_by_key(|l| l.name_any());
+    assert_eq!(leases.len(), 2, "{leases:#?}");
+    let (failed, completed) = (&leases[0], &leases[1]);
+    assert_eq!(failed.spec.provider.org, "bravo");
+    assert_eq!(
+        failed.status.as_ref().unwrap().close_reason.as_deref(),
+        Some("ProviderFailed")
+    );
+    let (_, refund) = check_settled(failed);
+    assert!(refund > 0, "the unused part was refunded");
+    assert_eq!(completed.spec.provider.org, "corvus");
+    assert_eq!(
+        completed.status.as_ref().unwrap().close_reason.as_deref(),
+        Some("Completed")
+    );
+    check_settled(completed);
+
+    // The old provider, back up, sees its lease closed and cleans up.
+    pool.restart(&env, "bravo").unwrap();
+    wait_for(WAIT, "bravo deletes the failed lease's namespace", || async {
+        matches!(Api::<Namespace>::all(bravo.clone()).get_opt(&first_ns).await, Ok(None)).then_some(())
+    })
+    .await
+    .unwrap();
+    finish(&acme, &ns).await;
+}
+
+#[tokio::test]
+async fn restarting_the_renter_mid_lease_loses_nothing() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let mut pool = Pool::start(&env, "restart", &lends(), &[]).await.unwrap();
+    let ns = namespace(&acme, "restart").await;
+    let before = (
+        pool.balance("acme").await.unwrap(),
+        pool.balance("bravo").await.unwrap(),
+    );
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "steady",
+            4,
+            &["A100"],
+            "8s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    wait_job(&acme, &ns, "steady", "Running", |j| {
+        phase(j) == Some(AiJobPhase::Running)
+    })
+    .await;
+    pool.kill("acme");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pool.restart(&env, "acme").unwrap();
+    let done = wait_job(&acme, &ns, "steady", "Succeeded after the restart", |j| {
+        phase(j) == Some(AiJobPhase::Succeeded)
+    })
+    .await;
+    assert_eq!(
+        done.status.unwrap().runs_on.unwrap().org,
+        "bravo",
+        "same provider, no re-auction"
+    );
+    let leases = leases_of(&acme, &ns).await;
+    assert_eq!(leases.len(), 1, "one lease: {leases:#?}");
+    assert_eq!(
+        leases[0].status.as_ref().unwrap().close_reason.as_deref(),
+        Some("Completed")
+    );
+    let (paid, _) = check_settled(&leases[0]);
+    let after = (
+        pool.balance("acme").await.unwrap(),
+        pool.balance("bravo").await.unwrap(),
+    );
+    assert_eq!(before.0 - after.0, paid);
+    assert_eq!(after.1 - before.1, paid);
+    finish(&acme, &ns).await;
+}
+
+#[tokio::test]
+async fn deleting_the_aijob_cancels_the_lease_on_chain_and_remotely() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let bravo = admin(env.org("bravo").unwrap()).await;
+    let _pool = Pool::start(&env, "cancel", &lends(), &[]).await.unwrap();
+    let ns = namespace(&acme, "cancel").await;
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "doomed",
+            4,
+            &["A100"],
+            "10m",
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    let running = wait_job(&acme, &ns, "doomed", "Running", |j| {
+        phase(j) == Some(AiJobPhase::Running)
+    })
+    .await;
+    let status = running.status.unwrap();
+    let remote_ns = status.runs_on.unwrap().namespace;
+    let order = status.order.unwrap().id;
+    Api::<AiJob>::namespaced(acme.clone(), &ns)
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(WAIT, "the AiJob and its lease gone", || async {
+        let j = Api::<AiJob>::namespaced(acme.clone(), &ns)
+            .get_opt("doomed")
+            .await
+            .ok()?;
+        (j.is_none() && leases_of(&acme, &ns).await.is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    let provider_copy = wait_for(WAIT, "bravo's copy closed as RenterCancelled", || async {
+        let l = leases_of(&bravo, "gpupool-system")
+            .await
+            .into_iter()
+            .find(|l| l.spec.order_id == order)?;
+        (l.status.as_ref()?.close_reason.as_deref() == Some("RenterCancelled")).then_some(l)
+    })
+    .await
+    .unwrap();
+    check_settled(&provider_copy);
+    wait_for(WAIT, "bravo stopped the workload", || async {
+        matches!(Api::<Namespace>::all(bravo.clone()).get_opt(&remote_ns).await, Ok(None)).then_some(())
+    })
+    .await
+    .unwrap();
+    finish(&acme, &ns).await;
+}
