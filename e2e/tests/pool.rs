@@ -553,3 +553,175 @@ async fn deleting_the_aijob_cancels_the_lease_on_chain_and_remotely() {
     .unwrap();
     finish(&acme, &ns).await;
 }
+
+/// The count of drops for `reason` in the Prometheus text.
+fn dropped(metrics: &str, reason: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("gpupool_pool_messages_dropped_total{{reason=\"{reason}\"}}")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_hostile_messages_from_a_rogue_peer_change_nothing() {
+    use gpupool_operator::p2p::envelope::{seal, seal_with_nonce, sign_envelope};
+    use gpupool_operator::p2p::swarm::{self, Inbound, SwarmConfig, Topic};
+    use gpupool_proto::peer::v1::envelope::Body;
+    use gpupool_proto::peer::v1::{self as wire, Envelope};
+    use libp2p::identity::Keypair;
+    use prost::Message;
+    use std::collections::BTreeMap;
+
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let pool = Pool::start(&env, "rogue", &lends(), &[]).await.unwrap();
+    let ns = namespace(&acme, "rogue").await;
+    // An order nobody can fill, with a long window so it stays open for the rogue to target.
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "target",
+            2,
+            &["B200"],
+            "2s",
+            serde_json::json!({"placement": {"mode": "PoolOnly"}, "bidding": {"window": "120s"}}),
+        ),
+    )
+    .await;
+    let j = wait_job(&acme, &ns, "target", "an order id", |j| {
+        j.status.as_ref().and_then(|s| s.order.as_ref()).is_some()
+    })
+    .await;
+    let order_id = j.status.unwrap().order.unwrap().id;
+
+    // The rogue: a real libp2p peer, bootstrapped to acme only.
+    let rogue = Keypair::generate_ed25519();
+    let (p2p, mut inbound) = swarm::start(
+        rogue.clone(),
+        SwarmConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            bootstrap: vec![
+                format!("/ip4/127.0.0.1/tcp/{}", pool.members["acme"].port)
+                    .parse()
+                    .unwrap(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let acme_peer = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(Inbound::Connected { peer }) = inbound.recv().await {
+                return peer;
+            }
+        }
+    })
+    .await
+    .expect("connected to acme");
+
+    // Introduces itself honestly as "rogue", so its bids are judged on content.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let now = gpupool_operator::market::node::now_ms();
+    let wallet = format!("0x{}", "ab".repeat(20));
+    let identity = |org: &str, key: &Keypair| {
+        seal(
+            key,
+            Body::Identity(wire::IdentityRecord {
+                org: org.into(),
+                wallet: wallet.clone(),
+                addresses: vec![],
+            }),
+            now,
+            30_000,
+            BTreeMap::new(),
+        )
+    };
+    p2p.publish(Topic::Adverts, identity("rogue", &rogue)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let bid = |order: &str, org: &str| {
+        Body::Bid(wire::Bid {
+            order_id: order.into(),
+            bid_id: format!("{org}-{order}"),
+            provider_org: org.into(),
+            gpu_product: "NVIDIA B200".into(),
+            gpu_count: 2,
+            price_per_gpu_hour: "0.01".into(),
+            bid_expires_at_unix_ms: now + 60_000,
+        })
+    };
+    let send = |bytes: Vec<u8>| {
+        let p2p = p2p.clone();
+        async move {
+            // Delivery may fail once acme bans the rogue; that is the point.
+            let _ = p2p.send(acme_peer, bytes).await;
+        }
+    };
+    // Ordered so the rogue crosses the ban line only with the last one.
+    // 1. More than the protocol allows, 2. an identity claiming an
+    // organisation acme's policy denies, 3. garbage.
+    send(vec![0u8; gpupool_proto::MAX_MESSAGE_BYTES + 1024]).await;
+    p2p.publish(Topic::Adverts, identity("evil", &rogue)).await.unwrap();
+    send(b"\x0a\xff\xff\xff\xff garbage".to_vec()).await;
+    // 4. Posing as bravo in the body.
+    send(seal(&rogue, bid(&order_id, "bravo"), now, 30_000, BTreeMap::new())).await;
+    // 5. A bid for an order acme never published, and 6. the same bytes again.
+    let unknown = seal(&rogue, bid("acme-00000000-1", "rogue"), now, 30_000, BTreeMap::new());
+    send(unknown.clone()).await;
+    send(unknown).await;
+    // 7. Expired.
+    send(seal_with_nonce(
+        &rogue,
+        bid(&order_id, "rogue"),
+        now - 1000,
+        vec![9; 16],
+        BTreeMap::new(),
+    ))
+    .await;
+    // 8. An envelope naming another peer as sender, signed by the rogue.
+    let other = Keypair::generate_ed25519();
+    let forged = Envelope {
+        version: gpupool_proto::PROTOCOL_VERSION,
+        sender: other.public().to_peer_id().to_bytes(),
+        expires_at_unix_ms: now + 30_000,
+        nonce: vec![7; 16],
+        trace_context: Default::default(),
+        body: Some(bid(&order_id, "rogue")),
+    };
+    send(sign_envelope(&rogue, forged.encode_to_vec())).await;
+
+    let op = pool.operator("acme").unwrap();
+    let metrics = wait_for(WAIT, "every drop counted", || async {
+        let m = op.metrics().await;
+        let all = [
+            "impersonation",
+            "unknown_order",
+            "replayed",
+            "expired",
+            "wrong_sender",
+            "malformed",
+            "oversized",
+            "denied_org",
+        ]
+        .iter()
+        .all(|r| dropped(&m, r) >= 1);
+        all.then_some(m)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", futures::executor::block_on(op.metrics())));
+    assert!(
+        metrics.contains("gpupool_pool_peers_banned_total 1"),
+        "the rogue crossed the ban line: {metrics}"
+    );
+    // Nothing changed: no bid recorded, the job still bids, the operator serves.
+    let bids = Api::<Bid>::namespaced(acme.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(bids.items.is_empty(), "{bids:#?}");
+    let j = Api::<AiJob>::namespaced(acme.clone(), &ns).get("target").await.unwrap();
+    assert_eq!(phase(&j), Some(AiJobPhase::Bidding));
+    finish(&acme, &ns).await;
+}

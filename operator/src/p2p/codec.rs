@@ -22,19 +22,26 @@ pub enum Ack {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EnvelopeCodec;
 
-/// The marker the codec leaves in the error so the swarm loop can count the drop.
-pub const OVERSIZED: &str = "gpupool: message larger than MAX_MESSAGE_BYTES";
+const OVERSIZED: &str = "gpupool: message larger than MAX_MESSAGE_BYTES";
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
+/// One inbound request. An oversized one is reported, not read: libp2p does
+/// not surface a failed read to the application, and the drop must be counted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Message(Vec<u8>),
+    Oversized(usize),
+}
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Frame> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_MESSAGE_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, OVERSIZED));
+        return Ok(Frame::Oversized(len));
     }
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
-    Ok(buf)
+    Ok(Frame::Message(buf))
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
@@ -46,10 +53,10 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> 
 
 impl Codec for EnvelopeCodec {
     type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
+    type Request = Frame;
     type Response = Ack;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Frame>
     where
         T: AsyncRead + Unpin + Send,
     {
@@ -65,11 +72,14 @@ impl Codec for EnvelopeCodec {
         Ok(if b[0] == 1 { Ack::Taken } else { Ack::Busy })
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()>
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Frame) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &req).await
+        match req {
+            Frame::Message(bytes) => write_frame(io, &bytes).await,
+            Frame::Oversized(_) => Err(io::Error::new(io::ErrorKind::InvalidInput, OVERSIZED)),
+        }
     }
 
     async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: Ack) -> io::Result<()>

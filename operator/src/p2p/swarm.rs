@@ -16,7 +16,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, identify, noise, ping, tcp, yamux};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::codec::{Ack, DIRECT_PROTOCOL, EnvelopeCodec, OVERSIZED};
+use super::codec::{Ack, DIRECT_PROTOCOL, EnvelopeCodec, Frame};
 
 pub const TOPIC_ADVERTS: &str = "gpupool/adverts/v1";
 pub const TOPIC_ORDERS: &str = "gpupool/orders/v1";
@@ -352,7 +352,11 @@ impl Loop {
                 let _ = done.send(r);
             }
             Command::Send { peer, bytes, done } => {
-                let id = self.swarm.behaviour_mut().direct.send_request(&peer, bytes);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .direct
+                    .send_request(&peer, Frame::Message(bytes));
                 self.pending.insert(id, done);
             }
             Command::Validated { id, source, accept } => {
@@ -416,7 +420,20 @@ impl Loop {
             SwarmEvent::Behaviour(BehaviourEvent::Direct(request_response::Event::Message {
                 peer, message, ..
             })) => match message {
-                request_response::Message::Request { request, channel, .. } => {
+                request_response::Message::Request {
+                    request: Frame::Oversized(len),
+                    channel,
+                    ..
+                } => {
+                    debug!(%peer, len, "oversized direct message refused unread");
+                    let _ = self.swarm.behaviour_mut().direct.send_response(channel, Ack::Busy);
+                    self.deliver(Inbound::Oversized { peer });
+                }
+                request_response::Message::Request {
+                    request: Frame::Message(bytes),
+                    channel,
+                    ..
+                } => {
                     let ack = if self.inbound.capacity() > 0 {
                         Ack::Taken
                     } else {
@@ -424,7 +441,7 @@ impl Loop {
                     };
                     let _ = self.swarm.behaviour_mut().direct.send_response(channel, ack);
                     if ack == Ack::Taken {
-                        self.deliver(Inbound::Direct { peer, bytes: request });
+                        self.deliver(Inbound::Direct { peer, bytes });
                     }
                 }
                 request_response::Message::Response { request_id, response } => {
@@ -454,11 +471,7 @@ impl Loop {
                 error,
                 ..
             })) => {
-                if format!("{error:?}").contains(OVERSIZED) || error.to_string().contains(OVERSIZED) {
-                    self.deliver(Inbound::Oversized { peer });
-                } else {
-                    debug!(%peer, %error, "inbound direct message failed");
-                }
+                debug!(%peer, %error, "inbound direct message failed");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 for addr in info.listen_addrs {
