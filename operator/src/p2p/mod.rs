@@ -5,5 +5,7 @@ pub mod body;
 pub mod codec;
 pub mod envelope;
 pub mod identity;
+#[cfg(test)]
+mod property_tests;
 pub mod score;
 pub mod swarm;
