@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The gpupool tour. Today: one organisation's real control plane with
-# simulated H100 nodes, the node agents, and the operator placing a sample
-# AiJob locally and running it to completion. Federation across three
-# organisations and on-chain settlement arrive with the pool and escrow work.
+# The gpupool tour: three organisations' real control planes with simulated
+# GPU nodes, a local chain, and one operator per organisation joined into a
+# pool over libp2p. acme applies a job that fits only elsewhere; the pool
+# bids, acme opens a lease on chain, bravo runs it, and it is settled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,113 +11,102 @@ export GPUPOOL_TESTENV=$state
 bin=$(bash e2e/testenv/build.sh)
 kubectl="$bin/kubectl"
 testenv=target/debug/testenv
+orgs=(acme bravo corvus)
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+k() { local org=$1; shift; KUBECONFIG=$state/$org/admin.kubeconfig $kubectl "$@"; }
 
 $testenv down >/dev/null
-operator_pid=
+pids=()
 cleanup() {
-  [ -n "$operator_pid" ] && kill "$operator_pid" 2>/dev/null || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   if [ "${KEEP:-0}" = 1 ]; then
-    echo "KEEP=1: the cluster stays up; stop it with 'make testenv-down'"
+    echo "KEEP=1: the clusters stay up; stop them with 'make testenv-down'"
   else
     $testenv down >/dev/null
   fi
 }
 trap cleanup EXIT
 
-say "Starting organisation 'acme': etcd, kube-apiserver, controller-manager, scheduler, kwok, one agent per node"
-$testenv up --orgs 1 --agent target/debug/gpupool-agent
-export KUBECONFIG=$state/acme/admin.kubeconfig
+say "Starting three organisations (etcd, kube-apiserver, controller-manager, scheduler, kwok, agents) and anvil"
+$testenv up --orgs 3 --agent target/debug/gpupool-agent
 
-say "GPU nodes, labelled by the agents"
-$kubectl get nodes -L gpupool.dev/gpu-product,gpupool.dev/gpu-count
-say "What the agents read (GpuNode)"
-$kubectl get gpunodes
+for org in "${orgs[@]}"; do
+  say "$org's GPUs, as its agents report them"
+  k "$org" get gpunodes
+done
 
-say "Starting the gpupool operator (as its own ServiceAccount identity)"
-KUBECONFIG=$state/acme/operator.kubeconfig target/debug/gpupool-operator --org acme --metrics-addr 127.0.0.1:0 \
-  --chain-config "$state/chain/chain.json" --wallet-key-file "$state/chain/acme.key" --chain-resync-seconds 2 \
-  >"$state/acme/logs/operator-demo.log" 2>&1 &
-operator_pid=$!
+say "Starting one operator per organisation, each joining the pool on its own loopback port"
+ports=(24101 24102 24103)
+for i in 0 1 2; do
+  org=${orgs[$i]}
+  boot=()
+  for j in 0 1 2; do [ "$j" = "$i" ] || boot+=("/ip4/127.0.0.1/tcp/${ports[$j]}"); done
+  KUBECONFIG=$state/$org/operator.kubeconfig target/debug/gpupool-operator --org "$org" --metrics-addr 127.0.0.1:0 \
+    --pool --p2p-listen "/ip4/127.0.0.1/tcp/${ports[$i]}" --bootstrap "$(IFS=,; echo "${boot[*]}")" \
+    --policy-file "manifests/samples/policies/$org.yaml" \
+    --chain-config "$state/chain/chain.json" --wallet-key-file "$state/chain/$org.key" \
+    --chain-resync-seconds 1 --advert-every-ms 1000 --heartbeat-every-ms 1000 \
+    >"$state/$org/logs/operator-demo.log" 2>&1 &
+  pids+=($!)
+  echo "  $org: /ip4/127.0.0.1/tcp/${ports[$i]}, prices $(grep -A1 model "manifests/samples/policies/$org.yaml" | tr -d '\n' | sed 's/- //; s/  */ /g')"
+done
+
+say "acme learns the other members from their signed adverts (PoolPeer)"
+for _ in $(seq 1 60); do
+  [ "$(k acme get poolpeers -o name 2>/dev/null | wc -l)" -ge 2 ] && break
+  sleep 0.5
+done
+k acme get poolpeers -o custom-columns='ORG:.spec.org,PEER:.spec.peerId,WALLET:.spec.wallet,CONNECTED:.status.connected,GPUS:.status.capacity[*].gpuProduct,FREE:.status.capacity[*].free,PRICE:.status.capacity[*].pricePerGpuHour'
+
+chaincfg=$state/chain/chain.json
+balances() {
+  for org in "${orgs[@]}"; do
+    printf '  %-7s ' "$org"
+    target/debug/gpupool escrow balance --chain-config "$chaincfg" --wallet-key-file "$state/chain/$org.key" | tail -n 1
+  done
+}
+say "Token balances before"
+balances
 
 say "A bad AiJob is refused by the API server"
-sed 's/count: 2/count: 0/' manifests/samples/aijob-finetune.yaml | $kubectl apply -f - 2>&1 | sed 's/^/  /' || true
+sed 's/count: 4/count: 0/' manifests/samples/aijob-pool.yaml | k acme apply -f - 2>&1 | sed 's/^/  /' || true
 
-say "kubectl apply -f manifests/samples/aijob-finetune.yaml"
-$kubectl apply -f manifests/samples/aijob-finetune.yaml
-$kubectl apply -f manifests/samples/aijob-too-big.yaml
+say "kubectl apply -f manifests/samples/aijob-pool.yaml   (in acme, which has no A100 or L40S)"
+k acme apply -f manifests/samples/aijob-pool.yaml
 
-say "Watching the AiJob until it finishes"
-deadline=$((SECONDS + 120))
+say "Watching it: ordered, bid on, leased, running in another organisation, settled"
+deadline=$((SECONDS + 180))
 last=
 while :; do
-  phase=$($kubectl get aijob finetune-llama -o jsonpath='{.status.phase}' 2>/dev/null || true)
-  if [ "$phase" != "$last" ]; then
-    $kubectl get aijob finetune-llama
-    last=$phase
+  phase=$(k acme get aijob eval-sweep -o jsonpath='{.status.phase}' 2>/dev/null || true)
+  lease=$(k acme get aijob eval-sweep -o jsonpath='{.status.lease}' 2>/dev/null || true)
+  line="$phase $lease"
+  if [ "$line" != "$last" ]; then
+    k acme get aijob eval-sweep -o custom-columns='NAME:.metadata.name,PHASE:.status.phase,WHERE:.status.runsOn.org,MODEL:.status.runsOn.gpuProduct,LEASE:.status.lease,MESSAGE:.status.message' --no-headers
+    last=$line
   fi
   case "$phase" in Succeeded|Failed) break ;; esac
-  if [ $SECONDS -gt $deadline ]; then echo "timed out; operator log: $state/acme/logs/operator-demo.log" >&2; exit 1; fi
+  if [ $SECONDS -gt $deadline ]; then echo "timed out; logs: $state/*/logs/operator-demo.log" >&2; exit 1; fi
   sleep 0.5
 done
 
-say "Its Job and pod"
-$kubectl get jobs,pods -o wide
-say "Its Events"
-$kubectl get events --field-selector involvedObject.kind=AiJob,involvedObject.name=finetune-llama \
+say "The bids acme recorded"
+k acme get bids
+say "acme's copy of the lease"
+k acme get leases.gpupool.dev -o custom-columns='NAME:.metadata.name,PROVIDER:.spec.provider.org,PRICE:.spec.pricePerGpuHour,STATE:.status.state,REASON:.status.closeReason,DEPOSITED:.status.deposited,PAID:.status.paid,REFUNDED:.status.refunded'
+say "bravo's copy, and the namespace it ran in (deleted once the lease closed)"
+for _ in $(seq 1 40); do
+  [ "$(k bravo get leases.gpupool.dev -n gpupool-system -o jsonpath='{.items[*].status.state}')" = Closed ] && break
+  sleep 0.5
+done
+k bravo get leases.gpupool.dev -n gpupool-system -o custom-columns='NAME:.metadata.name,RENTER:.spec.renter.org,STATE:.status.state,REASON:.status.closeReason,PAID:.status.paid'
+k bravo get namespaces -l gpupool.dev/lease-namespace
+say "The AiJob's Events"
+k acme get events --field-selector involvedObject.kind=AiJob,involvedObject.name=eval-sweep \
   -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message --sort-by=.metadata.creationTimestamp
-say "The job that does not fit says why"
-$kubectl get aijob pretrain-huge -o wide
+say "Token balances after (acme paid bravo for the seconds used; the rest came back)"
+balances
 
 [ "$phase" = Succeeded ] || exit 1
-
-# Settlement: acme rents 8 GPUs from a provider wallet through the on-chain escrow.
-chaincfg=$state/chain/chain.json
-gp() { target/debug/gpupool "$@" --chain-config "$chaincfg"; }
-addr() { gp escrow balance --wallet-key-file "$state/chain/$1.key" -o json | sed -n 's/.*"address": "\(0x[0-9a-fA-F]*\)".*/\1/p'; }
-acme_wallet=$(addr acme)
-provider_wallet=$(addr provider)
-say "Token balances before the lease (anvil chain, escrow at $(sed -n 's/.*"escrow": "\(.*\)".*/\1/p' "$chaincfg"))"
-gp escrow balance --wallet-key-file "$state/chain/acme.key"
-gp escrow balance --wallet-key-file "$state/chain/provider.key" | tail -n 1
-
-say "acme's Lease: 8 GPUs at 36 tokens per GPU-hour, 100 tokens deposited; the operator opens it on chain"
-$kubectl apply -f - <<EOF2
-apiVersion: gpupool.dev/v1alpha1
-kind: Lease
-metadata:
-  name: demo-lease
-spec:
-  side: Renter
-  orderId: demo-order-1
-  bid: demo-bid
-  renter: { org: acme, wallet: "$acme_wallet" }
-  provider: { org: provider, wallet: "$provider_wallet" }
-  pricePerGpuHour: "36"
-  gpuCount: 8
-  gpuProduct: NVIDIA-H100-80GB-HBM3
-  escrow:
-    chainId: 31337
-    contract: "$(sed -n 's/.*"escrow": "\(.*\)".*/\1/p' "$chaincfg")"
-    deposit: "100"
-EOF2
-$kubectl wait leases.gpupool.dev/demo-lease --for=jsonpath='{.status.state}'=Active --timeout=60s >/dev/null
-$kubectl get leases.gpupool.dev demo-lease
-lease_id=$($kubectl get leases.gpupool.dev demo-lease -o jsonpath='{.status.leaseId}')
-sleep 5
-say "The provider withdraws what 8 GPUs earned so far (gpupool escrow withdraw)"
-gp escrow withdraw --wallet-key-file "$state/chain/provider.key" --lease "$lease_id"
-gp leases --wallet-key-file "$state/chain/provider.key"
-
-say "The work is done: acme closes the lease as Completed; the rest is refunded"
-$kubectl patch leases.gpupool.dev demo-lease --type merge -p '{"spec":{"closeReason":"Completed"}}' >/dev/null
-$kubectl wait leases.gpupool.dev/demo-lease --for=jsonpath='{.status.state}'=Closed --timeout=60s >/dev/null
-$kubectl get leases.gpupool.dev demo-lease -o custom-columns=NAME:.metadata.name,STATE:.status.state,REASON:.status.closeReason,DEPOSITED:.status.deposited,PAID:.status.paid,REFUNDED:.status.refunded
-$kubectl get events --field-selector involvedObject.kind=Lease,involvedObject.name=demo-lease \
-  -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message --sort-by=.metadata.creationTimestamp
-say "Token balances after"
-gp escrow balance --wallet-key-file "$state/chain/acme.key"
-gp escrow balance --wallet-key-file "$state/chain/provider.key" | tail -n 1
-
-say "Done. Placing jobs in other organisations over libp2p comes next (see README)."
+say "Done: one job placed across organisations and settled on chain."

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Price", type_ = "string", json_path = ".spec.pricePerGpuHour"),
     printcolumn(name = "Model", type_ = "string", json_path = ".spec.gpuProduct"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".spec.expiresAt"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".spec.expiresAt"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

@@ -481,12 +481,10 @@ impl Market {
                 };
                 out.placed = true;
                 out.reason = "PlacedInPool";
-                out.message = format!(
-                    "runs in {} ({}): {}",
-                    l.spec.provider.org,
-                    if w.pod_state.is_empty() { &w.phase } else { &w.pod_state },
-                    w.message
-                );
+                out.message = format!("{} in {}, namespace {}", w.phase, l.spec.provider.org, w.namespace);
+                if !w.message.is_empty() {
+                    out.message.push_str(&format!(": {}", w.message));
+                }
                 out.runs_on = Some(runs_on(l));
                 out.requeue = Some(self.settings.heartbeat_grace / 2);
             }
