@@ -184,5 +184,8 @@ fn signed_random_bodies_are_judged_by_their_limits() {
             Err(other) => panic!("unexpected drop {other:?} for {body:?}"),
         }
     }
-    assert!(ok > 100 && malformed > 100, "both outcomes exercised: ok {ok}, malformed {malformed}");
+    assert!(
+        ok > 100 && malformed > 100,
+        "both outcomes exercised: ok {ok}, malformed {malformed}"
+    );
 }

@@ -44,6 +44,10 @@ pub struct SwarmConfig {
     pub bootstrap: Vec<Multiaddr>,
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
+    /// Walk the DHT to find members beyond the bootstrap peers. Off only where
+    /// many swarms share one process (the fan-out benchmark) and would run out
+    /// of file descriptors connecting to each other.
+    pub discovery: bool,
 }
 
 impl Default for SwarmConfig {
@@ -53,6 +57,7 @@ impl Default for SwarmConfig {
             bootstrap: vec![],
             idle_timeout: Duration::from_secs(600),
             request_timeout: Duration::from_secs(10),
+            discovery: true,
         }
     }
 }
@@ -254,7 +259,7 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
     for addr in &cfg.listen {
         swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen {
             addr: addr.clone(),
-            reason: e.to_string(),
+            reason: format!("{e:?}"),
         })?;
     }
     // Wait for the listeners so callers (and tests) can read real ports.
@@ -268,7 +273,7 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
             SwarmEvent::ListenerError { error, .. } | SwarmEvent::ListenerClosed { reason: Err(error), .. } => {
                 return Err(StartError::Listen {
                     addr: cfg.listen.first().cloned().unwrap_or(Multiaddr::empty()),
-                    reason: error.to_string(),
+                    reason: format!("{error:?}"),
                 });
             }
             _ => {}
@@ -281,6 +286,7 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
         inbound: in_tx,
         pending: HashMap::new(),
         bootstrap: cfg.bootstrap,
+        discovery: cfg.discovery,
     };
     tokio::spawn(lp.run(cmd_rx));
     Ok((P2p { local, cmd: cmd_tx }, in_rx))
@@ -291,6 +297,7 @@ struct Loop {
     inbound: mpsc::Sender<Inbound>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<(), SendError>>>,
     bootstrap: Vec<Multiaddr>,
+    discovery: bool,
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
@@ -330,7 +337,7 @@ impl Loop {
                     if self.swarm.connected_peers().count() < self.bootstrap.len() {
                         self.dial_bootstrap();
                     }
-                    if self.swarm.connected_peers().next().is_some() {
+                    if self.discovery && self.swarm.connected_peers().next().is_some() {
                         let _ = self.swarm.behaviour_mut().kad.bootstrap();
                     }
                 }
@@ -462,7 +469,7 @@ impl Loop {
                 if let Some(done) = self.pending.remove(&request_id) {
                     let _ = done.send(Err(SendError::Failed {
                         peer,
-                        reason: error.to_string(),
+                        reason: format!("{error:?}"),
                     }));
                 }
             }

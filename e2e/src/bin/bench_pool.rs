@@ -1,0 +1,214 @@
+//! Cross-organisation placement on three real clusters and anvil: from apply
+//! to lease Active to pod Running in another organisation, per job (p50/p99),
+//! and the sustained rate of such placements. Writes JSON figures.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures::StreamExt;
+use gpupool_crds::{AiJob, AiJobPhase, Lease, LeaseState};
+use gpupool_e2e::bench::{Figure, write};
+use gpupool_e2e::env::{TestEnv, default_root};
+use gpupool_e2e::harness::{admin, aijob_json, namespace};
+use gpupool_e2e::pool::{Lends, Pool};
+use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tokio::sync::Mutex;
+
+#[derive(Parser)]
+struct Args {
+    /// Jobs in the latency run (applied at a steady rate).
+    #[arg(long, default_value_t = 100)]
+    jobs: usize,
+    /// Jobs applied per second in the latency run.
+    #[arg(long, default_value_t = 4.0)]
+    rate: f64,
+    /// Jobs in the burst run (applied at once).
+    #[arg(long, default_value_t = 100)]
+    burst: usize,
+    #[arg(long, default_value = "target/bench/pool.json")]
+    out: std::path::PathBuf,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Times {
+    applied: Option<Instant>,
+    active: Option<Instant>,
+    running: Option<Instant>,
+}
+
+type Book = std::sync::Arc<Mutex<HashMap<String, Times>>>;
+
+/// Watches AiJobs and Leases in `ns` and notes when each job's lease became
+/// Active and its pod Running.
+fn watch(client: &Client, ns: &str, book: Book) {
+    let jobs: Api<AiJob> = Api::namespaced(client.clone(), ns);
+    let b = book.clone();
+    tokio::spawn(async move {
+        let mut s = watcher(jobs, watcher::Config::default()).applied_objects().boxed();
+        while let Some(Ok(j)) = s.next().await {
+            let phase = j.status.as_ref().and_then(|s| s.phase);
+            if matches!(phase, Some(AiJobPhase::Running) | Some(AiJobPhase::Succeeded)) {
+                let mut b = b.lock().await;
+                let t = b.entry(j.name_any()).or_default();
+                t.running.get_or_insert_with(Instant::now);
+            }
+        }
+    });
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    tokio::spawn(async move {
+        let mut s = watcher(leases, watcher::Config::default()).applied_objects().boxed();
+        while let Some(Ok(l)) = s.next().await {
+            let state = l.status.as_ref().and_then(|s| s.state);
+            if matches!(state, Some(LeaseState::Active) | Some(LeaseState::Closed))
+                && let Some(job) = l.spec.ai_job.clone()
+            {
+                let mut b = book.lock().await;
+                b.entry(job).or_default().active.get_or_insert_with(Instant::now);
+            }
+        }
+    });
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
+}
+
+fn job(name: &str) -> serde_json::Value {
+    aijob_json(
+        name,
+        1,
+        &["A100", "L40S"],
+        "1s",
+        serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "100ms"}}),
+    )
+}
+
+async fn wait_all(book: &Book, names: &[String], limit: Duration) -> usize {
+    let start = Instant::now();
+    loop {
+        let done = {
+            let b = book.lock().await;
+            names
+                .iter()
+                .filter(|n| b.get(*n).and_then(|t| t.running).is_some())
+                .count()
+        };
+        if done == names.len() || start.elapsed() > limit {
+            return done;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let env = TestEnv::load(&default_root())?;
+    let lends = [
+        Lends {
+            org: "acme",
+            prices: vec![("H100", "2.5")],
+            denied: vec![],
+        },
+        Lends {
+            org: "bravo",
+            prices: vec![("A100", "2")],
+            denied: vec![],
+        },
+        Lends {
+            org: "corvus",
+            prices: vec![("L40S", "2.2")],
+            denied: vec![],
+        },
+    ];
+    let _pool = Pool::start(&env, "bench", &lends, &["--concurrency=64".into()]).await?;
+    let acme = admin(env.org("acme").ok_or_else(|| anyhow::anyhow!("no acme"))?).await;
+    // Let the members find each other.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut figures = Vec::new();
+
+    // Latency: jobs at a steady rate, each timed on its own.
+    let ns = namespace(&acme, "bench-latency").await;
+    let book: Book = Default::default();
+    watch(&acme, &ns, book.clone());
+    let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
+    let names: Vec<String> = (0..args.jobs).map(|i| format!("lat-{i}")).collect();
+    let gap = Duration::from_secs_f64(1.0 / args.rate.max(0.1));
+    for n in &names {
+        book.lock().await.entry(n.clone()).or_default().applied = Some(Instant::now());
+        api.create(&PostParams::default(), &serde_json::from_value(job(n))?)
+            .await?;
+        tokio::time::sleep(gap).await;
+    }
+    let done = wait_all(&book, &names, Duration::from_secs(300)).await;
+    let (mut to_active, mut to_running) = (Vec::new(), Vec::new());
+    for t in book.lock().await.values() {
+        if let (Some(a), Some(x)) = (t.applied, t.active) {
+            to_active.push(x.duration_since(a).as_secs_f64() * 1000.0);
+        }
+        if let (Some(a), Some(x)) = (t.applied, t.running) {
+            to_running.push(x.duration_since(a).as_secs_f64() * 1000.0);
+        }
+    }
+    let cond = serde_json::json!({
+        "jobs": args.jobs, "reached_running": done, "applied_per_second": args.rate, "orgs": 3,
+        "job": "1 GPU (A100|L40S), PoolOnly, bid window 100ms, runs 1s", "chain": "anvil automine, 1 confirmation",
+        "clusters": "kube-apiserver + kwok per org on loopback", "operator": "debug or release per GPUPOOL_GPUPOOL_OPERATOR_BIN",
+        "targets": "p50 <= 1500 ms, p99 <= 5000 ms"
+    });
+    figures.push(Figure::new(
+        "pool_apply_to_lease_active_p50",
+        pct(&mut to_active, 50.0),
+        "ms",
+        cond.clone(),
+    ));
+    figures.push(Figure::new(
+        "pool_apply_to_lease_active_p99",
+        pct(&mut to_active, 99.0),
+        "ms",
+        cond.clone(),
+    ));
+    figures.push(Figure::new(
+        "pool_apply_to_pod_running_p50",
+        pct(&mut to_running, 50.0),
+        "ms",
+        cond.clone(),
+    ));
+    figures.push(Figure::new(
+        "pool_apply_to_pod_running_p99",
+        pct(&mut to_running, 99.0),
+        "ms",
+        cond,
+    ));
+
+    // Throughput: a burst, placed as fast as the pool can.
+    let ns = namespace(&acme, "bench-burst").await;
+    let book: Book = Default::default();
+    watch(&acme, &ns, book.clone());
+    let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
+    let names: Vec<String> = (0..args.burst).map(|i| format!("burst-{i}")).collect();
+    let start = Instant::now();
+    for n in &names {
+        book.lock().await.entry(n.clone()).or_default().applied = Some(Instant::now());
+        api.create(&PostParams::default(), &serde_json::from_value(job(n))?)
+            .await?;
+    }
+    let done = wait_all(&book, &names, Duration::from_secs(300)).await;
+    let secs = start.elapsed().as_secs_f64();
+    figures.push(Figure::new(
+        "pool_placements_per_second",
+        done as f64 / secs,
+        "jobs/s",
+        serde_json::json!({"jobs": args.burst, "reached_running": done, "seconds": secs, "orgs": 3,
+            "free_gpus": "24 A100 at bravo + 16 L40S at corvus; jobs run 1s", "target": ">= 100 jobs/s"}),
+    ));
+    write(&args.out, &figures)?;
+    Ok(())
+}
