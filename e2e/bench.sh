@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Benchmarks against a real cluster; each writes JSON figures under
+# Benchmarks against real clusters; each writes JSON figures under
 # target/bench/. Times are figures to report, never test assertions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export GPUPOOL_TESTENV=${GPUPOOL_TESTENV:-$PWD/e2e/.state}
 cargo build --release -q -p gpupool-operator -p gpupool-agent
+cargo build --release -q -p gpupool-operator --example bench_market
 cargo build -q -p gpupool-e2e --bins
 testenv=target/debug/testenv
 $testenv down >/dev/null
 trap '$testenv down >/dev/null' EXIT
+
+# No cluster: the bid engine, and 200 real swarms in one process.
+target/release/examples/bench_market --peers "${PEERS:-200}" --orders "${ORDERS:-40}" --out target/bench/market.json
+
 $testenv up --orgs 1 --agent target/release/gpupool-agent
 target/debug/bench-agent --agent target/release/gpupool-agent --seconds "${AGENT_SECONDS:-120}"
 target/debug/bench-operator --operator target/release/gpupool-operator --jobs "${JOBS:-1000}"
 target/debug/bench-escrow
+
+# Three organisations: placement across them.
+$testenv down >/dev/null
+$testenv up --orgs 3 --agent target/release/gpupool-agent
+GPUPOOL_GPUPOOL_OPERATOR_BIN=$PWD/target/release/gpupool-operator \
+  target/debug/bench-pool --jobs "${POOL_JOBS:-100}" --burst "${POOL_BURST:-100}" --out target/bench/pool.json

@@ -86,7 +86,7 @@ fn job(name: &str) -> serde_json::Value {
         1,
         &["A100", "L40S"],
         "1s",
-        serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "100ms"}}),
+        serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "300ms"}}),
     )
 }
 
@@ -159,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let cond = serde_json::json!({
         "jobs": args.jobs, "reached_running": done, "applied_per_second": args.rate, "orgs": 3,
-        "job": "1 GPU (A100|L40S), PoolOnly, bid window 100ms, runs 1s", "chain": "anvil automine, 1 confirmation",
+        "job": "1 GPU (A100|L40S), PoolOnly, bid window 300ms, runs 1s", "chain": "anvil automine, 1 confirmation",
         "clusters": "kube-apiserver + kwok per org on loopback", "operator": "debug or release per GPUPOOL_GPUPOOL_OPERATOR_BIN",
         "targets": "p50 <= 1500 ms, p99 <= 5000 ms"
     });

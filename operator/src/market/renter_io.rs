@@ -8,8 +8,8 @@ use std::time::Duration;
 use gpupool_chain::Address;
 use gpupool_crds::price::TokenAmount;
 use gpupool_crds::{
-    AiJob, AiJobPhase, Bid, BidSpec, BidState, BidStatus, CloseReason, Escrow, LABEL_ORDER, Lease, LeaseParty,
-    LeaseSide, LeaseSpec, LeaseState, PoolOrder, RunsOn, WorkloadReport,
+    AiJob, AiJobPhase, Bid, BidSpec, BidState, BidStatus, CloseReason, Escrow, LABEL_AIJOB, LABEL_ORDER, Lease,
+    LeaseParty, LeaseSide, LeaseSpec, LeaseState, PoolOrder, RunsOn, WorkloadReport,
 };
 use gpupool_proto::peer::v1::envelope::Body;
 use gpupool_proto::peer::v1::{self as wire, BidResult, LeaseOffer, LeaseStatus};
@@ -136,7 +136,10 @@ impl Market {
             },
         );
         bid.metadata.namespace = Some(ns.clone());
-        bid.metadata.labels = Some(BTreeMap::from([(LABEL_ORDER.to_string(), b.order_id.clone())]));
+        bid.metadata.labels = Some(BTreeMap::from([
+            (LABEL_ORDER.to_string(), b.order_id.clone()),
+            (LABEL_AIJOB.to_string(), order.aijob.name.clone()),
+        ]));
         bid.metadata.annotations = Some(BTreeMap::from([(
             "gpupool.dev/latency-ms".to_string(),
             now.saturating_sub(order.published_ms).to_string(),
@@ -260,15 +263,24 @@ impl Market {
         let mut order = status.order.clone().unwrap_or_default();
         let now = now_ms();
 
-        // Dereference: the current order's bids and lease.
+        // Dereference: the job's open bids (a late bid for an earlier attempt
+        // is as good as one for this attempt while it lasts) and its lease.
         let bids_api: Api<Bid> = Api::namespaced(self.client.clone(), &ns);
         let bids: Vec<Bid> = if order.id.is_empty() {
             vec![]
         } else {
             bids_api
-                .list(&ListParams::default().labels(&format!("{LABEL_ORDER}={}", order.id)))
+                .list(&ListParams::default().labels(&format!("{LABEL_AIJOB}={name}")))
                 .await?
                 .items
+                .into_iter()
+                .filter(|b| {
+                    !matches!(
+                        b.status.as_ref().and_then(|s| s.state),
+                        Some(BidState::Lost) | Some(BidState::Accepted) | Some(BidState::Expired)
+                    )
+                })
+                .collect()
         };
         let reputations = if bids.is_empty() {
             Default::default()
@@ -422,8 +434,8 @@ impl Market {
                 self.ensure_registered(aijob, need, &order, max_price);
                 out.reason = "AwaitingChoice";
                 out.message = format!(
-                    "{open_bids} open bid(s) for order {}; set spec.bidding.acceptedBid to one of them (kubectl get bids -n {ns} -l {LABEL_ORDER}={})",
-                    order.id, order.id
+                    "{open_bids} open bid(s) for order {}; set spec.bidding.acceptedBid to one of them (kubectl get bids -n {ns} -l {LABEL_AIJOB}={name})",
+                    order.id
                 );
                 out.requeue = Some(Duration::from_secs(2));
             }
@@ -562,7 +574,6 @@ impl Market {
                     self.record_outcome(&failed_org, false).await;
                     self.metrics.pool_lease("renter_failed_over");
                 }
-                self.lock().orders.remove(&order.id);
                 let paid = out.cost.clone().unwrap_or_default();
                 order = self
                     .publish(aijob, need, attempt, order.excluded_orgs.clone(), window, max_price)
@@ -620,17 +631,22 @@ impl Market {
         let now = now_ms();
         let closes = now + window_ms(window, attempt);
         let o = wire_order(aijob, need, &self.settings.org, &id, &excluded);
-        self.lock().orders.insert(
-            id.clone(),
-            OpenOrder {
-                aijob: ObjectRef::from_obj(aijob),
-                uid,
-                order: o.clone(),
-                max_price,
-                published_ms: now,
-                closes_ms: closes,
-            },
-        );
+        {
+            let mut st = self.lock();
+            // Earlier attempts keep taking bids for a minute after their window.
+            st.orders.retain(|_, o| o.closes_ms + 60_000 > now);
+            st.orders.insert(
+                id.clone(),
+                OpenOrder {
+                    aijob: ObjectRef::from_obj(aijob),
+                    uid,
+                    order: o.clone(),
+                    max_price,
+                    published_ms: now,
+                    closes_ms: closes,
+                },
+            );
+        }
         match self
             .p2p
             .publish(crate::p2p::swarm::Topic::Orders, self.seal(Body::Order(o)))
@@ -680,7 +696,8 @@ impl Market {
             &lease_name,
             LeaseSpec {
                 side: LeaseSide::Renter,
-                order_id: order.id.clone(),
+                // The winning bid's order: maybe an earlier attempt's.
+                order_id: winner.spec.order_id.clone(),
                 bid: winner.name_any(),
                 ai_job: Some(aijob.name_any()),
                 renter: LeaseParty {
@@ -706,7 +723,10 @@ impl Market {
             },
         );
         lease.metadata.namespace = Some(ns.clone());
-        lease.metadata.labels = Some(BTreeMap::from([(LABEL_ORDER.to_string(), order.id.clone())]));
+        lease.metadata.labels = Some(BTreeMap::from([(
+            LABEL_ORDER.to_string(),
+            winner.spec.order_id.clone(),
+        )]));
         lease.metadata.owner_references = owner(aijob).map(|o| vec![o]);
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
         match api.create(&PostParams::default(), &lease).await {
@@ -743,7 +763,8 @@ impl Market {
                 }
             }
         }
-        self.lock().orders.remove(&order.id);
+        let uid = aijob.metadata.uid.clone().unwrap_or_default();
+        self.lock().orders.retain(|_, o| o.uid != uid);
         Ok(lease_name)
     }
 
