@@ -109,6 +109,29 @@ pub(crate) struct State {
     pub lent: u32,
     /// Lease ids whose offer is being handled, so a resent offer is not run twice.
     pub accepting: std::collections::HashSet<String>,
+    /// Orders that stopped taking bids, and when: late bids for them are not
+    /// held against the bidder.
+    pub closed_orders: HashMap<String, u64>,
+    /// Last time the renter leases were re-listed for an unknown lease id;
+    /// bounds the API calls a stream of bogus status messages can cause.
+    pub lease_refresh_ms: u64,
+}
+
+impl State {
+    /// Stops taking bids for the orders `drop` selects, remembering them for ten minutes.
+    pub fn close_orders(&mut self, now: u64, mut drop: impl FnMut(&OpenOrder) -> bool) {
+        let closed: Vec<String> = self
+            .orders
+            .iter()
+            .filter(|(_, o)| drop(o))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in closed {
+            self.orders.remove(&id);
+            self.closed_orders.insert(id, now);
+        }
+        self.closed_orders.retain(|_, t| now.saturating_sub(*t) < 600_000);
+    }
 }
 
 pub(crate) struct Stores {
@@ -188,6 +211,8 @@ impl Market {
                 renter_leases: HashMap::new(),
                 lent: 0,
                 accepting: Default::default(),
+                closed_orders: HashMap::new(),
+                lease_refresh_ms: 0,
             }),
             settings,
             stores: OnceLock::new(),

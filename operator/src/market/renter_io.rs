@@ -92,8 +92,17 @@ fn bid_name(aijob: &str, bid_id: &str) -> String {
 impl Market {
     pub(crate) async fn on_bid(&self, sender: PeerId, b: wire::Bid) -> Handled {
         let now = now_ms();
-        let order = self.lock().orders.get(&b.order_id).cloned();
+        let (order, late) = {
+            let st = self.lock();
+            (
+                st.orders.get(&b.order_id).cloned(),
+                st.closed_orders.contains_key(&b.order_id),
+            )
+        };
         let Some(order) = order.filter(|o| now <= o.closes_ms + 60_000) else {
+            if late {
+                return Err((DropReason::Late, format!("bid for closed order {}", b.order_id)));
+            }
             return Err((DropReason::UnknownOrder, format!("bid for order {}", b.order_id)));
         };
         let Some(org) = self.org_of(&sender) else {
@@ -174,7 +183,16 @@ impl Market {
         if let Some(l) = self.lock().renter_leases.get(lease_id) {
             return Some(l.clone());
         }
-        // After a restart: find it among the renter Leases.
+        // After a restart: find it among the renter Leases, at most every few
+        // seconds, so bogus lease ids cannot turn into a stream of API calls.
+        {
+            let mut st = self.lock();
+            let now = now_ms();
+            if now.saturating_sub(st.lease_refresh_ms) < 3_000 {
+                return None;
+            }
+            st.lease_refresh_ms = now;
+        }
         let api: Api<Lease> = Api::all(self.client.clone());
         let list = api.list(&ListParams::default().labels(LABEL_ORDER)).await.ok()?;
         for l in list.items {
@@ -208,7 +226,9 @@ impl Market {
     pub(crate) async fn on_lease_status(&self, sender: PeerId, s: Option<LeaseStatus>, lease_id: &str) -> Handled {
         let lease_id = lease_id.to_ascii_lowercase();
         let Some(rl) = self.renter_lease(&lease_id).await else {
-            return Err((DropReason::UnknownOrder, format!("status for unknown lease {lease_id}")));
+            // Providers report until they see the close on chain, so status for
+            // a lease whose record is gone is normal for a while.
+            return Err((DropReason::Late, format!("status for unknown lease {lease_id}")));
         };
         if rl.provider != sender {
             return Err((
@@ -634,7 +654,7 @@ impl Market {
         {
             let mut st = self.lock();
             // Earlier attempts keep taking bids for a minute after their window.
-            st.orders.retain(|_, o| o.closes_ms + 60_000 > now);
+            st.close_orders(now, |o| o.closes_ms + 60_000 <= now);
             st.orders.insert(
                 id.clone(),
                 OpenOrder {
@@ -764,7 +784,7 @@ impl Market {
             }
         }
         let uid = aijob.metadata.uid.clone().unwrap_or_default();
-        self.lock().orders.retain(|_, o| o.uid != uid);
+        self.lock().close_orders(now_ms(), |o| o.uid == uid);
         Ok(lease_name)
     }
 

@@ -48,10 +48,13 @@ pub enum DropReason {
     Banned,
     /// Too many messages in flight to remember their nonces.
     Overloaded,
+    /// For an order or lease this cluster closed a moment ago: honest peers
+    /// race with closes, so this costs no score.
+    Late,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         Self::Oversized,
         Self::Malformed,
         Self::Unsigned,
@@ -65,6 +68,7 @@ impl DropReason {
         Self::Impersonation,
         Self::Banned,
         Self::Overloaded,
+        Self::Late,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -82,6 +86,7 @@ impl DropReason {
             Self::Impersonation => "impersonation",
             Self::Banned => "banned",
             Self::Overloaded => "overloaded",
+            Self::Late => "late",
         }
     }
 
@@ -89,6 +94,7 @@ impl DropReason {
     /// stale message (clock skew, a restart); they cannot forge a signature.
     pub fn penalty(self) -> f64 {
         match self {
+            Self::Late => 0.0,
             Self::Expired | Self::Overloaded | Self::UnknownOrder => 1.0,
             Self::Replayed | Self::UnsupportedVersion | Self::Banned => 2.0,
             Self::Oversized | Self::Malformed | Self::DeniedOrg => 5.0,

@@ -101,5 +101,11 @@ mod tests {
         assert!(s.is_banned(&forger, 60_000), "a minute later still banned");
         assert!(!s.is_banned(&forger, 200_000_000));
         assert_eq!(s.score(&PeerId::random(), 0), 0.0);
+        // Racing a close is not misbehaviour.
+        let late = PeerId::random();
+        for _ in 0..1000 {
+            s.penalise(late, DropReason::Late, 0);
+        }
+        assert_eq!(s.score(&late, 0), 0.0);
     }
 }
