@@ -16,6 +16,10 @@ bin="$cache_root/testenv/r2-k8s-$KUBERNETES_VERSION-etcd-$ETCD_VERSION-kwok-$KWO
 mkdir -p "$bin"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# Go's build cache for Kubernetes grows to ~5 GB and the module cache to ~2 GB;
+# only the binaries are kept, so both live in the scratch dir and go with it.
+# (-modcacherw: module files are read-only by default and would defeat rm -rf.)
+export GOCACHE="$work/gocache" GOMODCACHE="$work/gomod" GOFLAGS="${GOFLAGS:-} -modcacherw"
 
 log() { printf '[testenv-build] %s\n' "$*" >&2; }
 
