@@ -237,6 +237,8 @@ async fn fan_out(peers: usize, orders: usize) -> anyhow::Result<Vec<serde_json::
     let mut providers: Vec<P2p> = Vec::new();
     let eligible_every = 4; // every 4th provider has no matching GPUs
     let mut eligible = 0;
+    // Order id → when each provider had it open (gossip delivery, before bidding).
+    let delivered: Arc<Mutex<HashMap<String, Vec<Instant>>>> = Arc::default();
     let mut seed = 0x9e37_79b9_u64;
     for i in 1..peers {
         let mut boot = vec![renter_addr.clone()];
@@ -266,6 +268,7 @@ async fn fan_out(peers: usize, orders: usize) -> anyhow::Result<Vec<serde_json::
         let supply = if has_gpus { supply() } else { vec![] };
         let policy = policy();
         let me = p2p.clone();
+        let delivered = delivered.clone();
         tokio::spawn(async move {
             let mut opener = Opener::new(900_000, 100_000);
             while let Some(msg) = inbound.recv().await {
@@ -288,6 +291,12 @@ async fn fan_out(peers: usize, orders: usize) -> anyhow::Result<Vec<serde_json::
                 me.validated(id, propagation_source, accept).await;
                 let Ok(o) = opened else { continue };
                 let Body::Order(order) = o.body else { continue };
+                delivered
+                    .lock()
+                    .await
+                    .entry(order.order_id.clone())
+                    .or_default()
+                    .push(Instant::now());
                 let gpus = order.gpus.clone().unwrap_or_default();
                 let ask = Ask {
                     renter_org: order.renter_org.clone(),
@@ -352,6 +361,7 @@ async fn fan_out(peers: usize, orders: usize) -> anyhow::Result<Vec<serde_json::
     let connected = renter.info().await.connected.len();
     let mut latencies = Vec::new();
     let mut firsts = Vec::new();
+    let mut deliveries = Vec::new();
     let mut complete = 0;
     let mut bids_seen = 0;
     for k in 0..orders {
@@ -386,6 +396,36 @@ async fn fan_out(peers: usize, orders: usize) -> anyhow::Result<Vec<serde_json::
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let got = arrivals.lock().await.get(&order_id).cloned().unwrap_or_default();
+        if std::env::var_os("BENCH_TRACE").is_some()
+            && let Some(d) = delivered.lock().await.get(&order_id)
+        {
+            let mut d: Vec<f64> = d.iter().map(|t| t.duration_since(t0).as_secs_f64() * 1000.0).collect();
+            d.sort_by(|a, b| a.total_cmp(b));
+            let mut g: Vec<f64> = got
+                .iter()
+                .map(|t| t.duration_since(t0).as_secs_f64() * 1000.0)
+                .collect();
+            g.sort_by(|a, b| a.total_cmp(b));
+            eprintln!(
+                "{order_id}: delivered n={} first={:.1} p50={:.1} last={:.1}; bids n={} first={:.1} p50={:.1} last={:.1}",
+                d.len(),
+                d[0],
+                d[d.len() / 2],
+                d[d.len() - 1],
+                g.len(),
+                g.first().unwrap_or(&0.0),
+                g.get(g.len() / 2).unwrap_or(&0.0),
+                g.last().unwrap_or(&0.0)
+            );
+        }
+        if let Some(last) = delivered
+            .lock()
+            .await
+            .get(&order_id)
+            .and_then(|d| d.iter().max().copied())
+        {
+            deliveries.push(last.duration_since(t0).as_secs_f64() * 1000.0);
+        }
         bids_seen += got.len();
         if let Some(first) = got.iter().min() {
             firsts.push(first.duration_since(t0).as_secs_f64() * 1000.0);
@@ -399,6 +439,7 @@ async fn fan_out(peers: usize, orders: usize) -> anyhow::Result<Vec<serde_json::
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
     firsts.sort_by(|a, b| a.total_cmp(b));
+    deliveries.sort_by(|a, b| a.total_cmp(b));
     let cond = serde_json::json!({
         "peers": peers, "eligible_providers": eligible, "orders": orders, "orders_with_every_bid": complete,
         "bids_received": bids_seen, "renter_connections": connected, "mesh_settle_s": settle.elapsed().as_secs_f64(),
@@ -410,6 +451,7 @@ async fn fan_out(peers: usize, orders: usize) -> anyhow::Result<Vec<serde_json::
         serde_json::json!({"name": "pool_fanout_order_to_all_bids_p50", "figure": percentile(&latencies, 50.0), "unit": "ms", "conditions": cond}),
         serde_json::json!({"name": "pool_fanout_order_to_all_bids_p99", "figure": percentile(&latencies, 99.0), "unit": "ms", "conditions": cond}),
         serde_json::json!({"name": "pool_fanout_order_to_first_bid_p50", "figure": percentile(&firsts, 50.0), "unit": "ms", "conditions": cond}),
+        serde_json::json!({"name": "pool_fanout_order_to_every_provider_p99", "figure": percentile(&deliveries, 99.0), "unit": "ms", "conditions": cond}),
     ])
 }
 

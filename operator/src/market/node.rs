@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::bidengine::Supply;
 use super::policy::ProviderPolicy;
-use super::selection::PeerSupply;
+use super::selection::{PeerSupply, Wanted, advertises_fit};
 use crate::capacity::inventory;
 use crate::p2p::envelope::{DropReason, Opened, Opener, seal};
 use crate::p2p::score::{PeerScores, ScoreParams};
@@ -60,8 +60,13 @@ pub struct PeerInfo {
     pub offers: Vec<GpuOffer>,
     pub last_seen_ms: u64,
     pub connected: bool,
+    /// When its advertised offers last changed: capacity that appears after
+    /// an order was published is a reason to ask again before the backoff ends.
+    pub offers_changed_ms: u64,
     /// Last time its PoolPeer was written, to bound API writes.
     pub written_ms: u64,
+    /// A change not yet written (writes are at most one a second per peer).
+    pub dirty: bool,
 }
 
 /// An order this cluster published and still takes bids for.
@@ -73,6 +78,9 @@ pub struct OpenOrder {
     pub max_price: TokenAmount,
     pub published_ms: u64,
     pub closes_ms: u64,
+    /// Not before this may the order be re-published early because capacity
+    /// appeared: at most one order per base window while the pool churns.
+    pub repeat_after_ms: u64,
 }
 
 /// GPUs this provider promised in a bid, until the bid lapses or loses.
@@ -151,6 +159,8 @@ pub struct Market {
     pub(crate) state: Mutex<State>,
     pub(crate) stores: OnceLock<Stores>,
     pub(crate) wake: mpsc::Sender<ObjectRef<AiJob>>,
+    /// Pokes the advert loop when free capacity here may have changed.
+    pub(crate) capacity_changed: tokio::sync::Notify,
 }
 
 pub fn now_ms() -> u64 {
@@ -217,6 +227,7 @@ impl Market {
             settings,
             stores: OnceLock::new(),
             wake,
+            capacity_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -402,11 +413,8 @@ impl Market {
             p.addresses = r.addresses.clone();
             p.last_seen_ms = now;
             p.connected = true;
-            let due = changed || now.saturating_sub(p.written_ms) > 15_000;
-            if due {
-                p.written_ms = now;
-            }
-            due.then(|| p.clone())
+            p.dirty |= changed;
+            write_due(p, now).then(|| p.clone())
         };
         for a in &r.addresses {
             if let Ok(addr) = a.parse() {
@@ -420,7 +428,7 @@ impl Market {
     }
 
     async fn on_capacity(&self, sender: PeerId, c: CapacityAdvert) -> Result<(), (DropReason, String)> {
-        let write = {
+        let (write, wake) = {
             let mut st = self.lock();
             let now = now_ms();
             let Some(p) = st.peers.get_mut(&sender) else {
@@ -430,14 +438,29 @@ impl Market {
             let changed = p.offers != c.offers;
             p.offers = c.offers;
             p.last_seen_ms = now;
-            let due = changed || now.saturating_sub(p.written_ms) > 15_000;
-            if due {
-                p.written_ms = now;
+            if changed {
+                p.offers_changed_ms = now;
             }
-            due.then(|| p.clone())
+            p.dirty |= changed;
+            let write = write_due(p, now).then(|| p.clone());
+            let wake = if changed {
+                let supply = [peer_supply(p)];
+                st.orders
+                    .values()
+                    .filter(|o| o.closes_ms > now && o.repeat_after_ms <= now && order_fits(o, &supply))
+                    .map(|o| o.aijob.clone())
+                    .collect()
+            } else {
+                vec![]
+            };
+            (write, wake)
         };
         if let Some(p) = write {
             self.write_poolpeer(sender, &p).await;
+        }
+        // Jobs waiting out a backoff that this peer could now serve look again.
+        for aijob in wake {
+            self.wake(aijob).await;
         }
         Ok(())
     }
@@ -580,71 +603,77 @@ impl Market {
         (out, lent)
     }
 
+    /// Publishes identity and capacity every `advert_every`, and capacity alone
+    /// soon after it changes (reservations, leases), at most five times a second:
+    /// renters waiting out a backoff learn of freed GPUs within a fraction of a second.
     async fn advertise_forever(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.settings.advert_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Option<Vec<GpuOffer>> = None;
         loop {
-            tick.tick().await;
-            let info = self.p2p.info().await;
-            self.metrics.peers_connected(info.connected.len());
-            let identity = Body::Identity(IdentityRecord {
-                org: self.settings.org.clone(),
-                wallet: self.wallet.to_string(),
-                addresses: info
-                    .listen
-                    .iter()
-                    .take(16)
-                    .map(|a| format!("{a}/p2p/{}", self.peer_id()))
-                    .collect(),
-            });
-            let (supply, _) = self.supply();
-            let offers = supply
-                .into_iter()
-                .filter_map(|s| {
-                    let price = self.settings.policy.price_of(&s.product)?;
-                    Some(GpuOffer {
-                        product: s.product,
-                        memory_mib: s.memory_mib,
-                        free: s.free,
-                        max_per_node: s.max_per_node,
-                        price_per_gpu_hour: price.to_string(),
-                    })
-                })
-                .collect();
-            for (topic, body) in [
-                (Topic::Adverts, identity),
-                (Topic::Adverts, Body::Capacity(CapacityAdvert { offers })),
-            ] {
-                if let Err(e) = self.p2p.publish(topic, self.seal(body)).await {
+            let periodic = tokio::select! {
+                _ = tick.tick() => true,
+                () = self.capacity_changed.notified() => false,
+            };
+            let offers = self.offers();
+            if !periodic && last.as_ref() == Some(&offers) {
+                continue;
+            }
+            let mut bodies = vec![];
+            if periodic {
+                let info = self.p2p.info().await;
+                self.metrics.peers_connected(info.connected.len());
+                bodies.push(Body::Identity(IdentityRecord {
+                    org: self.settings.org.clone(),
+                    wallet: self.wallet.to_string(),
+                    addresses: info
+                        .listen
+                        .iter()
+                        .take(16)
+                        .map(|a| format!("{a}/p2p/{}", self.peer_id()))
+                        .collect(),
+                }));
+            }
+            last = Some(offers.clone());
+            bodies.push(Body::Capacity(CapacityAdvert { offers }));
+            for body in bodies {
+                if let Err(e) = self.p2p.publish(Topic::Adverts, self.seal(body)).await {
                     debug!(error = %e, "advert not published (no peers yet?)");
                 }
+            }
+            if !periodic {
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
 
-    /// What the pool advertises, for no-bid explanations.
-    pub(crate) fn pool_supply(&self) -> Vec<PeerSupply> {
+    /// This cluster's free GPUs as advertised: products the policy prices.
+    fn offers(&self) -> Vec<GpuOffer> {
+        let (supply, _) = self.supply();
+        supply
+            .into_iter()
+            .filter_map(|s| {
+                let price = self.settings.policy.price_of(&s.product)?;
+                Some(GpuOffer {
+                    product: s.product,
+                    memory_mib: s.memory_mib,
+                    free: s.free,
+                    max_per_node: s.max_per_node,
+                    price_per_gpu_hour: price.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// What the pool advertises, for no-bid explanations; with `changed_after`,
+    /// only peers whose offers changed since then.
+    pub(crate) fn pool_supply(&self, changed_after: Option<u64>) -> Vec<PeerSupply> {
         let st = self.lock();
         st.peers
             .values()
             .filter(|p| !p.org.is_empty() && p.connected)
-            .map(|p| PeerSupply {
-                org: p.org.clone(),
-                offers: p
-                    .offers
-                    .iter()
-                    .map(|o| {
-                        (
-                            Supply {
-                                product: o.product.clone(),
-                                memory_mib: o.memory_mib,
-                                free: o.free,
-                                max_per_node: o.max_per_node,
-                            },
-                            TokenAmount::from_str(&o.price_per_gpu_hour).ok(),
-                        )
-                    })
-                    .collect(),
-            })
+            .filter(|p| changed_after.is_none_or(|t| p.offers_changed_ms > t))
+            .map(peer_supply)
             .collect()
     }
 
@@ -657,6 +686,56 @@ impl Market {
     pub fn log_started(&self) {
         info!(org = %self.settings.org, peer = %self.peer_id(), wallet = %self.wallet, "pool market started");
     }
+}
+
+fn peer_supply(p: &PeerInfo) -> PeerSupply {
+    PeerSupply {
+        org: p.org.clone(),
+        offers: p
+            .offers
+            .iter()
+            .map(|o| {
+                (
+                    Supply {
+                        product: o.product.clone(),
+                        memory_mib: o.memory_mib,
+                        free: o.free,
+                        max_per_node: o.max_per_node,
+                    },
+                    TokenAmount::from_str(&o.price_per_gpu_hour).ok(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Whether one of `peers` advertises what `order` asks, at its price.
+fn order_fits(order: &OpenOrder, peers: &[PeerSupply]) -> bool {
+    let Some(gpus) = order.order.gpus.as_ref() else {
+        return false;
+    };
+    let w = Wanted {
+        count: gpus.count,
+        models: &gpus.models,
+        min_memory_mib: gpus.min_memory_mib,
+        max_price: order.max_price,
+        allowed_orgs: &order.order.allowed_orgs,
+        denied_orgs: &order.order.denied_orgs,
+        excluded_orgs: &[],
+    };
+    advertises_fit(&w, peers)
+}
+
+/// PoolPeer writes: a change at most once a second, and every 15 s regardless
+/// so lastSeen stays fresh; adverts can change several times a second under load.
+fn write_due(p: &mut PeerInfo, now: u64) -> bool {
+    let since = now.saturating_sub(p.written_ms);
+    let due = (p.dirty && since >= 1000) || since > 15_000;
+    if due {
+        p.written_ms = now;
+        p.dirty = false;
+    }
+    due
 }
 
 /// Identity, capacity and orders belong on gossip; everything else is direct.

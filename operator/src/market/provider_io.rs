@@ -104,6 +104,7 @@ impl Market {
             }
         };
         let Some((offer, until)) = offer else { return Ok(()) };
+        self.capacity_changed.notify_one();
         let bid = Body::Bid(Bid {
             order_id: order.order_id.clone(),
             bid_id: bid_id.clone(),
@@ -121,6 +122,7 @@ impl Market {
             Err(e) => {
                 warn!(order = %order.order_id, error = %e, "bid not delivered; releasing the reservation");
                 self.lock().reservations.remove(&bid_id);
+                self.capacity_changed.notify_one();
             }
         }
         Ok(())
@@ -132,6 +134,7 @@ impl Market {
             Some(res) if res.renter == sender && res.order.order_id == r.order_id => {
                 if !r.won {
                     st.reservations.remove(&r.bid_id);
+                    self.capacity_changed.notify_one();
                     debug!(bid = %r.bid_id, "bid lost; reservation released");
                 }
                 Ok(())
@@ -177,6 +180,7 @@ impl Market {
                 Err(Refusal::Refuse(why)) => {
                     warn!(lease = %lease_id, %why, "refusing lease offer");
                     me.lock().reservations.remove(&l.bid_id);
+                    me.capacity_changed.notify_one();
                     let _ = me
                         .send(
                             sender,
@@ -475,6 +479,9 @@ impl Market {
                 }
             }
             self.lock().lent = lent;
+            // Leases end and workloads finish between ticks; the advert loop
+            // publishes only if the free GPUs actually changed.
+            self.capacity_changed.notify_one();
         }
     }
 }

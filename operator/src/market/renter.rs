@@ -31,6 +31,10 @@ pub struct View<'a> {
     pub excluded_orgs: &'a [String],
     pub lease: Option<&'a LeaseView>,
     pub heartbeat_grace_ms: u64,
+    /// A peer advertised room for this job after the current order went out
+    /// (and at least a base window ago): ask again instead of sitting out a
+    /// backoff window that capacity has made pointless.
+    pub fresh_capacity: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,6 +138,10 @@ pub fn decide(v: &View<'_>) -> Step {
                     ),
                 },
             },
+            None if usable.is_empty() && v.fresh_capacity => Step::Publish {
+                attempt: attempt + 1,
+                after_no_bids: false,
+            },
             None if v.now_ms < closes_at || !usable.is_empty() => Step::WaitChoice {
                 open_bids: usable.len(),
             },
@@ -144,6 +152,12 @@ pub fn decide(v: &View<'_>) -> Step {
         },
         BidSelection::Auto => {
             if v.now_ms < closes_at {
+                if usable.is_empty() && v.fresh_capacity {
+                    return Step::Publish {
+                        attempt: attempt + 1,
+                        after_no_bids: false,
+                    };
+                }
                 return Step::WaitBids { until_ms: closes_at };
             }
             match pick(v.bids, v.now_ms, v.excluded_orgs) {
@@ -194,6 +208,7 @@ mod tests {
             excluded_orgs: &[],
             lease,
             heartbeat_grace_ms: 3_000,
+            fresh_capacity: false,
         }
     }
 
@@ -220,6 +235,28 @@ mod tests {
         );
         let bids = [bid("b1", "globex", "2"), bid("b2", "initech", "1")];
         assert_eq!(decide(&view(&bids, None)), Step::Award { bid: "b2".into() });
+    }
+
+    #[test]
+    fn fresh_capacity_cuts_a_backoff_short() {
+        let mut v = view(&[], None);
+        v.now_ms = 1000;
+        v.fresh_capacity = true;
+        let again = Step::Publish {
+            attempt: 2,
+            after_no_bids: false,
+        };
+        assert_eq!(decide(&v), again);
+        v.selection = BidSelection::Manual;
+        assert_eq!(decide(&v), again);
+        // A bid in hand is waited on, whatever the pool says.
+        let bids = [bid("b1", "globex", "2")];
+        let mut v = view(&bids, None);
+        v.now_ms = 1000;
+        v.fresh_capacity = true;
+        assert_eq!(decide(&v), Step::WaitBids { until_ms: 5000 });
+        v.selection = BidSelection::Manual;
+        assert_eq!(decide(&v), Step::WaitChoice { open_bids: 1 });
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use super::node::{MARKET_MANAGER, Market, OpenOrder, RenterLease, now_ms};
 use super::renter::{LeaseView, Step, View, decide, window_ms};
-use super::selection::{Candidate, Wanted, explain_no_bids};
+use super::selection::{Candidate, Wanted, advertises_fit, explain_no_bids};
 use crate::p2p::envelope::DropReason;
 use crate::placement::Need;
 use crate::settlement_plan::rate_per_second;
@@ -366,6 +366,26 @@ impl Market {
             );
         }
         let window = u64::try_from(std::time::Duration::from(aijob.spec.bidding.window).as_millis()).unwrap_or(5000);
+        let max_price = TokenAmount::from_str(&aijob.spec.max_price_per_gpu_hour)
+            .map_err(|e| MarketError::Invalid(e.to_string()))?;
+        let wanted = Wanted {
+            count: need.count,
+            models: &need.models,
+            min_memory_mib: need.min_memory_mib,
+            max_price,
+            allowed_orgs: &aijob.spec.placement.allowed_orgs,
+            denied_orgs: &aijob.spec.placement.denied_orgs,
+            excluded_orgs: &order.excluded_orgs,
+        };
+        let published = {
+            let st = self.lock();
+            st.orders.get(&order.id).map(|o| (o.published_ms, o.repeat_after_ms))
+        };
+        let fresh_capacity = lease.is_none()
+            && candidates.is_empty()
+            && published.is_some_and(|(published, repeat_after)| {
+                now >= repeat_after && advertises_fit(&wanted, &self.pool_supply(Some(published)))
+            });
         let view = View {
             now_ms: now,
             order: (!order.id.is_empty()).then(|| (order.attempt, order.closes_at.as_ref().map(time_ms).unwrap_or(0))),
@@ -375,6 +395,7 @@ impl Market {
             excluded_orgs: &order.excluded_orgs,
             lease: lease_view.as_ref(),
             heartbeat_grace_ms: u64::try_from(self.settings.heartbeat_grace.as_millis()).unwrap_or(10_000),
+            fresh_capacity,
         };
         let step = decide(&view);
         debug!(aijob = %name, ?step, "pool step");
@@ -392,27 +413,26 @@ impl Market {
             requeue: Some(Duration::from_secs(1)),
             events: vec![],
         };
-        let max_price = TokenAmount::from_str(&aijob.spec.max_price_per_gpu_hour)
-            .map_err(|e| MarketError::Invalid(e.to_string()))?;
         match step {
             Step::Publish { attempt, after_no_bids } => {
-                let why = after_no_bids.then(|| {
-                    explain_no_bids(
-                        &Wanted {
-                            count: need.count,
-                            models: &need.models,
-                            min_memory_mib: need.min_memory_mib,
-                            max_price,
-                            allowed_orgs: &aijob.spec.placement.allowed_orgs,
-                            denied_orgs: &aijob.spec.placement.denied_orgs,
-                            excluded_orgs: &order.excluded_orgs,
-                        },
-                        &self.pool_supply(),
-                    )
-                });
-                self.lock().orders.remove(&order.id);
+                let why = after_no_bids.then(|| explain_no_bids(&wanted, &self.pool_supply(None)));
+                // An empty window backs the next one off; an order sent because
+                // capacity appeared gets the plain window.
+                let this_window = if after_no_bids {
+                    window_ms(window, attempt)
+                } else {
+                    window
+                };
                 order = self
-                    .publish(aijob, need, attempt, order.excluded_orgs.clone(), window, max_price)
+                    .publish(
+                        aijob,
+                        need,
+                        attempt,
+                        order.excluded_orgs.clone(),
+                        this_window,
+                        window,
+                        max_price,
+                    )
                     .await;
                 out.order = order.clone();
                 out.lease = None;
@@ -441,7 +461,7 @@ impl Market {
                 ));
             }
             Step::WaitBids { until_ms } => {
-                self.ensure_registered(aijob, need, &order, max_price);
+                self.ensure_registered(aijob, need, &order, window, max_price);
                 out.message = format!(
                     "order {} open: {} bid(s) so far; the window closes in {:.1}s",
                     order.id,
@@ -451,7 +471,7 @@ impl Market {
                 out.requeue = Some(Duration::from_millis(until_ms.saturating_sub(now).max(50)));
             }
             Step::WaitChoice { open_bids } => {
-                self.ensure_registered(aijob, need, &order, max_price);
+                self.ensure_registered(aijob, need, &order, window, max_price);
                 out.reason = "AwaitingChoice";
                 out.message = format!(
                     "{open_bids} open bid(s) for order {}; set spec.bidding.acceptedBid to one of them (kubectl get bids -n {ns} -l {LABEL_AIJOB}={name})",
@@ -596,7 +616,15 @@ impl Market {
                 }
                 let paid = out.cost.clone().unwrap_or_default();
                 order = self
-                    .publish(aijob, need, attempt, order.excluded_orgs.clone(), window, max_price)
+                    .publish(
+                        aijob,
+                        need,
+                        attempt,
+                        order.excluded_orgs.clone(),
+                        window,
+                        window,
+                        max_price,
+                    )
                     .await;
                 out.order = order.clone();
                 out.lease = None;
@@ -614,12 +642,14 @@ impl Market {
         Ok(out)
     }
 
-    fn ensure_registered(&self, aijob: &AiJob, need: &Need, order: &PoolOrder, max_price: TokenAmount) {
+    /// After a restart, the order in the AiJob's status takes bids again.
+    fn ensure_registered(&self, aijob: &AiJob, need: &Need, order: &PoolOrder, window: u64, max_price: TokenAmount) {
         let mut st = self.lock();
         if st.orders.contains_key(&order.id) {
             return;
         }
         let closes = order.closes_at.as_ref().map(time_ms).unwrap_or(0);
+        let now = now_ms();
         st.orders.insert(
             order.id.clone(),
             OpenOrder {
@@ -627,12 +657,16 @@ impl Market {
                 uid: aijob.metadata.uid.clone().unwrap_or_default(),
                 order: wire_order(aijob, need, &self.settings.org, &order.id, &order.excluded_orgs),
                 max_price,
-                published_ms: closes.saturating_sub(5000),
+                published_ms: closes.saturating_sub(window).min(now),
                 closes_ms: closes,
+                repeat_after_ms: now + window,
             },
         );
     }
 
+    /// Sends order `attempt`, taking bids for `window` ms; it may be re-sent
+    /// early for fresh capacity once `base_window` ms have passed.
+    #[allow(clippy::too_many_arguments)]
     async fn publish(
         &self,
         aijob: &AiJob,
@@ -640,6 +674,7 @@ impl Market {
         attempt: i32,
         excluded: Vec<String>,
         window: u64,
+        base_window: u64,
         max_price: TokenAmount,
     ) -> PoolOrder {
         let uid = aijob.metadata.uid.clone().unwrap_or_default();
@@ -649,7 +684,7 @@ impl Market {
             uid.chars().take(8).collect::<String>()
         );
         let now = now_ms();
-        let closes = now + window_ms(window, attempt);
+        let closes = now + window;
         let o = wire_order(aijob, need, &self.settings.org, &id, &excluded);
         {
             let mut st = self.lock();
@@ -664,6 +699,7 @@ impl Market {
                     max_price,
                     published_ms: now,
                     closes_ms: closes,
+                    repeat_after_ms: now + base_window,
                 },
             );
         }
@@ -770,9 +806,10 @@ impl Market {
             };
             let _ = crate::ssa::apply_status(&bids_api, &b.name_any(), MARKET_MANAGER, &status).await;
             if let Ok(peer) = PeerId::from_str(&b.spec.provider_peer_id) {
+                // Each bid answers its own order: maybe an earlier attempt of this job.
                 let msg = Body::BidResult(BidResult {
-                    order_id: order.id.clone(),
-                    bid_id: format!("{}-{}", b.spec.provider_org, order.id)
+                    order_id: b.spec.order_id.clone(),
+                    bid_id: format!("{}-{}", b.spec.provider_org, b.spec.order_id)
                         .chars()
                         .take(128)
                         .collect::<String>(),

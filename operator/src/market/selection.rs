@@ -77,6 +77,12 @@ impl Wanted<'_> {
     }
 }
 
+/// Whether some usable peer advertises room for `w` on one node at or below
+/// its max price: the case where only a bid is missing.
+pub fn advertises_fit(w: &Wanted<'_>, peers: &[PeerSupply]) -> bool {
+    explain_no_bids(w, peers).0 == "NoBids"
+}
+
 /// A reason (CamelCase) and a sentence a person can act on, for an order
 /// that got no usable bid.
 pub fn explain_no_bids(w: &Wanted<'_>, peers: &[PeerSupply]) -> (&'static str, String) {
@@ -202,6 +208,22 @@ mod tests {
         assert!(
             m.contains("lowest ask is 3.1 per GPU-hour (initech), above your max price 2"),
             "{m}"
+        );
+        assert!(!advertises_fit(&w, &[small.clone(), dear.clone()]));
+        let fits = PeerSupply {
+            org: "hooli".into(),
+            offers: vec![(supply("NVIDIA H100 80GB HBM3", 8), Some("1.5".parse().unwrap()))],
+        };
+        assert!(advertises_fit(&w, &[small.clone(), fits.clone()]));
+        assert!(
+            !advertises_fit(
+                &Wanted {
+                    excluded_orgs: &["hooli".to_string()],
+                    ..w.clone()
+                },
+                &[fits]
+            ),
+            "an excluded org's room does not count"
         );
         let denied = vec!["initech".to_string(), "globex".to_string()];
         let w2 = Wanted {
