@@ -11,6 +11,7 @@ use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, noise, ping, tcp, yamux};
 use tokio::sync::{mpsc, oneshot};
@@ -44,9 +45,10 @@ pub struct SwarmConfig {
     pub bootstrap: Vec<Multiaddr>,
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
-    /// Walk the DHT to find members beyond the bootstrap peers. Off only where
-    /// many swarms share one process (the fan-out benchmark) and would run out
-    /// of file descriptors connecting to each other.
+    /// Walk the DHT to find members beyond the bootstrap peers. Off, the swarm
+    /// knows only its bootstrap peers and whoever dials it: where many swarms
+    /// share one process (the fan-out benchmark), walks connect every member
+    /// to every other, 20k sockets for 200 swarms.
     pub discovery: bool,
 }
 
@@ -188,7 +190,9 @@ impl P2p {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     gossipsub: gossipsub::Behaviour,
-    kad: kad::Behaviour<MemoryStore>,
+    /// Present only with discovery: even unused, Kademlia bootstraps on its own
+    /// whenever its routing table grows, and its walks dial every member.
+    kad: Toggle<kad::Behaviour<MemoryStore>>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     direct: request_response::Behaviour<EnvelopeCodec>,
@@ -214,8 +218,14 @@ fn behaviour(key: &Keypair, cfg: &SwarmConfig) -> Result<Behaviour, StartError> 
         .map_err(|e| StartError::Build(e.to_string()))?;
     let gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gs_config)
         .map_err(|e| StartError::Build(e.to_string()))?;
-    let mut kad = kad::Behaviour::new(local, MemoryStore::new(local));
-    kad.set_mode(Some(kad::Mode::Server));
+    let kad = cfg.discovery.then(|| {
+        let mut config = kad::Config::new(kad::PROTOCOL_NAME);
+        // Our own loop walks the DHT on its schedule; no second timer.
+        config.set_periodic_bootstrap_interval(None);
+        let mut kad = kad::Behaviour::with_config(local, MemoryStore::new(local), config);
+        kad.set_mode(Some(kad::Mode::Server));
+        kad
+    });
     let identify = identify::Behaviour::new(identify::Config::new("/gpupool/1.0.0".into(), key.public()));
     let direct = request_response::Behaviour::with_codec(
         EnvelopeCodec,
@@ -226,7 +236,7 @@ fn behaviour(key: &Keypair, cfg: &SwarmConfig) -> Result<Behaviour, StartError> 
     );
     Ok(Behaviour {
         gossipsub,
-        kad,
+        kad: Toggle::from(kad),
         identify,
         ping: ping::Behaviour::default(),
         direct,
@@ -286,7 +296,6 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
         inbound: in_tx,
         pending: HashMap::new(),
         bootstrap: cfg.bootstrap,
-        discovery: cfg.discovery,
     };
     tokio::spawn(lp.run(cmd_rx));
     Ok((P2p { local, cmd: cmd_tx }, in_rx))
@@ -297,7 +306,6 @@ struct Loop {
     inbound: mpsc::Sender<Inbound>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<(), SendError>>>,
     bootstrap: Vec<Multiaddr>,
-    discovery: bool,
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
@@ -324,6 +332,7 @@ impl Loop {
     async fn run(mut self, mut cmds: mpsc::Receiver<Command>) {
         self.dial_bootstrap();
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut ticks = 0u64;
         loop {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
@@ -337,8 +346,14 @@ impl Loop {
                     if self.swarm.connected_peers().count() < self.bootstrap.len() {
                         self.dial_bootstrap();
                     }
-                    if self.discovery && self.swarm.connected_peers().next().is_some() {
-                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    // Walks every tick for the first minute (joining), then
+                    // once a minute: each walk queries up to 20 members.
+                    ticks += 1;
+                    if (ticks <= 12 || ticks.is_multiple_of(12))
+                        && self.swarm.connected_peers().next().is_some()
+                        && let Some(kad) = self.swarm.behaviour_mut().kad.as_mut()
+                    {
+                        let _ = kad.bootstrap();
                     }
                 }
             }
@@ -379,7 +394,7 @@ impl Loop {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
             Command::AddPeer { peer, addr } => {
-                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+                self.remember(peer, addr);
             }
             Command::Info { done } => {
                 let _ = done.send(SwarmInfo {
@@ -388,6 +403,15 @@ impl Loop {
                 });
             }
         }
+    }
+
+    /// Keeps an address for a peer: for redials by direct messages, and for
+    /// the DHT when discovery is on.
+    fn remember(&mut self, peer: PeerId, addr: Multiaddr) {
+        if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() {
+            kad.add_address(&peer, addr.clone());
+        }
+        self.swarm.add_peer_address(peer, addr);
     }
 
     fn deliver(&self, msg: Inbound) {
@@ -482,7 +506,7 @@ impl Loop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    self.remember(peer_id, addr);
                 }
             }
             SwarmEvent::ConnectionEstablished {
@@ -492,10 +516,7 @@ impl Loop {
                 ..
             } => {
                 if endpoint.is_dialer() {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer_id, endpoint.get_remote_address().clone());
+                    self.remember(peer_id, endpoint.get_remote_address().clone());
                 }
                 if num_established.get() == 1 {
                     debug!(peer = %peer_id, "peer connected");
