@@ -35,6 +35,9 @@ use crate::telemetry::Metrics;
 
 pub const MARKET_MANAGER: &str = "gpupool-market";
 
+/// Peer messages handled at once.
+const MAX_IN_FLIGHT: usize = 64;
+
 #[derive(Clone, Debug)]
 pub struct MarketSettings {
     pub org: String,
@@ -94,6 +97,20 @@ pub struct Reservation {
     pub until_ms: u64,
 }
 
+/// What a renter last heard from a lease's provider. Heartbeats update this
+/// in memory; the Lease is written only when the report changes or the last
+/// write is a quarter of the grace window old, so a hundred leases beating
+/// every few hundred ms do not become a hundred API writes a beat.
+#[derive(Clone, Debug, Default)]
+pub struct Heard {
+    pub heard_ms: u64,
+    pub written_ms: u64,
+    /// Expiry of the newest applied status: messages handled concurrently may
+    /// finish out of order, and an older report must not overwrite a newer one.
+    pub applied_expires_ms: u64,
+    pub report: Option<(String, String, Option<i32>, String)>,
+}
+
 /// A renter Lease that a provider's status messages update.
 #[derive(Clone, Debug)]
 pub struct RenterLease {
@@ -113,6 +130,8 @@ pub(crate) struct State {
     pub reservations: HashMap<String, Reservation>,
     /// On-chain lease id (0x hex) → renter Lease.
     pub renter_leases: HashMap<String, RenterLease>,
+    /// On-chain lease id → what its provider last said.
+    pub heard: HashMap<String, Heard>,
     /// GPUs lent in provider leases that are not closed.
     pub lent: u32,
     /// Lease ids whose offer is being handled, so a resent offer is not run twice.
@@ -219,6 +238,7 @@ impl Market {
                 orders: HashMap::new(),
                 reservations: HashMap::new(),
                 renter_leases: HashMap::new(),
+                heard: HashMap::new(),
                 lent: 0,
                 accepting: Default::default(),
                 closed_orders: HashMap::new(),
@@ -276,11 +296,22 @@ impl Market {
     }
 
     /// Runs the message loop and the advert ticker until the swarm stops.
+    /// Messages are handled concurrently, up to a bound: most of them wait on
+    /// the API server (a bid is two writes), and one at a time fell minutes
+    /// behind under a burst of orders, until heartbeats were read too late.
     pub async fn run(self: Arc<Self>, mut inbound: mpsc::Receiver<Inbound>) {
         let adverts = tokio::spawn(self.clone().advertise_forever());
         let provider = tokio::spawn(self.clone().provider_forever());
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         while let Some(msg) = inbound.recv().await {
-            self.clone().handle(msg).await;
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.handle(msg).await;
+                drop(permit);
+            });
         }
         adverts.abort();
         provider.abort();
@@ -371,8 +402,11 @@ impl Market {
             Body::Order(order) => self.clone().on_order(sender, order).await,
             Body::Bid(b) => self.on_bid(sender, b).await,
             Body::LeaseOffer(l) => self.clone().on_lease_offer(sender, l).await,
-            Body::LeaseStatus(s) => self.on_lease_status(sender, Some(s.clone()), &s.lease_id).await,
-            Body::Heartbeat(h) => self.on_lease_status(sender, None, &h.lease_id).await,
+            Body::LeaseStatus(s) => {
+                self.on_lease_status(sender, Some(s.clone()), &s.lease_id, o.expires_at_ms)
+                    .await
+            }
+            Body::Heartbeat(h) => self.on_lease_status(sender, None, &h.lease_id, o.expires_at_ms).await,
             Body::BidResult(r) => self.on_bid_result(sender, r).await,
         };
         if let Err((reason, detail)) = result {

@@ -223,7 +223,13 @@ impl Market {
         self.lock().renter_leases.get(lease_id).cloned()
     }
 
-    pub(crate) async fn on_lease_status(&self, sender: PeerId, s: Option<LeaseStatus>, lease_id: &str) -> Handled {
+    pub(crate) async fn on_lease_status(
+        &self,
+        sender: PeerId,
+        s: Option<LeaseStatus>,
+        lease_id: &str,
+        expires_at_ms: u64,
+    ) -> Handled {
         let lease_id = lease_id.to_ascii_lowercase();
         let Some(rl) = self.renter_lease(&lease_id).await else {
             // Providers report until they see the close on chain, so status for
@@ -235,6 +241,37 @@ impl Market {
                 DropReason::WrongSender,
                 "status from a peer that is not the lease's provider".into(),
             ));
+        }
+        let now = now_ms();
+        let report = s
+            .as_ref()
+            .map(|s| (s.phase.clone(), s.pod_state.clone(), s.exit_code, s.message.clone()));
+        let write_every = u64::try_from(self.settings.heartbeat_grace.as_millis() / 4)
+            .unwrap_or(1000)
+            .max(250);
+        let (write, changed) = {
+            let mut st = self.lock();
+            if st.heard.len() > 10_000 {
+                st.heard.retain(|_, h| now.saturating_sub(h.heard_ms) < 600_000);
+            }
+            let h = st.heard.entry(lease_id.clone()).or_default();
+            h.heard_ms = h.heard_ms.max(now);
+            if report.is_some() && expires_at_ms < h.applied_expires_ms {
+                return Ok(()); // an older report that finished after a newer one
+            }
+            let changed = report.is_some() && report != h.report;
+            let write = changed || now.saturating_sub(h.written_ms) >= write_every;
+            if write {
+                h.written_ms = now;
+                if report.is_some() {
+                    h.applied_expires_ms = expires_at_ms;
+                    h.report = report.clone();
+                }
+            }
+            (write, changed)
+        };
+        if !write {
+            return Ok(());
         }
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &rl.namespace);
         let mut patch = serde_json::json!({
@@ -270,8 +307,15 @@ impl Market {
             .await
         {
             debug!(error = %e, "could not record lease status");
+            // Try again with the next message.
+            if let Some(h) = self.lock().heard.get_mut(&lease_id) {
+                h.written_ms = 0;
+                h.report = None;
+            }
         }
-        self.wake(ObjectRef::new(&rl.aijob).within(&rl.namespace)).await;
+        if changed {
+            self.wake(ObjectRef::new(&rl.aijob).within(&rl.namespace)).await;
+        }
         Ok(())
     }
 
@@ -332,6 +376,7 @@ impl Market {
             None => None,
         };
         let lease_view = lease.as_ref().map(|l| {
+            let heard_of = self.heard_ms(l);
             let st = l.status.clone().unwrap_or_default();
             let active_since = st
                 .conditions
@@ -344,7 +389,7 @@ impl Market {
                 close_requested: l.spec.close_reason,
                 closed_as: st.close_reason.clone(),
                 workload: st.workload.clone(),
-                last_heard_ms: st.last_heartbeat.as_ref().map(time_ms).or(active_since),
+                last_heard_ms: st.last_heartbeat.as_ref().map(time_ms).or(active_since).max(heard_of),
             }
         });
         if let (Some(l), Some(id)) = (&lease, lease.as_ref().and_then(|l| l.status.as_ref()?.lease_id.clone()))
@@ -734,6 +779,29 @@ impl Market {
     ) -> Result<String, MarketError> {
         let ns = aijob.namespace().unwrap_or_default();
         let lease_name = format!("{}-{}", aijob.name_any(), order.attempt);
+        // The on-chain lease id derives from the order: an order that already
+        // had a lease (a late bid for the attempt a failed provider won) cannot
+        // have a second one.
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
+        let taken = leases
+            .list(&ListParams::default().labels(&format!("{LABEL_ORDER}={}", winner.spec.order_id)))
+            .await?
+            .items
+            .into_iter()
+            .any(|l| l.name_any() != lease_name);
+        if taken {
+            let bids_api: Api<Bid> = Api::namespaced(self.client.clone(), &ns);
+            let status = BidStatus {
+                state: Some(BidState::Lost),
+                message: Some(format!("order {} already had a lease", winner.spec.order_id)),
+            };
+            crate::ssa::apply_status(&bids_api, &winner.name_any(), MARKET_MANAGER, &status).await?;
+            return Err(MarketError::Invalid(format!(
+                "bid {} answers order {}, which already had a lease; choosing again",
+                winner.name_any(),
+                winner.spec.order_id
+            )));
+        }
         let provider_peer = PeerId::from_str(&winner.spec.provider_peer_id)
             .map_err(|_| MarketError::Invalid("provider peer id".into()))?;
         let provider_wallet: Address = self
@@ -858,6 +926,14 @@ impl Market {
             Ok(()) => debug!(lease = %id, provider = %l.spec.provider.org, "lease offer sent"),
             Err(e) => debug!(lease = %id, error = %e, "lease offer not delivered; resending"),
         }
+    }
+}
+
+impl Market {
+    /// When the provider of lease `l` was last heard from, per memory.
+    fn heard_ms(&self, l: &Lease) -> Option<u64> {
+        let id = l.status.as_ref()?.lease_id.as_ref()?.to_ascii_lowercase();
+        self.lock().heard.get(&id).map(|h| h.heard_ms)
     }
 }
 
