@@ -12,7 +12,8 @@ use gpupool_e2e::bench::{Figure, write};
 use gpupool_e2e::env::{TestEnv, default_root};
 use gpupool_e2e::harness::{admin, aijob_json, namespace};
 use gpupool_e2e::pool::{Lends, Pool};
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::Mutex;
@@ -137,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Latency: jobs at a steady rate, each timed on its own.
     let ns = namespace(&acme, "bench-latency").await;
+    let latency_ns = ns.clone();
     let book: Book = Default::default();
     watch(&acme, &ns, book.clone());
     let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
@@ -194,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Throughput: a burst, placed as fast as the pool can.
     let ns = namespace(&acme, "bench-burst").await;
+    let burst_ns = ns.clone();
     let book: Book = Default::default();
     watch(&acme, &ns, book.clone());
     let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
@@ -214,5 +217,27 @@ async fn main() -> anyhow::Result<()> {
             "free_gpus": "24 A100 at bravo + 16 L40S at corvus; jobs run 1s", "target": ">= 100 jobs/s"}),
     ));
     write(&args.out, &figures)?;
+    // Delete the jobs while the operators still run: their finalizers close
+    // the leases on chain, and an environment left with 200 pool jobs would
+    // load the next test's operators.
+    let nss: Api<Namespace> = Api::all(acme.clone());
+    let mut left = Vec::new();
+    for ns in [latency_ns, burst_ns] {
+        let _ = nss.delete(&ns, &DeleteParams::default()).await;
+        left.push(ns);
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(180) {
+        let mut gone = 0;
+        for ns in &left {
+            if matches!(nss.get_opt(ns).await, Ok(None)) {
+                gone += 1;
+            }
+        }
+        if gone == left.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     Ok(())
 }

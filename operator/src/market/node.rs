@@ -136,6 +136,9 @@ pub(crate) struct State {
     pub lent: u32,
     /// Lease ids whose offer is being handled, so a resent offer is not run twice.
     pub accepting: std::collections::HashSet<String>,
+    /// Bids of ours whose reservation lapsed or was released, and when: an
+    /// offer for one is refused without holding it against the renter.
+    pub released_bids: HashMap<String, u64>,
     /// Orders that stopped taking bids, and when: late bids for them are not
     /// held against the bidder.
     pub closed_orders: HashMap<String, u64>,
@@ -145,6 +148,23 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Drops reservations `drop` selects, remembering their bids for ten minutes.
+    pub fn release(&mut self, now: u64, mut drop: impl FnMut(&str, &Reservation) -> bool) {
+        let gone: Vec<String> = self
+            .reservations
+            .iter()
+            .filter(|(id, r)| drop(id, r))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.reservations.remove(&id);
+            self.released_bids.insert(id, now);
+        }
+        if self.released_bids.len() > 10_000 {
+            self.released_bids.retain(|_, t| now.saturating_sub(*t) < 600_000);
+        }
+    }
+
     /// Stops taking bids for the orders `drop` selects, remembering them for ten minutes.
     pub fn close_orders(&mut self, now: u64, mut drop: impl FnMut(&OpenOrder) -> bool) {
         let closed: Vec<String> = self
@@ -241,6 +261,7 @@ impl Market {
                 heard: HashMap::new(),
                 lent: 0,
                 accepting: Default::default(),
+                released_bids: HashMap::new(),
                 closed_orders: HashMap::new(),
                 lease_refresh_ms: 0,
             }),

@@ -43,6 +43,9 @@ pub fn lease_short(lease_id: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// How long a won bid's GPUs stay promised while the renter opens the lease.
+const WON_HOLD_MS: u64 = 5 * 60 * 1000;
+
 /// The AiJob name of a leased workload inside its namespace.
 pub const WORKLOAD: &str = "workload";
 
@@ -77,7 +80,7 @@ impl Market {
         let offer = {
             let (supply, lent) = self.supply();
             let mut st = self.lock();
-            st.reservations.retain(|_, r| r.until_ms > now);
+            st.release(now, |_, r| r.until_ms <= now);
             if st.reservations.contains_key(&bid_id) {
                 return Ok(()); // the same order again (re-published): our bid stands
             }
@@ -121,7 +124,7 @@ impl Market {
             }
             Err(e) => {
                 warn!(order = %order.order_id, error = %e, "bid not delivered; releasing the reservation");
-                self.lock().reservations.remove(&bid_id);
+                self.lock().release(now_ms(), |id, _| id == bid_id);
                 self.capacity_changed.notify_one();
             }
         }
@@ -130,10 +133,15 @@ impl Market {
 
     pub(crate) async fn on_bid_result(&self, sender: PeerId, r: BidResult) -> Handled {
         let mut st = self.lock();
-        match st.reservations.get(&r.bid_id) {
+        let now = now_ms();
+        match st.reservations.get_mut(&r.bid_id) {
             Some(res) if res.renter == sender && res.order.order_id == r.order_id => {
-                if !r.won {
-                    st.reservations.remove(&r.bid_id);
+                if r.won {
+                    // Opening the lease on chain can take a while under load;
+                    // the GPUs stay promised until the offer comes.
+                    res.until_ms = res.until_ms.max(now + WON_HOLD_MS);
+                } else {
+                    st.release(now, |id, _| id == r.bid_id);
                     self.capacity_changed.notify_one();
                     debug!(bid = %r.bid_id, "bid lost; reservation released");
                 }
@@ -157,6 +165,25 @@ impl Market {
             if known_lease {
                 return Ok(()); // a resent offer for a lease we already run
             }
+            let released = self.lock().released_bids.contains_key(&l.bid_id);
+            if released {
+                // Our bid, but its GPUs went elsewhere: say so, so the renter
+                // closes the lease (refund) and asks the others.
+                info!(lease = %l.lease_id, bid = %l.bid_id, "offer for a bid whose reservation lapsed; refusing");
+                let _ = self
+                    .send(
+                        sender,
+                        Body::LeaseStatus(LeaseStatus {
+                            lease_id: l.lease_id.clone(),
+                            phase: "Refused".into(),
+                            pod_state: String::new(),
+                            exit_code: None,
+                            message: format!("bid {} lapsed before the lease offer arrived", l.bid_id),
+                        }),
+                    )
+                    .await;
+                return Ok(());
+            }
             return Err((DropReason::UnknownOrder, format!("offer for unknown bid {}", l.bid_id)));
         };
         if res.renter != sender || res.order.order_id != l.order_id {
@@ -179,7 +206,7 @@ impl Market {
                 }
                 Err(Refusal::Refuse(why)) => {
                     warn!(lease = %lease_id, %why, "refusing lease offer");
-                    me.lock().reservations.remove(&l.bid_id);
+                    me.lock().release(now_ms(), |id, _| id == l.bid_id);
                     me.capacity_changed.notify_one();
                     let _ = me
                         .send(
