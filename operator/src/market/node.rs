@@ -800,3 +800,98 @@ fn topic_allows(topic: Topic, body: &Body) -> bool {
         Topic::Orders => matches!(body, Body::Order(_)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poolpeer_writes_are_bounded_but_changes_land() {
+        let mut p = PeerInfo::default();
+        let t0 = 100_000;
+        assert!(write_due(&mut p, t0), "first sight is written");
+        p.dirty = true;
+        assert!(!write_due(&mut p, t0 + 300), "a change within a second waits");
+        assert!(write_due(&mut p, t0 + 1_000), "and lands a second later");
+        assert!(!write_due(&mut p, t0 + 5_000), "nothing new, nothing written");
+        assert!(write_due(&mut p, t0 + 16_001), "lastSeen refreshed every 15 s");
+    }
+
+    fn reservation(renter: PeerId) -> Reservation {
+        Reservation {
+            order: Default::default(),
+            renter,
+            product: "NVIDIA A100-SXM4-40GB".into(),
+            count: 1,
+            price: "2".parse().unwrap(),
+            until_ms: 10_000,
+        }
+    }
+
+    #[test]
+    fn released_bids_are_remembered() {
+        let mut st = State {
+            opener: Opener::new(60_000, 16),
+            scores: PeerScores::new(ScoreParams::default()),
+            peers: HashMap::new(),
+            orgs: HashMap::new(),
+            orders: HashMap::new(),
+            reservations: HashMap::new(),
+            renter_leases: HashMap::new(),
+            heard: HashMap::new(),
+            lent: 0,
+            accepting: Default::default(),
+            released_bids: HashMap::new(),
+            closed_orders: HashMap::new(),
+            lease_refresh_ms: 0,
+        };
+        let renter = PeerId::random();
+        st.reservations.insert("bravo-o-1".into(), reservation(renter));
+        st.reservations.insert("bravo-o-2".into(), reservation(renter));
+        st.release(5_000, |id, _| id == "bravo-o-1");
+        assert!(!st.reservations.contains_key("bravo-o-1"));
+        assert!(st.reservations.contains_key("bravo-o-2"));
+        assert_eq!(st.released_bids.get("bravo-o-1"), Some(&5_000));
+        assert!(!st.released_bids.contains_key("bravo-o-2"));
+    }
+
+    #[test]
+    fn an_advert_that_fits_wakes_a_waiting_order() {
+        let order = OpenOrder {
+            aijob: ObjectRef::new("j").within("ns"),
+            uid: "u".into(),
+            order: gpupool_proto::peer::v1::Order {
+                order_id: "acme-u-2".into(),
+                renter_org: "acme".into(),
+                gpus: Some(gpupool_proto::peer::v1::GpuRequirements {
+                    count: 4,
+                    models: vec!["A100".into()],
+                    ..Default::default()
+                }),
+                max_price_per_gpu_hour: "3".into(),
+                denied_orgs: vec!["corvus".into()],
+                ..Default::default()
+            },
+            max_price: "3".parse().unwrap(),
+            published_ms: 0,
+            closes_ms: 30_000,
+            repeat_after_ms: 300,
+        };
+        let peer = |org: &str, free: u32, price: &str| PeerSupply {
+            org: org.into(),
+            offers: vec![(
+                Supply {
+                    product: "NVIDIA A100-SXM4-40GB".into(),
+                    memory_mib: 40960,
+                    free,
+                    max_per_node: free,
+                },
+                price.parse().ok(),
+            )],
+        };
+        assert!(order_fits(&order, &[peer("bravo", 8, "2")]));
+        assert!(!order_fits(&order, &[peer("bravo", 2, "2")]), "too few on one node");
+        assert!(!order_fits(&order, &[peer("bravo", 8, "3.5")]), "too dear");
+        assert!(!order_fits(&order, &[peer("corvus", 8, "2")]), "denied");
+    }
+}
