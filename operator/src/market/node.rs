@@ -148,6 +148,24 @@ pub(crate) struct State {
 }
 
 impl State {
+    pub fn new(opener: Opener) -> Self {
+        Self {
+            opener,
+            scores: PeerScores::new(ScoreParams::default()),
+            peers: HashMap::new(),
+            orgs: HashMap::new(),
+            orders: HashMap::new(),
+            reservations: HashMap::new(),
+            renter_leases: HashMap::new(),
+            heard: HashMap::new(),
+            lent: 0,
+            accepting: Default::default(),
+            released_bids: HashMap::new(),
+            closed_orders: HashMap::new(),
+            lease_refresh_ms: 0,
+        }
+    }
+
     /// Drops reservations `drop` selects, remembering their bids for ten minutes.
     pub fn release(&mut self, now: u64, mut drop: impl FnMut(&str, &Reservation) -> bool) {
         let gone: Vec<String> = self
@@ -249,22 +267,8 @@ impl Market {
             chain,
             wallet,
             metrics,
-            state: Mutex::new(State {
-                // Nonces are remembered for at most 15 minutes of messages.
-                opener: Opener::new(ttl.max(15 * 60 * 1000), 1_000_000),
-                scores: PeerScores::new(ScoreParams::default()),
-                peers: HashMap::new(),
-                orgs: HashMap::new(),
-                orders: HashMap::new(),
-                reservations: HashMap::new(),
-                renter_leases: HashMap::new(),
-                heard: HashMap::new(),
-                lent: 0,
-                accepting: Default::default(),
-                released_bids: HashMap::new(),
-                closed_orders: HashMap::new(),
-                lease_refresh_ms: 0,
-            }),
+            // Nonces are remembered for at most 15 minutes of messages.
+            state: Mutex::new(State::new(Opener::new(ttl.max(15 * 60 * 1000), 1_000_000))),
             settings,
             stores: OnceLock::new(),
             wake,
@@ -830,21 +834,7 @@ mod tests {
 
     #[test]
     fn released_bids_are_remembered() {
-        let mut st = State {
-            opener: Opener::new(60_000, 16),
-            scores: PeerScores::new(ScoreParams::default()),
-            peers: HashMap::new(),
-            orgs: HashMap::new(),
-            orders: HashMap::new(),
-            reservations: HashMap::new(),
-            renter_leases: HashMap::new(),
-            heard: HashMap::new(),
-            lent: 0,
-            accepting: Default::default(),
-            released_bids: HashMap::new(),
-            closed_orders: HashMap::new(),
-            lease_refresh_ms: 0,
-        };
+        let mut st = State::new(Opener::new(60_000, 16));
         let renter = PeerId::random();
         st.reservations.insert("bravo-o-1".into(), reservation(renter));
         st.reservations.insert("bravo-o-2".into(), reservation(renter));
