@@ -108,7 +108,7 @@ pub struct Heard {
     /// Expiry of the newest applied status: messages handled concurrently may
     /// finish out of order, and an older report must not overwrite a newer one.
     pub applied_expires_ms: u64,
-    pub report: Option<(String, String, Option<i32>, String)>,
+    pub report: Option<gpupool_proto::peer::v1::LeaseStatus>,
 }
 
 /// A renter Lease that a provider's status messages update.
@@ -166,20 +166,26 @@ impl State {
         }
     }
 
-    /// Drops reservations `drop` selects, remembering their bids for ten minutes.
-    pub fn release(&mut self, now: u64, mut drop: impl FnMut(&str, &Reservation) -> bool) {
-        let gone: Vec<String> = self
-            .reservations
-            .iter()
-            .filter(|(id, r)| drop(id, r))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in gone {
-            self.reservations.remove(&id);
-            self.released_bids.insert(id, now);
+    /// Drops one bid's reservation, remembering the bid for ten minutes.
+    pub fn release_bid(&mut self, bid_id: &str, now: u64) {
+        if self.reservations.remove(bid_id).is_some() {
+            self.released_bids.insert(bid_id.to_string(), now);
         }
         if self.released_bids.len() > 10_000 {
             self.released_bids.retain(|_, t| now.saturating_sub(*t) < 600_000);
+        }
+    }
+
+    /// Drops the reservations whose bids have expired.
+    pub fn release_lapsed(&mut self, now: u64) {
+        let lapsed: Vec<String> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.until_ms <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lapsed {
+            self.release_bid(&id, now);
         }
     }
 
@@ -838,7 +844,7 @@ mod tests {
         let renter = PeerId::random();
         st.reservations.insert("bravo-o-1".into(), reservation(renter));
         st.reservations.insert("bravo-o-2".into(), reservation(renter));
-        st.release(5_000, |id, _| id == "bravo-o-1");
+        st.release_bid("bravo-o-1", 5_000);
         assert!(!st.reservations.contains_key("bravo-o-1"));
         assert!(st.reservations.contains_key("bravo-o-2"));
         assert_eq!(st.released_bids.get("bravo-o-1"), Some(&5_000));

@@ -80,7 +80,7 @@ impl Market {
         let offer = {
             let (supply, lent) = self.supply();
             let mut st = self.lock();
-            st.release(now, |_, r| r.until_ms <= now);
+            st.release_lapsed(now);
             if st.reservations.contains_key(&bid_id) {
                 return Ok(()); // the same order again (re-published): our bid stands
             }
@@ -124,7 +124,7 @@ impl Market {
             }
             Err(e) => {
                 warn!(order = %order.order_id, error = %e, "bid not delivered; releasing the reservation");
-                self.lock().release(now_ms(), |id, _| id == bid_id);
+                self.lock().release_bid(&bid_id, now_ms());
                 self.capacity_changed.notify_one();
             }
         }
@@ -141,7 +141,7 @@ impl Market {
                     // the GPUs stay promised until the offer comes.
                     res.until_ms = res.until_ms.max(now + WON_HOLD_MS);
                 } else {
-                    st.release(now, |id, _| id == r.bid_id);
+                    st.release_bid(&r.bid_id, now);
                     self.capacity_changed.notify_one();
                     debug!(bid = %r.bid_id, "bid lost; reservation released");
                 }
@@ -170,18 +170,12 @@ impl Market {
                 // Our bid, but its GPUs went elsewhere: say so, so the renter
                 // closes the lease (refund) and asks the others.
                 info!(lease = %l.lease_id, bid = %l.bid_id, "offer for a bid whose reservation lapsed; refusing");
-                let _ = self
-                    .send(
-                        sender,
-                        Body::LeaseStatus(LeaseStatus {
-                            lease_id: l.lease_id.clone(),
-                            phase: "Refused".into(),
-                            pod_state: String::new(),
-                            exit_code: None,
-                            message: format!("bid {} lapsed before the lease offer arrived", l.bid_id),
-                        }),
-                    )
-                    .await;
+                self.refuse(
+                    sender,
+                    l.lease_id.clone(),
+                    format!("bid {} lapsed before the lease offer arrived", l.bid_id),
+                )
+                .await;
                 return Ok(());
             }
             return Err((DropReason::UnknownOrder, format!("offer for unknown bid {}", l.bid_id)));
@@ -206,24 +200,28 @@ impl Market {
                 }
                 Err(Refusal::Refuse(why)) => {
                     warn!(lease = %lease_id, %why, "refusing lease offer");
-                    me.lock().release(now_ms(), |id, _| id == l.bid_id);
+                    me.lock().release_bid(&l.bid_id, now_ms());
                     me.capacity_changed.notify_one();
-                    let _ = me
-                        .send(
-                            sender,
-                            Body::LeaseStatus(LeaseStatus {
-                                lease_id,
-                                phase: "Refused".into(),
-                                pod_state: String::new(),
-                                exit_code: None,
-                                message: why,
-                            }),
-                        )
-                        .await;
+                    me.refuse(sender, lease_id, why).await;
                 }
             }
         });
         Ok(())
+    }
+
+    /// Tells the renter this provider will not run the lease; it closes it
+    /// (refund) and asks the other peers.
+    async fn refuse(&self, renter: PeerId, lease_id: String, why: String) {
+        let status = LeaseStatus {
+            lease_id,
+            phase: "Refused".into(),
+            pod_state: String::new(),
+            exit_code: None,
+            message: why,
+        };
+        if let Err(e) = self.send(renter, Body::LeaseStatus(status)).await {
+            debug!(error = %e, "refusal not delivered; the renter's offer resend brings it again");
+        }
     }
 
     async fn provider_lease_exists(&self, lease_id: &str) -> bool {

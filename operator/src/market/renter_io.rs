@@ -179,6 +179,12 @@ impl Market {
         Ok(())
     }
 
+    /// When the provider of lease `l` was last heard from, per memory.
+    fn heard_ms(&self, l: &Lease) -> Option<u64> {
+        let id = l.status.as_ref()?.lease_id.as_ref()?.to_ascii_lowercase();
+        self.lock().heard.get(&id).map(|h| h.heard_ms)
+    }
+
     async fn renter_lease(&self, lease_id: &str) -> Option<RenterLease> {
         if let Some(l) = self.lock().renter_leases.get(lease_id) {
             return Some(l.clone());
@@ -243,9 +249,6 @@ impl Market {
             ));
         }
         let now = now_ms();
-        let report = s
-            .as_ref()
-            .map(|s| (s.phase.clone(), s.pod_state.clone(), s.exit_code, s.message.clone()));
         let write_every = u64::try_from(self.settings.heartbeat_grace.as_millis() / 4)
             .unwrap_or(1000)
             .max(250);
@@ -256,16 +259,16 @@ impl Market {
             }
             let h = st.heard.entry(lease_id.clone()).or_default();
             h.heard_ms = h.heard_ms.max(now);
-            if report.is_some() && expires_at_ms < h.applied_expires_ms {
+            if s.is_some() && expires_at_ms < h.applied_expires_ms {
                 return Ok(()); // an older report that finished after a newer one
             }
-            let changed = report.is_some() && report != h.report;
+            let changed = s.is_some() && s != h.report;
             let write = changed || now.saturating_sub(h.written_ms) >= write_every;
             if write {
                 h.written_ms = now;
-                if report.is_some() {
+                if s.is_some() {
                     h.applied_expires_ms = expires_at_ms;
-                    h.report = report.clone();
+                    h.report = s.clone();
                 }
             }
             (write, changed)
@@ -926,14 +929,6 @@ impl Market {
             Ok(()) => debug!(lease = %id, provider = %l.spec.provider.org, "lease offer sent"),
             Err(e) => debug!(lease = %id, error = %e, "lease offer not delivered; resending"),
         }
-    }
-}
-
-impl Market {
-    /// When the provider of lease `l` was last heard from, per memory.
-    fn heard_ms(&self, l: &Lease) -> Option<u64> {
-        let id = l.status.as_ref()?.lease_id.as_ref()?.to_ascii_lowercase();
-        self.lock().heard.get(&id).map(|h| h.heard_ms)
     }
 }
 
