@@ -32,6 +32,8 @@ use crate::{
 
 /// The contract's marker for a closed lease.
 const CLOSED: B256 = B256::with_last_byte(1);
+/// How often a node on this machine is asked for receipts and blocks.
+const LOCAL_POLL: Duration = Duration::from_millis(20);
 /// Attempts for a write whose input state changed under it (another party acted).
 const STALE_RETRIES: usize = 4;
 
@@ -41,6 +43,12 @@ pub struct ClientOptions {
     pub rpc_timeout: Duration,
     /// How long to wait for a sent transaction's receipt.
     pub receipt_timeout: Duration,
+    /// How often to look for a receipt or a new block. `None` keeps alloy's
+    /// guess (7 s for a remote node), except that a node on this machine is
+    /// asked every 20 ms: a local dev chain (anvil) mines on arrival, and
+    /// alloy's 250 ms local default was a quarter of a second added to every
+    /// lease open and close.
+    pub poll_interval: Option<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -48,6 +56,7 @@ impl Default for ClientOptions {
         Self {
             rpc_timeout: Duration::from_secs(10),
             receipt_timeout: Duration::from_secs(60),
+            poll_interval: None,
         }
     }
 }
@@ -110,6 +119,10 @@ pub struct EscrowClient {
     wallet: Option<Address>,
     next_nonce: Mutex<Option<u64>>,
     allowance: Mutex<()>,
+    /// The escrow was seen allowed (practically) everything: opens skip the
+    /// allowance read, which every open serialised on. Cleared when a send
+    /// fails, in case someone revoked it.
+    unlimited: std::sync::atomic::AtomicBool,
     options: ClientOptions,
     observer: Option<TxObserver>,
 }
@@ -142,12 +155,19 @@ impl EscrowClient {
                 .erased(),
             None => ProviderBuilder::new().connect_reqwest(http, url).erased(),
         };
+        let client = provider.client();
+        match options.poll_interval {
+            Some(every) => client.set_poll_interval(every),
+            None if client.is_local() => client.set_poll_interval(LOCAL_POLL),
+            None => {}
+        }
         Ok(Self {
             provider,
             wallet: wallet.map(Wallet::address),
             config,
             next_nonce: Mutex::new(None),
             allowance: Mutex::new(()),
+            unlimited: std::sync::atomic::AtomicBool::new(false),
             options,
             observer: None,
         })
@@ -488,16 +508,27 @@ impl EscrowClient {
     /// Approves the escrow for everything once, so that concurrent opens from one
     /// wallet never race on a shrinking allowance.
     async fn ensure_allowance(&self, needed: u128) -> Result<(), ChainError> {
+        use std::sync::atomic::Ordering;
         let me = self.wallet.ok_or(ChainError::NoWallet("approve"))?;
+        if self.unlimited.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let _guard = self.allowance.lock().await;
-        if self.allowance(me).await? >= needed {
+        let allowed = self.allowance(me).await?;
+        if allowed >= u128::MAX / 2 {
+            self.unlimited.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        if allowed >= needed {
             return Ok(());
         }
         let tx = self
             .token()
             .approve(self.config.escrow, U256::MAX)
             .into_transaction_request();
-        self.send("approve", tx).await.map(|_| ())
+        self.send("approve", tx).await?;
+        self.unlimited.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Sends a transaction from the wallet and waits for its receipt.
@@ -524,6 +555,7 @@ impl EscrowClient {
                 Err(e) => {
                     // Whether it reached the node is unknown: ask next time.
                     *next = None;
+                    self.unlimited.store(false, std::sync::atomic::Ordering::Relaxed);
                     return Err(classify(call, e));
                 }
             }
@@ -564,6 +596,7 @@ impl EscrowClient {
         debug!(call, tx = %hash, gas = receipt.gas_used, latency_ms = record.latency.as_millis() as u64, "transaction mined");
         if !receipt.status() {
             warn!(call, tx = %hash, "transaction reverted on chain");
+            self.unlimited.store(false, std::sync::atomic::Ordering::Relaxed);
             return Err(ChainError::RevertedOnChain { call, tx: hash });
         }
         Ok(receipt)

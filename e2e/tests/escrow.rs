@@ -411,6 +411,7 @@ async fn rpc_outage_while_opening_ends_with_exactly_one_lease() {
     let options = ClientOptions {
         rpc_timeout: Duration::from_secs(2),
         receipt_timeout: Duration::from_secs(5),
+        poll_interval: None,
     };
     let renter = EscrowClient::connect(config, Some(&wallet), options).unwrap();
     // A first lease makes the allowance standing, so the next send is the open itself.

@@ -1,19 +1,19 @@
 //! The AiJob controller: dereference → validate → build → apply → update status.
 //! All decisions are made by the pure modules; this file only talks to the API.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gpupool_crds::conditions::find;
 use gpupool_crds::{
-    AIJOB_FINALIZER, AiJob, AiJobStatus, GpuNode, LABEL_AIJOB, LABEL_ORDER, Lease, PlacementMode, RunsOn,
+    AIJOB_FINALIZER, AiJob, AiJobStatus, GpuNode, LABEL_AIJOB, LABEL_LEASE, LABEL_ORDER, Lease, PlacementMode, RunsOn,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, PostParams, PropagationPolicy};
+use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -179,12 +179,14 @@ pub async fn run(
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .owns_stream(job_stream);
     if pool {
-        controller = controller
-            .owns(
-                Api::<Lease>::all(ctx.client.clone()),
-                watcher::Config::default().labels(LABEL_ORDER),
-            )
-            .reconcile_on(wake);
+        let lease_changes = watcher(
+            Api::<Lease>::all(ctx.client.clone()),
+            watcher::Config::default().labels(LABEL_ORDER),
+        )
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(crate::triggers::renter, Default::default());
+        controller = controller.owns_stream(lease_changes).reconcile_on(wake);
     }
     controller
         .watches_stream(our_pod_stream, |pod: Pod| {
@@ -251,7 +253,7 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
     // Dereference: the Job and its pods, from the caches.
     let mut job = ctx.jobs.get(&ObjectRef::new(&job_name).within(&ns));
     let placed_before = find(&old.conditions, COND_PLACED).is_some_and(|c| c.status == "True");
-    if job.is_none() && placed_before {
+    if job.is_none() && placed_before && !in_pool(Some(&old)) {
         // The cache may lag behind our own create; ask the API server itself.
         job = Api::<Job>::namespaced(ctx.client.clone(), &ns)
             .get_opt(&job_name)
@@ -303,6 +305,13 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
     let (status, events) = plan(&old, aijob.metadata.generation, &outcome, Timestamp::now());
     if status != old {
         patch_status(api, &name, &status).await?;
+        // A workload run for another organisation's lease: its renter waits on this.
+        if status.phase != old.phase
+            && aijob.labels().contains_key(LABEL_LEASE)
+            && let Some(m) = &ctx.market
+        {
+            m.workload_changed(&ns);
+        }
     }
     let reference = aijob.object_ref(&());
     for e in events {
@@ -453,19 +462,36 @@ async fn cleanup(aijob: Arc<AiJob>, ctx: &Context) -> Result<Action, Error> {
     ctx.placing.lock().await.remove(&key(&ns, &name));
     // In the pool: deleting our Lease closes it on chain as RenterCancelled
     // (its finalizer), which the provider sees and stops the workload for.
-    if let Some(lease) = aijob
-        .status
-        .as_ref()
-        .and_then(|s| s.order.as_ref())
-        .and_then(|o| o.lease.clone())
+    // The status may lag a lease just created, so the leases labelled with
+    // this job count too.
     {
         let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
-        if let Some(l) = leases.get_opt(&lease).await? {
-            if l.metadata.deletion_timestamp.is_none() {
-                leases.delete(&lease, &DeleteParams::default()).await?;
-                info!(aijob = %name, namespace = %ns, lease = %lease, "AiJob deleted: cancelling its lease");
+        let mut names = BTreeSet::new();
+        if ctx.market.is_some() {
+            let labelled = leases
+                .list(&ListParams::default().labels(&format!("{LABEL_AIJOB}={name}")))
+                .await?;
+            names.extend(labelled.items.iter().map(|l| l.name_any()));
+        }
+        names.extend(
+            aijob
+                .status
+                .as_ref()
+                .and_then(|s| s.order.as_ref())
+                .and_then(|o| o.lease.clone()),
+        );
+        let mut pending = Vec::new();
+        for lease in names {
+            if let Some(l) = leases.get_opt(&lease).await? {
+                if l.metadata.deletion_timestamp.is_none() {
+                    leases.delete(&lease, &DeleteParams::default()).await?;
+                    info!(aijob = %name, namespace = %ns, lease = %lease, "AiJob deleted: cancelling its lease");
+                }
+                pending.push(lease);
             }
-            return Err(Error::CleanupPending(format!("{ns}/{lease} (lease)")));
+        }
+        if !pending.is_empty() {
+            return Err(Error::CleanupPending(format!("{ns}/{} (lease)", pending.join(","))));
         }
     }
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);

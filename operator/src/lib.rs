@@ -17,3 +17,4 @@ pub mod settlement_plan;
 pub mod ssa;
 pub mod status;
 pub mod telemetry;
+pub mod triggers;

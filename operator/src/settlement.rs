@@ -21,7 +21,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
@@ -83,7 +83,13 @@ pub async fn run(
         failures: Mutex::new(HashMap::new()),
     });
     info!("starting the settlement worker");
-    Controller::new(leases, watcher::Config::default())
+    let (store, writer) = reflector::store();
+    let changes = watcher(leases, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(crate::triggers::settlement, Default::default());
+    Controller::for_stream(changes, store)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -278,7 +284,7 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
         .remove(&key(&lease));
     Ok(match (acted, decided.requeue) {
         // Something changed on chain: read it back at once.
-        (true, _) => Action::requeue(Duration::from_millis(200)),
+        (true, _) => Action::requeue(Duration::from_millis(20)),
         (false, Some(d)) => Action::requeue(d.min(ctx.settings.resync)),
         (false, None) => Action::await_change(),
     })

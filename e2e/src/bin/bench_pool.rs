@@ -202,11 +202,21 @@ async fn main() -> anyhow::Result<()> {
     let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
     let names: Vec<String> = (0..args.burst).map(|i| format!("burst-{i}")).collect();
     let start = Instant::now();
-    for n in &names {
-        book.lock().await.entry(n.clone()).or_default().applied = Some(Instant::now());
-        api.create(&PostParams::default(), &serde_json::from_value(job(n))?)
-            .await?;
-    }
+    // Applied at once, as a pipeline would: sixteen requests in flight.
+    let created: Vec<anyhow::Result<()>> = futures::stream::iter(names.iter().cloned())
+        .map(|n| {
+            let (api, book) = (api.clone(), book.clone());
+            async move {
+                book.lock().await.entry(n.clone()).or_default().applied = Some(Instant::now());
+                api.create(&PostParams::default(), &serde_json::from_value(job(&n))?)
+                    .await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    created.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     let done = wait_all(&book, &names, Duration::from_secs(180)).await;
     let secs = start.elapsed().as_secs_f64();
     figures.push(Figure::new(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use gpupool_chain::{Address, EscrowClient};
 use gpupool_crds::price::TokenAmount;
-use gpupool_crds::{AiJob, GpuNode, PeerCapacity, PoolPeer, PoolPeerSpec, PoolPeerStatus};
+use gpupool_crds::{AiJob, GpuNode, PeerCapacity, PoolOrder, PoolPeer, PoolPeerSpec, PoolPeerStatus};
 use gpupool_proto::peer::v1::envelope::Body;
 use gpupool_proto::peer::v1::{CapacityAdvert, GpuOffer, IdentityRecord};
 use k8s_openapi::api::core::v1::Pod;
@@ -104,6 +104,9 @@ pub struct Reservation {
 #[derive(Clone, Debug, Default)]
 pub struct Heard {
     pub heard_ms: u64,
+    /// When the lease offer was first sent: the grace window starts there,
+    /// not at the on-chain confirmation, which a busy renter may act on late.
+    pub offered_ms: u64,
     pub written_ms: u64,
     /// Expiry of the newest applied status: messages handled concurrently may
     /// finish out of order, and an older report must not overwrite a newer one.
@@ -142,6 +145,15 @@ pub(crate) struct State {
     /// Orders that stopped taking bids, and when: late bids for them are not
     /// held against the bidder.
     pub closed_orders: HashMap<String, u64>,
+    /// AiJob uid → the order this process last decided for it, and when. The
+    /// controller hands reconciles the cached AiJob, whose status can lag our
+    /// own last write by more than a requeue under load; an order read back
+    /// from a stale status forgot its lease and was published again, which
+    /// opened a second live lease for one job.
+    pub job_orders: HashMap<String, (PoolOrder, u64)>,
+    /// Lease namespace → (renter, on-chain lease id) for the workloads this
+    /// provider runs, so a change in one is reported at once, not at the next beat.
+    pub workloads: HashMap<String, (PeerId, String)>,
     /// Last time the renter leases were re-listed for an unknown lease id;
     /// bounds the API calls a stream of bogus status messages can cause.
     pub lease_refresh_ms: u64,
@@ -162,6 +174,8 @@ impl State {
             accepting: Default::default(),
             released_bids: HashMap::new(),
             closed_orders: HashMap::new(),
+            workloads: HashMap::new(),
+            job_orders: HashMap::new(),
             lease_refresh_ms: 0,
         }
     }
@@ -187,6 +201,30 @@ impl State {
         for id in lapsed {
             self.release_bid(&id, now);
         }
+    }
+
+    /// The further along of the order in a (maybe stale) status and the one
+    /// this process last decided: attempts only grow, and within one attempt
+    /// a lease is only ever added.
+    pub fn latest_order(&self, uid: &str, from_status: PoolOrder) -> PoolOrder {
+        let progress = |o: &PoolOrder| (o.attempt, o.lease.is_some());
+        match self.job_orders.get(uid) {
+            Some((mem, _)) if progress(mem) > progress(&from_status) => mem.clone(),
+            _ => from_status,
+        }
+    }
+
+    /// Remembers the order decided for job `uid`; forgets it once the job is over.
+    pub fn remember_order(&mut self, uid: &str, order: &PoolOrder, over: bool, now: u64) {
+        if over {
+            self.job_orders.remove(uid);
+            return;
+        }
+        if self.job_orders.len() > 50_000 {
+            // A cache lags seconds, not an hour.
+            self.job_orders.retain(|_, (_, t)| now.saturating_sub(*t) < 3_600_000);
+        }
+        self.job_orders.insert(uid.to_string(), (order.clone(), now));
     }
 
     /// Stops taking bids for the orders `drop` selects, remembering them for ten minutes.
@@ -224,6 +262,9 @@ pub struct Market {
     pub(crate) wake: mpsc::Sender<ObjectRef<AiJob>>,
     /// Pokes the advert loop when free capacity here may have changed.
     pub(crate) capacity_changed: tokio::sync::Notify,
+    /// When this process started: a provider cannot be blamed for beats
+    /// sent while we were down, so no grace window starts earlier.
+    pub(crate) started_ms: u64,
 }
 
 pub fn now_ms() -> u64 {
@@ -279,6 +320,7 @@ impl Market {
             stores: OnceLock::new(),
             wake,
             capacity_changed: tokio::sync::Notify::new(),
+            started_ms: now_ms(),
         })
     }
 
@@ -836,6 +878,33 @@ mod tests {
             price: "2".parse().unwrap(),
             until_ms: 10_000,
         }
+    }
+
+    fn order(attempt: i32, lease: Option<&str>) -> PoolOrder {
+        PoolOrder {
+            id: format!("acme-u-{attempt}"),
+            attempt,
+            lease: lease.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_stale_status_never_rolls_an_order_back() {
+        let mut st = State::new(Opener::new(60_000, 16));
+        // Nothing remembered (a fresh process): the status is the truth.
+        assert_eq!(st.latest_order("u", order(2, None)), order(2, None));
+        st.remember_order("u", &order(1, Some("j-1")), false, 1_000);
+        // The cache still shows the order before the award: memory wins.
+        assert_eq!(st.latest_order("u", order(1, None)), order(1, Some("j-1")));
+        assert_eq!(st.latest_order("u", PoolOrder::default()), order(1, Some("j-1")));
+        // The status caught up, then moved on (another process, a re-auction).
+        assert_eq!(st.latest_order("u", order(1, Some("j-1"))), order(1, Some("j-1")));
+        assert_eq!(st.latest_order("u", order(2, None)), order(2, None));
+        // Other jobs are not affected, and a finished job is forgotten.
+        assert_eq!(st.latest_order("v", order(1, None)), order(1, None));
+        st.remember_order("u", &order(1, Some("j-1")), true, 2_000);
+        assert!(st.job_orders.is_empty());
     }
 
     #[test]

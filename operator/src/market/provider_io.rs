@@ -401,10 +401,25 @@ impl Market {
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(k(e)),
         }
+        self.lock().workloads.insert(ns.clone(), (renter, l.lease_id.clone()));
         self.metrics.pool_lease("provider_accepted");
         info!(lease = %l.lease_id, renter = %renter_org, namespace = %ns, "lease verified on chain; workload created");
         self.report(renter, &l.lease_id, &ns).await;
         Ok(())
+    }
+
+    /// The workload in lease namespace `ns` changed phase: tell its renter now
+    /// rather than at the next heartbeat, which was up to a beat added to the
+    /// renter's apply → Running time.
+    pub fn workload_changed(self: &Arc<Self>, ns: &str) {
+        let Some((renter, lease_id)) = self.lock().workloads.get(ns).cloned() else {
+            return;
+        };
+        let me = self.clone();
+        let ns = ns.to_string();
+        tokio::spawn(async move {
+            me.report(renter, &lease_id, &ns).await;
+        });
     }
 
     /// Sends the workload's state to the renter; returns whether it is finished.
@@ -466,6 +481,7 @@ impl Market {
                 let ns = lease_namespace(&lease_id);
                 let state = lease.status.as_ref().and_then(|s| s.state);
                 if state == Some(LeaseState::Closed) {
+                    self.lock().workloads.remove(&ns);
                     // The chain says it is over: stop the work and give the GPUs back.
                     let ns_api: Api<Namespace> = Api::all(self.client.clone());
                     if let Ok(Some(n)) = ns_api.get_opt(&ns).await
@@ -488,6 +504,7 @@ impl Market {
                 else {
                     continue;
                 };
+                self.lock().workloads.insert(ns.clone(), (renter, lease_id.clone()));
                 let phase = self.report(renter, &lease_id, &ns).await;
                 if phase.is_some_and(AiJobPhase::is_terminal) {
                     // The renter closes finished leases; if it does not (it is

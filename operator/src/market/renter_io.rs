@@ -182,7 +182,7 @@ impl Market {
     /// When the provider of lease `l` was last heard from, per memory.
     fn heard_ms(&self, l: &Lease) -> Option<u64> {
         let id = l.status.as_ref()?.lease_id.as_ref()?.to_ascii_lowercase();
-        self.lock().heard.get(&id).map(|h| h.heard_ms)
+        self.lock().heard.get(&id).map(|h| h.heard_ms.max(h.offered_ms))
     }
 
     async fn renter_lease(&self, lease_id: &str) -> Option<RenterLease> {
@@ -249,13 +249,16 @@ impl Market {
             ));
         }
         let now = now_ms();
-        let write_every = u64::try_from(self.settings.heartbeat_grace.as_millis() / 4)
+        // The beat itself lives in memory; the Lease keeps one for people and
+        // for after a restart, which also starts its own grace window.
+        let write_every = u64::try_from(self.settings.heartbeat_grace.as_millis() / 2)
             .unwrap_or(1000)
             .max(250);
         let (write, changed) = {
             let mut st = self.lock();
             if st.heard.len() > 10_000 {
-                st.heard.retain(|_, h| now.saturating_sub(h.heard_ms) < 600_000);
+                st.heard
+                    .retain(|_, h| now.saturating_sub(h.heard_ms.max(h.offered_ms)) < 600_000);
             }
             let h = st.heard.entry(lease_id.clone()).or_default();
             h.heard_ms = h.heard_ms.max(now);
@@ -324,16 +327,42 @@ impl Market {
 
     /// One step of the pool placement of `aijob`.
     pub async fn reconcile_remote(&self, aijob: &AiJob, need: &Need) -> Result<RemoteOutcome, MarketError> {
+        let out = self.step_remote(aijob, need).await?;
+        let over = out.requeue.is_none();
+        let uid = aijob.metadata.uid.clone().unwrap_or_default();
+        self.lock().remember_order(&uid, &out.order, over, now_ms());
+        Ok(out)
+    }
+
+    /// A lease of this job that is not closed, other than `current`: a job
+    /// never gets a new order while one is live, whatever its status says.
+    async fn other_live_lease(&self, ns: &str, aijob: &str, current: Option<&str>) -> Result<Option<Lease>, MarketError> {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), ns);
+        let leases = api
+            .list(&ListParams::default().labels(&format!("{LABEL_AIJOB}={aijob}")))
+            .await?;
+        Ok(leases
+            .items
+            .into_iter()
+            .filter(|l| l.spec.side == LeaseSide::Renter && Some(l.name_any().as_str()) != current)
+            .find(|l| lease_state(l) != Some(LeaseState::Closed)))
+    }
+
+    async fn step_remote(&self, aijob: &AiJob, need: &Need) -> Result<RemoteOutcome, MarketError> {
         let ns = aijob.namespace().unwrap_or_default();
         let name = aijob.name_any();
         let status = aijob.status.clone().unwrap_or_default();
-        let mut order = status.order.clone().unwrap_or_default();
+        let uid = aijob.metadata.uid.clone().unwrap_or_default();
+        let mut order = self
+            .lock()
+            .latest_order(&uid, status.order.clone().unwrap_or_default());
         let now = now_ms();
 
         // Dereference: the job's open bids (a late bid for an earlier attempt
         // is as good as one for this attempt while it lasts) and its lease.
         let bids_api: Api<Bid> = Api::namespaced(self.client.clone(), &ns);
-        let bids: Vec<Bid> = if order.id.is_empty() {
+        // Once a lease is chosen the bids no longer matter (the award marked them).
+        let bids: Vec<Bid> = if order.id.is_empty() || order.lease.is_some() {
             vec![]
         } else {
             bids_api
@@ -392,7 +421,13 @@ impl Market {
                 close_requested: l.spec.close_reason,
                 closed_as: st.close_reason.clone(),
                 workload: st.workload.clone(),
-                last_heard_ms: st.last_heartbeat.as_ref().map(time_ms).or(active_since).max(heard_of),
+                last_heard_ms: st
+                    .last_heartbeat
+                    .as_ref()
+                    .map(time_ms)
+                    .or(active_since)
+                    .max(heard_of)
+                    .map(|t| t.max(self.started_ms)),
             }
         });
         if let (Some(l), Some(id)) = (&lease, lease.as_ref().and_then(|l| l.status.as_ref()?.lease_id.clone()))
@@ -436,7 +471,7 @@ impl Market {
             });
         let view = View {
             now_ms: now,
-            order: (!order.id.is_empty()).then(|| (order.attempt, order.closes_at.as_ref().map(time_ms).unwrap_or(0))),
+            order: (!order.id.is_empty()).then(|| (order.attempt, self.closes_ms(&order))),
             selection: aijob.spec.bidding.selection,
             accepted_bid: aijob.spec.bidding.accepted_bid.as_deref(),
             bids: &candidates,
@@ -461,6 +496,26 @@ impl Market {
             requeue: Some(Duration::from_secs(1)),
             events: vec![],
         };
+        if matches!(step, Step::Publish { .. } | Step::Reauction { .. })
+            && let Some(live) = self.other_live_lease(&ns, &name, order.lease.as_deref()).await?
+        {
+            // Written by an earlier decision whose status never landed.
+            let lease_name = live.name_any();
+            let attempt = lease_name
+                .rsplit_once('-')
+                .and_then(|(_, a)| a.parse::<i32>().ok())
+                .unwrap_or(order.attempt);
+            warn!(aijob = %name, lease = %lease_name, "the job's status missed a live lease; carrying on with it");
+            order.attempt = order.attempt.max(attempt);
+            order.lease = Some(lease_name.clone());
+            out.order = order;
+            out.lease = Some(lease_name.clone());
+            out.phase = AiJobPhase::Leased;
+            out.reason = "LeaseOpening";
+            out.message = format!("carrying on with lease {lease_name}, which is still live");
+            out.requeue = Some(Duration::from_millis(200));
+            return Ok(out);
+        }
         match step {
             Step::Publish { attempt, after_no_bids } => {
                 let why = after_no_bids.then(|| explain_no_bids(&wanted, &self.pool_supply(None)));
@@ -484,12 +539,8 @@ impl Market {
                     .await;
                 out.order = order.clone();
                 out.lease = None;
-                let secs = order
-                    .closes_at
-                    .as_ref()
-                    .map(|t| time_ms(t).saturating_sub(now))
-                    .unwrap_or(0) as f64
-                    / 1000.0;
+                let closes = self.closes_ms(&order);
+                let secs = closes.saturating_sub(now) as f64 / 1000.0;
                 match why {
                     Some((reason, msg)) => {
                         out.reason = reason;
@@ -504,9 +555,7 @@ impl Market {
                         out.events.push((false, "OrderPublished", out.message.clone()));
                     }
                 }
-                out.requeue = Some(Duration::from_millis(
-                    time_ms_or(&order.closes_at, now).saturating_sub(now).max(100),
-                ));
+                out.requeue = Some(Duration::from_millis(closes.saturating_sub(now).max(20)));
             }
             Step::WaitBids { until_ms } => {
                 self.ensure_registered(aijob, need, &order, window, max_price);
@@ -516,7 +565,7 @@ impl Market {
                     candidates.len(),
                     until_ms.saturating_sub(now) as f64 / 1000.0
                 );
-                out.requeue = Some(Duration::from_millis(until_ms.saturating_sub(now).max(50)));
+                out.requeue = Some(Duration::from_millis(until_ms.saturating_sub(now).max(20)));
             }
             Step::WaitChoice { open_bids } => {
                 self.ensure_registered(aijob, need, &order, window, max_price);
@@ -683,11 +732,22 @@ impl Market {
                 );
                 out.events.push((true, "Reauctioned", out.message.clone()));
                 out.requeue = Some(Duration::from_millis(
-                    time_ms_or(&order.closes_at, now).saturating_sub(now).max(100),
+                    self.closes_ms(&order).saturating_sub(now).max(20),
                 ));
             }
         }
         Ok(out)
+    }
+
+    /// When `order`'s bid window closes. The status keeps whole seconds
+    /// (metav1.Time), rounded up; the order published by this process knows
+    /// the millisecond, and waiting for the next whole second added half a
+    /// second to the average placement.
+    fn closes_ms(&self, order: &PoolOrder) -> u64 {
+        if let Some(o) = self.lock().orders.get(&order.id) {
+            return o.closes_ms;
+        }
+        order.closes_at.as_ref().map(time_ms).unwrap_or(0)
     }
 
     /// After a restart, the order in the AiJob's status takes bids again.
@@ -850,10 +910,10 @@ impl Market {
             },
         );
         lease.metadata.namespace = Some(ns.clone());
-        lease.metadata.labels = Some(BTreeMap::from([(
-            LABEL_ORDER.to_string(),
-            winner.spec.order_id.clone(),
-        )]));
+        lease.metadata.labels = Some(BTreeMap::from([
+            (LABEL_ORDER.to_string(), winner.spec.order_id.clone()),
+            (LABEL_AIJOB.to_string(), aijob.name_any()),
+        ]));
         lease.metadata.owner_references = owner(aijob).map(|o| vec![o]);
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
         match api.create(&PostParams::default(), &lease).await {
@@ -925,15 +985,18 @@ impl Market {
             workload,
             max_duration_seconds: std::time::Duration::from(aijob.spec.max_duration).as_secs().max(1),
         });
+        {
+            let mut st = self.lock();
+            let h = st.heard.entry(id.to_ascii_lowercase()).or_default();
+            if h.offered_ms == 0 {
+                h.offered_ms = now_ms();
+            }
+        }
         match self.send(peer, msg).await {
             Ok(()) => debug!(lease = %id, provider = %l.spec.provider.org, "lease offer sent"),
             Err(e) => debug!(lease = %id, error = %e, "lease offer not delivered; resending"),
         }
     }
-}
-
-fn time_ms_or(t: &Option<Time>, default: u64) -> u64 {
-    t.as_ref().map(time_ms).unwrap_or(default)
 }
 
 fn runs_on(l: &Lease) -> RunsOn {
