@@ -535,6 +535,28 @@ impl EscrowClient {
     pub async fn send(&self, call: &'static str, mut tx: TransactionRequest) -> Result<TransactionReceipt, ChainError> {
         let from = self.wallet.ok_or(ChainError::NoWallet(call))?;
         tx.set_from(from);
+        // Gas, fees and chain id are filled here, before the nonce lock, so
+        // concurrent sends overlap these round trips; under the lock only the
+        // nonce is set and the signed transaction handed over. Filled inside
+        // it, four round trips per send made opens one at a time.
+        if tx.gas.is_none() {
+            let gas = self
+                .provider
+                .estimate_gas(tx.clone())
+                .await
+                .map_err(|e| classify(call, e))?;
+            tx.set_gas_limit(gas);
+        }
+        if tx.gas_price.is_none() && tx.max_fee_per_gas.is_none() {
+            let fees = self
+                .provider
+                .estimate_eip1559_fees()
+                .await
+                .map_err(|e| rpc("eth_feeHistory", e))?;
+            tx.set_max_fee_per_gas(fees.max_fee_per_gas);
+            tx.set_max_priority_fee_per_gas(fees.max_priority_fee_per_gas);
+        }
+        tx.set_chain_id(self.config.chain_id);
         let pending = {
             let mut next = self.next_nonce.lock().await;
             let nonce = match *next {
