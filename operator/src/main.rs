@@ -157,7 +157,8 @@ impl ChainArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn,libp2p_gossipsub=error"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn,libp2p_gossipsub=error"));
     if args.log_json {
         tracing_subscriber::fmt().json().with_env_filter(filter).init();
     } else {

@@ -35,6 +35,11 @@ pub struct View<'a> {
     /// (and at least a base window ago): ask again instead of sitting out a
     /// backoff window that capacity has made pointless.
     pub fresh_capacity: bool,
+    /// From when Auto selection may take the bids in hand: a base window
+    /// after the order went out. A window stretched by backoff is there to
+    /// wait for capacity, not for more bids; sitting on a bid until it ended
+    /// kept jobs waiting seconds after GPUs came free.
+    pub choose_from_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,7 +163,11 @@ pub fn decide(v: &View<'_>) -> Step {
                         after_no_bids: false,
                     };
                 }
-                return Step::WaitBids { until_ms: closes_at };
+                let choose_from = v.choose_from_ms.min(closes_at);
+                if usable.is_empty() || v.now_ms < choose_from {
+                    let until_ms = if usable.is_empty() { closes_at } else { choose_from };
+                    return Step::WaitBids { until_ms };
+                }
             }
             match pick(v.bids, v.now_ms, v.excluded_orgs) {
                 Some(b) => Step::Award { bid: b.name.clone() },
@@ -209,7 +218,27 @@ mod tests {
             lease,
             heartbeat_grace_ms: 3_000,
             fresh_capacity: false,
+            choose_from_ms: u64::MAX,
         }
+    }
+
+    #[test]
+    fn a_backoff_window_does_not_sit_on_a_bid() {
+        // Attempt 4: published at 1,000 with a base window of 300 ms, stretched to 5,000.
+        let bids = [bid("b1", "globex", "2")];
+        let mut v = view(&bids, None);
+        v.order = Some((4, 5_000));
+        v.choose_from_ms = 1_300;
+        v.now_ms = 1_100;
+        assert_eq!(decide(&v), Step::WaitBids { until_ms: 1_300 });
+        v.now_ms = 1_400;
+        assert_eq!(decide(&v), Step::Award { bid: "b1".into() });
+        // No bid yet: the stretched window still holds.
+        let mut v = view(&[], None);
+        v.order = Some((4, 5_000));
+        v.choose_from_ms = 1_300;
+        v.now_ms = 1_400;
+        assert_eq!(decide(&v), Step::WaitBids { until_ms: 5_000 });
     }
 
     #[test]

@@ -336,7 +336,12 @@ impl Market {
 
     /// A lease of this job that is not closed, other than `current`: a job
     /// never gets a new order while one is live, whatever its status says.
-    async fn other_live_lease(&self, ns: &str, aijob: &str, current: Option<&str>) -> Result<Option<Lease>, MarketError> {
+    async fn other_live_lease(
+        &self,
+        ns: &str,
+        aijob: &str,
+        current: Option<&str>,
+    ) -> Result<Option<Lease>, MarketError> {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), ns);
         let leases = api
             .list(&ListParams::default().labels(&format!("{LABEL_AIJOB}={aijob}")))
@@ -353,9 +358,7 @@ impl Market {
         let name = aijob.name_any();
         let status = aijob.status.clone().unwrap_or_default();
         let uid = aijob.metadata.uid.clone().unwrap_or_default();
-        let mut order = self
-            .lock()
-            .latest_order(&uid, status.order.clone().unwrap_or_default());
+        let mut order = self.lock().latest_order(&uid, status.order.clone().unwrap_or_default());
         let now = now_ms();
 
         // Dereference: the job's open bids (a late bid for an earlier attempt
@@ -479,6 +482,7 @@ impl Market {
             lease: lease_view.as_ref(),
             heartbeat_grace_ms: u64::try_from(self.settings.heartbeat_grace.as_millis()).unwrap_or(10_000),
             fresh_capacity,
+            choose_from_ms: published.map_or(u64::MAX, |(published, _)| published.saturating_add(window)),
         };
         let step = decide(&view);
         debug!(aijob = %name, ?step, "pool step");
