@@ -61,6 +61,41 @@ struct Context {
     metrics: Arc<Metrics>,
     /// Consecutive chain failures per lease, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// When each lease's status was last written: figures that only tick
+    /// with the chain's clock are written at most every FIGURES_EVERY.
+    written: Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// How stale the ticking figures (accrued, remaining, confirmations) of an
+/// open lease may get. Written on every read they were one status write per
+/// lease per resync, on both sides, which under a burst of leases was most of
+/// the API server's work.
+const FIGURES_EVERY: Duration = Duration::from_secs(15);
+
+/// Whether two statuses differ only in figures that move with the chain's clock.
+fn ticking_only(before: &LeaseStatus, after: &LeaseStatus) -> bool {
+    let strip = |s: &LeaseStatus| LeaseStatus {
+        paid: None,
+        remaining: None,
+        confirmations: None,
+        ..s.clone()
+    };
+    before.state == after.state && strip(before) == strip(after)
+}
+
+impl Context {
+    fn figures_fresh(&self, lease: &Lease) -> bool {
+        let w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        w.get(&key(lease)).is_some_and(|t| t.elapsed() < FIGURES_EVERY)
+    }
+
+    fn figures_written(&self, lease: &Lease) {
+        let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        if w.len() > 100_000 {
+            w.retain(|_, t| t.elapsed() < FIGURES_EVERY);
+        }
+        w.insert(key(lease), std::time::Instant::now());
+    }
 }
 
 pub async fn run(
@@ -81,6 +116,7 @@ pub async fn run(
         settings,
         metrics,
         failures: Mutex::new(HashMap::new()),
+        written: Mutex::new(HashMap::new()),
     });
     info!("starting the settlement worker");
     let (store, writer) = reflector::store();
@@ -275,8 +311,9 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
     };
 
     announce_transitions(&lease, ctx, &before, &status).await;
-    if status != before {
+    if status != before && !(ticking_only(&before, &status) && ctx.figures_fresh(&lease)) {
         patch_status(api, &name, &status).await?;
+        ctx.figures_written(&lease);
     }
     ctx.failures
         .lock()

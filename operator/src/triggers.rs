@@ -27,7 +27,7 @@ pub fn settlement(l: &Lease) -> Option<u64> {
 }
 
 /// What the renter's placement decides on: state, close, the workload's
-/// report and the money, but not the heartbeat time or accrual figures (the
+/// report and the refund, but not the heartbeat time or accrual figures (the
 /// renter keeps heartbeats in memory and requeues itself for the grace window).
 pub fn renter(l: &Lease) -> Option<u64> {
     let s = l.status.clone().unwrap_or_default();
@@ -45,7 +45,6 @@ pub fn renter(l: &Lease) -> Option<u64> {
         s.state.map(|x| format!("{x:?}")),
         s.close_reason,
         s.lease_id,
-        s.paid,
         s.refunded,
         workload,
         confirmed,
@@ -81,6 +80,7 @@ mod tests {
         let st = b.status.as_mut().unwrap();
         st.last_heartbeat = Some(Time(Timestamp::from_second(1_800_000_000).unwrap()));
         st.remaining = Some("1.5".into());
+        st.paid = Some("0.5".into());
         st.confirmations = Some(7);
         assert_eq!(renter(&a), renter(&b));
         assert_eq!(settlement(&a), settlement(&b));
