@@ -224,7 +224,7 @@ async fn leases_settle_on_chain_from_both_sides() {
         .unwrap()
         .message
         .clone();
-    assert!(msg.contains("tokens left"), "{msg}");
+    assert!(msg.contains("runs out at") && msg.contains("top up"), "{msg}");
     assert!(
         events_for(&acme_client, &rns, "job-a")
             .await

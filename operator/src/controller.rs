@@ -142,12 +142,25 @@ pub async fn run(
         controller: FIELD_MANAGER.into(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    let (market, wake) = match market {
+    let (market, wake, renter_leases) = match market {
         Some((m, w)) => {
             m.attach_stores(gpunodes.clone(), live_pods.clone());
-            (Some(m), Some(w))
+            // The renter's Leases, for the market's every step; its own watch,
+            // so the cache fills before the controller's first reconcile.
+            let (leases, leases_writer) = reflector::store();
+            let lease_cache = watcher(
+                Api::<Lease>::all(client.clone()),
+                watcher::Config::default().labels(LABEL_ORDER),
+            )
+            .default_backoff()
+            .modify(|l: &mut Lease| l.meta_mut().managed_fields = None)
+            .reflect(leases_writer)
+            .for_each(|_| futures::future::ready(()));
+            tokio::spawn(lease_cache);
+            m.attach_lease_cache(leases.clone());
+            (Some(m), Some(w), Some(leases))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let ctx = Arc::new(Context {
         market,
@@ -166,6 +179,10 @@ pub async fn run(
     info!("waiting for the pod and GpuNode caches");
     live_pods.wait_until_ready().await?;
     gpunodes.wait_until_ready().await?;
+    if let Some(leases) = &renter_leases {
+        // The exactly-once guard reads it: an empty cache would hide a live lease.
+        leases.wait_until_ready().await?;
+    }
     info!("caches ready; starting the AiJob controller");
 
     let wake = futures::stream::unfold(wake, |w| async move {
@@ -187,6 +204,9 @@ pub async fn run(
         .touched_objects()
         .predicate_filter(crate::triggers::renter, Default::default());
         controller = controller.owns_stream(lease_changes).reconcile_on(wake);
+    }
+    if let Some(m) = &ctx.market {
+        m.attach_aijob_cache(controller.store());
     }
     controller
         .watches_stream(our_pod_stream, |pod: Pod| {
@@ -310,7 +330,7 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
             && aijob.labels().contains_key(LABEL_LEASE)
             && let Some(m) = &ctx.market
         {
-            m.workload_changed(&ns);
+            m.workload_changed(&ns, status.clone());
         }
     }
     let reference = aijob.object_ref(&());

@@ -80,12 +80,12 @@ fn tokens(v: u128) -> String {
     TokenAmount(v).to_string()
 }
 
-fn human(d: u64) -> String {
-    match d {
-        0..=119 => format!("{d}s"),
-        120..=7199 => format!("{}m", d / 60),
-        _ => format!("{}h", d / 3600),
-    }
+/// A chain time (unix seconds) as people read it.
+fn when(unix: u64) -> String {
+    i64::try_from(unix)
+        .ok()
+        .and_then(|s| k8s_openapi::jiff::Timestamp::from_second(s).ok())
+        .map_or_else(|| format!("unix time {unix}"), |t| t.to_string())
 }
 
 pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
@@ -140,12 +140,18 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
             } else {
                 LeaseState::Active
             });
+            // Condition messages stay put while nothing but the chain's clock
+            // moves: a message that counted blocks or seconds changed on every
+            // read, and every change is a status write on both sides.
             conditions.push(if confirmed {
                 ConditionUpdate::new(
                     COND_CONFIRMED,
                     true,
                     "Confirmed",
-                    format!("{confirmations} confirmations"),
+                    format!(
+                        "opened in block {opened_block}, with the {} confirmations this operator waits for",
+                        policy.confirmations
+                    ),
                 )
             } else {
                 ConditionUpdate::new(
@@ -169,9 +175,8 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
                     true,
                     "FundsRunningOut",
                     format!(
-                        "{} tokens left, about {} at the current rate; top up with `gpupool escrow deposit`",
-                        tokens(lease.remaining_at(seen.now)),
-                        human(left)
+                        "the deposit runs out at {} at the current rate; top up with `gpupool escrow deposit`",
+                        when(seen.now.saturating_add(left))
                     ),
                 )
             } else {
@@ -179,7 +184,7 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
                     COND_FUNDS_LOW,
                     false,
                     "Funded",
-                    format!("funded for about {}", human(left)),
+                    format!("funded until {}", when(seen.now.saturating_add(left))),
                 )
             });
 
@@ -339,6 +344,18 @@ mod tests {
     }
 
     #[test]
+    fn conditions_hold_still_while_only_the_clock_moves() {
+        let p = policy(LeaseSide::Renter);
+        for balance in [10_000_000, 500_000] {
+            // Funded and running low: blocks and seconds pass, nothing else.
+            let a = plan(&p, &seen(open(balance, 100), 20, 130));
+            let b = plan(&p, &seen(open(balance, 100), 27, 161));
+            assert_eq!(a.conditions, b.conditions, "balance {balance}");
+            assert_ne!(a.figures.remaining, b.figures.remaining);
+        }
+    }
+
+    #[test]
     fn active_only_after_confirmations() {
         let p = policy(LeaseSide::Renter);
         let one = plan(&p, &seen(open(10_000_000, 100), 10, 100));
@@ -376,7 +393,9 @@ mod tests {
         let low = plan(&p, &seen(open(1_000_000, 100), 20, 700));
         assert!(cond(&low, COND_FUNDS_LOW).status);
         assert!(
-            cond(&low, COND_FUNDS_LOW).message.contains("6m"),
+            cond(&low, COND_FUNDS_LOW)
+                .message
+                .contains("runs out at 1970-01-01T00:18:20Z"),
             "{}",
             cond(&low, COND_FUNDS_LOW).message
         );

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use gpupool_chain::{Address, EscrowClient};
 use gpupool_crds::price::TokenAmount;
-use gpupool_crds::{AiJob, GpuNode, PeerCapacity, PoolOrder, PoolPeer, PoolPeerSpec, PoolPeerStatus};
+use gpupool_crds::{AiJob, GpuNode, Lease, PeerCapacity, PoolOrder, PoolPeer, PoolPeerSpec, PoolPeerStatus};
 use gpupool_proto::peer::v1::envelope::Body;
 use gpupool_proto::peer::v1::{CapacityAdvert, GpuOffer, IdentityRecord};
 use k8s_openapi::api::core::v1::Pod;
@@ -154,6 +154,15 @@ pub(crate) struct State {
     /// Lease namespace → (renter, on-chain lease id) for the workloads this
     /// provider runs, so a change in one is reported at once, not at the next beat.
     pub workloads: HashMap<String, (PeerId, String)>,
+    /// Lease ids whose namespace this provider saw gone or deleted: a closed
+    /// Lease stays as a record, and asking after its namespace on every beat
+    /// was most of a provider's API requests once leases had come and gone.
+    pub cleaned_up: std::collections::HashSet<String>,
+    /// On-chain lease id → the turn to write its renter Lease's status.
+    pub status_writes: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Lease namespace → the workload's status as the controller last wrote
+    /// it, newer than the controller's cache until the watch catches up.
+    pub workload_status: HashMap<String, gpupool_crds::AiJobStatus>,
     /// Last time the renter leases were re-listed for an unknown lease id;
     /// bounds the API calls a stream of bogus status messages can cause.
     pub lease_refresh_ms: u64,
@@ -175,6 +184,9 @@ impl State {
             released_bids: HashMap::new(),
             closed_orders: HashMap::new(),
             workloads: HashMap::new(),
+            cleaned_up: Default::default(),
+            status_writes: HashMap::new(),
+            workload_status: HashMap::new(),
             job_orders: HashMap::new(),
             lease_refresh_ms: 0,
         }
@@ -259,6 +271,13 @@ pub struct Market {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) state: Mutex<State>,
     pub(crate) stores: OnceLock<Stores>,
+    /// The renter's Leases as the AiJob controller's watch sees them. Under
+    /// a burst, reading each job's Lease from the API server on every step
+    /// was the renter's most frequent request.
+    pub(crate) lease_cache: OnceLock<Store<Lease>>,
+    /// The AiJob controller's cache, where a provider reads the workloads it
+    /// runs for its heartbeats.
+    pub(crate) aijob_cache: OnceLock<Store<AiJob>>,
     pub(crate) wake: mpsc::Sender<ObjectRef<AiJob>>,
     /// Pokes the advert loop when free capacity here may have changed.
     pub(crate) capacity_changed: tokio::sync::Notify,
@@ -318,6 +337,8 @@ impl Market {
             state: Mutex::new(State::new(Opener::new(ttl.max(15 * 60 * 1000), 1_000_000))),
             settings,
             stores: OnceLock::new(),
+            lease_cache: OnceLock::new(),
+            aijob_cache: OnceLock::new(),
             wake,
             capacity_changed: tokio::sync::Notify::new(),
             started_ms: now_ms(),
@@ -335,6 +356,17 @@ impl Market {
     /// Hands the controller's caches to the market (GPU supply for bids and adverts).
     pub fn attach_stores(&self, gpunodes: Store<GpuNode>, live_pods: Store<Pod>) {
         let _ = self.stores.set(Stores { gpunodes, live_pods });
+    }
+
+    /// Hands the market a cache of the renter's Leases, filled by a watch
+    /// that the caller runs and waits on before the first reconcile.
+    pub fn attach_lease_cache(&self, leases: Store<Lease>) {
+        let _ = self.lease_cache.set(leases);
+    }
+
+    /// Hands the market the AiJob controller's own cache.
+    pub fn attach_aijob_cache(&self, aijobs: Store<AiJob>) {
+        let _ = self.aijob_cache.set(aijobs);
     }
 
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {

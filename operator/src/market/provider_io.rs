@@ -8,8 +8,8 @@ use std::sync::Arc;
 use gpupool_chain::{Address, B256, LeaseOnChain};
 use gpupool_crds::price::TokenAmount;
 use gpupool_crds::{
-    AiJob, AiJobPhase, AiJobSpec, Bidding, CloseReason, Escrow, GpuRequirements, LABEL_LEASE, LABEL_LEASE_NAMESPACE,
-    LABEL_ORDER, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, Placement, PlacementMode,
+    AiJob, AiJobPhase, AiJobSpec, AiJobStatus, Bidding, CloseReason, Escrow, GpuRequirements, LABEL_LEASE,
+    LABEL_LEASE_NAMESPACE, LABEL_ORDER, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, Placement, PlacementMode,
 };
 use gpupool_proto::peer::v1::envelope::Body;
 use gpupool_proto::peer::v1::{Bid, BidResult, LeaseOffer, LeaseStatus, Order};
@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1::{Namespace, PodTemplateSpec};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use libp2p::PeerId;
 use tracing::{debug, info, warn};
@@ -404,29 +405,65 @@ impl Market {
         self.lock().workloads.insert(ns.clone(), (renter, l.lease_id.clone()));
         self.metrics.pool_lease("provider_accepted");
         info!(lease = %l.lease_id, renter = %renter_org, namespace = %ns, "lease verified on chain; workload created");
-        self.report(renter, &l.lease_id, &ns).await;
+        self.report(renter, &l.lease_id, &ns, None).await;
         Ok(())
     }
 
     /// The workload in lease namespace `ns` changed phase: tell its renter now
     /// rather than at the next heartbeat, which was up to a beat added to the
     /// renter's apply → Running time.
-    pub fn workload_changed(self: &Arc<Self>, ns: &str) {
-        let Some((renter, lease_id)) = self.lock().workloads.get(ns).cloned() else {
+    /// `status` is what the controller just wrote, newer than its cache.
+    pub fn workload_changed(self: &Arc<Self>, ns: &str, status: AiJobStatus) {
+        let Some((renter, lease_id)) = ({
+            let mut st = self.lock();
+            let known = st.workloads.get(ns).cloned();
+            if known.is_some() {
+                st.workload_status.insert(ns.to_string(), status.clone());
+            }
+            known
+        }) else {
             return;
         };
         let me = self.clone();
         let ns = ns.to_string();
         tokio::spawn(async move {
-            me.report(renter, &lease_id, &ns).await;
+            me.report(renter, &lease_id, &ns, Some(status)).await;
         });
     }
 
-    /// Sends the workload's state to the renter; returns whether it is finished.
-    async fn report(&self, renter: PeerId, lease_id: &str, ns: &str) -> Option<AiJobPhase> {
-        let jobs: Api<AiJob> = Api::namespaced(self.client.clone(), ns);
-        let job = jobs.get_opt(WORKLOAD).await.ok().flatten();
-        let status = job.and_then(|j| j.status).unwrap_or_default();
+    /// Sends the workload's state to the renter; returns its phase. Without
+    /// `status`, the workload is read from the controller's cache (a beat
+    /// that is one watch event behind is corrected by the next change report).
+    async fn report(
+        &self,
+        renter: PeerId,
+        lease_id: &str,
+        ns: &str,
+        status: Option<AiJobStatus>,
+    ) -> Option<AiJobPhase> {
+        let status = match status {
+            Some(s) => s,
+            None => {
+                let cached = self
+                    .aijob_cache
+                    .get()
+                    .and_then(|c| c.get(&ObjectRef::new(WORKLOAD).within(ns)));
+                let job = match cached {
+                    Some(j) => Some((*j).clone()),
+                    None => Api::<AiJob>::namespaced(self.client.clone(), ns)
+                        .get_opt(WORKLOAD)
+                        .await
+                        .ok()
+                        .flatten(),
+                };
+                let read = job.and_then(|j| j.status).unwrap_or_default();
+                // The cache may not have caught up with the last change we reported.
+                match self.lock().workload_status.get(ns) {
+                    Some(pushed) if phase_rank(pushed) > phase_rank(&read) => pushed.clone(),
+                    _ => read,
+                }
+            }
+        };
         let phase = status.phase.unwrap_or(AiJobPhase::Pending);
         let wire_phase = match phase {
             AiJobPhase::Running => "Running",
@@ -481,17 +518,21 @@ impl Market {
                 let ns = lease_namespace(&lease_id);
                 let state = lease.status.as_ref().and_then(|s| s.state);
                 if state == Some(LeaseState::Closed) {
-                    self.lock().workloads.remove(&ns);
-                    // The chain says it is over: stop the work and give the GPUs back.
-                    let ns_api: Api<Namespace> = Api::all(self.client.clone());
-                    if let Ok(Some(n)) = ns_api.get_opt(&ns).await
-                        && n.metadata.deletion_timestamp.is_none()
-                    {
-                        info!(lease = %lease_id, namespace = %ns, "lease closed on chain; deleting its namespace");
-                        let _ = ns_api.delete(&ns, &DeleteParams::default()).await;
-                        self.metrics.pool_lease("provider_cleaned_up");
-                    }
                     finished_since.remove(&lease_id);
+                    let done = {
+                        let mut st = self.lock();
+                        st.workloads.remove(&ns);
+                        st.workload_status.remove(&ns);
+                        st.cleaned_up.contains(&lease_id)
+                    };
+                    if !done && self.clean_up(&lease_id, &ns).await {
+                        let mut st = self.lock();
+                        if st.cleaned_up.len() > 100_000 {
+                            // Forgetting only costs one more look each.
+                            st.cleaned_up.clear();
+                        }
+                        st.cleaned_up.insert(lease_id);
+                    }
                     continue;
                 }
                 lent += u32::try_from(lease.spec.gpu_count).unwrap_or(0);
@@ -505,7 +546,7 @@ impl Market {
                     continue;
                 };
                 self.lock().workloads.insert(ns.clone(), (renter, lease_id.clone()));
-                let phase = self.report(renter, &lease_id, &ns).await;
+                let phase = self.report(renter, &lease_id, &ns, None).await;
                 if phase.is_some_and(AiJobPhase::is_terminal) {
                     // The renter closes finished leases; if it does not (it is
                     // gone), close it ourselves so the work done is paid.
@@ -524,6 +565,43 @@ impl Market {
             // Leases end and workloads finish between ticks; the advert loop
             // publishes only if the free GPUs actually changed.
             self.capacity_changed.notify_one();
+        }
+    }
+}
+
+fn phase_rank(s: &AiJobStatus) -> u8 {
+    match s.phase {
+        Some(AiJobPhase::Running) => 1,
+        Some(p) if p.is_terminal() => 2,
+        _ => 0,
+    }
+}
+
+impl Market {
+    /// The chain says the lease is over: stop the work and give the GPUs
+    /// back. Returns whether the namespace is gone or going.
+    async fn clean_up(&self, lease_id: &str, ns: &str) -> bool {
+        let ns_api: Api<Namespace> = Api::all(self.client.clone());
+        match ns_api.get_opt(ns).await {
+            Ok(None) => true,
+            Ok(Some(n)) if n.metadata.deletion_timestamp.is_some() => true,
+            Ok(Some(_)) => {
+                info!(lease = %lease_id, namespace = %ns, "lease closed on chain; deleting its namespace");
+                match ns_api.delete(ns, &DeleteParams::default()).await {
+                    Ok(_) => {
+                        self.metrics.pool_lease("provider_cleaned_up");
+                        true
+                    }
+                    Err(e) => {
+                        warn!(lease = %lease_id, namespace = %ns, error = %e, "could not delete the lease namespace; retrying at the next beat");
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                debug!(namespace = %ns, error = %e, "reading the lease namespace");
+                false
+            }
         }
     }
 }

@@ -70,6 +70,23 @@ pub enum Step {
     Reauction { failed_org: String, attempt: i32 },
 }
 
+/// How far a workload has got, as its provider reports it.
+fn workload_rank(phase: &str) -> u8 {
+    match phase {
+        "Running" => 1,
+        "Succeeded" | "Failed" | "Refused" => 2,
+        _ => 0,
+    }
+}
+
+/// Whether a workload report may replace the one applied before: reports
+/// only move forward. One that goes back from finished to running was read
+/// from a stale cache, or overtaken in flight, and would make a finished job
+/// look failed when its lease closes.
+pub fn moves_forward(applied: Option<&str>, reported: &str) -> bool {
+    applied.is_none_or(|a| workload_rank(reported) >= workload_rank(a))
+}
+
 fn terminal(w: &WorkloadReport) -> bool {
     matches!(w.phase.as_str(), "Succeeded" | "Failed")
 }
@@ -353,5 +370,16 @@ mod tests {
         assert_eq!(window_ms(2000, 2), 3000);
         assert_eq!(window_ms(2000, 4), 6000);
         assert_eq!(window_ms(2000, 40), 32_000);
+    }
+
+    #[test]
+    fn workload_reports_never_go_back() {
+        assert!(moves_forward(None, "Pending"));
+        assert!(moves_forward(Some("Pending"), "Running"));
+        assert!(moves_forward(Some("Running"), "Running"));
+        assert!(moves_forward(Some("Running"), "Succeeded"));
+        assert!(!moves_forward(Some("Succeeded"), "Running"));
+        assert!(!moves_forward(Some("Failed"), "Pending"));
+        assert!(!moves_forward(Some("Running"), "Pending"));
     }
 }

@@ -22,7 +22,7 @@ use libp2p::PeerId;
 use tracing::{debug, info, warn};
 
 use super::node::{MARKET_MANAGER, Market, OpenOrder, RenterLease, now_ms};
-use super::renter::{LeaseView, Step, View, decide, window_ms};
+use super::renter::{LeaseView, Step, View, decide, moves_forward, window_ms};
 use super::selection::{Candidate, Wanted, advertises_fit, explain_no_bids};
 use crate::p2p::envelope::DropReason;
 use crate::placement::Need;
@@ -189,19 +189,25 @@ impl Market {
         if let Some(l) = self.lock().renter_leases.get(lease_id) {
             return Some(l.clone());
         }
-        // After a restart: find it among the renter Leases, at most every few
-        // seconds, so bogus lease ids cannot turn into a stream of API calls.
-        {
-            let mut st = self.lock();
-            let now = now_ms();
-            if now.saturating_sub(st.lease_refresh_ms) < 3_000 {
-                return None;
+        // After a restart, or before this job's next step registered it:
+        // find it among the renter Leases. Without the watch cache, at most
+        // every few seconds, so bogus lease ids cannot become API calls.
+        let leases: Vec<Lease> = match self.lease_cache.get() {
+            Some(cache) => cache.state().iter().map(|l| (**l).clone()).collect(),
+            None => {
+                {
+                    let mut st = self.lock();
+                    let now = now_ms();
+                    if now.saturating_sub(st.lease_refresh_ms) < 3_000 {
+                        return None;
+                    }
+                    st.lease_refresh_ms = now;
+                }
+                let api: Api<Lease> = Api::all(self.client.clone());
+                api.list(&ListParams::default().labels(LABEL_ORDER)).await.ok()?.items
             }
-            st.lease_refresh_ms = now;
-        }
-        let api: Api<Lease> = Api::all(self.client.clone());
-        let list = api.list(&ListParams::default().labels(LABEL_ORDER)).await.ok()?;
-        for l in list.items {
+        };
+        for l in leases {
             if l.spec.side != LeaseSide::Renter {
                 continue;
             }
@@ -209,6 +215,9 @@ impl Market {
             let (Some(id), Some(ns)) = (id, l.namespace()) else {
                 continue;
             };
+            if !id.eq_ignore_ascii_case(lease_id) {
+                continue;
+            }
             let Some(provider) = l
                 .spec
                 .provider
@@ -227,6 +236,41 @@ impl Market {
             self.lock().renter_leases.insert(id.to_ascii_lowercase(), rl);
         }
         self.lock().renter_leases.get(lease_id).cloned()
+    }
+
+    /// The renter Lease `ns/name`, from the watch cache when it has it. The
+    /// cache can lag our own writes: a missing Lease is asked of the API
+    /// server, and a stale one only delays a step, because the watch event
+    /// that refreshes it wakes the job again.
+    async fn lease_named(&self, ns: &str, name: &str) -> Result<Option<Lease>, MarketError> {
+        if let Some(l) = self
+            .lease_cache
+            .get()
+            .and_then(|c| c.get(&ObjectRef::new(name).within(ns)))
+        {
+            return Ok(Some((*l).clone()));
+        }
+        Ok(Api::<Lease>::namespaced(self.client.clone(), ns).get_opt(name).await?)
+    }
+
+    /// The renter Leases of one AiJob: the watch cache, or the API server
+    /// before the cache exists.
+    async fn leases_of(&self, ns: &str, aijob: &str) -> Result<Vec<Lease>, MarketError> {
+        if let Some(cache) = self.lease_cache.get() {
+            return Ok(cache
+                .state_filter(|l| {
+                    l.namespace().as_deref() == Some(ns)
+                        && l.labels().get(LABEL_AIJOB).map(String::as_str) == Some(aijob)
+                })
+                .iter()
+                .map(|l| (**l).clone())
+                .collect());
+        }
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), ns);
+        Ok(api
+            .list(&ListParams::default().labels(&format!("{LABEL_AIJOB}={aijob}")))
+            .await?
+            .items)
     }
 
     pub(crate) async fn on_lease_status(
@@ -259,19 +303,24 @@ impl Market {
             if st.heard.len() > 10_000 {
                 st.heard
                     .retain(|_, h| now.saturating_sub(h.heard_ms.max(h.offered_ms)) < 600_000);
+                let live: std::collections::HashSet<String> = st.heard.keys().cloned().collect();
+                st.status_writes.retain(|k, _| live.contains(k));
             }
             let h = st.heard.entry(lease_id.clone()).or_default();
             h.heard_ms = h.heard_ms.max(now);
             if s.is_some() && expires_at_ms < h.applied_expires_ms {
                 return Ok(()); // an older report that finished after a newer one
             }
+            // A workload never goes back from finished to running: a report
+            // that says so was read from a stale cache on the provider's side.
+            let s = s.filter(|new| moves_forward(h.report.as_ref().map(|r| r.phase.as_str()), &new.phase));
             let changed = s.is_some() && s != h.report;
             let write = changed || now.saturating_sub(h.written_ms) >= write_every;
             if write {
                 h.written_ms = now;
                 if s.is_some() {
                     h.applied_expires_ms = expires_at_ms;
-                    h.report = s.clone();
+                    h.report = s;
                 }
             }
             (write, changed)
@@ -279,13 +328,20 @@ impl Market {
         if !write {
             return Ok(());
         }
+        // One write at a time per lease, each carrying the newest report in
+        // memory: concurrent writes could land out of order, and one without
+        // the report would drop it (server-side apply removes what a manager
+        // stops sending).
+        let gate = self.lock().status_writes.entry(lease_id.clone()).or_default().clone();
+        let _turn = gate.lock().await;
+        let report = self.lock().heard.get(&lease_id).and_then(|h| h.report.clone());
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &rl.namespace);
         let mut patch = serde_json::json!({
             "apiVersion": "gpupool.dev/v1alpha1",
             "kind": "Lease",
             "status": {"lastHeartbeat": Time(Timestamp::now())},
         });
-        if let Some(s) = &s {
+        if let Some(s) = &report {
             let namespace = s
                 .message
                 .split_once(':')
@@ -316,7 +372,6 @@ impl Market {
             // Try again with the next message.
             if let Some(h) = self.lock().heard.get_mut(&lease_id) {
                 h.written_ms = 0;
-                h.report = None;
             }
         }
         if changed {
@@ -342,12 +397,11 @@ impl Market {
         aijob: &str,
         current: Option<&str>,
     ) -> Result<Option<Lease>, MarketError> {
-        let api: Api<Lease> = Api::namespaced(self.client.clone(), ns);
-        let leases = api
-            .list(&ListParams::default().labels(&format!("{LABEL_AIJOB}={aijob}")))
-            .await?;
-        Ok(leases
-            .items
+        // A lease this process created and the cache has not seen yet is in
+        // the in-memory order, which the caller already consulted.
+        Ok(self
+            .leases_of(ns, aijob)
+            .await?
             .into_iter()
             .filter(|l| l.spec.side == LeaseSide::Renter && Some(l.name_any().as_str()) != current)
             .find(|l| lease_state(l) != Some(LeaseState::Closed)))
@@ -407,7 +461,7 @@ impl Market {
             .collect();
         let leases_api: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
         let lease = match &order.lease {
-            Some(l) => leases_api.get_opt(l).await?,
+            Some(l) => self.lease_named(&ns, l).await?,
             None => None,
         };
         let lease_view = lease.as_ref().map(|l| {
@@ -563,11 +617,16 @@ impl Market {
             }
             Step::WaitBids { until_ms } => {
                 self.ensure_registered(aijob, need, &order, window, max_price);
+                // No countdown in the message: every changed message is a
+                // status write, and this step runs until the window closes.
                 out.message = format!(
-                    "order {} open: {} bid(s) so far; the window closes in {:.1}s",
+                    "order {} open: {} bid(s) so far; the window closes at {}",
                     order.id,
                     candidates.len(),
-                    until_ms.saturating_sub(now) as f64 / 1000.0
+                    i64::try_from(until_ms)
+                        .ok()
+                        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
+                        .map_or_else(|| until_ms.to_string(), |t| t.to_string())
                 );
                 out.requeue = Some(Duration::from_millis(until_ms.saturating_sub(now).max(20)));
             }
@@ -600,7 +659,8 @@ impl Market {
                     winner.spec.provider_org, winner.spec.price_per_gpu_hour
                 );
                 out.events.push((false, "BidAccepted", out.message.clone()));
-                out.requeue = Some(Duration::from_millis(300));
+                // The settlement worker's status write (lease id, Active) wakes the job.
+                out.requeue = Some(Duration::from_secs(1));
             }
             Step::WaitLease => {
                 out.phase = AiJobPhase::Leased;
@@ -609,7 +669,8 @@ impl Market {
                     "waiting for lease {} to be confirmed on chain",
                     order.lease.clone().unwrap_or_default()
                 );
-                out.requeue = Some(Duration::from_millis(500));
+                // Woken by the Lease's watch event; this is only a safety net.
+                out.requeue = Some(Duration::from_secs(2));
             }
             Step::Offer => {
                 let l = lease
@@ -619,7 +680,8 @@ impl Market {
                 out.phase = AiJobPhase::Leased;
                 out.reason = "LeaseActive";
                 out.message = format!("lease active on chain; handing the workload to {}", l.spec.provider.org);
-                out.requeue = Some(self.settings.heartbeat_every.min(Duration::from_secs(1)));
+                // Resends a lost offer; the workload report wakes the job sooner.
+                out.requeue = Some(Duration::from_secs(1));
                 out.runs_on = Some(runs_on(l));
             }
             Step::Mirror => {
@@ -667,7 +729,7 @@ impl Market {
                 };
                 out.events
                     .push((reason != CloseReason::Completed, "LeaseClosing", out.message.clone()));
-                out.requeue = Some(Duration::from_millis(300));
+                out.requeue = Some(Duration::from_secs(1));
             }
             Step::WaitClose => {
                 let l = lease
@@ -678,7 +740,8 @@ impl Market {
                 out.runs_on = Some(runs_on(l));
                 out.reason = "LeaseClosing";
                 out.message = "closing the lease on chain".into();
-                out.requeue = Some(Duration::from_millis(500));
+                // The close on chain (state Closed) wakes the job.
+                out.requeue = Some(Duration::from_secs(2));
             }
             Step::Done => {
                 let l = lease
