@@ -158,6 +158,9 @@ pub(crate) struct State {
     /// Lease stays as a record, and asking after its namespace on every beat
     /// was most of a provider's API requests once leases had come and gone.
     pub cleaned_up: std::collections::HashSet<String>,
+    /// When jobs waiting out a backoff were let ask again because capacity
+    /// appeared: at most as many at a time as the adverts have room for.
+    pub room_claims: Vec<u64>,
     /// On-chain lease id → the turn to write its renter Lease's status.
     pub status_writes: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
     /// Lease namespace → the workload's status as the controller last wrote
@@ -169,6 +172,17 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Claims one of `room` orders' worth of advertised capacity for `hold_ms`;
+    /// false when earlier claims still hold all of it.
+    pub fn claim_room(&mut self, now: u64, hold_ms: u64, room: u32) -> bool {
+        self.room_claims.retain(|t| now.saturating_sub(*t) < hold_ms);
+        if self.room_claims.len() >= room as usize {
+            return false;
+        }
+        self.room_claims.push(now);
+        true
+    }
+
     pub fn new(opener: Opener) -> Self {
         Self {
             opener,
@@ -186,6 +200,7 @@ impl State {
             workloads: HashMap::new(),
             cleaned_up: Default::default(),
             status_writes: HashMap::new(),
+            room_claims: Vec::new(),
             workload_status: HashMap::new(),
             job_orders: HashMap::new(),
             lease_refresh_ms: 0,
@@ -937,6 +952,19 @@ mod tests {
         assert_eq!(st.latest_order("v", order(1, None)), order(1, None));
         st.remember_order("u", &order(1, Some("j-1")), true, 2_000);
         assert!(st.job_orders.is_empty());
+    }
+
+    #[test]
+    fn room_for_two_wakes_two_jobs() {
+        let mut st = State::new(Opener::new(60_000, 16));
+        assert!(st.claim_room(1_000, 800, 2));
+        assert!(st.claim_room(1_010, 800, 2));
+        assert!(!st.claim_room(1_020, 800, 2), "a third job waits");
+        assert!(!st.claim_room(1_020, 800, 0), "no room, no claim");
+        // The first orders' windows are over: their GPUs are won or released.
+        assert!(st.claim_room(1_805, 800, 2));
+        assert!(st.claim_room(1_900, 800, 2));
+        assert!(!st.claim_room(1_900, 800, 2));
     }
 
     #[test]

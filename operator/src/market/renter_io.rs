@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use super::node::{MARKET_MANAGER, Market, OpenOrder, RenterLease, now_ms};
 use super::renter::{LeaseView, Step, View, decide, moves_forward, window_ms};
-use super::selection::{Candidate, Wanted, advertises_fit, explain_no_bids};
+use super::selection::{Candidate, Wanted, advertised_room, advertises_fit, explain_no_bids};
 use crate::p2p::envelope::DropReason;
 use crate::placement::Need;
 use crate::settlement_plan::rate_per_second;
@@ -101,6 +101,16 @@ impl Market {
         };
         let Some(order) = order.filter(|o| now <= o.closes_ms + 60_000) else {
             if late {
+                // Its GPUs are reserved for us until the bid expires: give
+                // them back now, for the next order (ours or anyone's).
+                let msg = Body::BidResult(BidResult {
+                    order_id: b.order_id.clone(),
+                    bid_id: b.bid_id.chars().take(128).collect(),
+                    won: false,
+                });
+                if let Err(e) = self.send(sender, msg).await {
+                    debug!(error = %e, "late bid's result not delivered; its reservation lapses on its own");
+                }
                 return Err((DropReason::Late, format!("bid for closed order {}", b.order_id)));
             }
             return Err((DropReason::UnknownOrder, format!("bid for order {}", b.order_id)));
@@ -153,14 +163,16 @@ impl Market {
             "gpupool.dev/latency-ms".to_string(),
             now.saturating_sub(order.published_ms).to_string(),
         )]));
-        let api: Api<AiJob> = Api::namespaced(self.client.clone(), &ns);
-        let Ok(Some(aijob)) = api.get_opt(&order.aijob.name).await else {
-            return Ok(());
-        };
-        if aijob.metadata.uid.as_deref() != Some(order.uid.as_str()) {
-            return Ok(());
-        }
-        bid.metadata.owner_references = owner(&aijob).map(|o| vec![o]);
+        // Owned by the AiJob the order was published for, by uid: if that
+        // job is gone, the garbage collector removes the Bid.
+        bid.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: AiJob::api_version(&()).into_owned(),
+            kind: AiJob::kind(&()).into_owned(),
+            name: order.aijob.name.clone(),
+            uid: order.uid.clone(),
+            controller: Some(true),
+            block_owner_deletion: Some(false),
+        }]);
         let bids: Api<Bid> = Api::namespaced(self.client.clone(), &ns);
         match bids.create(&PostParams::default(), &bid).await {
             Ok(_) => {
@@ -524,7 +536,12 @@ impl Market {
         let fresh_capacity = lease.is_none()
             && candidates.is_empty()
             && published.is_some_and(|(published, repeat_after)| {
-                now >= repeat_after && advertises_fit(&wanted, &self.pool_supply(Some(published)))
+                now >= repeat_after && advertises_fit(&wanted, &self.pool_supply(Some(published))) && {
+                    // Only as many waiting jobs ask as the room advertised
+                    // fits; a claim lasts until that order's window is over.
+                    let room = advertised_room(&wanted, &self.pool_supply(None));
+                    self.lock().claim_room(now, window + 500, room)
+                }
             });
         let view = View {
             now_ms: now,

@@ -83,6 +83,32 @@ pub fn advertises_fit(w: &Wanted<'_>, peers: &[PeerSupply]) -> bool {
     explain_no_bids(w, peers).0 == "NoBids"
 }
 
+/// How many orders shaped like `w` the pool can answer at once, as far as
+/// the adverts say: every fitting peer reserves GPUs for every order it bids
+/// on, so orders beyond the roomiest single peer's free GPUs get no bid.
+/// Used so that room for three jobs wakes three waiting jobs, not all of
+/// them: the rest would only fail their window and back off further.
+pub fn advertised_room(w: &Wanted<'_>, peers: &[PeerSupply]) -> u32 {
+    let count = w.count.max(1);
+    peers
+        .iter()
+        .filter(|p| w.may_use(&p.org))
+        .map(|p| {
+            p.offers
+                .iter()
+                .filter(|(s, price)| {
+                    s.max_per_node >= w.count
+                        && s.memory_mib >= w.min_memory_mib
+                        && product_matches(w.models, &s.product)
+                        && price.is_none_or(|p| p <= w.max_price)
+                })
+                .map(|(s, _)| s.free / count)
+                .sum::<u32>()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// A reason (CamelCase) and a sentence a person can act on, for an order
 /// that got no usable bid.
 pub fn explain_no_bids(w: &Wanted<'_>, peers: &[PeerSupply]) -> (&'static str, String) {
@@ -221,10 +247,25 @@ mod tests {
                     excluded_orgs: &["hooli".to_string()],
                     ..w.clone()
                 },
-                &[fits]
+                &[fits.clone()]
             ),
             "an excluded org's room does not count"
         );
+        assert_eq!(
+            advertised_room(&w, &[small.clone(), dear.clone()]),
+            0,
+            "too small, too dear"
+        );
+        let roomy = PeerSupply {
+            org: "umbrella".into(),
+            offers: vec![
+                (supply("NVIDIA H100 80GB HBM3", 8), Some("1".parse().unwrap())),
+                (supply("NVIDIA H100 SXM", 16), None),
+            ],
+        };
+        // 8 + 16 free H100s at umbrella make three 8-GPU jobs; hooli's one
+        // does not add to them, since each order reserves at every peer.
+        assert_eq!(advertised_room(&w, &[roomy.clone(), fits.clone()]), 3);
         let denied = vec!["initech".to_string(), "globex".to_string()];
         let w2 = Wanted {
             denied_orgs: &denied,
