@@ -89,6 +89,11 @@ impl Context {
         w.get(&key(lease)).is_some_and(|t| t.elapsed() < FIGURES_EVERY)
     }
 
+    fn figures_stale(&self, lease: &Lease) {
+        let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        w.remove(&key(lease));
+    }
+
     fn figures_written(&self, lease: &Lease) {
         let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
         if w.len() > 100_000 {
@@ -314,6 +319,11 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
     if status != before && !(ticking_only(&before, &status) && ctx.figures_fresh(&lease)) {
         patch_status(api, &name, &status).await?;
         ctx.figures_written(&lease);
+    }
+    if acted {
+        // These figures were read before the transaction: the read-back
+        // that follows writes what it changed (paid, refunded) at once.
+        ctx.figures_stale(&lease);
     }
     ctx.failures
         .lock()
