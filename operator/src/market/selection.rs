@@ -247,7 +247,7 @@ mod tests {
                     excluded_orgs: &["hooli".to_string()],
                     ..w.clone()
                 },
-                &[fits.clone()]
+                std::slice::from_ref(&fits)
             ),
             "an excluded org's room does not count"
         );
