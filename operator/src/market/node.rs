@@ -597,16 +597,29 @@ impl Market {
             }
             p.dirty |= changed;
             let write = write_due(p, now).then(|| p.clone());
-            let wake = if changed {
-                let supply = [peer_supply(p)];
-                st.orders
-                    .values()
-                    .filter(|o| o.closes_ms > now && o.repeat_after_ms <= now && order_fits(o, &supply))
-                    .map(|o| o.aijob.clone())
-                    .collect()
-            } else {
-                vec![]
-            };
+            // Jobs waiting out a backoff that this peer could serve: on a
+            // change in its offers, and while room stands for a job that has
+            // waited ROOM_RETRY_MS. The oldest first, a few per advert: the
+            // renter lets only as many ask as the room fits.
+            let supply = [peer_supply(p)];
+            let mut waiting: Vec<(u64, ObjectRef<AiJob>)> = st
+                .orders
+                .values()
+                .filter(|o| {
+                    o.closes_ms > now
+                        && o.repeat_after_ms <= now
+                        && (changed || now.saturating_sub(o.published_ms) >= super::renter_io::ROOM_RETRY_MS)
+                        && order_fits(o, &supply)
+                })
+                .map(|o| (o.published_ms, o.aijob.clone()))
+                .collect();
+            waiting.sort_by_key(|(t, _)| *t);
+            let free: u32 = supply[0].offers.iter().map(|(s, _)| s.free).sum();
+            let wake: Vec<ObjectRef<AiJob>> = waiting
+                .into_iter()
+                .take(usize::try_from(free.saturating_mul(2)).unwrap_or(usize::MAX))
+                .map(|(_, j)| j)
+                .collect();
             (write, wake)
         };
         if let Some(p) = write {

@@ -30,6 +30,10 @@ use crate::settlement_plan::rate_per_second;
 
 type Handled = Result<(), (DropReason, String)>;
 
+/// A job waiting out a long backoff while the pool advertises room for it
+/// asks again after this long, changed adverts or not.
+pub(crate) const ROOM_RETRY_MS: u64 = 2_000;
+
 /// What the pool placement wants the AiJob status to say.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RemoteOutcome {
@@ -536,12 +540,23 @@ impl Market {
         let fresh_capacity = lease.is_none()
             && candidates.is_empty()
             && published.is_some_and(|(published, repeat_after)| {
-                now >= repeat_after && advertises_fit(&wanted, &self.pool_supply(Some(published))) && {
-                    // Only as many waiting jobs ask as the room advertised
-                    // fits; a claim lasts until that order's window is over.
-                    let room = advertised_room(&wanted, &self.pool_supply(None));
-                    self.lock().claim_room(now, window + 500, room)
-                }
+                // Room that appeared since the order went out, or room that
+                // stood while a long backoff ran (a peer that bid nothing on
+                // room it advertises only costs an order every few seconds).
+                let fits = now >= repeat_after
+                    && (advertises_fit(&wanted, &self.pool_supply(Some(published)))
+                        || (now.saturating_sub(published) >= ROOM_RETRY_MS
+                            && advertises_fit(&wanted, &self.pool_supply(None))));
+                // Only as many waiting jobs ask as the room advertised fits;
+                // a claim lasts until that order's window is over.
+                let room = if fits {
+                    advertised_room(&wanted, &self.pool_supply(None))
+                } else {
+                    0
+                };
+                let claimed = fits && self.lock().claim_room(now, window + 500, room);
+                debug!(aijob = %name, fits, room, claimed, "capacity for a waiting job");
+                claimed
             });
         let view = View {
             now_ms: now,
