@@ -163,6 +163,12 @@ async fn main() -> anyhow::Result<()> {
             to_running.push(x.duration_since(a).as_secs_f64() * 1000.0);
         }
     }
+    {
+        let mut all = to_running.clone();
+        all.sort_by(|a, b| a.total_cmp(b));
+        let tail: Vec<String> = all.iter().rev().take(5).map(|v| format!("{v:.0}")).collect();
+        eprintln!("apply → Running, slowest five (ms): {}", tail.join(", "));
+    }
     let cond = serde_json::json!({
         "jobs": args.jobs, "reached_running": done, "applied_per_second": if args.rate > 0.0 { serde_json::json!(args.rate) } else { serde_json::json!("one at a time") }, "orgs": 3,
         "job": "1 GPU (A100|L40S), PoolOnly, bid window 300ms, runs 1s", "chain": "anvil automine, 1 confirmation",

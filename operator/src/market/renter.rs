@@ -87,6 +87,22 @@ pub fn moves_forward(applied: Option<&str>, reported: &str) -> bool {
     applied.is_none_or(|a| workload_rank(reported) >= workload_rank(a))
 }
 
+/// The organisations a re-auction leaves out after `failed` failed a lease.
+/// Each failure is left out, until that would leave none of `usable` (the
+/// connected organisations the job may use): then only the latest one is,
+/// so a job that every organisation failed once (a busy pool misses beats)
+/// is not left with nobody to ask.
+pub fn exclude_after_failure(excluded: &[String], failed: &str, usable: &[String]) -> Vec<String> {
+    let mut out = excluded.to_vec();
+    if !out.iter().any(|o| o == failed) {
+        out.push(failed.to_string());
+    }
+    if !usable.is_empty() && usable.iter().all(|o| out.contains(o)) {
+        out = vec![failed.to_string()];
+    }
+    out
+}
+
 fn terminal(w: &WorkloadReport) -> bool {
     matches!(w.phase.as_str(), "Succeeded" | "Failed")
 }
@@ -381,5 +397,24 @@ mod tests {
         assert!(!moves_forward(Some("Succeeded"), "Running"));
         assert!(!moves_forward(Some("Failed"), "Pending"));
         assert!(!moves_forward(Some("Running"), "Pending"));
+    }
+
+    #[test]
+    fn failures_are_left_out_until_nobody_would_be_left() {
+        let usable = vec!["bravo".to_string(), "corvus".to_string()];
+        let once = exclude_after_failure(&[], "bravo", &usable);
+        assert_eq!(once, vec!["bravo".to_string()]);
+        // corvus failed too: asking nobody would strand the job, so only
+        // corvus, the latest to fail, sits this round out.
+        assert_eq!(
+            exclude_after_failure(&once, "corvus", &usable),
+            vec!["corvus".to_string()]
+        );
+        // A third organisation is still there to ask: both stay out.
+        let three = vec!["bravo".to_string(), "corvus".to_string(), "dyad".to_string()];
+        assert_eq!(
+            exclude_after_failure(&once, "corvus", &three),
+            vec!["bravo".to_string(), "corvus".to_string()]
+        );
     }
 }

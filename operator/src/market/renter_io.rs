@@ -22,7 +22,7 @@ use libp2p::PeerId;
 use tracing::{debug, info, warn};
 
 use super::node::{MARKET_MANAGER, Market, OpenOrder, RenterLease, now_ms};
-use super::renter::{LeaseView, Step, View, decide, moves_forward, window_ms};
+use super::renter::{LeaseView, Step, View, decide, exclude_after_failure, moves_forward, window_ms};
 use super::selection::{Candidate, Wanted, advertised_room, advertises_fit, explain_no_bids};
 use crate::p2p::envelope::DropReason;
 use crate::placement::Need;
@@ -712,8 +712,9 @@ impl Market {
                 out.phase = AiJobPhase::Leased;
                 out.reason = "LeaseActive";
                 out.message = format!("lease active on chain; handing the workload to {}", l.spec.provider.org);
-                // Resends a lost offer; the workload report wakes the job sooner.
-                out.requeue = Some(Duration::from_secs(1));
+                // Resends an offer the provider could not take yet (its view of
+                // the chain lagged) or lost; the workload report wakes the job sooner.
+                out.requeue = Some(self.settings.heartbeat_every.min(Duration::from_secs(1)));
                 out.runs_on = Some(runs_on(l));
             }
             Step::Mirror => {
@@ -806,7 +807,17 @@ impl Market {
             }
             Step::Reauction { failed_org, attempt } => {
                 if !order.excluded_orgs.contains(&failed_org) {
-                    order.excluded_orgs.push(failed_org.clone());
+                    let everyone = Wanted {
+                        excluded_orgs: &[],
+                        ..wanted.clone()
+                    };
+                    let usable: Vec<String> = self
+                        .pool_supply(None)
+                        .into_iter()
+                        .map(|p| p.org)
+                        .filter(|o| everyone.may_use(o))
+                        .collect();
+                    order.excluded_orgs = exclude_after_failure(&order.excluded_orgs, &failed_org, &usable);
                     self.record_outcome(&failed_org, false).await;
                     self.metrics.pool_lease("renter_failed_over");
                 }

@@ -70,7 +70,7 @@ impl Wanted<'_> {
         format!("{}×{models}", self.count)
     }
 
-    fn may_use(&self, org: &str) -> bool {
+    pub fn may_use(&self, org: &str) -> bool {
         !self.denied_orgs.iter().any(|o| o == org)
             && !self.excluded_orgs.iter().any(|o| o == org)
             && (self.allowed_orgs.is_empty() || self.allowed_orgs.iter().any(|o| o == org))
