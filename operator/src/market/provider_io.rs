@@ -12,7 +12,7 @@ use gpupool_crds::{
     LABEL_LEASE_NAMESPACE, LABEL_ORDER, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, Placement, PlacementMode,
 };
 use gpupool_proto::peer::v1::envelope::Body;
-use gpupool_proto::peer::v1::{Bid, BidResult, LeaseOffer, LeaseStatus, Order};
+use gpupool_proto::peer::v1::{Bid, BidResult, Heartbeat, LeaseOffer, LeaseStatus, Order};
 use k8s_openapi::api::core::v1::{Namespace, PodTemplateSpec};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -190,7 +190,23 @@ impl Market {
         let me = self.clone();
         tokio::spawn(async move {
             let lease_id = l.lease_id.clone();
-            let result = me.accept_lease(sender, &res, &l).await;
+            // Verifying on chain and creating the workload can outlast the
+            // renter's grace window on a busy cluster: beat while accepting,
+            // or the renter takes us for failed and re-auctions the job.
+            let accept = me.accept_lease(sender, &res, &l);
+            tokio::pin!(accept);
+            let mut tick = tokio::time::interval(me.settings.heartbeat_every);
+            let result = loop {
+                tokio::select! {
+                    r = &mut accept => break r,
+                    _ = tick.tick() => {
+                        let beat = Body::Heartbeat(Heartbeat { lease_id: lease_id.clone() });
+                        if let Err(e) = me.send(sender, beat).await {
+                            debug!(lease = %lease_id, error = %e, "heartbeat not delivered");
+                        }
+                    }
+                }
+            };
             me.lock().accepting.remove(&lease_id);
             match result {
                 Ok(()) => {
