@@ -483,23 +483,22 @@ impl Market {
         let lease_view = lease.as_ref().map(|l| {
             let heard_of = self.heard_ms(l);
             let st = l.status.clone().unwrap_or_default();
-            let active_since = st
-                .conditions
-                .iter()
-                .find(|c| c.type_ == crate::settlement_plan::COND_CONFIRMED && c.status == "True")
-                .map(|c| time_ms(&c.last_transition_time));
             LeaseView {
                 provider_org: l.spec.provider.org.clone(),
                 state: st.state,
                 close_requested: l.spec.close_reason,
                 closed_as: st.close_reason.clone(),
                 workload: st.workload.clone(),
+                // The grace window runs from the provider's last beat or our
+                // first offer, never from the confirmation on chain: a busy
+                // renter that saw the confirmation late blamed a provider it
+                // had not offered the lease to yet. Nothing heard and nothing
+                // offered (a fresh process) means offering first.
                 last_heard_ms: st
                     .last_heartbeat
                     .as_ref()
                     .map(time_ms)
-                    .or(active_since)
-                    .max(heard_of)
+                    .max(heard_of.filter(|t| *t > 0))
                     .map(|t| t.max(self.started_ms)),
             }
         });
