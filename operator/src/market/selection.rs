@@ -70,6 +70,11 @@ impl Wanted<'_> {
         format!("{}×{models}", self.count)
     }
 
+    /// Whether one node of this advertised supply holds the whole job.
+    fn fits_on_one_node(&self, s: &Supply) -> bool {
+        s.max_per_node >= self.count && s.memory_mib >= self.min_memory_mib && product_matches(self.models, &s.product)
+    }
+
     pub fn may_use(&self, org: &str) -> bool {
         !self.denied_orgs.iter().any(|o| o == org)
             && !self.excluded_orgs.iter().any(|o| o == org)
@@ -96,12 +101,7 @@ pub fn advertised_room(w: &Wanted<'_>, peers: &[PeerSupply]) -> u32 {
         .map(|p| {
             p.offers
                 .iter()
-                .filter(|(s, price)| {
-                    s.max_per_node >= w.count
-                        && s.memory_mib >= w.min_memory_mib
-                        && product_matches(w.models, &s.product)
-                        && price.is_none_or(|p| p <= w.max_price)
-                })
+                .filter(|(s, price)| w.fits_on_one_node(s) && price.is_none_or(|p| p <= w.max_price))
                 .map(|(s, _)| s.free / count)
                 .sum::<u32>()
         })
@@ -133,11 +133,7 @@ pub fn explain_no_bids(w: &Wanted<'_>, peers: &[PeerSupply]) -> (&'static str, S
         .flat_map(|p| {
             p.offers
                 .iter()
-                .filter(|(s, _)| {
-                    s.max_per_node >= w.count
-                        && s.memory_mib >= w.min_memory_mib
-                        && product_matches(w.models, &s.product)
-                })
+                .filter(|(s, _)| w.fits_on_one_node(s))
                 .map(move |(_, price)| (p.org.as_str(), *price))
         })
         .collect();
