@@ -142,25 +142,12 @@ pub async fn run(
         controller: FIELD_MANAGER.into(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    let (market, wake, renter_leases) = match market {
+    let (market, wake) = match market {
         Some((m, w)) => {
             m.attach_stores(gpunodes.clone(), live_pods.clone());
-            // The renter's Leases, for the market's every step; its own watch,
-            // so the cache fills before the controller's first reconcile.
-            let (leases, leases_writer) = reflector::store();
-            let lease_cache = watcher(
-                Api::<Lease>::all(client.clone()),
-                watcher::Config::default().labels(LABEL_ORDER),
-            )
-            .default_backoff()
-            .modify(|l: &mut Lease| l.meta_mut().managed_fields = None)
-            .reflect(leases_writer)
-            .for_each(|_| futures::future::ready(()));
-            tokio::spawn(lease_cache);
-            m.attach_lease_cache(leases.clone());
-            (Some(m), Some(w), Some(leases))
+            (Some(m), Some(w))
         }
-        None => (None, None, None),
+        None => (None, None),
     };
     let ctx = Arc::new(Context {
         market,
@@ -179,10 +166,6 @@ pub async fn run(
     info!("waiting for the pod and GpuNode caches");
     live_pods.wait_until_ready().await?;
     gpunodes.wait_until_ready().await?;
-    if let Some(leases) = &renter_leases {
-        // The exactly-once guard reads it: an empty cache would hide a live lease.
-        leases.wait_until_ready().await?;
-    }
     info!("caches ready; starting the AiJob controller");
 
     let wake = futures::stream::unfold(wake, |w| async move {
@@ -196,11 +179,20 @@ pub async fn run(
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .owns_stream(job_stream);
     if pool {
+        // The renter's Leases: what wakes a job, and the cache the market
+        // reads them from on every step (it asks the API server until the
+        // first list is in).
+        let (leases, lease_writer) = reflector::store();
+        if let Some(m) = &ctx.market {
+            m.attach_lease_cache(leases);
+        }
         let lease_changes = watcher(
             Api::<Lease>::all(ctx.client.clone()),
             watcher::Config::default().labels(LABEL_ORDER),
         )
         .default_backoff()
+        .modify(|l: &mut Lease| l.meta_mut().managed_fields = None)
+        .reflect(lease_writer)
         .touched_objects()
         .predicate_filter(crate::triggers::renter, Default::default());
         controller = controller.owns_stream(lease_changes).reconcile_on(wake);

@@ -373,8 +373,8 @@ impl Market {
         let _ = self.stores.set(Stores { gpunodes, live_pods });
     }
 
-    /// Hands the market a cache of the renter's Leases, filled by a watch
-    /// that the caller runs and waits on before the first reconcile.
+    /// Hands the market a cache of the renter's Leases, filled by the watch
+    /// that wakes the AiJob controller.
     pub fn attach_lease_cache(&self, leases: Store<Lease>) {
         let _ = self.lease_cache.set(leases);
     }
@@ -608,7 +608,7 @@ impl Market {
                 .filter(|o| {
                     o.closes_ms > now
                         && o.repeat_after_ms <= now
-                        && (changed || now.saturating_sub(o.published_ms) >= super::renter_io::ROOM_RETRY_MS)
+                        && (changed || now.saturating_sub(o.published_ms) >= super::renter::ROOM_RETRY_MS)
                         && order_fits(o, &supply)
                 })
                 .map(|o| (o.published_ms, o.aijob.clone()))

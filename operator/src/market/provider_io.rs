@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::bidengine::{Ask, evaluate};
 use super::node::{MARKET_MANAGER, Market, Reservation, now_ms};
+use super::renter::moves_forward;
 use crate::p2p::envelope::DropReason;
 use crate::settlement_plan::rate_per_second;
 
@@ -475,18 +476,14 @@ impl Market {
                 let read = job.and_then(|j| j.status).unwrap_or_default();
                 // The cache may not have caught up with the last change we reported.
                 match self.lock().workload_status.get(ns) {
-                    Some(pushed) if phase_rank(pushed) > phase_rank(&read) => pushed.clone(),
+                    Some(pushed) if !moves_forward(Some(wire_phase(pushed.phase)), wire_phase(read.phase)) => {
+                        pushed.clone()
+                    }
                     _ => read,
                 }
             }
         };
         let phase = status.phase.unwrap_or(AiJobPhase::Pending);
-        let wire_phase = match phase {
-            AiJobPhase::Running => "Running",
-            AiJobPhase::Succeeded => "Succeeded",
-            AiJobPhase::Failed => "Failed",
-            _ => "Pending",
-        };
         let pod_state = status
             .conditions
             .iter()
@@ -495,7 +492,7 @@ impl Market {
             .unwrap_or_default();
         let msg = Body::LeaseStatus(LeaseStatus {
             lease_id: lease_id.to_string(),
-            phase: wire_phase.into(),
+            phase: wire_phase(Some(phase)).into(),
             pod_state: pod_state.chars().take(64).collect(),
             exit_code: status.exit_code,
             message: format!("{ns}: {}", status.message.unwrap_or_default())
@@ -585,11 +582,13 @@ impl Market {
     }
 }
 
-fn phase_rank(s: &AiJobStatus) -> u8 {
-    match s.phase {
-        Some(AiJobPhase::Running) => 1,
-        Some(p) if p.is_terminal() => 2,
-        _ => 0,
+/// A workload's phase as the peer protocol names it.
+fn wire_phase(phase: Option<AiJobPhase>) -> &'static str {
+    match phase {
+        Some(AiJobPhase::Running) => "Running",
+        Some(AiJobPhase::Succeeded) => "Succeeded",
+        Some(AiJobPhase::Failed) => "Failed",
+        _ => "Pending",
     }
 }
 

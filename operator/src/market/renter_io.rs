@@ -30,9 +30,13 @@ use crate::settlement_plan::rate_per_second;
 
 type Handled = Result<(), (DropReason, String)>;
 
-/// A job waiting out a long backoff while the pool advertises room for it
-/// asks again after this long, changed adverts or not.
-pub(crate) const ROOM_RETRY_MS: u64 = 2_000;
+/// Whether a watch cache has listed everything once.
+fn cache_ready<K: kube::Resource + Clone>(c: &kube::runtime::reflector::Store<K>) -> bool
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    futures::FutureExt::now_or_never(c.wait_until_ready()).is_some_and(|r| r.is_ok())
+}
 
 /// What the pool placement wants the AiJob status to say.
 #[derive(Clone, Debug, PartialEq)]
@@ -208,8 +212,16 @@ impl Market {
         // After a restart, or before this job's next step registered it:
         // find it among the renter Leases. Without the watch cache, at most
         // every few seconds, so bogus lease ids cannot become API calls.
-        let leases: Vec<Lease> = match self.lease_cache.get() {
-            Some(cache) => cache.state().iter().map(|l| (**l).clone()).collect(),
+        let leases: Vec<Lease> = match self.lease_cache.get().filter(|c| cache_ready(c)) {
+            Some(cache) => cache
+                .find(|l| {
+                    l.status
+                        .as_ref()
+                        .and_then(|s| s.lease_id.as_deref())
+                        .is_some_and(|id| id.eq_ignore_ascii_case(lease_id))
+                })
+                .map(|l| vec![(*l).clone()])
+                .unwrap_or_default(),
             None => {
                 {
                     let mut st = self.lock();
@@ -270,9 +282,10 @@ impl Market {
     }
 
     /// The renter Leases of one AiJob: the watch cache, or the API server
-    /// before the cache exists.
+    /// until the cache has listed them all (the exactly-once guard reads
+    /// this, and an unlisted cache would hide a live lease).
     async fn leases_of(&self, ns: &str, aijob: &str) -> Result<Vec<Lease>, MarketError> {
-        if let Some(cache) = self.lease_cache.get() {
+        if let Some(cache) = self.lease_cache.get().filter(|c| cache_ready(c)) {
             return Ok(cache
                 .state_filter(|l| {
                     l.namespace().as_deref() == Some(ns)
@@ -544,7 +557,7 @@ impl Market {
                 // room it advertises only costs an order every few seconds).
                 let fits = now >= repeat_after
                     && (advertises_fit(&wanted, &self.pool_supply(Some(published)))
-                        || (now.saturating_sub(published) >= ROOM_RETRY_MS
+                        || (now.saturating_sub(published) >= super::renter::ROOM_RETRY_MS
                             && advertises_fit(&wanted, &self.pool_supply(None))));
                 // Only as many waiting jobs ask as the room advertised fits;
                 // a claim lasts until that order's window is over.
