@@ -22,13 +22,13 @@ pub use config::ChainConfig;
 pub use error::ChainError;
 pub use wallet::Wallet;
 
-/// reqwest is built without a bundled crypto provider (to avoid aws-lc's C build);
-/// rustls then needs a process default. Installs ring, as kube uses, unless the
-/// process already chose one.
+/// reqwest is built without a bundled crypto provider, so rustls needs a
+/// process default. Installs aws-lc-rs, the one provider in the build (kube
+/// and libp2p's QUIC use it too), unless the process already chose one.
 pub(crate) fn ensure_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Losing a race against another installer is fine: a provider is set either way.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     }
 }
 

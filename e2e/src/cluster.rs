@@ -67,7 +67,9 @@ pub fn free_port() -> std::io::Result<u16> {
         if given.contains(&port) {
             continue;
         }
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        // Free for both TCP and UDP: pool members listen on QUIC at the same
+        // port number.
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
             given.insert(port);
             return Ok(port);
         }

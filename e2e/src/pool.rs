@@ -71,7 +71,7 @@ impl Pool {
                 .ok_or_else(|| anyhow::anyhow!("no wallet for {}", l.org))?;
             let wallet = Wallet::from_file(key)?.address();
             let policy = org.dir.join(format!("policy-{tag}.yaml"));
-            let mut yaml = String::from("maxLentGpus: 64\nprices:\n");
+            let mut yaml = String::from("maxLentGpus: 128\nprices:\n");
             for (model, price) in &l.prices {
                 yaml.push_str(&format!("- model: {model:?}\n  pricePerGpuHour: {price:?}\n"));
             }
@@ -79,18 +79,29 @@ impl Pool {
                 yaml.push_str(&format!("deniedOrgs: {:?}\n", l.denied));
             }
             std::fs::write(&policy, yaml)?;
+            // Every member listens on TCP and QUIC; every other one dials over
+            // QUIC, so pool traffic crosses both transports.
             let bootstrap: Vec<String> = ports
                 .iter()
                 .enumerate()
                 .filter(|(j, _)| *j != i)
-                .map(|(_, p)| format!("/ip4/127.0.0.1/tcp/{p}"))
+                .map(|(_, p)| {
+                    if i % 2 == 1 {
+                        format!("/ip4/127.0.0.1/udp/{p}/quic-v1")
+                    } else {
+                        format!("/ip4/127.0.0.1/tcp/{p}")
+                    }
+                })
                 .collect();
             let mut args = vec![
                 "--pool".to_string(),
                 format!("--chain-config={}", chain_info.config.display()),
                 format!("--wallet-key-file={}", key.display()),
                 format!("--policy-file={}", policy.display()),
-                format!("--p2p-listen=/ip4/127.0.0.1/tcp/{}", ports[i]),
+                format!(
+                    "--p2p-listen=/ip4/127.0.0.1/tcp/{0},/ip4/127.0.0.1/udp/{0}/quic-v1",
+                    ports[i]
+                ),
                 format!("--bootstrap={}", bootstrap.join(",")),
             ];
             args.extend(fast_flags());

@@ -11,7 +11,7 @@ use gpupool_operator::controller::{self, Settings};
 use gpupool_operator::market::node::{Market, MarketSettings};
 use gpupool_operator::market::policy::ProviderPolicy;
 use gpupool_operator::p2p::identity;
-use gpupool_operator::p2p::swarm::{self, SwarmConfig};
+use gpupool_operator::p2p::swarm::{self, PeerLimits, SwarmConfig};
 use gpupool_operator::settlement::{self, SettlementSettings};
 use gpupool_operator::telemetry::{self, Metrics};
 use tracing_subscriber::EnvFilter;
@@ -58,9 +58,15 @@ struct PoolArgs {
         long = "p2p-listen",
         env = "GPUPOOL_P2P_LISTEN",
         value_delimiter = ',',
-        default_value = "/ip4/0.0.0.0/tcp/4001"
+        default_value = "/ip4/0.0.0.0/tcp/4001,/ip4/0.0.0.0/udp/4001/quic-v1"
     )]
     listen: Vec<libp2p::Multiaddr>,
+    /// Connections other members may hold open to this one.
+    #[arg(long = "p2p-max-incoming", env = "GPUPOOL_P2P_MAX_INCOMING", default_value_t = 512)]
+    max_incoming: u32,
+    /// Connections to any one peer.
+    #[arg(long = "p2p-max-per-peer", env = "GPUPOOL_P2P_MAX_PER_PEER", default_value_t = 4)]
+    max_per_peer: u32,
     /// Bootstrap peers (multiaddresses; /p2p/<peer id> optional).
     #[arg(long = "bootstrap", env = "GPUPOOL_BOOTSTRAP", value_delimiter = ',')]
     bootstrap: Vec<libp2p::Multiaddr>,
@@ -228,6 +234,11 @@ async fn main() -> anyhow::Result<()> {
             SwarmConfig {
                 listen: args.pool.listen.clone(),
                 bootstrap: args.pool.bootstrap.clone(),
+                limits: PeerLimits {
+                    max_incoming: args.pool.max_incoming,
+                    max_per_peer: args.pool.max_per_peer,
+                    ..PeerLimits::default()
+                },
                 ..Default::default()
             },
         )

@@ -34,6 +34,11 @@ enum Cmd {
         /// Control-plane binaries; built (or taken from the cache) when absent.
         #[arg(long, env = "GPUPOOL_TESTENV_BIN")]
         bin_dir: Option<PathBuf>,
+        /// GPUs on every simulated node instead of each fleet's own count:
+        /// the placement-rate benchmark gives the pool room for its whole
+        /// burst, so it measures the pipeline and not the queue.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+        gpus_per_node: Option<u32>,
     },
     /// Stop the clusters and remove their state.
     Down,
@@ -96,7 +101,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let root = args.root.unwrap_or_else(default_root);
     match args.cmd {
-        Cmd::Up { orgs, agent, bin_dir } => {
+        Cmd::Up {
+            orgs,
+            agent,
+            bin_dir,
+            gpus_per_node,
+        } => {
             if root.join(ENV_FILE).exists() {
                 anyhow::bail!(
                     "a test environment is already up at {}; run `make testenv-down` first",
@@ -119,7 +129,12 @@ async fn main() -> anyhow::Result<()> {
             // The RBAC the chart ships, rendered by `make manifests`: tests run the
             // operator and agents under exactly what users install.
             let rbac = std::fs::read_to_string(workspace().join("manifests/gpupool.yaml"))?;
-            let specs = org_specs(orgs);
+            let mut specs = org_specs(orgs);
+            if let Some(n) = gpus_per_node {
+                for s in &mut specs {
+                    s.fleet.gpus_per_node = n;
+                }
+            }
             let mut all_pids: Vec<Vec<u32>> = vec![Vec::new(); specs.len()];
             let started = futures::future::join_all(
                 specs

@@ -398,6 +398,23 @@ impl Market {
         self.p2p.send(peer, self.seal(body)).await
     }
 
+    /// Sends without waiting for the answer. Heartbeats and status reports go
+    /// out on a schedule, and one that waits on a connection which died
+    /// without closing (a renter killed mid-stream; a QUIC path gone silent)
+    /// fails only at the request timeout: awaited, it held back every later
+    /// beat, for every lease, past the renters' grace windows. Each send ends
+    /// by the request timeout, so at most timeout / interval of them are in
+    /// flight per lease.
+    pub(crate) fn send_detached(self: &Arc<Self>, peer: PeerId, body: Body, lease_id: &str) {
+        let me = self.clone();
+        let lease = lease_id.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = me.send(peer, body).await {
+                debug!(%lease, error = %e, "status or heartbeat not delivered");
+            }
+        });
+    }
+
     /// Counts a dropped message against its sender and bans it past the line.
     pub(crate) async fn drop_message(&self, peer: Option<PeerId>, reason: DropReason, detail: &str) {
         self.metrics.message_dropped(reason.as_str());

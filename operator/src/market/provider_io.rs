@@ -202,9 +202,7 @@ impl Market {
                     r = &mut accept => break r,
                     _ = tick.tick() => {
                         let beat = Body::Heartbeat(Heartbeat { lease_id: lease_id.clone() });
-                        if let Err(e) = me.send(sender, beat).await {
-                            debug!(lease = %lease_id, error = %e, "heartbeat not delivered");
-                        }
+                        me.send_detached(sender, beat, &lease_id);
                     }
                 }
             };
@@ -252,7 +250,7 @@ impl Market {
 
     /// Checks the lease on chain, then creates the namespace, its network
     /// policy, our Lease copy and the workload.
-    async fn accept_lease(&self, renter: PeerId, res: &Reservation, l: &LeaseOffer) -> Result<(), Refusal> {
+    async fn accept_lease(self: &Arc<Self>, renter: PeerId, res: &Reservation, l: &LeaseOffer) -> Result<(), Refusal> {
         let id = B256::from_str(&l.lease_id).map_err(|_| Refusal::Refuse("lease id".into()))?;
         let renter_wallet = self.lock().peers.get(&renter).and_then(|p| p.wallet);
         let offered_wallet =
@@ -451,8 +449,9 @@ impl Market {
     /// Sends the workload's state to the renter; returns its phase. Without
     /// `status`, the workload is read from the controller's cache (a beat
     /// that is one watch event behind is corrected by the next change report).
+    /// Returns once the report is on its way, not when the renter has it.
     async fn report(
-        &self,
+        self: &Arc<Self>,
         renter: PeerId,
         lease_id: &str,
         ns: &str,
@@ -500,9 +499,7 @@ impl Market {
                 .take(1000)
                 .collect(),
         });
-        if let Err(e) = self.send(renter, msg).await {
-            debug!(lease = %lease_id, error = %e, "status not delivered");
-        }
+        self.send_detached(renter, msg, lease_id);
         Some(phase)
     }
 

@@ -1,6 +1,7 @@
-//! The libp2p swarm: TCP + noise + yamux, identify, Kademlia, gossipsub with
-//! strict signing and application validation, and request-response for direct
-//! messages. It owns no market state: it moves bytes and reports what arrived.
+//! The libp2p swarm: TCP + noise + yamux and QUIC, identify, Kademlia,
+//! gossipsub with strict signing and application validation, request-response
+//! for direct messages, and connection limits. It owns no market state: it
+//! moves bytes and reports what arrived.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,8 +13,8 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, noise, ping, tcp, yamux};
+use libp2p::swarm::{ListenError, NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, identify, noise, ping, tcp, yamux};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -50,6 +51,32 @@ pub struct SwarmConfig {
     /// share one process (the fan-out benchmark), walks connect every member
     /// to every other, 20k sockets for 200 swarms.
     pub discovery: bool,
+    pub limits: PeerLimits,
+}
+
+/// How many connections the swarm keeps, so a flood of dials (or one peer
+/// opening connection after connection) costs sockets and handshakes only up
+/// to a bound. A pool has tens to a few hundred members, each needing one
+/// connection; the defaults leave room for that and no more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerLimits {
+    /// Established connections that others opened to us.
+    pub max_incoming: u32,
+    /// Incoming connections still in their handshake.
+    pub max_pending_incoming: u32,
+    /// Connections to one peer. Two members that dial each other at the
+    /// same moment end up with two; more is a misbehaving peer.
+    pub max_per_peer: u32,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        Self {
+            max_incoming: 512,
+            max_pending_incoming: 128,
+            max_per_peer: 4,
+        }
+    }
 }
 
 impl Default for SwarmConfig {
@@ -60,6 +87,7 @@ impl Default for SwarmConfig {
             idle_timeout: Duration::from_secs(600),
             request_timeout: Duration::from_secs(10),
             discovery: true,
+            limits: PeerLimits::default(),
         }
     }
 }
@@ -189,6 +217,9 @@ impl P2p {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    /// First, so a connection over the limits is refused before any other
+    /// behaviour sets up state for it.
+    limits: connection_limits::Behaviour,
     gossipsub: gossipsub::Behaviour,
     /// Present only with discovery: even unused, Kademlia bootstraps on its own
     /// whenever its routing table grows, and its walks dial every member.
@@ -234,7 +265,12 @@ fn behaviour(key: &Keypair, cfg: &SwarmConfig) -> Result<Behaviour, StartError> 
             .with_request_timeout(cfg.request_timeout)
             .with_max_concurrent_streams(1024),
     );
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established_incoming(Some(cfg.limits.max_incoming))
+        .with_max_pending_incoming(Some(cfg.limits.max_pending_incoming))
+        .with_max_established_per_peer(Some(cfg.limits.max_per_peer));
     Ok(Behaviour {
+        limits: connection_limits::Behaviour::new(limits),
         gossipsub,
         kad: Toggle::from(kad),
         identify,
@@ -255,6 +291,11 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
             yamux::Config::default,
         )
         .map_err(|e| StartError::Build(e.to_string()))?
+        // QUIC: one round trip to a secured, multiplexed connection instead
+        // of TCP + noise + yamux's several, and no head-of-line blocking
+        // between a bid and a heartbeat. Used where a member listens on a
+        // `/udp/<port>/quic-v1` address; TCP stays for UDP-hostile networks.
+        .with_quic()
         .with_behaviour(|_| behaviour)
         .map_err(|e| StartError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(cfg.idle_timeout))
@@ -534,7 +575,140 @@ impl Loop {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, %error, "dial failed");
             }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error: error @ ListenError::Denied { .. },
+                ..
+            } => {
+                // The connection limits: worth a line, since a pool at its
+                // limit stops admitting members.
+                info!(from = %send_back_addr, %error, "incoming connection refused");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr, error, ..
+            } => {
+                debug!(from = %send_back_addr, %error, "incoming connection failed");
+            }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real swarms on loopback: QUIC carries both kinds of message, and the
+    //! connection limits refuse what is over them.
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    async fn listening(cfg: SwarmConfig) -> (P2p, mpsc::Receiver<Inbound>, Multiaddr) {
+        let (p2p, rx) = start(Keypair::generate_ed25519(), cfg).await.unwrap();
+        let addr = p2p.info().await.listen.into_iter().next().unwrap();
+        let addr = addr.with(Protocol::P2p(p2p.local_peer_id()));
+        (p2p, rx, addr)
+    }
+
+    async fn next_direct(rx: &mut mpsc::Receiver<Inbound>) -> (PeerId, Vec<u8>) {
+        tokio::time::timeout(LIMIT, async {
+            loop {
+                if let Some(Inbound::Direct { peer, bytes }) = rx.recv().await {
+                    return (peer, bytes);
+                }
+            }
+        })
+        .await
+        .expect("a direct message within the limit")
+    }
+
+    async fn connected_to(p2p: &P2p, peer: PeerId) -> bool {
+        tokio::time::timeout(LIMIT, async {
+            while !p2p.info().await.connected.contains(&peer) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    #[tokio::test]
+    async fn quic_carries_direct_messages_and_gossip() {
+        let quic: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap();
+        let (a, mut a_in, a_addr) = listening(SwarmConfig {
+            listen: vec![quic.clone()],
+            ..Default::default()
+        })
+        .await;
+        assert!(a_addr.iter().any(|p| matches!(p, Protocol::QuicV1)), "{a_addr}");
+        let (b, _b_in, _) = listening(SwarmConfig {
+            listen: vec![quic],
+            bootstrap: vec![a_addr],
+            ..Default::default()
+        })
+        .await;
+        assert!(connected_to(&b, a.local_peer_id()).await, "b dials a over QUIC");
+
+        b.send(a.local_peer_id(), b"offer".to_vec()).await.unwrap();
+        assert_eq!(next_direct(&mut a_in).await, (b.local_peer_id(), b"offer".to_vec()));
+
+        // Gossip needs the subscriptions exchanged first: publish until one
+        // arrives, a bounded number of times.
+        let got = tokio::time::timeout(LIMIT, async {
+            loop {
+                let _ = b.publish(Topic::Orders, b"order".to_vec()).await;
+                let wait = tokio::time::sleep(Duration::from_millis(300));
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        m = a_in.recv() => if let Some(Inbound::Gossip { topic, author, bytes, .. }) = m {
+                            return (topic, author, bytes);
+                        },
+                        _ = &mut wait => break,
+                    }
+                }
+            }
+        })
+        .await
+        .expect("gossip over QUIC within the limit");
+        assert_eq!(got, (Topic::Orders, Some(b.local_peer_id()), b"order".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_refused() {
+        let tcp: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+        let (a, mut a_in, a_addr) = listening(SwarmConfig {
+            listen: vec![tcp.clone()],
+            limits: PeerLimits {
+                max_incoming: 1,
+                ..PeerLimits::default()
+            },
+            ..Default::default()
+        })
+        .await;
+        let (first, _f_in, _) = listening(SwarmConfig {
+            listen: vec![tcp.clone()],
+            bootstrap: vec![a_addr.clone()],
+            ..Default::default()
+        })
+        .await;
+        assert!(
+            connected_to(&a, first.local_peer_id()).await,
+            "the first member is admitted"
+        );
+
+        let (second, _s_in, _) = listening(SwarmConfig {
+            listen: vec![tcp],
+            request_timeout: Duration::from_secs(5),
+            ..Default::default()
+        })
+        .await;
+        second.add_peer(a.local_peer_id(), a_addr).await;
+        let refused = second.send(a.local_peer_id(), b"bid".to_vec()).await;
+        assert!(matches!(refused, Err(SendError::Failed { .. })), "{refused:?}");
+        assert!(!a.info().await.connected.contains(&second.local_peer_id()));
+
+        // The member already admitted is unaffected.
+        first.send(a.local_peer_id(), b"bid".to_vec()).await.unwrap();
+        assert_eq!(next_direct(&mut a_in).await, (first.local_peer_id(), b"bid".to_vec()));
     }
 }
