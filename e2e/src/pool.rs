@@ -51,8 +51,17 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Starts one operator per `lends` entry, all in one pool.
+    /// Starts one operator per `lends` entry, all in one pool, with the
+    /// short timings tests use (`fast_flags`).
     pub async fn start(env: &TestEnv, tag: &str, lends: &[Lends], extra: &[String]) -> anyhow::Result<Self> {
+        let mut flags = fast_flags();
+        flags.extend_from_slice(extra);
+        Self::start_with_flags(env, tag, lends, &flags).await
+    }
+
+    /// Starts the pool with exactly `flags` besides the membership ones:
+    /// the benchmarks run operators at the timings users get by default.
+    pub async fn start_with_flags(env: &TestEnv, tag: &str, lends: &[Lends], flags: &[String]) -> anyhow::Result<Self> {
         let chain_info = env
             .chain
             .as_ref()
@@ -104,8 +113,7 @@ impl Pool {
                 ),
                 format!("--bootstrap={}", bootstrap.join(",")),
             ];
-            args.extend(fast_flags());
-            args.extend_from_slice(extra);
+            args.extend_from_slice(flags);
             members.insert(
                 l.org.to_string(),
                 Member {

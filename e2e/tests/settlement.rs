@@ -200,13 +200,22 @@ async fn leases_settle_on_chain_from_both_sides() {
         .create(&PostParams::default(), &provider_lease)
         .await
         .unwrap();
+    // Not before a withdrawal period (600 s here) has passed since the open.
     jump(100).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let early = provider_leases.get("order-a").await.unwrap();
+    assert!(
+        early.status.as_ref().and_then(|s| s.last_withdrawal.as_ref()).is_none(),
+        "withdrew before a period had passed: {:?}",
+        early.status
+    );
+    jump(600).await;
     let p = wait_lease(&provider_leases, "order-a", "the provider to withdraw", |l| {
         l.status.as_ref().and_then(|s| s.last_withdrawal.as_ref()).is_some()
     })
     .await;
     let paid: f64 = p.status.as_ref().and_then(|s| s.paid.clone()).unwrap().parse().unwrap();
-    assert!(paid >= 1.0, "about 100 s at 0.01/s: {paid}");
+    assert!(paid >= 7.0, "about 700 s at 0.01/s: {paid}");
     assert!(
         events_for(&bravo_client, &pns, "order-a")
             .await
@@ -215,7 +224,7 @@ async fn leases_settle_on_chain_from_both_sides() {
     );
 
     // 3. Funds run low (50 tokens last 5,000 s; warn below 3,600 s): a condition and a Warning.
-    jump(1_500).await;
+    jump(800).await;
     let l = wait_lease(&renter_leases, "job-a", "the FundsLow warning", |l| {
         cond_is(l, "FundsLow", "True")
     })

@@ -189,9 +189,12 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
             });
 
             let may_close = |r: CloseReason| policy.side == LeaseSide::Renter || r != CloseReason::RenterCancelled;
-            let withdraw_due = seen
-                .last_withdrawal
-                .is_none_or(|t| seen.now.saturating_sub(t) >= policy.withdraw_every.as_secs());
+            // A period from the last settlement on chain (the open, or a
+            // withdrawal), not from our status: a status written late, or a
+            // lease never withdrawn yet, made every new lease withdraw a
+            // second's pay at once, a transaction each, sometimes twice.
+            let withdrawn_at = seen.last_withdrawal.map_or(lease.settled_at, |t| t.max(lease.settled_at));
+            let withdraw_due = seen.now.saturating_sub(withdrawn_at) >= policy.withdraw_every.as_secs();
             let step = match seen.close_requested {
                 Some(r) if may_close(r) && (r != CloseReason::InsufficientFunds || overdrawn) => Step::Close(r),
                 _ if overdrawn => Step::Close(CloseReason::InsufficientFunds),
@@ -223,10 +226,8 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
             if !confirmed {
                 next = Duration::from_secs(1);
             }
-            if policy.side == LeaseSide::Provider
-                && let Some(t) = seen.last_withdrawal
-            {
-                let due = (t + policy.withdraw_every.as_secs()).saturating_sub(seen.now);
+            if policy.side == LeaseSide::Provider {
+                let due = (withdrawn_at + policy.withdraw_every.as_secs()).saturating_sub(seen.now);
                 next = next.min(Duration::from_secs(due.max(1)));
             }
             if !low {
@@ -369,8 +370,11 @@ mod tests {
     #[test]
     fn provider_withdraws_on_its_period() {
         let p = policy(LeaseSide::Provider);
+        let fresh = seen(open(10_000_000, 399), 20, 400);
+        assert_eq!(plan(&p, &fresh).step, Step::Nothing, "opened a second ago");
+        assert_eq!(plan(&p, &fresh).requeue, Some(Duration::from_secs(30)));
         let mut s = seen(open(10_000_000, 100), 20, 400);
-        assert_eq!(plan(&p, &s).step, Step::Withdraw, "never withdrawn");
+        assert_eq!(plan(&p, &s).step, Step::Withdraw, "a period since the open");
         s.last_withdrawal = Some(200);
         assert_eq!(plan(&p, &s).step, Step::Nothing, "200 s since the last one");
         assert_eq!(plan(&p, &s).requeue, Some(Duration::from_secs(30)));

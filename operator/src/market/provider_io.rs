@@ -162,9 +162,10 @@ impl Market {
             let st = self.lock();
             st.reservations.get(&l.bid_id).cloned()
         };
-        let known_lease = self.provider_lease_exists(&l.lease_id).await;
         let Some(res) = reservation else {
-            if known_lease {
+            // Only now ask the API server: a renter resends its offer until
+            // we report, and each resend was a GET.
+            if self.provider_lease_exists(&l.lease_id).await {
                 return Ok(()); // a resent offer for a lease we already run
             }
             let released = self.lock().released_bids.contains_key(&l.bid_id);
@@ -206,11 +207,18 @@ impl Market {
                     }
                 }
             };
-            me.lock().accepting.remove(&lease_id);
-            match result {
-                Ok(()) => {
-                    me.lock().reservations.remove(&l.bid_id);
+            {
+                // Under one lock: between the two, a resent offer found the
+                // reservation still there and nothing accepting, and accepted
+                // the lease a second time.
+                let mut st = me.lock();
+                if result.is_ok() {
+                    st.reservations.remove(&l.bid_id);
                 }
+                st.accepting.remove(&lease_id);
+            }
+            match result {
+                Ok(()) => {}
                 Err(Refusal::Retry(why)) => {
                     debug!(lease = %lease_id, %why, "lease not usable yet; the renter will resend")
                 }
