@@ -193,7 +193,9 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
             // withdrawal), not from our status: a status written late, or a
             // lease never withdrawn yet, made every new lease withdraw a
             // second's pay at once, a transaction each, sometimes twice.
-            let withdrawn_at = seen.last_withdrawal.map_or(lease.settled_at, |t| t.max(lease.settled_at));
+            let withdrawn_at = seen
+                .last_withdrawal
+                .map_or(lease.settled_at, |t| t.max(lease.settled_at));
             let withdraw_due = seen.now.saturating_sub(withdrawn_at) >= policy.withdraw_every.as_secs();
             let step = match seen.close_requested {
                 Some(r) if may_close(r) && (r != CloseReason::InsufficientFunds || overdrawn) => Step::Close(r),
