@@ -274,22 +274,19 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
             }
             Err(e) => Err(e),
         },
+        // No event of its own: the Settled event that the state change to
+        // Closed brings says the same with the lease's whole payment, on both
+        // sides. Two per close were one more write each in a busy API server.
         Step::Close(reason) => match ctx.chain.close(id, *reason).await {
             Ok(closed) => {
-                if closed.by_us {
-                    ctx.event(
-                        &lease,
-                        EventType::Normal,
-                        "Closed",
-                        &format!(
-                            "closed on chain as {}: {} paid at close, {} refunded",
-                            reason.as_str(),
-                            TokenAmount(closed.paid),
-                            TokenAmount(closed.refunded)
-                        ),
-                    )
-                    .await;
-                }
+                debug!(
+                    lease = %id,
+                    reason = reason.as_str(),
+                    by_us = closed.by_us,
+                    paid_at_close = %TokenAmount(closed.paid),
+                    refunded = %TokenAmount(closed.refunded),
+                    "closed on chain"
+                );
                 Ok(true)
             }
             Err(e) => Err(e),
@@ -414,8 +411,11 @@ async fn chain_trouble(
 }
 
 async fn announce_transitions(lease: &Lease, ctx: &Context, before: &LeaseStatus, after: &LeaseStatus) {
+    // Pending is where every lease starts (the renter's Opened event already
+    // names the block): only the states after it are news.
     if before.state != after.state
         && let Some(state) = after.state
+        && state != LeaseState::Pending
     {
         let (kind, reason) = match state {
             LeaseState::InsufficientFunds => (EventType::Warning, "InsufficientFunds"),

@@ -343,7 +343,14 @@ impl Market {
             // A workload never goes back from finished to running: a report
             // that says so was read from a stale cache on the provider's side.
             let s = s.filter(|new| moves_forward(h.report.as_ref().map(|r| r.phase.as_str()), &new.phase));
-            let changed = s.is_some() && s != h.report;
+            // Phase, pod state and exit code are written at once; a changed
+            // message alone rides with the next timed write. Written at once,
+            // the provider's every new message was a Lease status write here.
+            let changed = s.as_ref().is_some_and(|new| {
+                h.report.as_ref().is_none_or(|old| {
+                    (&old.phase, &old.pod_state, old.exit_code) != (&new.phase, &new.pod_state, new.exit_code)
+                })
+            });
             let write = changed || now.saturating_sub(h.written_ms) >= write_every;
             if write {
                 h.written_ms = now;
