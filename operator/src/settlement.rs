@@ -94,6 +94,15 @@ impl Context {
         w.remove(&key(lease));
     }
 
+    /// The record is going: drop what was kept about it. Only a successful
+    /// apply cleared its failure count, so a lease deleted while the chain
+    /// was failing stayed in the map for the life of the process.
+    fn forget(&self, lease: &Lease) {
+        let k = key(lease);
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+        self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+    }
+
     fn figures_written(&self, lease: &Lease) {
         let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
         if w.len() > 100_000 {
@@ -474,6 +483,7 @@ fn ts(secs: u64) -> Timestamp {
 /// open lease as cancelled (refunding the rest); the provider takes what it earned.
 async fn cleanup(lease: Arc<Lease>, ctx: &Context) -> Result<Action, Error> {
     let Ok((id, _)) = resolve(&lease, &ctx.chain) else {
+        ctx.forget(&lease);
         return Ok(Action::await_change());
     };
     if let LeaseOnChain::Open { .. } = ctx.chain.lease(id).await? {
@@ -488,6 +498,7 @@ async fn cleanup(lease: Arc<Lease>, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
+    ctx.forget(&lease);
     Ok(Action::await_change())
 }
 
