@@ -6,6 +6,7 @@ use std::process::Command;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use futures::FutureExt as _;
 use gpupool_e2e::chain;
 use gpupool_e2e::cluster::{self, Binaries};
 use gpupool_e2e::env::{ChainInfo, ENV_FILE, TestEnv, default_root};
@@ -136,19 +137,28 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             let mut all_pids: Vec<Vec<u32>> = vec![Vec::new(); specs.len()];
-            let started = futures::future::join_all(
-                specs
-                    .iter()
-                    .zip(all_pids.iter_mut())
-                    .map(|(spec, pids)| cluster::start(spec, &root, &bins, &stages, &rbac, pids)),
-            )
+            // A panic while one cluster starts is caught like an error, so the
+            // processes already started are stopped: uncaught, it left an
+            // etcd and a kube-apiserver running that `testenv down` (which
+            // reads env.json, not yet written) knew nothing of.
+            let started = futures::future::join_all(specs.iter().zip(all_pids.iter_mut()).map(|(spec, pids)| {
+                std::panic::AssertUnwindSafe(cluster::start(spec, &root, &bins, &stages, &rbac, pids)).catch_unwind()
+            }))
             .await;
             let mut infos = Vec::new();
             let mut failure = None;
             for (spec, r) in specs.iter().zip(started) {
                 match r {
-                    Ok(info) => infos.push(info),
-                    Err(e) => failure = Some(format!("{}: {e:#}", spec.name)),
+                    Ok(Ok(info)) => infos.push(info),
+                    Ok(Err(e)) => failure = Some(format!("{}: {e:#}", spec.name)),
+                    Err(panic) => {
+                        let why = panic
+                            .downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("no message");
+                        failure = Some(format!("{}: panicked: {why}", spec.name));
+                    }
                 }
             }
             if let Some(f) = failure {
