@@ -134,7 +134,9 @@ async fn main() -> anyhow::Result<()> {
     // adverts every 5 s, chain re-read every 30 s), as members would: the
     // tests' sub-second timings multiply the messages and writes per lease,
     // and their 4 s grace takes a busy provider for a failed one.
-    let _pool = Pool::start_with_flags(&env, "bench", &lends, &["--concurrency=64".into()]).await?;
+    let flags = ["--concurrency=64".to_string()];
+    let operator_flags = format!("defaults, {}", flags.join(" "));
+    let _pool = Pool::start_with_flags(&env, "bench", &lends, &flags).await?;
     let acme = admin(env.org("acme").ok_or_else(|| anyhow::anyhow!("no acme"))?).await;
     // Let the members find each other.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -176,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
     let cond = serde_json::json!({
         "jobs": args.jobs, "reached_running": done, "applied_per_second": if args.rate > 0.0 { serde_json::json!(args.rate) } else { serde_json::json!("one at a time") }, "orgs": 3,
         "job": "1 GPU (A100|L40S), PoolOnly, bid window 300ms, runs 1s", "chain": "anvil automine, 1 confirmation",
-        "operator_flags": "defaults, --concurrency=64",
+        "operator_flags": operator_flags,
         "clusters": "kube-apiserver + kwok per org on loopback", "operator": "debug or release per GPUPOOL_GPUPOOL_OPERATOR_BIN",
         "targets": "p50 <= 1500 ms, p99 <= 5000 ms"
     });
@@ -261,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
         done as f64 / secs,
         "jobs/s",
         serde_json::json!({"jobs": args.burst, "reached_running": done, "not_running": not_running, "seconds_to_last_running": secs, "orgs": 3,
-            "free_gpus": fleet.join(" + "), "job_runs": "1s", "operator_flags": "defaults, --concurrency=64", "applied": "16 creates in flight",
+            "free_gpus": fleet.join(" + "), "job_runs": "1s", "operator_flags": operator_flags, "applied": "16 creates in flight",
             "target": ">= 100 jobs/s"}),
     ));
     write(&args.out, &figures)?;

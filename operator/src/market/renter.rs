@@ -213,12 +213,12 @@ pub fn decide(v: &View<'_>) -> Step {
     }
 }
 
-/// Bid window of attempt `attempt`: the configured window, plus a backoff
-/// after windows that got nothing, so an empty pool is not asked every second.
 /// A job waiting out a long backoff while the pool advertises room for it
 /// asks again after this long, changed adverts or not.
 pub const ROOM_RETRY_MS: u64 = 2_000;
 
+/// Bid window of attempt `attempt`: the configured window, plus a backoff
+/// after windows that got nothing, so an empty pool is not asked every second.
 pub fn window_ms(window_ms: u64, attempt: i32) -> u64 {
     let extra = if attempt <= 1 {
         0
