@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gpupool_crds::{AiJob, AiJobPhase, Bid, Lease, LeaseSide, LeaseState};
+use gpupool_crds::{AiJob, AiJobPhase, Bid, Lease, LeaseSide, LeaseState, PoolPeer};
 use gpupool_e2e::harness::{admin, aijob_json, namespace, testenv, wait_for};
 use gpupool_e2e::pool::{Lends, Pool, base_units};
 use k8s_openapi::api::core::v1::Namespace;
@@ -183,6 +183,20 @@ async fn a_job_that_only_fits_elsewhere_runs_there_and_is_settled() {
         "{metrics}"
     );
     finish(&acme, &ns).await;
+}
+
+/// (completed, failed) leases of `org`'s PoolPeer as `client`'s cluster records them.
+async fn reputation(client: &Client, org: &str) -> (u64, u64) {
+    let peers = Api::<PoolPeer>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    peers
+        .items
+        .into_iter()
+        .find(|p| p.spec.org == org)
+        .and_then(|p| p.status)
+        .map_or((0, 0), |s| (s.reputation.completed, s.reputation.failed))
 }
 
 /// Deletes the test's namespace while the operators still run, so nothing of
@@ -401,6 +415,8 @@ async fn a_lost_provider_is_replaced_with_one_live_lease_and_a_refund() {
     })
     .await;
     let first_ns = running.status.unwrap().runs_on.unwrap().namespace;
+    // PoolPeers outlive a test: reputations are compared with these.
+    let (bravo_before, corvus_before) = (reputation(&acme, "bravo").await, reputation(&acme, "corvus").await);
     pool.kill("bravo");
 
     // Until it finishes elsewhere, there is never more than one live lease.
@@ -432,6 +448,16 @@ async fn a_lost_provider_is_replaced_with_one_live_lease_and_a_refund() {
         Some("Completed")
     );
     check_settled(completed);
+
+    // acme's PoolPeers count the failure against bravo (which says nothing
+    // more after it died) and the completion for corvus.
+    wait_for(WAIT, "reputations recorded", || async {
+        let (bravo_now, corvus_now) = (reputation(&acme, "bravo").await, reputation(&acme, "corvus").await);
+        (bravo_now == (bravo_before.0, bravo_before.1 + 1) && corvus_now == (corvus_before.0 + 1, corvus_before.1))
+            .then_some(())
+    })
+    .await
+    .unwrap();
 
     // The old provider, back up, sees its lease closed and cleans up.
     pool.restart(&env, "bravo").unwrap();

@@ -71,17 +71,16 @@ fn lease_json(
 }
 
 async fn wait_lease(api: &Api<Lease>, name: &str, what: &str, f: impl Fn(&Lease) -> bool) -> Lease {
-    wait_for(WAIT, what, || async {
+    let waited = wait_for(WAIT, what, || async {
         let l = api.get(name).await.ok()?;
         f(&l).then_some(l)
     })
-    .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}: last seen {:#?}",
-            futures::executor::block_on(api.get(name)).ok().and_then(|l| l.status)
-        )
-    })
+    .await;
+    match waited {
+        Ok(l) => l,
+        // Read here, in the runtime: blocking on it inside one hung the test.
+        Err(e) => panic!("{e}: last seen {:#?}", api.get(name).await.ok().and_then(|l| l.status)),
+    }
 }
 
 fn state(l: &Lease) -> Option<LeaseState> {
@@ -342,6 +341,20 @@ async fn leases_settle_on_chain_from_both_sides() {
         0,
         "nothing left in escrow"
     );
+    // The records go while their operators still run: later tests share these clusters.
+    remove_namespace(&acme_client, &rns).await;
+    remove_namespace(&bravo_client, &pns).await;
+}
+
+async fn remove_namespace(client: &Client, ns: &str) {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: Api<Namespace> = Api::all(client.clone());
+    let _ = api.delete(ns, &DeleteParams::default()).await;
+    wait_for(WAIT, "test namespace gone", || async {
+        matches!(api.get_opt(ns).await, Ok(None)).then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -354,20 +367,35 @@ async fn a_lease_for_another_chain_is_refused_with_a_reason() {
     let anvil = Anvil::start(&dir).await.unwrap();
     let config = deploy_and_fund(&anvil, &[RENTER]).await.unwrap();
     let (cfg, key) = write_chain_files(&dir, &config, &anvil.keys[RENTER], "acme");
+    let client = admin(acme).await;
+    let ns = namespace(&client, "lease-bad").await;
+    let api: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let rw = anvil.wallet(RENTER).unwrap().address().to_string();
+    let pw = anvil.wallet(PROVIDER).unwrap().address().to_string();
+
+    // A record that says its lease was opened (and even paid), on a chain
+    // that has never seen it: a reset dev chain behind the same addresses.
+    // Before the operator starts, so it can only find the record that way.
+    api.create(
+        &PostParams::default(),
+        &lease_json("forgotten", "Renter", "o-0", &rw, &pw, &config, "1", None),
+    )
+    .await
+    .unwrap();
+    let recorded = serde_json::json!({"status": {"state": "Closed", "openedBlock": 7, "paid": "0.5"}});
+    api.patch_status("forgotten", &PatchParams::default(), &Patch::Merge(&recorded))
+        .await
+        .unwrap();
+
     let _op = Operator::start_with(
         acme,
         "settlement-mismatch",
         &[format!("--chain-config={cfg}"), format!("--wallet-key-file={key}")],
     );
-    let client = admin(acme).await;
-    let ns = namespace(&client, "lease-bad").await;
-    let api: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let other_chain = ChainConfig {
         chain_id: 1,
         ..config.clone()
     };
-    let rw = anvil.wallet(RENTER).unwrap().address().to_string();
-    let pw = anvil.wallet(PROVIDER).unwrap().address().to_string();
     api.create(
         &PostParams::default(),
         &lease_json("wrong-chain", "Renter", "o-1", &rw, &pw, &other_chain, "1", None),
@@ -381,6 +409,11 @@ async fn a_lease_for_another_chain_is_refused_with_a_reason() {
     let c = find(&l.status.as_ref().unwrap().conditions, "Settling").unwrap();
     assert_eq!(c.reason, "InvalidEscrow");
     assert!(c.message.contains("chain 1"), "{}", c.message);
+    let l = wait_lease(&api, "forgotten", "NotOnChain", |l| cond_is(l, "Settling", "False")).await;
+    let c = find(&l.status.as_ref().unwrap().conditions, "Settling").unwrap();
+    assert_eq!(c.reason, "NotOnChain");
+    assert!(c.message.contains("opened in block 7"), "{}", c.message);
+    assert_eq!(state(&l), Some(LeaseState::Closed), "the record keeps what it said");
     let reader = EscrowClient::connect(config.clone(), None, ClientOptions::default()).unwrap();
     assert_eq!(
         reader.token_balance(config.escrow).await.unwrap(),
@@ -396,4 +429,12 @@ async fn a_lease_for_another_chain_is_refused_with_a_reason() {
         "{err}"
     );
     assert!(err.contains("deposit must be a positive decimal"), "{err}");
+    assert!(
+        events_for(&client, &ns, "forgotten")
+            .await
+            .iter()
+            .any(|(reason, _)| reason == "NotOnChain"),
+        "a warning Event says so"
+    );
+    remove_namespace(&client, &ns).await;
 }

@@ -32,6 +32,7 @@ use crate::jobbuild::{self, MANAGED_BY, MANAGER};
 use crate::jobstatus::observe;
 use crate::placement::{Decision, Need, decide};
 use crate::status::{COND_PLACED, Outcome, plan};
+use crate::status_memo::StatusMemo;
 use crate::telemetry::Metrics;
 
 pub const FIELD_MANAGER: &str = "gpupool-operator";
@@ -89,6 +90,8 @@ pub struct Context {
     metrics: Arc<Metrics>,
     /// The pool market; None when this cluster only runs its own jobs.
     market: Option<Arc<Market>>,
+    /// Statuses written here that the cache may not show yet.
+    statuses: StatusMemo<AiJobStatus>,
 }
 
 /// Runs the controller until shutdown.
@@ -160,6 +163,7 @@ pub async fn run(
         gpunodes: gpunodes.clone(),
         placing: Mutex::new(BTreeMap::new()),
         metrics,
+        statuses: StatusMemo::default(),
     });
 
     // Placement decisions on empty caches would tell users there are no GPUs.
@@ -256,7 +260,23 @@ fn pods_of(ctx: &Context, ns: &str, name: &str) -> Vec<Arc<Pod>> {
     })
 }
 
+/// The AiJob with the newest status known: the cache's, or the one this
+/// process wrote last when the cache has not caught up with it.
+fn freshen(aijob: Arc<AiJob>, ctx: &Context) -> Arc<AiJob> {
+    let uid = aijob.metadata.uid.clone().unwrap_or_default();
+    let status = ctx
+        .statuses
+        .freshest(&uid, aijob.metadata.resource_version.as_deref(), aijob.status.clone());
+    if status == aijob.status {
+        return aijob;
+    }
+    let mut fresher = (*aijob).clone();
+    fresher.status = status;
+    Arc::new(fresher)
+}
+
 async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Action, Error> {
+    let aijob = freshen(aijob, ctx);
     let ns = aijob.namespace().ok_or(Error::NoNamespace)?;
     let name = aijob.name_any();
     let old = aijob.status.clone().unwrap_or_default();
@@ -316,7 +336,12 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
     // Update status, only when something changed: a steady job costs no writes.
     let (status, events) = plan(&old, aijob.metadata.generation, &outcome, Timestamp::now());
     if status != old {
-        patch_status(api, &name, &status).await?;
+        let written = patch_status(api, &name, &status).await?;
+        ctx.statuses.wrote(
+            aijob.metadata.uid.as_deref().unwrap_or_default(),
+            written.metadata.resource_version.as_deref(),
+            written.status.unwrap_or_default(),
+        );
         // A workload run for another organisation's lease: its renter waits on this.
         if status.phase != old.phase
             && aijob.labels().contains_key(LABEL_LEASE)
@@ -472,6 +497,7 @@ async fn cleanup(aijob: Arc<AiJob>, ctx: &Context) -> Result<Action, Error> {
     let ns = aijob.namespace().ok_or(Error::NoNamespace)?;
     let name = aijob.name_any();
     ctx.placing.lock().await.remove(&key(&ns, &name));
+    ctx.statuses.forget(aijob.metadata.uid.as_deref().unwrap_or_default());
     // In the pool: deleting our Lease closes it on chain as RenterCancelled
     // (its finalizer), which the provider sees and stops the workload for.
     // The status may lag a lease just created, so the leases labelled with
@@ -529,6 +555,6 @@ async fn cleanup(aijob: Arc<AiJob>, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
-async fn patch_status(api: &Api<AiJob>, name: &str, status: &AiJobStatus) -> Result<(), Error> {
+async fn patch_status(api: &Api<AiJob>, name: &str, status: &AiJobStatus) -> Result<AiJob, Error> {
     Ok(crate::ssa::apply_status(api, name, FIELD_MANAGER, status).await?)
 }

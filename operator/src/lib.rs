@@ -16,5 +16,6 @@ pub mod settlement;
 pub mod settlement_plan;
 pub mod ssa;
 pub mod status;
+pub mod status_memo;
 pub mod telemetry;
 pub mod triggers;

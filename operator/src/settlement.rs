@@ -265,6 +265,13 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
     write_figures(&mut status, &decided.figures);
 
     // Carry out the one step the plan asks for.
+    // A warning once when the settling condition turns False for a reason
+    // the plan found (a lease the chain does not know): a person must act.
+    if let Some(c) = decided.conditions.iter().find(|c| c.type_ == COND_SETTLED && !c.status)
+        && find(&before.conditions, COND_SETTLED).map(|b| b.reason.as_str()) != Some(c.reason.as_str())
+    {
+        ctx.event(&lease, EventType::Warning, &c.reason, &c.message).await;
+    }
     let acted = match &decided.step {
         Step::Nothing => Ok(false),
         Step::Open => open(&lease, ctx, id, counterpart).await.map(|_| true),
@@ -358,6 +365,11 @@ async fn observe(lease: &Lease, ctx: &Context, id: B256) -> Result<Observed, Cha
         now: tip.timestamp,
         last_withdrawal,
         close_requested: lease.spec.close_reason,
+        recorded_open_block: lease
+            .status
+            .as_ref()
+            .and_then(|s| s.opened_block)
+            .and_then(|b| u64::try_from(b).ok()),
     })
 }
 
@@ -523,5 +535,6 @@ async fn patch_status(api: &Api<Lease>, name: &str, status: &LeaseStatus) -> Res
     let mut status = status.clone();
     status.workload = None;
     status.last_heartbeat = None;
-    Ok(crate::ssa::apply_status(api, name, FIELD_MANAGER, &status).await?)
+    crate::ssa::apply_status(api, name, FIELD_MANAGER, &status).await?;
+    Ok(())
 }

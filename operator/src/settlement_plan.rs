@@ -35,6 +35,8 @@ pub struct Observed {
     pub last_withdrawal: Option<u64>,
     /// `spec.closeReason`.
     pub close_requested: Option<CloseReason>,
+    /// The block our status says the lease was opened in, if it says so.
+    pub recorded_open_block: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +99,29 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
         "the chain answered",
     )];
     match &seen.onchain {
+        // The record says the lease was opened, and this chain has never seen
+        // it: another chain behind the same addresses (a reset dev chain, a
+        // misconfigured RPC URL), a node that lags, or a reorganisation deeper
+        // than the confirmations. Opening it again would take a second deposit
+        // for a lease that may already be paid and closed, so nothing moves.
+        LeaseOnChain::Unknown if let Some(block) = seen.recorded_open_block => {
+            conditions.push(ConditionUpdate::new(
+                COND_SETTLED,
+                false,
+                "NotOnChain",
+                format!(
+                    "this record says the lease was opened in block {block}, but the chain does not know it \
+                     (another chain at this RPC URL, a lagging node, or a deep reorganisation); nothing is \
+                     deposited again; check the chain configuration"
+                ),
+            ));
+            Plan {
+                step: Step::Nothing,
+                figures,
+                conditions,
+                requeue: Some(Duration::from_secs(30)),
+            }
+        }
         LeaseOnChain::Unknown => {
             figures.state = Some(LeaseState::Pending);
             let (step, message) = match (policy.side, seen.close_requested) {
@@ -325,6 +350,7 @@ mod tests {
             now,
             last_withdrawal: None,
             close_requested: None,
+            recorded_open_block: None,
         }
     }
 
@@ -344,6 +370,20 @@ mod tests {
         cancelled.close_requested = Some(CloseReason::RenterCancelled);
         let c = plan(&policy(LeaseSide::Renter), &cancelled);
         assert_eq!((c.step, c.figures.state), (Step::Nothing, Some(LeaseState::Closed)));
+    }
+
+    #[test]
+    fn a_lease_the_chain_forgot_is_never_opened_twice() {
+        let mut forgotten = seen(LeaseOnChain::Unknown, 5, 100);
+        forgotten.recorded_open_block = Some(31);
+        let r = plan(&policy(LeaseSide::Renter), &forgotten);
+        assert_eq!(r.step, Step::Nothing);
+        // The figures on record stay as they are.
+        assert_eq!(r.figures, Figures::default());
+        let c = cond(&r, COND_SETTLED);
+        assert_eq!((c.status, c.reason.as_str()), (false, "NotOnChain"));
+        assert!(c.message.contains("block 31"), "{}", c.message);
+        assert!(r.requeue.is_some());
     }
 
     #[test]

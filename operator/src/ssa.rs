@@ -6,8 +6,10 @@ use kube::{Api, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Applies `status` to the object's status subresource as `manager`.
-pub async fn apply_status<K, S>(api: &Api<K>, name: &str, manager: &str, status: &S) -> Result<(), kube::Error>
+/// Applies `status` to the object's status subresource as `manager`, and
+/// returns the object as the write left it (its resource version tells a
+/// stale cache from a current one).
+pub async fn apply_status<K, S>(api: &Api<K>, name: &str, manager: &str, status: &S) -> Result<K, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
@@ -18,6 +20,5 @@ where
         "status": status,
     });
     api.patch_status(name, &PatchParams::apply(manager).force(), &Patch::Apply(&patch))
-        .await?;
-    Ok(())
+        .await
 }

@@ -2,6 +2,7 @@
 //! `renter`) are apart from the I/O that carries them out (`node`).
 
 pub mod bidengine;
+pub mod heard;
 pub mod node;
 pub mod policy;
 pub mod provider_io;

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use gpupool_chain::{Address, EscrowClient};
 use gpupool_crds::price::TokenAmount;
-use gpupool_crds::{AiJob, GpuNode, Lease, PeerCapacity, PoolOrder, PoolPeer, PoolPeerSpec, PoolPeerStatus};
+use gpupool_crds::{
+    AiJob, GpuNode, Lease, PeerCapacity, PoolOrder, PoolPeer, PoolPeerSpec, PoolPeerStatus, Reputation,
+};
 use gpupool_proto::peer::v1::envelope::Body;
 use gpupool_proto::peer::v1::{CapacityAdvert, GpuOffer, IdentityRecord};
 use k8s_openapi::api::core::v1::Pod;
@@ -25,6 +27,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::bidengine::Supply;
+use super::heard::Heard;
 use super::policy::ProviderPolicy;
 use super::selection::{PeerSupply, Wanted, advertises_fit};
 use crate::capacity::inventory;
@@ -68,6 +71,8 @@ pub struct PeerInfo {
     pub offers_changed_ms: u64,
     /// Last time its PoolPeer was written, to bound API writes.
     pub written_ms: u64,
+    /// Its identity changed since its PoolPeer's spec was last written.
+    pub spec_unwritten: bool,
     /// A change not yet written (writes are at most one a second per peer).
     pub dirty: bool,
 }
@@ -95,23 +100,6 @@ pub struct Reservation {
     pub count: u32,
     pub price: TokenAmount,
     pub until_ms: u64,
-}
-
-/// What a renter last heard from a lease's provider. Heartbeats update this
-/// in memory; the Lease is written only when the report changes or the last
-/// write is a quarter of the grace window old, so a hundred leases beating
-/// every few hundred ms do not become a hundred API writes a beat.
-#[derive(Clone, Debug, Default)]
-pub struct Heard {
-    pub heard_ms: u64,
-    /// When the lease offer was first sent: the grace window starts there,
-    /// not at the on-chain confirmation, which a busy renter may act on late.
-    pub offered_ms: u64,
-    pub written_ms: u64,
-    /// Expiry of the newest applied status: messages handled concurrently may
-    /// finish out of order, and an older report must not overwrite a newer one.
-    pub applied_expires_ms: u64,
-    pub report: Option<gpupool_proto::peer::v1::LeaseStatus>,
 }
 
 /// A renter Lease that a provider's status messages update.
@@ -169,6 +157,11 @@ pub(crate) struct State {
     /// Last time the renter leases were re-listed for an unknown lease id;
     /// bounds the API calls a stream of bogus status messages can cause.
     pub lease_refresh_ms: u64,
+    /// Leases completed and failed by org: read from the PoolPeers once,
+    /// then kept here and written with each PoolPeer's status. Read and
+    /// written through the API, it was a PoolPeer list per award and a read
+    /// and a write per closed lease. None until the first read succeeds.
+    pub reputation: Option<HashMap<String, Reputation>>,
 }
 
 impl State {
@@ -204,6 +197,7 @@ impl State {
             workload_status: HashMap::new(),
             job_orders: HashMap::new(),
             lease_refresh_ms: 0,
+            reputation: None,
         }
     }
 
@@ -521,6 +515,7 @@ impl Market {
                     if let Some(p) = st.peers.get_mut(&peer) {
                         p.connected = connected;
                         p.written_ms = 0;
+                        p.dirty = true;
                     }
                     st.peers.values().filter(|p| p.connected).count()
                 };
@@ -585,6 +580,7 @@ impl Market {
             p.last_seen_ms = now;
             p.connected = true;
             p.dirty |= changed;
+            p.spec_unwritten |= changed;
             write_due(p, now).then(|| p.clone())
         };
         for a in &r.addresses {
@@ -653,29 +649,45 @@ impl Market {
     async fn write_poolpeer(&self, peer: PeerId, p: &PeerInfo) {
         let api: Api<PoolPeer> = Api::all(self.client.clone());
         let name = poolpeer_name(&p.org);
-        let spec = PoolPeerSpec {
-            peer_id: peer.to_string(),
-            org: p.org.clone(),
-            wallet: p.wallet.map(|w| w.to_string()),
-            addresses: p.addresses.iter().take(32).cloned().collect(),
-        };
-        let patch = serde_json::json!({
-            "apiVersion": "gpupool.dev/v1alpha1",
-            "kind": "PoolPeer",
-            "metadata": {"name": name},
-            "spec": spec,
-        });
-        if let Err(e) = api
-            .patch(
-                &name,
-                &PatchParams::apply(MARKET_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
-            warn!(peer = %p.org, error = %e, "could not write PoolPeer");
+        if p.spec_unwritten {
+            let spec = PoolPeerSpec {
+                peer_id: peer.to_string(),
+                org: p.org.clone(),
+                wallet: p.wallet.map(|w| w.to_string()),
+                addresses: p.addresses.iter().take(32).cloned().collect(),
+            };
+            let patch = serde_json::json!({
+                "apiVersion": "gpupool.dev/v1alpha1",
+                "kind": "PoolPeer",
+                "metadata": {"name": name},
+                "spec": spec,
+            });
+            if let Err(e) = api
+                .patch(
+                    &name,
+                    &PatchParams::apply(MARKET_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await
+            {
+                warn!(peer = %p.org, error = %e, "could not write PoolPeer");
+                return;
+            }
+            if let Some(info) = self.lock().peers.get_mut(&peer) {
+                info.spec_unwritten = false;
+            }
+        }
+        let known = self.reputations().await;
+        if self.lock().reputation.is_none() {
+            // Unread reputations must not be written over with zeros.
+            self.mark_dirty(&peer);
             return;
         }
+        let reputation = known.get(&p.org).cloned().unwrap_or_default();
+        self.write_poolpeer_status(&api, &name, p, reputation).await;
+    }
+
+    async fn write_poolpeer_status(&self, api: &Api<PoolPeer>, name: &str, p: &PeerInfo, reputation: Reputation) {
         let capacity: Vec<PeerCapacity> = p
             .offers
             .iter()
@@ -688,14 +700,6 @@ impl Market {
                 price_per_gpu_hour: o.price_per_gpu_hour.clone(),
             })
             .collect();
-        let reputation = api
-            .get_opt(&name)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|pp| pp.status)
-            .map(|s| s.reputation)
-            .unwrap_or_default();
         let status = PoolPeerStatus {
             connected: p.connected,
             capacity,
@@ -704,41 +708,99 @@ impl Market {
                 .map(Time),
             reputation,
         };
-        if let Err(e) = crate::ssa::apply_status(&api, &name, MARKET_MANAGER, &status).await {
+        if let Err(e) = crate::ssa::apply_status(api, name, MARKET_MANAGER, &status).await {
             warn!(peer = %p.org, error = %e, "could not write PoolPeer status");
         }
     }
 
-    /// Adds one completed or failed lease to a peer's reputation.
-    pub(crate) async fn record_outcome(&self, org: &str, completed: bool) {
-        let api: Api<PoolPeer> = Api::all(self.client.clone());
-        let name = poolpeer_name(org);
-        let Ok(Some(pp)) = api.get_opt(&name).await else { return };
-        let mut status = pp.status.unwrap_or_default();
-        if completed {
-            status.reputation.completed += 1;
-        } else {
-            status.reputation.failed += 1;
-        }
-        if let Err(e) = crate::ssa::apply_status(&api, &name, MARKET_MANAGER, &status).await {
-            warn!(peer = %org, error = %e, "could not record reputation");
+    /// Has a peer's PoolPeer written again at its next advert.
+    fn mark_dirty(&self, peer: &PeerId) {
+        if let Some(info) = self.lock().peers.get_mut(peer) {
+            info.dirty = true;
         }
     }
 
-    /// Reputation (completed, failed) by org, from PoolPeers.
-    pub(crate) async fn reputations(&self) -> HashMap<String, (u64, u64)> {
+    /// Adds one completed or failed lease to a peer's reputation; its
+    /// PoolPeer gets it with the peer's next advert.
+    pub(crate) async fn record_outcome(&self, org: &str, completed: bool) {
+        if self.lock().reputation.is_none() {
+            self.reputations().await;
+        }
+        let unheard = {
+            let mut st = self.lock();
+            let Some(all) = st.reputation.as_mut() else {
+                warn!(peer = %org, completed, "reputations unreadable; this outcome is not counted");
+                return;
+            };
+            let r = all.entry(org.to_string()).or_default();
+            if completed {
+                r.completed += 1;
+            } else {
+                r.failed += 1;
+            }
+            let reputation = r.clone();
+            let peer = st.orgs.get(org).copied();
+            match peer.and_then(|peer| st.peers.get_mut(&peer)) {
+                // Written with the peer's next advert, or the next periodic
+                // flush if it has gone quiet (a failed provider usually has).
+                Some(info) => {
+                    info.dirty = true;
+                    None
+                }
+                None => Some(reputation),
+            }
+        };
+        // A peer this process has not heard from since it started: nothing
+        // else will write its PoolPeer, so the count goes now.
+        if let Some(reputation) = unheard {
+            let api: Api<PoolPeer> = Api::all(self.client.clone());
+            let patch = serde_json::json!({"status": {"reputation": reputation}});
+            if let Err(e) = api
+                .patch_status(&poolpeer_name(org), &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                warn!(peer = %org, error = %e, "could not record reputation");
+            }
+        }
+    }
+
+    /// Writes the PoolPeers whose changes no advert has carried: peers that
+    /// went quiet after a change (a lost connection, a failed lease).
+    async fn flush_poolpeers(&self) {
+        let due: Vec<(PeerId, PeerInfo)> = {
+            let mut st = self.lock();
+            let now = now_ms();
+            st.peers
+                .iter_mut()
+                .filter(|(_, p)| p.dirty && !p.org.is_empty())
+                .filter_map(|(id, p)| write_due(p, now).then(|| (*id, p.clone())))
+                .collect()
+        };
+        for (peer, p) in due {
+            self.write_poolpeer(peer, &p).await;
+        }
+    }
+
+    /// Reputation by org: from memory, read from the PoolPeers the first time.
+    pub(crate) async fn reputations(&self) -> HashMap<String, Reputation> {
+        if let Some(r) = &self.lock().reputation {
+            return r.clone();
+        }
         let api: Api<PoolPeer> = Api::all(self.client.clone());
-        match api.list(&Default::default()).await {
+        let read: HashMap<String, Reputation> = match api.list(&Default::default()).await {
             Ok(l) => l
                 .items
                 .into_iter()
-                .map(|p| {
-                    let r = p.status.map(|s| s.reputation).unwrap_or_default();
-                    (p.spec.org, (r.completed, r.failed))
-                })
+                .map(|p| (p.spec.org, p.status.map(|s| s.reputation).unwrap_or_default()))
                 .collect(),
-            Err(_) => HashMap::new(),
-        }
+            Err(e) => {
+                warn!(error = %e, "could not read peer reputations; ranking bids without them");
+                return HashMap::new();
+            }
+        };
+        // Outcomes recorded while the list was in flight are not lost: the
+        // first reader installs the map, later ones find it there.
+        self.lock().reputation.get_or_insert(read).clone()
     }
 
     /// Free GPUs per product here, after bid reservations, capped by what the
@@ -805,6 +867,7 @@ impl Market {
             }
             let mut bodies = vec![];
             if periodic {
+                self.flush_poolpeers().await;
                 let info = self.p2p.info().await;
                 self.metrics.peers_connected(info.connected.len());
                 bodies.push(Body::Identity(IdentityRecord {

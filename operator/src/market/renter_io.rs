@@ -22,7 +22,7 @@ use libp2p::PeerId;
 use tracing::{debug, info, warn};
 
 use super::node::{MARKET_MANAGER, Market, OpenOrder, RenterLease, now_ms};
-use super::renter::{LeaseView, Step, View, decide, exclude_after_failure, moves_forward, window_ms};
+use super::renter::{LeaseView, Step, View, decide, exclude_after_failure, window_ms};
 use super::selection::{Candidate, Wanted, advertised_room, advertises_fit, explain_no_bids};
 use crate::p2p::envelope::DropReason;
 use crate::placement::Need;
@@ -327,6 +327,12 @@ impl Market {
         let write_every = u64::try_from(self.settings.heartbeat_grace.as_millis() / 2)
             .unwrap_or(1000)
             .max(250);
+        // A lease whose close the renter asked for, or that is gone: its
+        // provider's beats are not worth a write any more (see `heard`).
+        let closing = self.lease_cache.get().filter(|c| cache_ready(c)).is_some_and(|c| {
+            c.get(&ObjectRef::new(&rl.name).within(&rl.namespace))
+                .is_none_or(|l| l.spec.close_reason.is_some() || lease_state(&l) == Some(LeaseState::Closed))
+        });
         let (write, changed) = {
             let mut st = self.lock();
             if st.heard.len() > 10_000 {
@@ -336,28 +342,10 @@ impl Market {
                 st.status_writes.retain(|k, _| live.contains(k));
             }
             let h = st.heard.entry(lease_id.clone()).or_default();
-            h.heard_ms = h.heard_ms.max(now);
-            if s.is_some() && expires_at_ms < h.applied_expires_ms {
-                return Ok(()); // an older report that finished after a newer one
-            }
-            // A workload never goes back from finished to running: a report
-            // that says so was read from a stale cache on the provider's side.
-            let s = s.filter(|new| moves_forward(h.report.as_ref().map(|r| r.phase.as_str()), &new.phase));
-            // Phase, pod state and exit code are written at once; a changed
-            // message alone rides with the next timed write. Written at once,
-            // the provider's every new message was a Lease status write here.
-            let changed = s.as_ref().is_some_and(|new| {
-                h.report.as_ref().is_none_or(|old| {
-                    (&old.phase, &old.pod_state, old.exit_code) != (&new.phase, &new.pod_state, new.exit_code)
-                })
-            });
-            let write = changed || now.saturating_sub(h.written_ms) >= write_every;
+            let changed = h.absorb(now, s, expires_at_ms);
+            let write = h.write_due(now, write_every, closing);
             if write {
-                h.written_ms = now;
-                if s.is_some() {
-                    h.applied_expires_ms = expires_at_ms;
-                    h.report = s;
-                }
+                h.writing(now);
             }
             (write, changed)
         };
@@ -405,15 +393,30 @@ impl Market {
             .await
         {
             debug!(error = %e, "could not record lease status");
-            // Try again with the next message.
             if let Some(h) = self.lock().heard.get_mut(&lease_id) {
-                h.written_ms = 0;
+                h.write_failed();
             }
         }
         if changed {
             self.wake(ObjectRef::new(&rl.aijob).within(&rl.namespace)).await;
         }
         Ok(())
+    }
+
+    /// What the AiJob says while its lease closes for `reason`.
+    fn closing_message(&self, l: &Lease, reason: CloseReason) -> String {
+        match reason {
+            CloseReason::ProviderFailed => format!(
+                "{} stopped answering (no heartbeat for {}s): closing the lease as ProviderFailed to re-auction the job",
+                l.spec.provider.org,
+                self.settings.heartbeat_grace.as_secs()
+            ),
+            _ => format!(
+                "the workload ended in {}; closing the lease as {}",
+                l.spec.provider.org,
+                reason.as_str()
+            ),
+        }
     }
 
     /// One step of the pool placement of `aijob`.
@@ -479,7 +482,9 @@ impl Market {
         let candidates: Vec<Candidate> = bids
             .iter()
             .filter_map(|b| {
-                let (completed, failed) = reputations.get(&b.spec.provider_org).copied().unwrap_or_default();
+                let (completed, failed) = reputations
+                    .get(&b.spec.provider_org)
+                    .map_or((0, 0), |r| (r.completed, r.failed));
                 Some(Candidate {
                     name: b.name_any(),
                     org: b.spec.provider_org.clone(),
@@ -767,18 +772,7 @@ impl Market {
                 out.placed = true;
                 out.runs_on = Some(runs_on(l));
                 out.reason = "LeaseClosing";
-                out.message = match reason {
-                    CloseReason::ProviderFailed => format!(
-                        "{} stopped answering (no heartbeat for {}s): closing the lease as ProviderFailed to re-auction the job",
-                        l.spec.provider.org,
-                        self.settings.heartbeat_grace.as_secs()
-                    ),
-                    _ => format!(
-                        "the workload ended in {}; closing the lease as {}",
-                        l.spec.provider.org,
-                        reason.as_str()
-                    ),
-                };
+                out.message = self.closing_message(l, reason);
                 out.events
                     .push((reason != CloseReason::Completed, "LeaseClosing", out.message.clone()));
                 out.requeue = Some(Duration::from_secs(1));
@@ -791,7 +785,12 @@ impl Market {
                 out.placed = true;
                 out.runs_on = Some(runs_on(l));
                 out.reason = "LeaseClosing";
-                out.message = "closing the lease on chain".into();
+                // The message of the step that asked for the close: a new
+                // one here was an AiJob status write that said nothing new.
+                out.message = match l.spec.close_reason {
+                    Some(reason) => self.closing_message(l, reason),
+                    None => "closing the lease on chain".into(),
+                };
                 // The close on chain (state Closed) wakes the job.
                 out.requeue = Some(Duration::from_secs(2));
             }
