@@ -124,6 +124,21 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
     name
 }
 
+/// Deletes a test's namespace and waits until it is gone. Called while the
+/// test's operators still run, so their finalizers settle what it held
+/// (AiJobs, leases) and nothing of it is left for the next test.
+pub async fn remove_namespace(client: &Client, ns: &str) {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, DeleteParams};
+    let api: Api<Namespace> = Api::all(client.clone());
+    let _ = api.delete(ns, &DeleteParams::default()).await;
+    wait_for(Duration::from_secs(90), "test namespace gone", || async {
+        matches!(api.get_opt(ns).await, Ok(None)).then_some(())
+    })
+    .await
+    .expect("the test namespace to be deleted");
+}
+
 /// An AiJob as JSON: `gpus` GPUs of `models`, a pod that runs for
 /// `duration` in the simulated cluster, and `extra` merged into the spec.
 pub fn aijob_json(

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use gpupool_crds::{AiJob, AiJobPhase, Bid, Lease, LeaseSide, LeaseState, PoolPeer};
-use gpupool_e2e::harness::{admin, aijob_json, namespace, testenv, wait_for};
+use gpupool_e2e::harness::{admin, aijob_json, namespace, remove_namespace, testenv, wait_for};
 use gpupool_e2e::pool::{Lends, Pool, base_units};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -182,7 +182,7 @@ async fn a_job_that_only_fits_elsewhere_runs_there_and_is_settled() {
         metrics.contains("gpupool_pool_placement_duration_seconds_count{kind=\"pod_running\"} 1"),
         "{metrics}"
     );
-    finish(&acme, &ns).await;
+    remove_namespace(&acme, &ns).await;
 }
 
 /// (completed, failed) leases of `org`'s PoolPeer as `client`'s cluster records them.
@@ -197,18 +197,6 @@ async fn reputation(client: &Client, org: &str) -> (u64, u64) {
         .find(|p| p.spec.org == org)
         .and_then(|p| p.status)
         .map_or((0, 0), |s| (s.reputation.completed, s.reputation.failed))
-}
-
-/// Deletes the test's namespace while the operators still run, so nothing of
-/// it (AiJobs, leases) is left for the next test.
-async fn finish(client: &Client, ns: &str) {
-    let api: Api<Namespace> = Api::all(client.clone());
-    let _ = api.delete(ns, &DeleteParams::default()).await;
-    wait_for(WAIT, "test namespace gone", || async {
-        matches!(api.get_opt(ns).await, Ok(None)).then_some(())
-    })
-    .await
-    .unwrap();
 }
 
 fn reason(j: &AiJob) -> String {
@@ -273,7 +261,7 @@ async fn manual_selection_waits_for_accepted_bid() {
         "corvus",
         "the accepted bid, not the cheapest"
     );
-    finish(&acme, &ns).await;
+    remove_namespace(&acme, &ns).await;
 }
 
 #[tokio::test]
@@ -331,7 +319,7 @@ async fn no_bids_say_why_and_the_order_is_published_again() {
     .await;
     assert_eq!(phase(&j), Some(AiJobPhase::Bidding));
     assert!(leases_of(&bravo, &ns).await.is_empty());
-    finish(&bravo, &ns).await;
+    remove_namespace(&bravo, &ns).await;
 }
 
 #[tokio::test]
@@ -375,7 +363,7 @@ async fn a_denied_organisation_never_receives_the_job() {
     );
     let metrics = pool.operator("bravo").unwrap().metrics().await;
     assert!(!metrics.contains("provider_accepted"), "bravo accepted no lease");
-    finish(&acme, &ns).await;
+    remove_namespace(&acme, &ns).await;
 }
 
 /// Renter leases that are not closed right now: never more than one per job.
@@ -466,7 +454,7 @@ async fn a_lost_provider_is_replaced_with_one_live_lease_and_a_refund() {
     })
     .await
     .unwrap();
-    finish(&acme, &ns).await;
+    remove_namespace(&acme, &ns).await;
 }
 
 #[tokio::test]
@@ -520,7 +508,7 @@ async fn restarting_the_renter_mid_lease_loses_nothing() {
     );
     assert_eq!(before.0 - after.0, paid);
     assert_eq!(after.1 - before.1, paid);
-    finish(&acme, &ns).await;
+    remove_namespace(&acme, &ns).await;
 }
 
 #[tokio::test]
@@ -577,7 +565,7 @@ async fn deleting_the_aijob_cancels_the_lease_on_chain_and_remotely() {
     })
     .await
     .unwrap();
-    finish(&acme, &ns).await;
+    remove_namespace(&acme, &ns).await;
 }
 
 /// The count of drops for `reason` in the Prometheus text.
@@ -749,5 +737,5 @@ async fn forged_and_hostile_messages_from_a_rogue_peer_change_nothing() {
     assert!(bids.items.is_empty(), "{bids:#?}");
     let j = Api::<AiJob>::namespaced(acme.clone(), &ns).get("target").await.unwrap();
     assert_eq!(phase(&j), Some(AiJobPhase::Bidding));
-    finish(&acme, &ns).await;
+    remove_namespace(&acme, &ns).await;
 }

@@ -12,7 +12,7 @@ use gpupool_chain::{ChainConfig, ClientOptions, CloseReason, EscrowClient, Lease
 use gpupool_crds::conditions::find;
 use gpupool_crds::{Lease, LeaseState};
 use gpupool_e2e::chain::{Anvil, deploy_and_fund};
-use gpupool_e2e::harness::{Operator, admin, namespace, testenv, wait_for};
+use gpupool_e2e::harness::{Operator, admin, namespace, remove_namespace, testenv, wait_for};
 use gpupool_e2e::rpcproxy::RpcProxy;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -344,17 +344,6 @@ async fn leases_settle_on_chain_from_both_sides() {
     // The records go while their operators still run: later tests share these clusters.
     remove_namespace(&acme_client, &rns).await;
     remove_namespace(&bravo_client, &pns).await;
-}
-
-async fn remove_namespace(client: &Client, ns: &str) {
-    use k8s_openapi::api::core::v1::Namespace;
-    let api: Api<Namespace> = Api::all(client.clone());
-    let _ = api.delete(ns, &DeleteParams::default()).await;
-    wait_for(WAIT, "test namespace gone", || async {
-        matches!(api.get_opt(ns).await, Ok(None)).then_some(())
-    })
-    .await
-    .unwrap();
 }
 
 #[tokio::test]
