@@ -251,7 +251,8 @@ pub enum AiJobPhase {
     Bidding,
     /// A lease is agreed; the workload is being started.
     Leased,
-    /// The workload runs.
+    /// The workload runs, or it ended and its lease is being settled (as a
+    /// batch Job stays Running until it is marked Complete).
     Running,
     /// The workload finished successfully.
     Succeeded,

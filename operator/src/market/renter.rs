@@ -2,7 +2,7 @@
 //! what the AiJob status, its Bids and its Lease say now, the one next step.
 //! Pure; `market::renter_io` carries steps out.
 
-use gpupool_crds::{BidSelection, CloseReason, LeaseState, WorkloadReport};
+use gpupool_crds::{AiJobPhase, BidSelection, CloseReason, LeaseState, WorkloadReport};
 
 use super::selection::{Candidate, pick};
 
@@ -85,6 +85,18 @@ fn workload_rank(phase: &str) -> u8 {
 /// look failed when its lease closes.
 pub fn moves_forward(applied: Option<&str>, reported: &str) -> bool {
     applied.is_none_or(|a| workload_rank(reported) >= workload_rank(a))
+}
+
+/// The phase an AiJob shows while its lease closes. A workload that ran and
+/// ended stays Running until the close is settled, as a batch Job does until
+/// it is marked Complete: going back to Leased showed users Running → Leased →
+/// Succeeded. A lease that closes before its workload ran, or because its
+/// provider was lost (the job is placed again), shows Leased.
+pub fn closing_phase(current: Option<AiJobPhase>, reason: Option<CloseReason>) -> AiJobPhase {
+    match (current, reason) {
+        (Some(AiJobPhase::Running), Some(r)) if r != CloseReason::ProviderFailed => AiJobPhase::Running,
+        _ => AiJobPhase::Leased,
+    }
 }
 
 /// The organisations a re-auction leaves out after `failed` failed a lease.
@@ -401,6 +413,28 @@ mod tests {
         assert!(!moves_forward(Some("Succeeded"), "Running"));
         assert!(!moves_forward(Some("Failed"), "Pending"));
         assert!(!moves_forward(Some("Running"), "Pending"));
+    }
+
+    #[test]
+    fn a_finished_workload_stays_running_while_its_lease_closes() {
+        let running = Some(AiJobPhase::Running);
+        assert_eq!(
+            closing_phase(running, Some(CloseReason::Completed)),
+            AiJobPhase::Running
+        );
+        assert_eq!(
+            closing_phase(running, Some(CloseReason::RenterCancelled)),
+            AiJobPhase::Running
+        );
+        assert_eq!(
+            closing_phase(running, Some(CloseReason::ProviderFailed)),
+            AiJobPhase::Leased
+        );
+        assert_eq!(
+            closing_phase(Some(AiJobPhase::Leased), Some(CloseReason::Completed)),
+            AiJobPhase::Leased
+        );
+        assert_eq!(closing_phase(running, None), AiJobPhase::Leased);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use libp2p::PeerId;
 use tracing::{debug, info, warn};
 
 use super::node::{MARKET_MANAGER, Market, OpenOrder, RenterLease, now_ms};
-use super::renter::{LeaseView, Step, View, decide, exclude_after_failure, window_ms};
+use super::renter::{LeaseView, Step, View, closing_phase, decide, exclude_after_failure, moves_forward, window_ms};
 use super::selection::{Candidate, Wanted, advertised_room, advertises_fit, explain_no_bids};
 use crate::p2p::envelope::DropReason;
 use crate::placement::Need;
@@ -349,6 +349,11 @@ impl Market {
             }
             (write, changed)
         };
+        // The AiJob mirrors the heard report (see `with_heard_workload`), so
+        // it need not wait for this write.
+        if changed {
+            self.wake(ObjectRef::new(&rl.aijob).within(&rl.namespace)).await;
+        }
         if !write {
             return Ok(());
         }
@@ -366,23 +371,7 @@ impl Market {
             "status": {"lastHeartbeat": Time(Timestamp::now())},
         });
         if let Some(s) = &report {
-            let namespace = s
-                .message
-                .split_once(':')
-                .map(|(n, _)| n.to_string())
-                .unwrap_or_default();
-            patch["status"]["workload"] = serde_json::to_value(WorkloadReport {
-                phase: s.phase.clone(),
-                pod_state: s.pod_state.clone(),
-                exit_code: s.exit_code,
-                message: s
-                    .message
-                    .split_once(": ")
-                    .map(|(_, m)| m.to_string())
-                    .unwrap_or_default(),
-                namespace,
-            })
-            .unwrap_or_default();
+            patch["status"]["workload"] = serde_json::to_value(workload_report(s)).unwrap_or_default();
         }
         if let Err(e) = api
             .patch_status(
@@ -397,10 +386,29 @@ impl Market {
                 h.write_failed();
             }
         }
-        if changed {
-            self.wake(ObjectRef::new(&rl.aijob).within(&rl.namespace)).await;
-        }
         Ok(())
+    }
+
+    /// The Lease with the newest workload report known: the one it records,
+    /// or the one heard since, which the Lease gets with a later write or
+    /// the watch has not brought back yet. Mirroring only what came back
+    /// through the watch put seconds between a provider's report and the
+    /// AiJob under load; a report only replaces one it does not go back from.
+    fn with_heard_workload(&self, mut l: Lease) -> Lease {
+        let Some(id) = l.status.as_ref().and_then(|s| s.lease_id.as_deref()) else {
+            return l;
+        };
+        let heard = self
+            .lock()
+            .heard
+            .get(&id.to_ascii_lowercase())
+            .and_then(|h| h.report.as_ref().map(workload_report));
+        if let (Some(heard), Some(status)) = (heard, l.status.as_mut())
+            && moves_forward(status.workload.as_ref().map(|w| w.phase.as_str()), &heard.phase)
+        {
+            status.workload = Some(heard);
+        }
+        l
     }
 
     /// What the AiJob says while its lease closes for `reason`.
@@ -502,7 +510,7 @@ impl Market {
             .collect();
         let leases_api: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
         let lease = match &order.lease {
-            Some(l) => self.lease_named(&ns, l).await?,
+            Some(l) => self.lease_named(&ns, l).await?.map(|l| self.with_heard_workload(l)),
             None => None,
         };
         let lease_view = lease.as_ref().map(|l| {
@@ -768,7 +776,7 @@ impl Market {
                 leases_api
                     .patch(&l.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
                     .await?;
-                out.phase = AiJobPhase::Leased;
+                out.phase = closing_phase(status.phase, Some(reason));
                 out.placed = true;
                 out.runs_on = Some(runs_on(l));
                 out.reason = "LeaseClosing";
@@ -781,7 +789,7 @@ impl Market {
                 let l = lease
                     .as_ref()
                     .ok_or_else(|| MarketError::Invalid("lease missing".into()))?;
-                out.phase = AiJobPhase::Leased;
+                out.phase = closing_phase(status.phase, l.spec.close_reason);
                 out.placed = true;
                 out.runs_on = Some(runs_on(l));
                 out.reason = "LeaseClosing";
@@ -1124,6 +1132,26 @@ impl Market {
             Ok(()) => debug!(lease = %id, provider = %l.spec.provider.org, "lease offer sent"),
             Err(e) => debug!(lease = %id, error = %e, "lease offer not delivered; resending"),
         }
+    }
+}
+
+/// A provider's report as the renter's Lease records it. The provider puts
+/// the lease namespace in front of its message (`namespace: message`).
+fn workload_report(s: &LeaseStatus) -> WorkloadReport {
+    WorkloadReport {
+        phase: s.phase.clone(),
+        pod_state: s.pod_state.clone(),
+        exit_code: s.exit_code,
+        message: s
+            .message
+            .split_once(": ")
+            .map(|(_, m)| m.to_string())
+            .unwrap_or_default(),
+        namespace: s
+            .message
+            .split_once(':')
+            .map(|(n, _)| n.to_string())
+            .unwrap_or_default(),
     }
 }
 
