@@ -311,6 +311,28 @@ impl EscrowClient {
         Ok(state)
     }
 
+    /// Ids of the leases the escrow emitted any event for in blocks
+    /// `from..=to`, each once, in the order they first appear. One request
+    /// however many leases are open, so a watcher can afford it every block.
+    pub async fn leases_touched(&self, from: u64, to: u64) -> Result<Vec<B256>, ChainError> {
+        let filter = Filter::new().address(self.config.escrow).from_block(from).to_block(to);
+        let logs = self
+            .provider
+            .get_logs(&filter)
+            .await
+            .map_err(|e| rpc("eth_getLogs", e))?;
+        let mut ids: Vec<B256> = Vec::new();
+        for log in logs {
+            // Every escrow event names its lease first (topic 1).
+            if let Some(id) = log.topics().get(1)
+                && !ids.contains(id)
+            {
+                ids.push(*id);
+            }
+        }
+        Ok(ids)
+    }
+
     /// Lease ids where `party` is renter or provider, oldest first.
     pub async fn lease_ids_of(&self, party: Address) -> Result<Vec<B256>, ChainError> {
         let base = Filter::new()

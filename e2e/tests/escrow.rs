@@ -91,9 +91,15 @@ async fn full_lifecycle_pays_the_provider_and_refunds_the_rest() {
     let deposit = 10 * ONE_TOKEN;
     let renter_before = renter.token_balance(c.address(RENTER)).await.unwrap();
     let provider_before = renter.token_balance(c.address(PROVIDER)).await.unwrap();
+    let before_open = renter.head().await.unwrap();
 
     let opened = renter.open(id, c.address(PROVIDER), RATE, deposit).await.unwrap();
     assert!(matches!(opened, OpenOutcome::Opened { .. }), "{opened:?}");
+    // What a watcher polling the escrow's events sees: this lease, once,
+    // and nothing in the blocks before it.
+    let head = renter.head().await.unwrap();
+    assert_eq!(renter.leases_touched(before_open + 1, head).await.unwrap(), vec![id]);
+    assert!(renter.leases_touched(0, before_open).await.unwrap().is_empty());
     assert_eq!(c.escrow_holds().await, deposit);
     let start = open_state(&renter.lease(id).await.unwrap()).settled_at;
 
@@ -107,8 +113,11 @@ async fn full_lifecycle_pays_the_provider_and_refunds_the_rest() {
     assert_eq!(c.escrow_holds().await, l.balance);
 
     c.jump(500).await;
+    let before_close = renter.head().await.unwrap();
     let closed = renter.close(id, CloseReason::Completed).await.unwrap();
     assert!(closed.by_us);
+    let head = renter.head().await.unwrap();
+    assert_eq!(renter.leases_touched(before_close + 1, head).await.unwrap(), vec![id]);
     let LeaseOnChain::Closed {
         reason,
         paid,

@@ -427,3 +427,86 @@ async fn a_lease_for_another_chain_is_refused_with_a_reason() {
     );
     remove_namespace(&client, &ns).await;
 }
+
+/// A close the renter makes reaches the provider's copy from the chain's own
+/// events, not from the provider's next periodic read: with a resync of ten
+/// minutes here, only the event can tell it within the wait. Providers free
+/// the lease's namespace and GPUs on it, so a late read kept finished work's
+/// GPUs lent for up to a resync.
+#[tokio::test]
+async fn the_provider_hears_a_close_from_the_chain_at_once() {
+    let env = testenv();
+    let (acme, bravo) = (env.org("acme").expect("acme"), env.org("bravo").expect("bravo"));
+    let dir = env.root.join("settlement-events");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let anvil = Anvil::start(&dir).await.unwrap();
+    let config = deploy_and_fund(&anvil, &[RENTER, PROVIDER]).await.unwrap();
+    let (rw, pw) = (
+        anvil.wallet(RENTER).unwrap().address().to_string(),
+        anvil.wallet(PROVIDER).unwrap().address().to_string(),
+    );
+    let (rcfg, rkey) = write_chain_files(&dir, &config, &anvil.keys[RENTER], "acme");
+    let (pcfg, pkey) = write_chain_files(&dir, &config, &anvil.keys[PROVIDER], "bravo");
+    let slow = |cfg: &str, key: &str| {
+        vec![
+            format!("--chain-config={cfg}"),
+            format!("--wallet-key-file={key}"),
+            "--withdraw-every-seconds=6000".into(),
+            "--funds-warning-seconds=0".into(),
+            "--chain-resync-seconds=600".into(),
+            "--chain-poll-ms=200".into(),
+        ]
+    };
+    let _renter_op = Operator::start_with(acme, "settlement-events", &slow(&rcfg, &rkey));
+    let _provider_op = Operator::start_with(bravo, "settlement-events", &slow(&pcfg, &pkey));
+    let acme_client = admin(acme).await;
+    let bravo_client = admin(bravo).await;
+    let rns = namespace(&acme_client, "lease-ev").await;
+    let pns = namespace(&bravo_client, "lease-ev").await;
+    let renter_leases: Api<Lease> = Api::namespaced(acme_client.clone(), &rns);
+    let provider_leases: Api<Lease> = Api::namespaced(bravo_client.clone(), &pns);
+
+    renter_leases
+        .create(
+            &PostParams::default(),
+            &lease_json("job-e", "Renter", "order-e", &rw, &pw, &config, "50", None),
+        )
+        .await
+        .unwrap();
+    let l = wait_lease(&renter_leases, "job-e", "the lease to be Active", |l| {
+        state(l) == Some(LeaseState::Active)
+    })
+    .await;
+    let id = l.status.as_ref().and_then(|s| s.lease_id.clone()).unwrap();
+    provider_leases
+        .create(
+            &PostParams::default(),
+            &lease_json("order-e", "Provider", "order-e", &rw, &pw, &config, "50", Some(id)),
+        )
+        .await
+        .unwrap();
+    wait_lease(&provider_leases, "order-e", "the provider's copy to be Active", |l| {
+        state(l) == Some(LeaseState::Active)
+    })
+    .await;
+
+    renter_leases
+        .patch(
+            "job-e",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"closeReason": "Completed"}})),
+        )
+        .await
+        .unwrap();
+    let p = wait_lease(&provider_leases, "order-e", "the provider's copy to be Closed", |l| {
+        state(l) == Some(LeaseState::Closed)
+    })
+    .await;
+    assert_eq!(
+        p.status.as_ref().and_then(|s| s.close_reason.as_deref()),
+        Some("Completed")
+    );
+    remove_namespace(&acme_client, &rns).await;
+    remove_namespace(&bravo_client, &pns).await;
+}

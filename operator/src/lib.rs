@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod capacity;
+pub mod chain_watch;
 pub mod controller;
 pub mod jobbuild;
 pub mod jobstatus;

@@ -119,6 +119,10 @@ struct ChainArgs {
     /// Longest time between two reads of an open lease.
     #[arg(long, env = "GPUPOOL_CHAIN_RESYNC_SECONDS", default_value_t = 30)]
     chain_resync_seconds: u64,
+    /// How often to poll the escrow's events, so a lease the other side (or
+    /// the chain's clock) changed is read now rather than at its resync.
+    #[arg(long, env = "GPUPOOL_CHAIN_POLL_MS", default_value_t = 1000)]
+    chain_poll_ms: u64,
 }
 
 impl ChainArgs {
@@ -204,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
                 withdraw_every: Duration::from_secs(args.chain.withdraw_every_seconds.max(1)),
                 warn_below: Duration::from_secs(args.chain.funds_warning_seconds),
                 resync: Duration::from_secs(args.chain.chain_resync_seconds.max(1)),
+                poll: Duration::from_millis(args.chain.chain_poll_ms.max(50)),
             };
             Some(settlement::run(client.clone(), Arc::new(chain), s, metrics.clone()))
         }

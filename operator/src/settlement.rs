@@ -51,6 +51,9 @@ pub struct SettlementSettings {
     /// The longest a lease goes unread. Chain time moves without any watch event,
     /// so this bounds how late a warning or a close can come.
     pub resync: Duration,
+    /// How often the escrow's events are polled for leases to read at once
+    /// (`chain_watch`), instead of at their next resync.
+    pub poll: Duration,
 }
 
 struct Context {
@@ -139,7 +142,11 @@ pub async fn run(
         .reflect(writer)
         .applied_objects()
         .predicate_filter(crate::triggers::settlement, Default::default());
+    let records = store.clone();
+    let touched = crate::chain_watch::leases_touched(ctx.chain.clone(), ctx.settings.poll)
+        .flat_map(move |ids| futures::stream::iter(crate::chain_watch::records_for(&ids, &records.state())));
     Controller::for_stream(changes, store)
+        .reconcile_on(touched)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -257,6 +264,7 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
         confirmations: ctx.settings.confirmations,
         withdraw_every: ctx.settings.withdraw_every,
         warn_below: ctx.settings.warn_below,
+        resync: ctx.settings.resync,
     };
     let decided = plan(&policy, &observed);
     for c in &decided.conditions {

@@ -22,6 +22,10 @@ pub struct Policy {
     pub withdraw_every: Duration,
     /// Warn the renter when the funds last less than this.
     pub warn_below: Duration,
+    /// The longest a lease goes unread when nothing is due. Chain events
+    /// wake the worker sooner (`chain_watch`); this bounds how late a close
+    /// or a warning comes when an event was missed.
+    pub resync: Duration,
 }
 
 /// What the chain showed, all read at one moment.
@@ -119,7 +123,7 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
                 step: Step::Nothing,
                 figures,
                 conditions,
-                requeue: Some(Duration::from_secs(30)),
+                requeue: Some(policy.resync),
             }
         }
         LeaseOnChain::Unknown => {
@@ -248,8 +252,8 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
                 ));
             }
             // Look again when something is due: confirmations, the next withdrawal,
-            // the funds warning, the funds running out; at least every 30 s.
-            let mut next = Duration::from_secs(30);
+            // the funds warning, the funds running out; at least every resync.
+            let mut next = policy.resync;
             if !confirmed {
                 next = Duration::from_secs(1);
             }
@@ -323,6 +327,7 @@ mod tests {
             confirmations: 2,
             withdraw_every: Duration::from_secs(300),
             warn_below: Duration::from_secs(600),
+            resync: Duration::from_secs(30),
         }
     }
 
