@@ -8,8 +8,9 @@ use std::sync::Arc;
 use gpupool_chain::{Address, B256, LeaseOnChain};
 use gpupool_crds::price::TokenAmount;
 use gpupool_crds::{
-    AiJob, AiJobPhase, AiJobSpec, AiJobStatus, Bidding, CloseReason, Escrow, GpuRequirements, LABEL_LEASE,
-    LABEL_LEASE_NAMESPACE, LABEL_ORDER, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, Placement, PlacementMode,
+    AIJOB_FINALIZER, AiJob, AiJobPhase, AiJobSpec, AiJobStatus, Bidding, CloseReason, Escrow, GpuRequirements,
+    LABEL_LEASE, LABEL_LEASE_NAMESPACE, LABEL_ORDER, LEASE_FINALIZER, Lease, LeaseParty, LeaseSide, LeaseSpec,
+    LeaseState, Placement, PlacementMode,
 };
 use gpupool_proto::peer::v1::envelope::Body;
 use gpupool_proto::peer::v1::{Bid, BidResult, Heartbeat, LeaseOffer, LeaseStatus, Order};
@@ -391,6 +392,9 @@ impl Market {
             (LABEL_LEASE.to_string(), short.clone()),
             (LABEL_ORDER.to_string(), l.order_id.clone()),
         ]));
+        // Born with the finalizers of the workers that own them, which would
+        // each add theirs in a write of its own.
+        lease.metadata.finalizers = Some(vec![LEASE_FINALIZER.to_string()]);
         let lease_api: Api<Lease> = Api::namespaced(self.client.clone(), &self.settings.namespace);
         match lease_api.create(&PostParams::default(), &lease).await {
             Ok(_) => {}
@@ -419,6 +423,7 @@ impl Market {
         );
         aijob.metadata.namespace = Some(ns.clone());
         aijob.metadata.labels = Some(BTreeMap::from([(LABEL_LEASE.to_string(), short)]));
+        aijob.metadata.finalizers = Some(vec![AIJOB_FINALIZER.to_string()]);
         let jobs: Api<AiJob> = Api::namespaced(self.client.clone(), &ns);
         match jobs.create(&PostParams::default(), &aijob).await {
             Ok(_) => {}

@@ -8,8 +8,8 @@ use std::time::Duration;
 use gpupool_chain::Address;
 use gpupool_crds::price::TokenAmount;
 use gpupool_crds::{
-    AiJob, AiJobPhase, Bid, BidSpec, BidState, BidStatus, CloseReason, Escrow, LABEL_AIJOB, LABEL_ORDER, Lease,
-    LeaseParty, LeaseSide, LeaseSpec, LeaseState, PoolOrder, RunsOn, WorkloadReport,
+    AiJob, AiJobPhase, Bid, BidSpec, BidState, BidStatus, CloseReason, Escrow, LABEL_AIJOB, LABEL_ORDER,
+    LEASE_FINALIZER, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, PoolOrder, RunsOn, WorkloadReport,
 };
 use gpupool_proto::peer::v1::envelope::Body;
 use gpupool_proto::peer::v1::{self as wire, BidResult, LeaseOffer, LeaseStatus};
@@ -718,9 +718,11 @@ impl Market {
                 out.lease = Some(lease_name.clone());
                 out.phase = AiJobPhase::Leased;
                 out.reason = "LeaseOpening";
-                out.message = format!(
-                    "bid {bid} from {} at {} per GPU-hour won; opening lease {lease_name} on chain",
-                    winner.spec.provider_org, winner.spec.price_per_gpu_hour
+                out.message = opening_message(
+                    &bid,
+                    &winner.spec.provider_org,
+                    &winner.spec.price_per_gpu_hour,
+                    &lease_name,
                 );
                 out.events.push((false, "BidAccepted", out.message.clone()));
                 // The settlement worker's status write (lease id, Active) wakes the job.
@@ -729,10 +731,17 @@ impl Market {
             Step::WaitLease => {
                 out.phase = AiJobPhase::Leased;
                 out.reason = "LeaseOpening";
-                out.message = format!(
-                    "waiting for lease {} to be confirmed on chain",
-                    order.lease.clone().unwrap_or_default()
-                );
+                // The award's message still says what is happening: a new
+                // one here was a status write per job that said nothing new.
+                out.message = match lease.as_ref() {
+                    Some(l) => opening_message(
+                        &l.spec.bid,
+                        &l.spec.provider.org,
+                        &l.spec.price_per_gpu_hour,
+                        &l.name_any(),
+                    ),
+                    None => format!("opening lease {} on chain", order.lease.clone().unwrap_or_default()),
+                };
                 // Woken by the Lease's watch event; this is only a safety net.
                 out.requeue = Some(Duration::from_secs(2));
             }
@@ -1051,6 +1060,9 @@ impl Market {
             (LABEL_AIJOB.to_string(), aijob.name_any()),
         ]));
         lease.metadata.owner_references = owner(aijob).map(|o| vec![o]);
+        // Born with the settlement worker's finalizer (the pool always runs
+        // it): its first reconcile would add it in a write of its own.
+        lease.metadata.finalizers = Some(vec![LEASE_FINALIZER.to_string()]);
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
         match api.create(&PostParams::default(), &lease).await {
             Ok(_) => {
@@ -1195,4 +1207,29 @@ pub fn in_pool(status: Option<&gpupool_crds::AiJobStatus>) -> bool {
 /// Lease state for logs.
 pub fn lease_state(l: &Lease) -> Option<LeaseState> {
     l.status.as_ref().and_then(|s| s.state)
+}
+
+/// What the AiJob says from the award until its lease is confirmed: the same
+/// words from the winning bid and from the Lease record, which names the bid,
+/// provider and price. Prices are written as the Lease writes them.
+fn opening_message(bid: &str, provider_org: &str, price: &str, lease: &str) -> String {
+    let price = TokenAmount::from_str(price).map_or_else(|_| price.to_string(), |p| p.to_string());
+    format!("bid {bid} from {provider_org} at {price} per GPU-hour won; opening lease {lease} on chain")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::opening_message;
+
+    #[test]
+    fn the_award_and_the_lease_record_say_the_same_while_it_opens() {
+        // The bid's price as its provider wrote it, and as the Lease stores it.
+        let from_bid = opening_message("bid-1", "bravo", "2.50", "job-0");
+        let from_lease = opening_message("bid-1", "bravo", "2.5", "job-0");
+        assert_eq!(from_bid, from_lease);
+        assert_eq!(
+            from_bid,
+            "bid bid-1 from bravo at 2.5 per GPU-hour won; opening lease job-0 on chain"
+        );
+    }
 }
