@@ -321,16 +321,7 @@ impl EscrowClient {
             .get_logs(&filter)
             .await
             .map_err(|e| rpc("eth_getLogs", e))?;
-        let mut ids: Vec<B256> = Vec::new();
-        for log in logs {
-            // Every escrow event names its lease first (topic 1).
-            if let Some(id) = log.topics().get(1)
-                && !ids.contains(id)
-            {
-                ids.push(*id);
-            }
-        }
-        Ok(ids)
+        Ok(lease_ids(&logs))
     }
 
     /// Lease ids where `party` is renter or provider, oldest first.
@@ -351,15 +342,7 @@ impl EscrowClient {
                 .map_err(|e| rpc("eth_getLogs", e))?,
         );
         logs.sort_by_key(|l| (l.block_number, l.log_index));
-        let mut ids: Vec<B256> = Vec::new();
-        for log in logs {
-            if let Some(id) = log.topics().get(1)
-                && !ids.contains(id)
-            {
-                ids.push(*id);
-            }
-        }
-        Ok(ids)
+        Ok(lease_ids(&logs))
     }
 
     /// Opens the lease unless it already is. Safe to call again after any error.
@@ -713,6 +696,16 @@ fn to_u128(during: &'static str, v: U256) -> Result<u128, ChainError> {
 
 fn to_u64(during: &'static str, v: U256) -> Result<u64, ChainError> {
     u64::try_from(v).map_err(|_| garbage(during, "timestamp beyond 64 bits"))
+}
+
+/// The leases that escrow events name, each once, in the order of `logs`.
+/// Every escrow event names its lease first (topic 1).
+fn lease_ids(logs: &[Log]) -> Vec<B256> {
+    let mut seen = std::collections::HashSet::new();
+    logs.iter()
+        .filter_map(|log| log.topics().get(1).copied())
+        .filter(|id| seen.insert(*id))
+        .collect()
 }
 
 fn garbage(during: &'static str, detail: impl std::fmt::Display) -> ChainError {
