@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use super::bidengine::{Ask, evaluate};
 use super::node::{MARKET_MANAGER, Market, Reservation, now_ms};
 use super::renter::moves_forward;
+use super::renter_io::cache_ready;
 use crate::p2p::envelope::DropReason;
 use crate::settlement_plan::rate_per_second;
 
@@ -523,12 +524,28 @@ impl Market {
         loop {
             tick.tick().await;
             let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.settings.namespace);
-            let leases = match api.list(&ListParams::default().labels(LABEL_LEASE)).await {
-                Ok(l) => l.items,
-                Err(e) => {
-                    debug!(error = %e, "listing provider leases");
-                    continue;
-                }
+            // From the watch cache once it is in: a list every beat read every
+            // Lease this cluster ever lent (the records stay as history), and
+            // under a burst that list was a share of the API server's work.
+            let cached = self.lease_cache.get().filter(|c| cache_ready(c)).map(|c| {
+                c.state()
+                    .iter()
+                    .filter(|l| {
+                        l.namespace().as_deref() == Some(self.settings.namespace.as_str())
+                            && l.labels().contains_key(LABEL_LEASE)
+                    })
+                    .cloned()
+                    .collect::<Vec<Arc<Lease>>>()
+            });
+            let leases = match cached {
+                Some(l) => l,
+                None => match api.list(&ListParams::default().labels(LABEL_LEASE)).await {
+                    Ok(l) => l.items.into_iter().map(Arc::new).collect(),
+                    Err(e) => {
+                        debug!(error = %e, "listing provider leases");
+                        continue;
+                    }
+                },
             };
             let mut lent = 0u32;
             for lease in leases {

@@ -31,7 +31,7 @@ use crate::settlement_plan::rate_per_second;
 type Handled = Result<(), (DropReason, String)>;
 
 /// Whether a watch cache has listed everything once.
-fn cache_ready<K: kube::Resource + Clone>(c: &kube::runtime::reflector::Store<K>) -> bool
+pub(crate) fn cache_ready<K: kube::Resource + Clone>(c: &kube::runtime::reflector::Store<K>) -> bool
 where
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
