@@ -101,6 +101,11 @@ for _ in $(seq 1 40); do
   sleep 0.5
 done
 k bravo get leases.gpupool.dev -n gpupool-system -o custom-columns='NAME:.metadata.name,RENTER:.spec.renter.org,STATE:.status.state,REASON:.status.closeReason,PAID:.status.paid'
+# The provider deletes it at its next beat after the close.
+for _ in $(seq 1 40); do
+  [ -z "$(k bravo get namespaces -l gpupool.dev/lease-namespace --field-selector status.phase=Active -o name)" ] && break
+  sleep 0.5
+done
 k bravo get namespaces -l gpupool.dev/lease-namespace
 say "The AiJob's Events"
 k acme get events --field-selector involvedObject.kind=AiJob,involvedObject.name=eval-sweep \
