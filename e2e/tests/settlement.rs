@@ -4,7 +4,7 @@
 //! on the Lease and heals, and closes (completed, out of funds, record deleted)
 //! leave both copies agreeing with the chain.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use alloy::providers::ext::AnvilApi;
@@ -12,6 +12,7 @@ use gpupool_chain::{ChainConfig, ClientOptions, CloseReason, EscrowClient, Lease
 use gpupool_crds::conditions::find;
 use gpupool_crds::{Lease, LeaseState};
 use gpupool_e2e::chain::{Anvil, deploy_and_fund};
+use gpupool_e2e::env::TestEnv;
 use gpupool_e2e::harness::{Operator, admin, namespace, remove_namespace, testenv, wait_for};
 use gpupool_e2e::rpcproxy::RpcProxy;
 use k8s_openapi::api::events::v1::Event;
@@ -21,6 +22,17 @@ use kube::{Client, ResourceExt};
 const RENTER: usize = 1;
 const PROVIDER: usize = 2;
 const WAIT: Duration = Duration::from_secs(60);
+
+/// A test's own anvil (in a clean directory under the environment) with the
+/// token and escrow deployed and the `funded` wallets funded.
+async fn fresh_chain(env: &TestEnv, tag: &str, funded: &[usize]) -> (PathBuf, Anvil, ChainConfig) {
+    let dir = env.root.join(tag);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let anvil = Anvil::start(&dir).await.unwrap();
+    let config = deploy_and_fund(&anvil, funded).await.unwrap();
+    (dir, anvil, config)
+}
 
 fn write_chain_files(dir: &Path, config: &ChainConfig, key: &str, tag: &str) -> (String, String) {
     let cfg = dir.join(format!("chain-{tag}.json"));
@@ -111,11 +123,7 @@ async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, Strin
 async fn leases_settle_on_chain_from_both_sides() {
     let env = testenv();
     let (acme, bravo) = (env.org("acme").expect("acme"), env.org("bravo").expect("bravo"));
-    let dir = env.root.join("settlement-test");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let anvil = Anvil::start(&dir).await.unwrap();
-    let config = deploy_and_fund(&anvil, &[RENTER, PROVIDER]).await.unwrap();
+    let (dir, anvil, config) = fresh_chain(&env, "settlement-test", &[RENTER, PROVIDER]).await;
     let renter_wallet = anvil.wallet(RENTER).unwrap().address();
     let provider_wallet = anvil.wallet(PROVIDER).unwrap().address();
 
@@ -350,11 +358,7 @@ async fn leases_settle_on_chain_from_both_sides() {
 async fn a_lease_for_another_chain_is_refused_with_a_reason() {
     let env = testenv();
     let acme = env.org("acme").expect("acme");
-    let dir = env.root.join("settlement-mismatch");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let anvil = Anvil::start(&dir).await.unwrap();
-    let config = deploy_and_fund(&anvil, &[RENTER]).await.unwrap();
+    let (dir, anvil, config) = fresh_chain(&env, "settlement-mismatch", &[RENTER]).await;
     let (cfg, key) = write_chain_files(&dir, &config, &anvil.keys[RENTER], "acme");
     let client = admin(acme).await;
     let ns = namespace(&client, "lease-bad").await;
@@ -437,11 +441,7 @@ async fn a_lease_for_another_chain_is_refused_with_a_reason() {
 async fn the_provider_hears_a_close_from_the_chain_at_once() {
     let env = testenv();
     let (acme, bravo) = (env.org("acme").expect("acme"), env.org("bravo").expect("bravo"));
-    let dir = env.root.join("settlement-events");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let anvil = Anvil::start(&dir).await.unwrap();
-    let config = deploy_and_fund(&anvil, &[RENTER, PROVIDER]).await.unwrap();
+    let (dir, anvil, config) = fresh_chain(&env, "settlement-events", &[RENTER, PROVIDER]).await;
     let (rw, pw) = (
         anvil.wallet(RENTER).unwrap().address().to_string(),
         anvil.wallet(PROVIDER).unwrap().address().to_string(),

@@ -373,6 +373,14 @@ impl Market {
         let _ = self.lease_cache.set(leases);
     }
 
+    /// The Lease cache, once its first list is in; until then callers ask
+    /// the API server.
+    pub(crate) fn ready_lease_cache(&self) -> Option<&Store<Lease>> {
+        self.lease_cache
+            .get()
+            .filter(|c| futures::FutureExt::now_or_never(c.wait_until_ready()).is_some_and(|r| r.is_ok()))
+    }
+
     /// Hands the market the AiJob controller's own cache.
     pub fn attach_aijob_cache(&self, aijobs: Store<AiJob>) {
         let _ = self.aijob_cache.set(aijobs);

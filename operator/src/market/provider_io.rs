@@ -26,7 +26,6 @@ use tracing::{debug, info, warn};
 use super::bidengine::{Ask, evaluate};
 use super::node::{MARKET_MANAGER, Market, Reservation, now_ms};
 use super::renter::moves_forward;
-use super::renter_io::cache_ready;
 use crate::p2p::envelope::DropReason;
 use crate::settlement_plan::rate_per_second;
 
@@ -527,7 +526,7 @@ impl Market {
             // From the watch cache once it is in: a list every beat read every
             // Lease this cluster ever lent (the records stay as history), and
             // under a burst that list was a share of the API server's work.
-            let cached = self.lease_cache.get().filter(|c| cache_ready(c)).map(|c| {
+            let cached = self.ready_lease_cache().map(|c| {
                 c.state()
                     .iter()
                     .filter(|l| {

@@ -30,14 +30,6 @@ use crate::settlement_plan::rate_per_second;
 
 type Handled = Result<(), (DropReason, String)>;
 
-/// Whether a watch cache has listed everything once.
-pub(crate) fn cache_ready<K: kube::Resource + Clone>(c: &kube::runtime::reflector::Store<K>) -> bool
-where
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    futures::FutureExt::now_or_never(c.wait_until_ready()).is_some_and(|r| r.is_ok())
-}
-
 /// What the pool placement wants the AiJob status to say.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RemoteOutcome {
@@ -212,7 +204,7 @@ impl Market {
         // After a restart, or before this job's next step registered it:
         // find it among the renter Leases. Without the watch cache, at most
         // every few seconds, so bogus lease ids cannot become API calls.
-        let leases: Vec<Lease> = match self.lease_cache.get().filter(|c| cache_ready(c)) {
+        let leases: Vec<Lease> = match self.ready_lease_cache() {
             Some(cache) => cache
                 .find(|l| {
                     l.status
@@ -285,7 +277,7 @@ impl Market {
     /// until the cache has listed them all (the exactly-once guard reads
     /// this, and an unlisted cache would hide a live lease).
     async fn leases_of(&self, ns: &str, aijob: &str) -> Result<Vec<Lease>, MarketError> {
-        if let Some(cache) = self.lease_cache.get().filter(|c| cache_ready(c)) {
+        if let Some(cache) = self.ready_lease_cache() {
             return Ok(cache
                 .state_filter(|l| {
                     l.namespace().as_deref() == Some(ns)
@@ -329,7 +321,7 @@ impl Market {
             .max(250);
         // A lease whose close the renter asked for, or that is gone: its
         // provider's beats are not worth a write any more (see `heard`).
-        let closing = self.lease_cache.get().filter(|c| cache_ready(c)).is_some_and(|c| {
+        let closing = self.ready_lease_cache().is_some_and(|c| {
             c.get(&ObjectRef::new(&rl.name).within(&rl.namespace))
                 .is_none_or(|l| l.spec.close_reason.is_some() || lease_state(&l) == Some(LeaseState::Closed))
         });
