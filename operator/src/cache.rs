@@ -2,8 +2,50 @@
 //! and Job the operator watches, so everything it never reads is dropped on
 //! arrival: at thousands of AiJobs, pod specs and Job templates dominate memory.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus};
+use kube::runtime::reflector::Store;
+use kube::runtime::reflector::store::WriterDropped;
+
+use crate::capacity::pod_is_live;
+
+/// The pods the operator counts GPUs from, in two caches that never hold the
+/// same pod: its own Jobs' pods in every phase (status mirroring reads exit
+/// codes from finished ones), and everyone else's live pods. One cache of all
+/// live pods beside the first held each of the operator's running pods twice,
+/// at thousands of AiJobs the largest part of its memory after the AiJobs.
+#[derive(Clone)]
+pub struct PodCaches {
+    pub ours: Store<Pod>,
+    pub others_live: Store<Pod>,
+}
+
+impl PodCaches {
+    /// Every live pod on the cluster, what holds GPUs now; None until both
+    /// caches have had their first list, when counting would miss pods and
+    /// offer GPUs that are taken. The operator's own pods come in through the
+    /// controller's watch, so this turns ready only once the controller runs.
+    pub fn live(&self) -> Option<Vec<Arc<Pod>>> {
+        if !(listed(&self.ours) && listed(&self.others_live)) {
+            return None;
+        }
+        let mut pods = self.others_live.state();
+        pods.extend(self.ours.state_filter(|p| pod_is_live(p)));
+        Some(pods)
+    }
+
+    /// Waits for both caches' first list.
+    pub async fn wait_until_ready(&self) -> Result<(), WriterDropped> {
+        self.ours.wait_until_ready().await?;
+        self.others_live.wait_until_ready().await
+    }
+}
+
+fn listed(store: &Store<Pod>) -> bool {
+    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+}
 
 /// Keeps a pod's identity, labels, node, per-container resources and the
 /// status fields that phase and exit-code mirroring read.
@@ -48,6 +90,54 @@ mod tests {
     use crate::capacity::{pod_gpus, pod_is_live, tests::pod};
     use crate::jobstatus::observe;
     use k8s_openapi::api::core::v1::{EnvVar, Volume};
+
+    fn store(pods: Vec<Pod>, listed: bool) -> Store<Pod> {
+        use kube::runtime::watcher::Event;
+        let mut w = kube::runtime::reflector::store::Writer::<Pod>::default();
+        w.apply_watcher_event(&Event::Init);
+        for p in pods {
+            w.apply_watcher_event(&Event::InitApply(p));
+        }
+        if listed {
+            w.apply_watcher_event(&Event::InitDone);
+        }
+        // The reader keeps the store; the writer would only feed it more.
+        w.as_reader()
+    }
+
+    fn named(mut p: Pod, name: &str) -> Pod {
+        p.metadata.name = Some(name.into());
+        p.metadata.namespace = Some("ns".into());
+        p
+    }
+
+    #[test]
+    fn live_pods_are_ours_still_running_and_everyone_elses() {
+        let ours = vec![
+            named(pod(Some("n1"), 2, "Running"), "ours-running"),
+            named(pod(Some("n1"), 4, "Succeeded"), "ours-done"),
+        ];
+        let theirs = vec![named(pod(Some("n2"), 1, "Pending"), "theirs")];
+        let caches = PodCaches {
+            ours: store(ours.clone(), true),
+            others_live: store(theirs.clone(), true),
+        };
+        let mut live: Vec<String> = caches
+            .live()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        live.sort();
+        assert_eq!(live, ["ours-running", "theirs"]);
+
+        // Until the controller's own watch has listed, nothing is counted.
+        let starting = PodCaches {
+            ours: store(ours, false),
+            others_live: store(theirs, true),
+        };
+        assert!(starting.live().is_none());
+    }
 
     #[test]
     fn slimming_keeps_what_capacity_and_status_read() {

@@ -26,7 +26,7 @@ use crate::market::node::Market;
 use crate::market::renter_io::in_pool;
 use tracing::{debug, info, warn};
 
-use crate::cache::{slim_job, slim_pod};
+use crate::cache::{PodCaches, slim_job, slim_pod};
 use crate::capacity::{self, inventory};
 use crate::jobbuild::{self, MANAGED_BY, MANAGER};
 use crate::jobstatus::observe;
@@ -51,6 +51,8 @@ pub enum Error {
     CleanupPending(String),
     #[error("pool: {0}")]
     Market(#[from] crate::market::renter_io::MarketError),
+    #[error("the pod cache stopped before its first list")]
+    PodCacheStopped,
 }
 
 /// Settings that change behaviour, not wiring.
@@ -78,10 +80,8 @@ pub struct Context {
     client: Client,
     settings: Settings,
     jobs: Store<Job>,
-    /// Pods of our Jobs, terminal ones included (they carry exit codes).
-    our_pods: Store<Pod>,
-    /// Every live pod on the cluster, for counting GPUs in use.
-    live_pods: Store<Pod>,
+    /// Our Jobs' pods, and everyone else's live pods (GPUs in use).
+    pods: PodCaches,
     gpunodes: Store<GpuNode>,
     recorder: Recorder,
     /// Serialises the check-then-create of placements so two reconciles never
@@ -123,10 +123,12 @@ pub async fn run(
         .reflect(our_pods_writer)
         .applied_objects();
 
-    let (live_pods, live_writer) = reflector::store();
+    let (others_live, live_writer) = reflector::store();
     let live_stream = watcher(
         pods_api,
-        watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"),
+        watcher::Config::default()
+            .labels(&format!("!{LABEL_AIJOB}"))
+            .fields("status.phase!=Succeeded,status.phase!=Failed"),
     )
     .default_backoff()
     .modify(slim_pod)
@@ -145,9 +147,13 @@ pub async fn run(
         controller: FIELD_MANAGER.into(),
         instance: std::env::var("POD_NAME").ok(),
     };
+    let pods = PodCaches {
+        ours: our_pods,
+        others_live: others_live.clone(),
+    };
     let (market, wake) = match market {
         Some((m, w)) => {
-            m.attach_stores(gpunodes.clone(), live_pods.clone());
+            m.attach_stores(gpunodes.clone(), pods.clone());
             (Some(m), Some(w))
         }
         None => (None, None),
@@ -158,8 +164,7 @@ pub async fn run(
         client,
         settings: settings.clone(),
         jobs,
-        our_pods,
-        live_pods: live_pods.clone(),
+        pods: pods.clone(),
         gpunodes: gpunodes.clone(),
         placing: Mutex::new(BTreeMap::new()),
         metrics,
@@ -168,7 +173,9 @@ pub async fn run(
 
     // Placement decisions on empty caches would tell users there are no GPUs.
     info!("waiting for the pod and GpuNode caches");
-    live_pods.wait_until_ready().await?;
+    // The controller's own pods arrive through its watch, which runs only
+    // with the controller: placement waits for that list itself (`place`).
+    others_live.wait_until_ready().await?;
     gpunodes.wait_until_ready().await?;
     info!("caches ready; starting the AiJob controller");
 
@@ -179,7 +186,15 @@ pub async fn run(
         }
     });
     let pool = ctx.market.is_some();
-    let mut controller = Controller::new(aijobs, watcher::Config::default())
+    // The controller's own cache holds every AiJob; managed fields are the
+    // largest part of a small one and nothing here reads them.
+    let (aijob_store, aijob_writer) = reflector::store();
+    let aijob_stream = watcher(aijobs, watcher::Config::default())
+        .default_backoff()
+        .modify(|j: &mut AiJob| j.meta_mut().managed_fields = None)
+        .reflect(aijob_writer)
+        .applied_objects();
+    let mut controller = Controller::for_stream(aijob_stream, aijob_store)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .owns_stream(job_stream);
     if pool {
@@ -255,7 +270,7 @@ fn key(ns: &str, name: &str) -> String {
 
 /// The pods of one AiJob's Job, from the cache.
 fn pods_of(ctx: &Context, ns: &str, name: &str) -> Vec<Arc<Pod>> {
-    ctx.our_pods.state_filter(|p| {
+    ctx.pods.ours.state_filter(|p| {
         p.namespace().as_deref() == Some(ns) && p.labels().get(LABEL_AIJOB).map(String::as_str) == Some(name)
     })
 }
@@ -412,6 +427,9 @@ async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Err
     let ns = aijob.namespace().ok_or(Error::NoNamespace)?;
     let name = aijob.name_any();
     let me = key(&ns, &name);
+    // Counting GPUs before every pod is in the caches would place onto GPUs
+    // that are taken.
+    ctx.pods.wait_until_ready().await.map_err(|_| Error::PodCacheStopped)?;
     // Decide and reserve under the lock; create the Job outside it, so
     // placements are serialised only for the in-memory bookkeeping.
     let (node, product, products) = {
@@ -419,7 +437,8 @@ async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Err
         placing.retain(|_, r| r.at.elapsed() < RESERVATION_TTL);
         // A reservation stops counting once its pod shows up bound in the cache.
         let bound: HashSet<String> = ctx
-            .our_pods
+            .pods
+            .ours
             .state()
             .iter()
             .filter(|p| capacity::pod_is_live(p) && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
@@ -430,7 +449,9 @@ async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Err
         for r in placing.values() {
             *extra.entry(r.node.clone()).or_default() += r.gpus;
         }
-        let nodes = inventory(&ctx.gpunodes.state(), &ctx.live_pods.state(), &extra, Timestamp::now());
+        // Some: both caches have listed (awaited above), and stay listed.
+        let pods = ctx.pods.live().unwrap_or_default();
+        let nodes = inventory(&ctx.gpunodes.state(), &pods, &extra, Timestamp::now());
         ctx.metrics.observe_inventory(&nodes);
         match decide(need, aijob.spec.placement.mode, &nodes) {
             Decision::Wait { reason, message } => return Ok(Outcome::Waiting { reason, message }),

@@ -200,6 +200,14 @@ async fn main() -> anyhow::Result<()> {
     // Let the operator settle, then measure what it holds and what it asked.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (rss, peak) = memory_kib(pid)?;
+    // What the operator held when measured: at 10,000 AiJobs the window
+    // ends before every job is placed, and memory grows with what is.
+    let jobs_existing = job_store.state().len();
+    let aijobs_running = aijob_store
+        .state()
+        .iter()
+        .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(AiJobPhase::Running))
+        .count();
     let by_verb = operator_requests(&org)?;
     let total = by_verb.values().sum::<u64>() - before;
     stop(&[pid]);
@@ -210,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
         "submit_concurrency": 32, "submit_seconds": submitted, "operator_concurrency": 32,
         "cluster": "real kube-apiserver + kcm + scheduler + kwok on loopback, 2 cores shared with the operator",
         "requests_by_verb_total_run": by_verb,
+        "jobs_existing_when_measured": jobs_existing, "aijobs_running_when_measured": aijobs_running,
     });
     let figures = vec![
         Figure::new(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::StreamExt;
 use gpupool_crds::{AiJob, AiJobPhase, Lease, LeaseState};
-use gpupool_e2e::bench::{Figure, write};
+use gpupool_e2e::bench::{Figure, cpu_between, cpu_by_component, write};
 use gpupool_e2e::env::{TestEnv, default_root};
 use gpupool_e2e::harness::{admin, aijob_json, namespace};
 use gpupool_e2e::pool::{Lends, Pool};
@@ -214,6 +214,7 @@ async fn main() -> anyhow::Result<()> {
     watch(&acme, &ns, book.clone());
     let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
     let names: Vec<String> = (0..args.burst).map(|i| format!("burst-{i}")).collect();
+    let cpu_before = cpu_by_component(&env.root);
     let start = Instant::now();
     // Applied at once, as a pipeline would: sixteen requests in flight.
     let created: Vec<anyhow::Result<()>> = futures::stream::iter(names.iter().cloned())
@@ -231,6 +232,10 @@ async fn main() -> anyhow::Result<()> {
         .await;
     created.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     let done = wait_all(&book, &names, Duration::from_secs(180)).await;
+    // Sampled when the last job runs or the wait gives up: slightly after
+    // the last Running, never before it.
+    let cpu = cpu_between(&cpu_before, &cpu_by_component(&env.root));
+    let cpu_window = start.elapsed().as_secs_f64();
     // The rate runs to the last job that got there, not to the time limit:
     // jobs that never run are reported as such, not as a slower rate.
     let last = book.lock().await.values().filter_map(|t| t.running).max();
@@ -265,6 +270,24 @@ async fn main() -> anyhow::Result<()> {
         serde_json::json!({"jobs": args.burst, "reached_running": done, "not_running": not_running, "seconds_to_last_running": secs, "orgs": 3,
             "free_gpus": fleet.join(" + "), "job_runs": "1s", "operator_flags": operator_flags, "applied": "16 creates in flight",
             "target": ">= 100 jobs/s"}),
+    ));
+    // Where the burst's CPU went, per placement: the figure that says what
+    // a rate would need on any machine, where this one's rate only says
+    // what two shared cores give.
+    let placed = done.max(1) as f64;
+    let cpu_total: f64 = cpu.values().sum();
+    let per_component: serde_json::Map<String, serde_json::Value> = cpu
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::json!((v * 1000.0 / placed).round())))
+        .collect();
+    figures.push(Figure::new(
+        "pool_burst_cpu_per_placement",
+        cpu_total * 1000.0 / placed,
+        "cpu-ms/job",
+        serde_json::json!({"jobs": args.burst, "reached_running": done, "window_seconds": cpu_window,
+            "cores_busy": cpu_total / cpu_window, "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "cpu_ms_per_job_by_component": per_component,
+            "measured": "utime+stime from /proc of every test-environment process and operator, from the first apply until the last job Running"}),
     ));
     write(&args.out, &figures)?;
     // Delete the jobs while the operators still run: their finalizers close

@@ -14,7 +14,6 @@ use gpupool_crds::{
 };
 use gpupool_proto::peer::v1::envelope::Body;
 use gpupool_proto::peer::v1::{CapacityAdvert, GpuOffer, IdentityRecord};
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -30,6 +29,7 @@ use super::bidengine::Supply;
 use super::heard::Heard;
 use super::policy::ProviderPolicy;
 use super::selection::{PeerSupply, Wanted, advertises_fit};
+use crate::cache::PodCaches;
 use crate::capacity::inventory;
 use crate::p2p::envelope::{DropReason, Opened, Opener, seal};
 use crate::p2p::score::{PeerScores, ScoreParams};
@@ -266,7 +266,7 @@ impl State {
 
 pub(crate) struct Stores {
     pub gpunodes: Store<GpuNode>,
-    pub live_pods: Store<Pod>,
+    pub pods: PodCaches,
 }
 
 /// One member of the pool.
@@ -363,8 +363,8 @@ impl Market {
     }
 
     /// Hands the controller's caches to the market (GPU supply for bids and adverts).
-    pub fn attach_stores(&self, gpunodes: Store<GpuNode>, live_pods: Store<Pod>) {
-        let _ = self.stores.set(Stores { gpunodes, live_pods });
+    pub fn attach_stores(&self, gpunodes: Store<GpuNode>, pods: PodCaches) {
+        let _ = self.stores.set(Stores { gpunodes, pods });
     }
 
     /// Hands the market a cache of the renter's Leases, filled by the watch
@@ -817,12 +817,11 @@ impl Market {
         let Some(stores) = self.stores.get() else {
             return (vec![], 0);
         };
-        let nodes = inventory(
-            &stores.gpunodes.state(),
-            &stores.live_pods.state(),
-            &BTreeMap::new(),
-            Timestamp::now(),
-        );
+        // Nothing to lend until every pod is counted.
+        let Some(pods) = stores.pods.live() else {
+            return (vec![], 0);
+        };
+        let nodes = inventory(&stores.gpunodes.state(), &pods, &BTreeMap::new(), Timestamp::now());
         let st = self.lock();
         let now = now_ms();
         let mut reserved: HashMap<&str, u32> = HashMap::new();
