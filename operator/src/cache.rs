@@ -32,7 +32,7 @@ impl PodCaches {
             return None;
         }
         let mut pods = self.others_live.state();
-        pods.extend(self.ours.state_filter(|p| pod_is_live(p)));
+        pods.extend(self.ours.state_filter(pod_is_live));
         Some(pods)
     }
 

@@ -15,7 +15,9 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
+
+use crate::events::EventPublisher;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -83,7 +85,7 @@ pub struct Context {
     /// Our Jobs' pods, and everyone else's live pods (GPUs in use).
     pods: PodCaches,
     gpunodes: Store<GpuNode>,
-    recorder: Recorder,
+    recorder: EventPublisher,
     /// Serialises the check-then-create of placements so two reconciles never
     /// book the same free GPUs.
     placing: Mutex<BTreeMap<String, Reservation>>,
@@ -160,7 +162,7 @@ pub async fn run(
     };
     let ctx = Arc::new(Context {
         market,
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: EventPublisher::new(client.clone(), reporter),
         client,
         settings: settings.clone(),
         jobs,

@@ -19,7 +19,9 @@ use gpupool_crds::{LEASE_FINALIZER, Lease, LeaseSide, LeaseState, LeaseStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
+
+use crate::events::EventPublisher;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -60,7 +62,7 @@ struct Context {
     client: Client,
     chain: Arc<EscrowClient>,
     settings: SettlementSettings,
-    recorder: Recorder,
+    recorder: EventPublisher,
     metrics: Arc<Metrics>,
     /// Consecutive chain failures per lease, for backoff.
     failures: Mutex<HashMap<String, u32>>,
@@ -127,7 +129,7 @@ pub async fn run(
         instance: std::env::var("POD_NAME").ok(),
     };
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: EventPublisher::new(client.clone(), reporter),
         client,
         chain,
         settings,
