@@ -16,8 +16,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
-
-use crate::events::EventPublisher;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -30,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::cache::{PodCaches, slim_job, slim_pod};
 use crate::capacity::{self, inventory};
+use crate::events::EventPublisher;
 use crate::jobbuild::{self, MANAGED_BY, MANAGER};
 use crate::jobstatus::observe;
 use crate::placement::{Decision, Need, decide};

@@ -20,13 +20,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
-
-use crate::events::EventPublisher;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
+use crate::events::EventPublisher;
 use crate::settlement_plan::{COND_CHAIN, COND_FUNDS_LOW, COND_SETTLED, Observed, Policy, Step, plan, rate_per_second};
 use crate::telemetry::Metrics;
 
