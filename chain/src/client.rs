@@ -537,6 +537,7 @@ impl EscrowClient {
     }
 
     /// Sends a transaction from the wallet and waits for its receipt.
+    #[tracing::instrument(name = "chain.tx", skip_all, fields(call = call, tx = tracing::field::Empty, gas_used = tracing::field::Empty))]
     pub async fn send(&self, call: &'static str, mut tx: TransactionRequest) -> Result<TransactionReceipt, ChainError> {
         let from = self.wallet.ok_or(ChainError::NoWallet(call))?;
         tx.set_from(from);
@@ -588,6 +589,7 @@ impl EscrowClient {
             }
         };
         let hash = *pending.tx_hash();
+        tracing::Span::current().record("tx", tracing::field::display(hash));
         let started = Instant::now();
         let receipt = pending
             .with_required_confirmations(1)
@@ -620,6 +622,7 @@ impl EscrowClient {
         if let Some(observe) = &self.observer {
             observe(&record);
         }
+        tracing::Span::current().record("gas_used", receipt.gas_used);
         debug!(call, tx = %hash, gas = receipt.gas_used, latency_ms = record.latency.as_millis() as u64, "transaction mined");
         if !receipt.status() {
             warn!(call, tx = %hash, "transaction reverted on chain");

@@ -55,6 +55,11 @@ pub const LABEL_LEASE: &str = "gpupool.dev/lease";
 /// Marks a provider's namespace that runs one lease's workload.
 pub const LABEL_LEASE_NAMESPACE: &str = "gpupool.dev/lease-namespace";
 pub const AIJOB_FINALIZER: &str = "gpupool.dev/aijob-cleanup";
+/// W3C `traceparent` of the trace that follows an AiJob or a Lease through
+/// every organisation it touches. Set it when applying an AiJob to join the
+/// job to a trace of your own (a CI pipeline's, say); otherwise the operator
+/// starts one when it first accepts the job, if it exports traces.
+pub const ANNOTATION_TRACEPARENT: &str = "gpupool.dev/traceparent";
 
 /// Turns a GPU product name into a valid label value the way NVIDIA's GPU
 /// feature discovery does ("NVIDIA H100 80GB HBM3" -> "NVIDIA-H100-80GB-HBM3"),

@@ -10,5 +10,6 @@ pub mod env;
 pub mod harness;
 pub mod kubeapply;
 pub mod orgs;
+pub mod otlp;
 pub mod pool;
 pub mod rpcproxy;

@@ -2,10 +2,13 @@
 //! and Job the operator watches, so everything it never reads is dropped on
 //! arrival: at thousands of AiJobs, pod specs and Job templates dominate memory.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
+use gpupool_crds::{AiJob, AiJobPhase};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus, PodTemplateSpec};
+use kube::api::Api;
 use kube::runtime::reflector::Store;
 use kube::runtime::reflector::store::WriterDropped;
 
@@ -82,6 +85,44 @@ pub fn slim_job(job: &mut Job) {
     job.metadata.managed_fields = None;
     job.metadata.annotations = None;
     job.spec = None;
+}
+
+/// Drops what no reconcile reads, and the pod template of a job that has
+/// started. The template is the largest part of an AiJob; once a job runs,
+/// it is read again only when the job must be started anew (its Job was
+/// deleted, or its provider failed), and then [`with_template`] fetches it.
+/// A status change that sends the job back to bidding arrives as a watch
+/// event carrying the whole object, so the cache has the template again by
+/// the time the next order goes out.
+pub fn slim_aijob(aijob: &mut AiJob) {
+    aijob.metadata.managed_fields = None;
+    let started = matches!(
+        aijob.status.as_ref().and_then(|s| s.phase),
+        Some(AiJobPhase::Running | AiJobPhase::Succeeded | AiJobPhase::Failed)
+    );
+    if started {
+        aijob.spec.template = PodTemplateSpec::default();
+    }
+}
+
+/// Whether [`slim_aijob`] took this cached AiJob's template away: the API
+/// server never holds an AiJob without `template.spec` (CEL rule on the
+/// CRD), so a missing one can only be the cache's doing.
+pub fn template_elided(aijob: &AiJob) -> bool {
+    aijob.spec.template.spec.is_none()
+}
+
+/// The AiJob with its pod template: the cached object itself, or, when the
+/// cache elided the template, the object with the template the API server
+/// holds now.
+pub async fn with_template<'a>(aijob: &'a AiJob, api: &Api<AiJob>) -> Result<Cow<'a, AiJob>, kube::Error> {
+    if !template_elided(aijob) {
+        return Ok(Cow::Borrowed(aijob));
+    }
+    let fresh = api.get(&kube::ResourceExt::name_any(aijob)).await?;
+    let mut full = aijob.clone();
+    full.spec.template = fresh.spec.template;
+    Ok(Cow::Owned(full))
 }
 
 #[cfg(test)]
@@ -164,5 +205,45 @@ mod tests {
         let s = slim.spec.unwrap();
         assert!(s.volumes.is_none() && s.containers[0].env.is_none());
         assert_eq!(s.node_name.as_deref(), Some("n1"));
+    }
+
+    #[test]
+    fn started_jobs_lose_their_template_and_nothing_else() {
+        use gpupool_crds::AiJobStatus;
+        let with_phase = |phase: Option<AiJobPhase>| {
+            let mut j = crate::jobbuild::tests::aijob();
+            j.status = phase.map(|p| AiJobStatus {
+                phase: Some(p),
+                ..Default::default()
+            });
+            j
+        };
+        for phase in [
+            None,
+            Some(AiJobPhase::Pending),
+            Some(AiJobPhase::Bidding),
+            Some(AiJobPhase::Leased),
+        ] {
+            let j = with_phase(phase);
+            let mut slim = j.clone();
+            slim_aijob(&mut slim);
+            let json = |j: &AiJob| serde_json::to_value(j).unwrap();
+            assert_eq!(
+                json(&slim),
+                json(&j),
+                "{phase:?}: a job still to be placed keeps its template"
+            );
+            assert!(!template_elided(&slim));
+        }
+        for phase in [AiJobPhase::Running, AiJobPhase::Succeeded, AiJobPhase::Failed] {
+            let j = with_phase(Some(phase));
+            let mut slim = j.clone();
+            slim_aijob(&mut slim);
+            assert!(template_elided(&slim), "{phase:?}");
+            assert_eq!(
+                (&slim.spec.gpus, &slim.status, &slim.metadata),
+                (&j.spec.gpus, &j.status, &j.metadata)
+            );
+        }
     }
 }

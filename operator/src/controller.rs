@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use gpupool_crds::conditions::find;
 use gpupool_crds::{
-    AIJOB_FINALIZER, AiJob, AiJobStatus, GpuNode, LABEL_AIJOB, LABEL_LEASE, LABEL_ORDER, Lease, PlacementMode, RunsOn,
+    AIJOB_FINALIZER, ANNOTATION_TRACEPARENT, AiJob, AiJobStatus, GpuNode, LABEL_AIJOB, LABEL_LEASE, LABEL_ORDER, Lease,
+    PlacementMode, RunsOn,
 };
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -24,9 +25,10 @@ use tokio::sync::{Mutex, mpsc};
 
 use crate::market::node::Market;
 use crate::market::renter_io::in_pool;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::cache::{PodCaches, slim_job, slim_pod};
+use crate::cache::{PodCaches, slim_aijob, slim_job, slim_pod};
 use crate::capacity::{self, inventory};
 use crate::events::EventPublisher;
 use crate::jobbuild::{self, MANAGED_BY, MANAGER};
@@ -35,6 +37,7 @@ use crate::placement::{Decision, Need, decide};
 use crate::status::{COND_PLACED, Outcome, plan};
 use crate::status_memo::StatusMemo;
 use crate::telemetry::Metrics;
+use crate::tracecontext;
 
 pub const FIELD_MANAGER: &str = "gpupool-operator";
 
@@ -187,12 +190,12 @@ pub async fn run(
         }
     });
     let pool = ctx.market.is_some();
-    // The controller's own cache holds every AiJob; managed fields are the
-    // largest part of a small one and nothing here reads them.
+    // The controller's own cache holds every AiJob; managed fields and the
+    // templates of started jobs are most of it, and are rarely read.
     let (aijob_store, aijob_writer) = reflector::store();
     let aijob_stream = watcher(aijobs, watcher::Config::default())
         .default_backoff()
-        .modify(|j: &mut AiJob| j.meta_mut().managed_fields = None)
+        .modify(slim_aijob)
         .reflect(aijob_writer)
         .applied_objects();
     let mut controller = Controller::for_stream(aijob_stream, aijob_store)
@@ -253,16 +256,83 @@ async fn reconcile(aijob: Arc<AiJob>, ctx: Arc<Context>) -> Result<Action, Error
     let started = Instant::now();
     let ns = aijob.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<AiJob> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(action) = accept_traced(&aijob, &api).await? {
+        ctx.metrics.reconciled(started.elapsed());
+        return Ok(action);
+    }
+    let span = info_span!(
+        "aijob.reconcile",
+        aijob = %aijob.name_any(),
+        namespace = %ns,
+        phase = ?aijob.status.as_ref().and_then(|s| s.phase),
+    );
+    if let Some(parent) = tracecontext::parent_of(aijob.as_ref()) {
+        // Fails only when spans are not exported, when there is nothing to join.
+        let _ = span.set_parent(parent);
+    }
     let result = finalizer(&api, AIJOB_FINALIZER, aijob, |event| async {
         match event {
             Finalizer::Apply(job) => apply(job, &ctx, &api).await,
             Finalizer::Cleanup(job) => cleanup(job, &ctx).await,
         }
     })
+    .instrument(span)
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.metrics.reconciled(started.elapsed());
     result
+}
+
+/// A job seen for the first time while spans are exported: its trace starts
+/// here, and the annotation that lets every later reconcile, peer and
+/// provider join it goes in the same write that adds the finalizer.
+/// None: nothing to do here (already accepted, being deleted, or tracing off).
+async fn accept_traced(aijob: &AiJob, api: &Api<AiJob>) -> Result<Option<Action>, Error> {
+    let accepted = aijob.finalizers().iter().any(|f| f == AIJOB_FINALIZER);
+    if accepted
+        || aijob.metadata.deletion_timestamp.is_some()
+        || aijob.annotations().contains_key(ANNOTATION_TRACEPARENT)
+    {
+        return Ok(None);
+    }
+    let span = info_span!("aijob.accept", aijob = %aijob.name_any(), namespace = aijob.namespace().unwrap_or_default());
+    let Some(traceparent) = span.in_scope(tracecontext::current_traceparent) else {
+        return Ok(None);
+    };
+    let patch = accept_patch(aijob, &traceparent);
+    api.patch(&aijob.name_any(), &PatchParams::default(), &Patch::Json::<()>(patch))
+        .instrument(span)
+        .await?;
+    // The write wakes the job again; the finalizer is on from then.
+    Ok(Some(Action::await_change()))
+}
+
+/// Adds the finalizer, unless someone changed the list since it was read
+/// (the API server then refuses the patch and the next pass reads again),
+/// and the trace annotation.
+fn accept_patch(aijob: &AiJob, traceparent: &str) -> json_patch::Patch {
+    let finalizers = aijob.finalizers();
+    let mut ops = if finalizers.is_empty() {
+        vec![
+            serde_json::json!({"op": "test", "path": "/metadata/finalizers", "value": null}),
+            serde_json::json!({"op": "add", "path": "/metadata/finalizers", "value": [AIJOB_FINALIZER]}),
+        ]
+    } else {
+        vec![
+            serde_json::json!({"op": "test", "path": "/metadata/finalizers", "value": finalizers}),
+            serde_json::json!({"op": "add", "path": "/metadata/finalizers/-", "value": AIJOB_FINALIZER}),
+        ]
+    };
+    ops.push(if aijob.annotations().is_empty() {
+        let value = serde_json::Map::from_iter([(ANNOTATION_TRACEPARENT.to_string(), traceparent.into())]);
+        serde_json::json!({"op": "add", "path": "/metadata/annotations", "value": value})
+    } else {
+        // JSON Pointer writes '/' inside a key as "~1".
+        let key = ANNOTATION_TRACEPARENT.replace('~', "~0").replace('/', "~1");
+        serde_json::json!({"op": "add", "path": format!("/metadata/annotations/{key}"), "value": traceparent})
+    });
+    // Proven invariant: every op above is a well-formed add or test.
+    serde_json::from_value(serde_json::Value::Array(ops)).expect("well-formed JSON Patch")
 }
 
 fn key(ns: &str, name: &str) -> String {
@@ -474,7 +544,10 @@ async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Err
         }
     };
 
-    let job = jobbuild::build(aijob, need, &products)?;
+    // Started before and lost its Job: the cache may have elided the template.
+    let api = Api::<AiJob>::namespaced(ctx.client.clone(), &ns);
+    let full = crate::cache::with_template(aijob, &api).await?;
+    let job = jobbuild::build(&full, need, &products)?;
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let pp = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -579,4 +652,44 @@ async fn cleanup(aijob: Arc<AiJob>, ctx: &Context) -> Result<Action, Error> {
 
 async fn patch_status(api: &Api<AiJob>, name: &str, status: &AiJobStatus) -> Result<AiJob, Error> {
     Ok(crate::ssa::apply_status(api, name, FIELD_MANAGER, status).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn patched(aijob: &AiJob) -> Result<AiJob, json_patch::PatchError> {
+        let mut doc = serde_json::to_value(aijob).unwrap();
+        // The API server reads a missing list as null for the test op.
+        if aijob.metadata.finalizers.is_none() {
+            doc["metadata"]["finalizers"] = serde_json::Value::Null;
+        }
+        json_patch::patch(&mut doc, &accept_patch(aijob, TP))?;
+        Ok(serde_json::from_value(doc).unwrap())
+    }
+
+    #[test]
+    fn accepting_adds_the_finalizer_and_the_trace_in_one_patch() {
+        let fresh = crate::jobbuild::tests::aijob();
+        let done = patched(&fresh).unwrap();
+        assert_eq!(done.finalizers(), [AIJOB_FINALIZER]);
+        assert_eq!(done.annotations().get(ANNOTATION_TRACEPARENT).map(String::as_str), Some(TP));
+
+        // Others' finalizers and annotations stay as they were.
+        let mut theirs = fresh.clone();
+        theirs.metadata.finalizers = Some(vec!["example.com/keep".into()]);
+        theirs.metadata.annotations = Some([("team".to_string(), "nlp".to_string())].into());
+        let done = patched(&theirs).unwrap();
+        assert_eq!(done.finalizers(), ["example.com/keep", AIJOB_FINALIZER]);
+        assert_eq!(done.annotations().get("team").map(String::as_str), Some("nlp"));
+        assert_eq!(done.annotations().get(ANNOTATION_TRACEPARENT).map(String::as_str), Some(TP));
+
+        // A finalizer list that changed since it was read fails the test op,
+        // as the API server would refuse it.
+        let patch = accept_patch(&fresh, TP);
+        let mut moved = serde_json::to_value(&theirs).unwrap();
+        assert!(json_patch::patch(&mut moved, &patch).is_err());
+    }
 }

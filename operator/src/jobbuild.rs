@@ -134,7 +134,7 @@ pub fn build(aijob: &AiJob, need: &Need, products: &[String]) -> Result<Job, Bui
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use gpupool_crds::{AiJobSpec, GpuRequirements};
     use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};

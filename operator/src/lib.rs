@@ -20,4 +20,6 @@ pub mod ssa;
 pub mod status;
 pub mod status_memo;
 pub mod telemetry;
+pub mod tracecontext;
+pub mod traces;
 pub mod triggers;

@@ -14,7 +14,10 @@ use gpupool_operator::p2p::identity;
 use gpupool_operator::p2p::swarm::{self, PeerLimits, SwarmConfig};
 use gpupool_operator::settlement::{self, SettlementSettings};
 use gpupool_operator::telemetry::{self, Metrics};
-use tracing_subscriber::EnvFilter;
+use gpupool_operator::traces;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// The gpupool operator: places AiJobs on this cluster's GPUs.
 #[derive(Parser, Debug)]
@@ -35,6 +38,10 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "GPUPOOL_LOG_JSON")]
     log_json: bool,
+    /// OTLP/gRPC endpoint to export traces to (an OpenTelemetry Collector,
+    /// Jaeger, Tempo), e.g. http://otel-collector:4317. Unset: no export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     chain: ChainArgs,
     #[command(flatten)]
@@ -169,11 +176,35 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn,libp2p_gossipsub=error"));
-    if args.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    let logs = if args.log_json {
+        tracing_subscriber::fmt::layer().json().boxed()
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        tracing_subscriber::fmt::layer().boxed()
+    };
+    let (spans, tracer_provider) = match args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        Some(endpoint) => {
+            let (layer, provider) = traces::layer(endpoint, &args.org)?;
+            (Some(layer), Some(provider))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(spans)
+        .init();
+    if let Some(endpoint) = &args.otlp_endpoint {
+        tracing::info!(%endpoint, "exporting traces over OTLP");
     }
+    let result = run(args).await;
+    if let Some(p) = tracer_provider
+        && let Err(e) = p.shutdown()
+    {
+        tracing::warn!(error = %e, "could not flush the last spans");
+    }
+    result
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;

@@ -23,7 +23,7 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::events::EventPublisher;
 use crate::settlement_plan::{COND_CHAIN, COND_FUNDS_LOW, COND_SETTLED, Observed, Policy, Step, plan, rate_per_second};
@@ -181,12 +181,24 @@ async fn reconcile(lease: Arc<Lease>, ctx: Arc<Context>) -> Result<Action, Error
     }
     let ns = lease.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    let span = tracing::info_span!(
+        "lease.settle",
+        lease = %lease.name_any(),
+        namespace = %ns,
+        side = ?lease.spec.side,
+        state = ?lease.status.as_ref().and_then(|s| s.state),
+    );
+    if let Some(parent) = crate::tracecontext::parent_of(lease.as_ref()) {
+        // Fails only when spans are not exported.
+        let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+    }
     finalizer(&api, LEASE_FINALIZER, lease, |event| async {
         match event {
             Finalizer::Apply(l) => apply(l, &ctx, &api).await,
             Finalizer::Cleanup(l) => cleanup(l, &ctx).await,
         }
     })
+    .instrument(span)
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }

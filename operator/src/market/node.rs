@@ -23,7 +23,8 @@ use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
 use libp2p::identity::Keypair;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::bidengine::Supply;
 use super::heard::Heard;
@@ -393,7 +394,9 @@ impl Market {
 
     pub(crate) fn seal(&self, body: Body) -> Vec<u8> {
         let ttl = u64::try_from(self.settings.message_ttl.as_millis()).unwrap_or(60_000);
-        seal(&self.key, body, now_ms(), ttl, BTreeMap::new())
+        // Whatever span sends it (a job's reconcile, the handling of a peer's
+        // message) continues on the receiving side.
+        seal(&self.key, body, now_ms(), ttl, crate::tracecontext::current_headers())
     }
 
     pub(crate) async fn send(&self, peer: PeerId, body: Body) -> Result<(), SendError> {
@@ -410,11 +413,14 @@ impl Market {
     pub(crate) fn send_detached(self: &Arc<Self>, peer: PeerId, body: Body, lease_id: &str) {
         let me = self.clone();
         let lease = lease_id.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = me.send(peer, body).await {
-                debug!(%lease, error = %e, "status or heartbeat not delivered");
+        tokio::spawn(
+            async move {
+                if let Err(e) = me.send(peer, body).await {
+                    debug!(%lease, error = %e, "status or heartbeat not delivered");
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 
     /// Counts a dropped message against its sender and bans it past the line.
@@ -533,7 +539,23 @@ impl Market {
         }
     }
 
+    /// Handles one opened message. One that carries a trace context (sent
+    /// on behalf of a job) is handled in a span of that trace; adverts and
+    /// heartbeats carry none and get no span, or every beat would be a trace.
     async fn dispatch(self: Arc<Self>, o: Opened) {
+        let span = match crate::tracecontext::extract(&o.trace_context) {
+            Some(parent) => {
+                let span = info_span!("peer.receive", kind = kind_of(&o.body), from = %o.sender);
+                // Fails only when spans are not exported.
+                let _ = span.set_parent(parent);
+                span
+            }
+            None => tracing::Span::none(),
+        };
+        self.dispatch_in_span(o).instrument(span).await
+    }
+
+    async fn dispatch_in_span(self: Arc<Self>, o: Opened) {
         self.metrics.message_received(kind_of(&o.body));
         let sender = o.sender;
         let result = match o.body {

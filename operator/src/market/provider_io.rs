@@ -8,9 +8,9 @@ use std::sync::Arc;
 use gpupool_chain::{Address, B256, LeaseOnChain};
 use gpupool_crds::price::TokenAmount;
 use gpupool_crds::{
-    AIJOB_FINALIZER, AiJob, AiJobPhase, AiJobSpec, AiJobStatus, Bidding, CloseReason, Escrow, GpuRequirements,
-    LABEL_LEASE, LABEL_LEASE_NAMESPACE, LABEL_ORDER, LEASE_FINALIZER, Lease, LeaseParty, LeaseSide, LeaseSpec,
-    LeaseState, Placement, PlacementMode,
+    AIJOB_FINALIZER, ANNOTATION_TRACEPARENT, AiJob, AiJobPhase, AiJobSpec, AiJobStatus, Bidding, CloseReason, Escrow,
+    GpuRequirements, LABEL_LEASE, LABEL_LEASE_NAMESPACE, LABEL_ORDER, LEASE_FINALIZER, Lease, LeaseParty, LeaseSide,
+    LeaseSpec, LeaseState, Placement, PlacementMode,
 };
 use gpupool_proto::peer::v1::envelope::Body;
 use gpupool_proto::peer::v1::{Bid, BidResult, Heartbeat, LeaseOffer, LeaseStatus, Order};
@@ -21,7 +21,7 @@ use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostPa
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use libp2p::PeerId;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::bidengine::{Ask, evaluate};
 use super::node::{MARKET_MANAGER, Market, Reservation, now_ms};
@@ -191,7 +191,7 @@ impl Market {
             return Ok(());
         }
         let me = self.clone();
-        tokio::spawn(async move {
+        let accepting = async move {
             let lease_id = l.lease_id.clone();
             // Verifying on chain and creating the workload can outlast the
             // renter's grace window on a busy cluster: beat while accepting,
@@ -230,7 +230,9 @@ impl Market {
                     me.refuse(sender, lease_id, why).await;
                 }
             }
-        });
+        };
+        // In the renter's trace: the lease's verification and workload.
+        tokio::spawn(accepting.in_current_span());
         Ok(())
     }
 
@@ -395,6 +397,10 @@ impl Market {
         // Born with the finalizers of the workers that own them, which would
         // each add theirs in a write of its own.
         lease.metadata.finalizers = Some(vec![LEASE_FINALIZER.to_string()]);
+        // The lease's settlement and the workload continue the renter's trace.
+        let traced = crate::tracecontext::current_traceparent()
+            .map(|tp| BTreeMap::from([(ANNOTATION_TRACEPARENT.to_string(), tp)]));
+        lease.metadata.annotations = traced.clone();
         let lease_api: Api<Lease> = Api::namespaced(self.client.clone(), &self.settings.namespace);
         match lease_api.create(&PostParams::default(), &lease).await {
             Ok(_) => {}
@@ -424,6 +430,7 @@ impl Market {
         aijob.metadata.namespace = Some(ns.clone());
         aijob.metadata.labels = Some(BTreeMap::from([(LABEL_LEASE.to_string(), short)]));
         aijob.metadata.finalizers = Some(vec![AIJOB_FINALIZER.to_string()]);
+        aijob.metadata.annotations = traced;
         let jobs: Api<AiJob> = Api::namespaced(self.client.clone(), &ns);
         match jobs.create(&PostParams::default(), &aijob).await {
             Ok(_) => {}
@@ -454,9 +461,12 @@ impl Market {
         };
         let me = self.clone();
         let ns = ns.to_string();
-        tokio::spawn(async move {
-            me.report(renter, &lease_id, &ns, Some(status)).await;
-        });
+        tokio::spawn(
+            async move {
+                me.report(renter, &lease_id, &ns, Some(status)).await;
+            }
+            .in_current_span(),
+        );
     }
 
     /// Sends the workload's state to the renter; returns its phase. Without

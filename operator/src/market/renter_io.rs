@@ -1055,6 +1055,9 @@ impl Market {
         // Born with the settlement worker's finalizer (the pool always runs
         // it): its first reconcile would add it in a write of its own.
         lease.metadata.finalizers = Some(vec![LEASE_FINALIZER.to_string()]);
+        // Settlement on chain continues the job's trace.
+        lease.metadata.annotations = crate::tracecontext::current_traceparent()
+            .map(|tp| BTreeMap::from([(gpupool_crds::ANNOTATION_TRACEPARENT.to_string(), tp)]));
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
         match api.create(&PostParams::default(), &lease).await {
             Ok(_) => {
@@ -1107,6 +1110,16 @@ impl Market {
                 .and_then(|p| PeerId::from_str(p).ok()),
         ) else {
             return;
+        };
+        // A cached AiJob that ran before (the provider failed, so it is
+        // offered again) may have had its template elided.
+        let api = Api::<AiJob>::namespaced(self.client.clone(), &aijob.namespace().unwrap_or_default());
+        let aijob = match crate::cache::with_template(aijob, &api).await {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(lease = %id, error = %e, "could not read the AiJob's template; offering again later");
+                return;
+            }
         };
         let workload = serde_json::to_vec(&aijob.spec.template).unwrap_or_default();
         let bid_id = format!("{}-{}", l.spec.provider.org, l.spec.order_id);
