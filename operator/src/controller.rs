@@ -675,7 +675,10 @@ mod tests {
         let fresh = crate::jobbuild::tests::aijob();
         let done = patched(&fresh).unwrap();
         assert_eq!(done.finalizers(), [AIJOB_FINALIZER]);
-        assert_eq!(done.annotations().get(ANNOTATION_TRACEPARENT).map(String::as_str), Some(TP));
+        assert_eq!(
+            done.annotations().get(ANNOTATION_TRACEPARENT).map(String::as_str),
+            Some(TP)
+        );
 
         // Others' finalizers and annotations stay as they were.
         let mut theirs = fresh.clone();
@@ -684,7 +687,10 @@ mod tests {
         let done = patched(&theirs).unwrap();
         assert_eq!(done.finalizers(), ["example.com/keep", AIJOB_FINALIZER]);
         assert_eq!(done.annotations().get("team").map(String::as_str), Some("nlp"));
-        assert_eq!(done.annotations().get(ANNOTATION_TRACEPARENT).map(String::as_str), Some(TP));
+        assert_eq!(
+            done.annotations().get(ANNOTATION_TRACEPARENT).map(String::as_str),
+            Some(TP)
+        );
 
         // A finalizer list that changed since it was read fails the test op,
         // as the API server would refuse it.
