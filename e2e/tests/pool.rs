@@ -318,6 +318,9 @@ async fn no_bids_say_why_and_the_order_is_published_again() {
     })
     .await;
     assert_eq!(phase(&j), Some(AiJobPhase::Bidding));
+    // The reason stands through each window, not just the instant it opens.
+    assert_eq!(reason(&j), "NoPeerHasCapacity", "{}", message(&j));
+    assert!(message(&j).contains("its window closes at"), "{}", message(&j));
     assert!(leases_of(&bravo, &ns).await.is_empty());
     remove_namespace(&bravo, &ns).await;
 }

@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use gpupool_chain::Address;
+use gpupool_crds::conditions::find;
 use gpupool_crds::price::TokenAmount;
 use gpupool_crds::{
     AiJob, AiJobPhase, Bid, BidSpec, BidState, BidStatus, CloseReason, Escrow, LABEL_AIJOB, LABEL_ORDER,
@@ -23,10 +24,11 @@ use tracing::{debug, info, warn};
 
 use super::node::{MARKET_MANAGER, Market, OpenOrder, RenterLease, now_ms};
 use super::renter::{LeaseView, Step, View, closing_phase, decide, exclude_after_failure, moves_forward, window_ms};
-use super::selection::{Candidate, Wanted, advertised_room, advertises_fit, explain_no_bids};
+use super::selection::{Candidate, Wanted, advertised_room, advertises_fit, explain_no_bids, no_bids_reason};
 use crate::p2p::envelope::DropReason;
 use crate::placement::Need;
 use crate::settlement_plan::rate_per_second;
+use crate::status::COND_PLACED;
 
 type Handled = Result<(), (DropReason, String)>;
 
@@ -61,6 +63,15 @@ pub enum MarketError {
 fn ms_to_time(ms: u64) -> Option<Time> {
     let secs = ms.div_ceil(1000);
     Timestamp::from_second(i64::try_from(secs).ok()?).ok().map(Time)
+}
+
+/// Milliseconds since the epoch as RFC 3339, for messages that must stay
+/// true while they stand (a countdown would be wrong a second later).
+fn rfc3339_ms(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
+        .map_or_else(|| ms.to_string(), |t| t.to_string())
 }
 
 fn time_ms(t: &Time) -> u64 {
@@ -654,17 +665,22 @@ impl Market {
                 out.order = order.clone();
                 out.lease = None;
                 let closes = self.closes_ms(&order);
-                let secs = closes.saturating_sub(now) as f64 / 1000.0;
                 match why {
                     Some((reason, msg)) => {
+                        // An absolute time: the message stands for the whole window.
                         out.reason = reason;
-                        out.message = format!("{msg} (order {}, next window closes in {secs:.1}s)", order.id);
+                        out.message = format!(
+                            "{msg} (order {} published again; its window closes at {})",
+                            order.id,
+                            rfc3339_ms(closes)
+                        );
                         out.events.push((true, reason, out.message.clone()));
                     }
                     None => {
                         out.message = format!(
-                            "order {} published to the pool; bid window closes in {secs:.1}s",
-                            order.id
+                            "order {} published to the pool; its bid window closes at {}",
+                            order.id,
+                            rfc3339_ms(closes)
                         );
                         out.events.push((false, "OrderPublished", out.message.clone()));
                     }
@@ -673,17 +689,25 @@ impl Market {
             }
             Step::WaitBids { until_ms } => {
                 self.ensure_registered(aijob, need, &order, window, max_price);
-                // No countdown in the message: every changed message is a
-                // status write, and this step runs until the window closes.
-                out.message = format!(
-                    "order {} open: {} bid(s) so far; the window closes at {}",
-                    order.id,
-                    candidates.len(),
-                    i64::try_from(until_ms)
-                        .ok()
-                        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
-                        .map_or_else(|| until_ms.to_string(), |t| t.to_string())
-                );
+                let placed = aijob.status.as_ref().and_then(|s| find(&s.conditions, COND_PLACED));
+                match placed.and_then(|c| Some((no_bids_reason(&c.reason)?, c))) {
+                    // The last window was empty and this one is so far: keep
+                    // saying why, and what the next step is, until a bid comes.
+                    Some((reason, c)) if candidates.is_empty() => {
+                        out.reason = reason;
+                        out.message = c.message.clone();
+                    }
+                    // No countdown in the message: every changed message is a
+                    // status write, and this step runs until the window closes.
+                    _ => {
+                        out.message = format!(
+                            "order {} open: {} bid(s) so far; the window closes at {}",
+                            order.id,
+                            candidates.len(),
+                            rfc3339_ms(until_ms)
+                        );
+                    }
+                }
                 out.requeue = Some(Duration::from_millis(until_ms.saturating_sub(now).max(20)));
             }
             Step::WaitChoice { open_bids } => {

@@ -109,6 +109,23 @@ pub fn advertised_room(w: &Wanted<'_>, peers: &[PeerSupply]) -> u32 {
         .unwrap_or(0)
 }
 
+/// Every reason [`explain_no_bids`] gives. While the window after an empty
+/// one is open and still empty, the job keeps showing why the last one was
+/// empty: replacing it with "Bidding" at the next reconcile left users (and
+/// tests polling for it) a few milliseconds to see it.
+pub const NO_BID_REASONS: [&str; 5] = [
+    "NoPeers",
+    "NoAllowedPeers",
+    "NoPeerHasCapacity",
+    "PriceTooLow",
+    "NoBids",
+];
+
+/// The static form of `reason` if it is one of [`NO_BID_REASONS`].
+pub fn no_bids_reason(reason: &str) -> Option<&'static str> {
+    NO_BID_REASONS.into_iter().find(|r| *r == reason)
+}
+
 /// A reason (CamelCase) and a sentence a person can act on, for an order
 /// that got no usable bid.
 pub fn explain_no_bids(w: &Wanted<'_>, peers: &[PeerSupply]) -> (&'static str, String) {
@@ -267,6 +284,22 @@ mod tests {
             denied_orgs: &denied,
             ..w.clone()
         };
-        assert_eq!(explain_no_bids(&w2, &[small, dear]).0, "NoAllowedPeers");
+        assert_eq!(explain_no_bids(&w2, &[small.clone(), dear.clone()]).0, "NoAllowedPeers");
+        assert_eq!(explain_no_bids(&w, &[fits.clone()]).0, "NoBids");
+        // Every reason given is one the job keeps showing through the next window.
+        for peers in [
+            vec![],
+            vec![small.clone()],
+            vec![small.clone(), dear.clone()],
+            vec![fits],
+        ] {
+            let r = explain_no_bids(&w, &peers).0;
+            assert_eq!(no_bids_reason(r), Some(r));
+        }
+        assert_eq!(
+            no_bids_reason(explain_no_bids(&w2, &[small, dear]).0),
+            Some("NoAllowedPeers")
+        );
+        assert_eq!(no_bids_reason("Bidding"), None);
     }
 }
