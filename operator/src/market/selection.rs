@@ -285,7 +285,7 @@ mod tests {
             ..w.clone()
         };
         assert_eq!(explain_no_bids(&w2, &[small.clone(), dear.clone()]).0, "NoAllowedPeers");
-        assert_eq!(explain_no_bids(&w, &[fits.clone()]).0, "NoBids");
+        assert_eq!(explain_no_bids(&w, std::slice::from_ref(&fits)).0, "NoBids");
         // Every reason given is one the job keeps showing through the next window.
         for peers in [
             vec![],
