@@ -5,8 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gpupool_crds::GpuNodeStatus;
-use gpupool_crds::pods::{pod_gpus, pod_is_live};
-use k8s_openapi::api::core::v1::Pod;
+use gpupool_crds::pods::PodView;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -30,27 +29,21 @@ pub struct Settings {
 }
 
 /// GPUs claimed by live pods on this node, from a watch on just its pods.
-fn allocated(store: &Store<Pod>) -> u32 {
-    store
-        .state()
-        .iter()
-        .filter(|p| pod_is_live(p))
-        .map(|p| pod_gpus(p))
-        .sum()
+fn allocated(store: &Store<PodView>) -> u32 {
+    store.state().iter().filter(|p| p.is_live()).map(|p| p.gpus).sum()
 }
 
 /// Runs until the process is stopped. Errors from the GPUs or the API never
 /// end it: they are reported and retried with backoff.
 pub async fn run(client: Client, mut source: Box<dyn GpuSource>, settings: Settings) {
     let publisher = Publisher::new(client.clone(), &settings.node);
-    let pods: Api<Pod> = Api::all(client);
+    let pods: Api<PodView> = Api::all(client);
     let (store, writer) = reflector::store();
     let stream = watcher(
         pods,
         watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node)),
     )
     .default_backoff()
-    .modify(|p: &mut Pod| p.metadata.managed_fields = None)
     .reflect(writer)
     .for_each(|_| futures::future::ready(()));
     tokio::spawn(stream);

@@ -1,18 +1,22 @@
 //! What the operator keeps of cached Pods and Jobs. Caches hold every pod
-//! and Job the operator watches, so everything it never reads is dropped on
-//! arrival: at thousands of AiJobs, pod specs and Job templates dominate memory.
+//! and Job the operator watches, so they hold views read straight from the
+//! API server's JSON with only what the operator decides on: at thousands of
+//! AiJobs, full Pod and Job structs (the specs are inline, over 2 KB each
+//! before any field is set) were most of its memory after the AiJobs.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use gpupool_crds::pods::PodView;
 use gpupool_crds::{AiJob, AiJobPhase};
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus, PodTemplateSpec};
+use k8s_openapi::api::batch::v1::JobStatus;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::{Metadata, NamespaceResourceScope, Resource};
 use kube::api::Api;
 use kube::runtime::reflector::Store;
 use kube::runtime::reflector::store::WriterDropped;
-
-use crate::capacity::pod_is_live;
+use serde::Deserialize;
 
 /// The pods the operator counts GPUs from, in two caches that never hold the
 /// same pod: its own Jobs' pods in every phase (status mirroring reads exit
@@ -21,8 +25,8 @@ use crate::capacity::pod_is_live;
 /// at thousands of AiJobs the largest part of its memory after the AiJobs.
 #[derive(Clone)]
 pub struct PodCaches {
-    pub ours: Store<Pod>,
-    pub others_live: Store<Pod>,
+    pub ours: Store<PodView>,
+    pub others_live: Store<PodView>,
 }
 
 impl PodCaches {
@@ -30,12 +34,12 @@ impl PodCaches {
     /// caches have had their first list, when counting would miss pods and
     /// offer GPUs that are taken. The operator's own pods come in through the
     /// controller's watch, so this turns ready only once the controller runs.
-    pub fn live(&self) -> Option<Vec<Arc<Pod>>> {
+    pub fn live(&self) -> Option<Vec<Arc<PodView>>> {
         if !(listed(&self.ours) && listed(&self.others_live)) {
             return None;
         }
         let mut pods = self.others_live.state();
-        pods.extend(self.ours.state_filter(pod_is_live));
+        pods.extend(self.ours.state_filter(PodView::is_live));
         Some(pods)
     }
 
@@ -46,45 +50,65 @@ impl PodCaches {
     }
 }
 
-fn listed(store: &Store<Pod>) -> bool {
+fn listed(store: &Store<PodView>) -> bool {
     futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
 
-/// Keeps a pod's identity, labels, node, per-container resources and the
-/// status fields that phase and exit-code mirroring read.
-pub fn slim_pod(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    pod.metadata.annotations = None;
-    let keep = |c: &Container| Container {
-        name: c.name.clone(),
-        resources: c.resources.clone(),
-        ..Default::default()
-    };
-    if let Some(spec) = pod.spec.as_mut() {
-        *spec = PodSpec {
-            node_name: spec.node_name.take(),
-            containers: spec.containers.iter().map(keep).collect(),
-            init_containers: spec.init_containers.as_ref().map(|v| v.iter().map(keep).collect()),
-            ..Default::default()
-        };
-    }
-    if let Some(status) = pod.status.as_mut() {
-        *status = PodStatus {
-            phase: status.phase.take(),
-            conditions: status.conditions.take(),
-            container_statuses: status.container_statuses.take(),
-            start_time: status.start_time.take(),
-            ..Default::default()
-        };
+/// One of the operator's Jobs: its identity, its owner (events route to the
+/// AiJob through it) and its status. The operator never reads a cached Job's
+/// spec, and `JobSpec` alone is 2 KB inline.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(from = "JobWire")]
+pub struct JobView {
+    pub metadata: ObjectMeta,
+    pub status: Option<JobStatus>,
+}
+
+/// A Job in the API server's JSON, reduced to what [`JobView`] keeps.
+#[derive(Deserialize)]
+struct JobWire {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    status: Option<JobStatus>,
+}
+
+impl From<JobWire> for JobView {
+    fn from(j: JobWire) -> Self {
+        let m = j.metadata;
+        JobView {
+            metadata: ObjectMeta {
+                name: m.name,
+                namespace: m.namespace,
+                uid: m.uid,
+                resource_version: m.resource_version,
+                deletion_timestamp: m.deletion_timestamp,
+                owner_references: m.owner_references,
+                ..Default::default()
+            },
+            status: j.status,
+        }
     }
 }
 
-/// Keeps a Job's metadata (owner references route events to the AiJob) and
-/// status; the operator never reads a cached Job's spec.
-pub fn slim_job(job: &mut Job) {
-    job.metadata.managed_fields = None;
-    job.metadata.annotations = None;
-    job.spec = None;
+impl Resource for JobView {
+    const API_VERSION: &'static str = "batch/v1";
+    const GROUP: &'static str = "batch";
+    const KIND: &'static str = "Job";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "jobs";
+    type Scope = NamespaceResourceScope;
+}
+
+impl Metadata for JobView {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 /// Drops what no reconcile reads, and the pod template of a job that has
@@ -128,13 +152,13 @@ pub async fn with_template<'a>(aijob: &'a AiJob, api: &Api<AiJob>) -> Result<Cow
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capacity::{pod_gpus, pod_is_live, tests::pod};
-    use crate::jobstatus::observe;
-    use k8s_openapi::api::core::v1::{EnvVar, Volume};
+    use crate::capacity::tests::pod;
+    use k8s_openapi::api::batch::v1::{Job, JobCondition, JobSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
-    fn store(pods: Vec<Pod>, listed: bool) -> Store<Pod> {
+    fn store(pods: Vec<PodView>, listed: bool) -> Store<PodView> {
         use kube::runtime::watcher::Event;
-        let mut w = kube::runtime::reflector::store::Writer::<Pod>::default();
+        let mut w = kube::runtime::reflector::store::Writer::<PodView>::default();
         w.apply_watcher_event(&Event::Init);
         for p in pods {
             w.apply_watcher_event(&Event::InitApply(p));
@@ -146,7 +170,7 @@ mod tests {
         w.as_reader()
     }
 
-    fn named(mut p: Pod, name: &str) -> Pod {
+    fn named(mut p: PodView, name: &str) -> PodView {
         p.metadata.name = Some(name.into());
         p.metadata.namespace = Some("ns".into());
         p
@@ -181,30 +205,43 @@ mod tests {
     }
 
     #[test]
-    fn slimming_keeps_what_capacity_and_status_read() {
-        let mut p = pod(Some("n1"), 4, "Running");
-        p.metadata.labels = Some([("gpupool.dev/aijob".to_string(), "train".to_string())].into());
-        p.metadata.annotations = Some([("big".to_string(), "x".repeat(1000))].into());
-        let spec = p.spec.as_mut().unwrap();
-        spec.containers[0].env = Some(vec![EnvVar {
-            name: "A".into(),
-            value: Some("b".into()),
+    fn a_job_view_keeps_owner_and_status_and_drops_the_spec() {
+        let owner = OwnerReference {
+            api_version: "gpupool.dev/v1alpha1".into(),
+            kind: "AiJob".into(),
+            name: "train".into(),
+            uid: "u1".into(),
+            controller: Some(true),
             ..Default::default()
-        }]);
-        spec.volumes = Some(vec![Volume {
-            name: "data".into(),
-            ..Default::default()
-        }]);
-        let job = Job::default();
-        let before = (pod_gpus(&p), pod_is_live(&p), observe(&job, &[&p]));
-        let mut slim = p.clone();
-        slim_pod(&mut slim);
-        assert_eq!((pod_gpus(&slim), pod_is_live(&slim), observe(&job, &[&slim])), before);
-        assert_eq!(slim.metadata.labels, p.metadata.labels);
-        assert!(slim.metadata.annotations.is_none());
-        let s = slim.spec.unwrap();
-        assert!(s.volumes.is_none() && s.containers[0].env.is_none());
-        assert_eq!(s.node_name.as_deref(), Some("n1"));
+        };
+        let job = Job {
+            metadata: ObjectMeta {
+                name: Some("train".into()),
+                namespace: Some("ml".into()),
+                resource_version: Some("7".into()),
+                owner_references: Some(vec![owner.clone()]),
+                annotations: Some([("big".to_string(), "x".repeat(1000))].into()),
+                ..Default::default()
+            },
+            spec: Some(JobSpec {
+                template: crate::jobbuild::tests::aijob().spec.template,
+                ..Default::default()
+            }),
+            status: Some(JobStatus {
+                conditions: Some(vec![JobCondition {
+                    type_: "Complete".into(),
+                    status: "True".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        };
+        let v: JobView = serde_json::from_value(serde_json::to_value(&job).unwrap()).unwrap();
+        assert_eq!(v.metadata.owner_references, Some(vec![owner]));
+        assert_eq!(v.metadata.resource_version.as_deref(), Some("7"));
+        assert!(v.metadata.annotations.is_none());
+        assert_eq!(v.status, job.status);
+        assert!(std::mem::size_of::<JobView>() * 3 < std::mem::size_of::<Job>());
     }
 
     #[test]

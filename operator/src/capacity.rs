@@ -3,8 +3,8 @@
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
+use gpupool_crds::pods::PodView;
 use gpupool_crds::{GpuHealth, GpuNode};
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 /// GPUs of one node as the operator counts them.
@@ -29,23 +29,20 @@ impl NodeGpus {
 /// that stopped reporting may be on a node whose GPUs are gone.
 pub const STALE_AFTER: SignedDuration = SignedDuration::from_mins(5);
 
-pub use gpupool_crds::pods::{pod_gpus, pod_is_live};
-
 /// Counts free GPUs on every node whose agent reported recently. `extra`
 /// adds GPUs of placements the pod cache does not show yet, by node.
 pub fn inventory(
     gpunodes: &[impl Borrow<GpuNode>],
-    pods: &[impl Borrow<Pod>],
+    pods: &[impl Borrow<PodView>],
     extra: &BTreeMap<String, u32>,
     now: Timestamp,
 ) -> Vec<NodeGpus> {
     let mut allocated: BTreeMap<&str, u32> = BTreeMap::new();
     for pod in pods.iter().map(Borrow::borrow) {
-        let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
-        if let Some(node) = node
-            && pod_is_live(pod)
+        if let Some(node) = pod.node_name.as_deref()
+            && pod.is_live()
         {
-            *allocated.entry(node).or_default() += pod_gpus(pod);
+            *allocated.entry(node).or_default() += pod.gpus;
         }
     }
     let mut out = Vec::new();
@@ -76,9 +73,7 @@ pub fn inventory(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use gpupool_crds::{GPU_RESOURCE, GpuDevice, GpuNodeSpec, GpuNodeStatus};
-    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus, ResourceRequirements};
-    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use gpupool_crds::{GpuDevice, GpuNodeSpec, GpuNodeStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     pub fn now() -> Timestamp {
@@ -109,26 +104,13 @@ pub(crate) mod tests {
         g
     }
 
-    pub fn pod(node: Option<&str>, gpus: u32, phase: &str) -> Pod {
-        let mut limits = BTreeMap::new();
-        limits.insert(GPU_RESOURCE.to_string(), Quantity(gpus.to_string()));
-        Pod {
-            spec: Some(PodSpec {
-                node_name: node.map(Into::into),
-                containers: vec![Container {
-                    name: "main".into(),
-                    resources: Some(ResourceRequirements {
-                        limits: Some(limits),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some(phase.into()),
-                ..Default::default()
-            }),
+    /// A cached pod; how one is read from the API server's JSON is tested
+    /// with `PodView` itself.
+    pub fn pod(node: Option<&str>, gpus: u32, phase: &str) -> PodView {
+        PodView {
+            node_name: node.map(Into::into),
+            gpus,
+            phase: Some(phase.into()),
             ..Default::default()
         }
     }
@@ -157,23 +139,7 @@ pub(crate) mod tests {
         let mut stale = gpunode("s", "X", 1, 8, 0);
         stale.status.as_mut().unwrap().last_heartbeat = Some(Time(now() - SignedDuration::from_mins(6)));
         let broken = gpunode("u", "X", 1, 2, 2);
-        let inv = inventory(&[stale, broken], &Vec::<Pod>::new(), &BTreeMap::new(), now());
+        let inv = inventory(&[stale, broken], &Vec::<PodView>::new(), &BTreeMap::new(), now());
         assert!(inv.is_empty());
-    }
-
-    #[test]
-    fn init_containers_count_when_larger() {
-        let mut p = pod(Some("a"), 1, "Running");
-        let init = p.spec.as_ref().unwrap().containers[0].clone();
-        let mut init = init;
-        init.resources
-            .as_mut()
-            .unwrap()
-            .limits
-            .as_mut()
-            .unwrap()
-            .insert(GPU_RESOURCE.into(), Quantity("4".into()));
-        p.spec.as_mut().unwrap().init_containers = Some(vec![init]);
-        assert_eq!(pod_gpus(&p), 4);
     }
 }

@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use gpupool_crds::conditions::find;
+use gpupool_crds::pods::PodView;
 use gpupool_crds::{
     AIJOB_FINALIZER, ANNOTATION_TRACEPARENT, AiJob, AiJobStatus, GpuNode, LABEL_AIJOB, LABEL_LEASE, LABEL_ORDER, Lease,
     PlacementMode, RunsOn,
 };
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -28,8 +28,8 @@ use crate::market::renter_io::in_pool;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::cache::{PodCaches, slim_aijob, slim_job, slim_pod};
-use crate::capacity::{self, inventory};
+use crate::cache::{JobView, PodCaches, slim_aijob};
+use crate::capacity::inventory;
 use crate::events::EventPublisher;
 use crate::jobbuild::{self, MANAGED_BY, MANAGER};
 use crate::jobstatus::observe;
@@ -83,7 +83,7 @@ const RESERVATION_TTL: Duration = Duration::from_secs(120);
 pub struct Context {
     client: Client,
     settings: Settings,
-    jobs: Store<Job>,
+    jobs: Store<JobView>,
     /// Our Jobs' pods, and everyone else's live pods (GPUs in use).
     pods: PodCaches,
     gpunodes: Store<GpuNode>,
@@ -106,8 +106,8 @@ pub async fn run(
     market: Option<(Arc<Market>, mpsc::Receiver<ObjectRef<AiJob>>)>,
 ) -> anyhow::Result<()> {
     let aijobs: Api<AiJob> = Api::all(client.clone());
-    let jobs_api: Api<Job> = Api::all(client.clone());
-    let pods_api: Api<Pod> = Api::all(client.clone());
+    let jobs_api: Api<JobView> = Api::all(client.clone());
+    let pods_api: Api<PodView> = Api::all(client.clone());
     let gpunodes_api: Api<GpuNode> = Api::all(client.clone());
 
     let (jobs, jobs_writer) = reflector::store();
@@ -116,14 +116,12 @@ pub async fn run(
         watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}")),
     )
     .default_backoff()
-    .modify(slim_job)
     .reflect(jobs_writer)
     .applied_objects();
 
     let (our_pods, our_pods_writer) = reflector::store();
     let our_pod_stream = watcher(pods_api.clone(), watcher::Config::default().labels(LABEL_AIJOB))
         .default_backoff()
-        .modify(slim_pod)
         .reflect(our_pods_writer)
         .applied_objects();
 
@@ -135,7 +133,6 @@ pub async fn run(
             .fields("status.phase!=Succeeded,status.phase!=Failed"),
     )
     .default_backoff()
-    .modify(slim_pod)
     .reflect(live_writer)
     .for_each(|_| futures::future::ready(()));
     let (gpunodes, gpunodes_writer) = reflector::store();
@@ -224,7 +221,7 @@ pub async fn run(
         m.attach_aijob_cache(controller.store());
     }
     controller
-        .watches_stream(our_pod_stream, |pod: Pod| {
+        .watches_stream(our_pod_stream, |pod: PodView| {
             let name = pod.labels().get(LABEL_AIJOB)?.clone();
             Some(ObjectRef::<AiJob>::new(&name).within(&pod.namespace()?))
         })
@@ -340,7 +337,7 @@ fn key(ns: &str, name: &str) -> String {
 }
 
 /// The pods of one AiJob's Job, from the cache.
-fn pods_of(ctx: &Context, ns: &str, name: &str) -> Vec<Arc<Pod>> {
+fn pods_of(ctx: &Context, ns: &str, name: &str) -> Vec<Arc<PodView>> {
     ctx.pods.ours.state_filter(|p| {
         p.namespace().as_deref() == Some(ns) && p.labels().get(LABEL_AIJOB).map(String::as_str) == Some(name)
     })
@@ -373,7 +370,7 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
     let placed_before = find(&old.conditions, COND_PLACED).is_some_and(|c| c.status == "True");
     if job.is_none() && placed_before && !in_pool(Some(&old)) {
         // The cache may lag behind our own create; ask the API server itself.
-        job = Api::<Job>::namespaced(ctx.client.clone(), &ns)
+        job = Api::<JobView>::namespaced(ctx.client.clone(), &ns)
             .get_opt(&job_name)
             .await?
             .map(Arc::new);
@@ -512,7 +509,7 @@ async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Err
             .ours
             .state()
             .iter()
-            .filter(|p| capacity::pod_is_live(p) && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+            .filter(|p| p.is_live() && p.node_name.is_some())
             .filter_map(|p| Some(key(&p.namespace()?, p.labels().get(LABEL_AIJOB)?)))
             .collect();
         placing.retain(|k, _| !bound.contains(k));

@@ -1,9 +1,10 @@
 //! What the Job and its pod say about a locally placed AiJob.
 
 use gpupool_crds::AiJobPhase;
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use gpupool_crds::pods::PodView;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::cache::JobView;
 
 /// The AiJob-level view of a Job.
 #[derive(Clone, Debug, PartialEq)]
@@ -19,7 +20,7 @@ pub struct Observation {
     pub completion_time: Option<Time>,
 }
 
-fn job_condition<'a>(job: &'a Job, type_: &str) -> Option<&'a k8s_openapi::api::batch::v1::JobCondition> {
+fn job_condition<'a>(job: &'a JobView, type_: &str) -> Option<&'a k8s_openapi::api::batch::v1::JobCondition> {
     job.status
         .as_ref()?
         .conditions
@@ -28,30 +29,18 @@ fn job_condition<'a>(job: &'a Job, type_: &str) -> Option<&'a k8s_openapi::api::
         .find(|c| c.type_ == type_ && c.status == "True")
 }
 
-/// The first container's exit code, from the most informative pod.
-fn exit_code(pod: &Pod) -> Option<i32> {
-    pod.status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .iter()
-        .find_map(|c| c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code))
-}
-
 /// Maps a Job and its pods (newest first is not required) to a phase.
-pub fn observe(job: &Job, pods: &[&Pod]) -> Observation {
+pub fn observe(job: &JobView, pods: &[&PodView]) -> Observation {
     let status = job.status.clone().unwrap_or_default();
-    let ended_pod = pods.iter().find(|p| exit_code(p).is_some());
-    let running_pod = pods
-        .iter()
-        .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
-    let node_of = |p: &Pod| p.spec.as_ref().and_then(|s| s.node_name.clone());
+    let ended_pod = pods.iter().find(|p| p.exit_code.is_some());
+    let running_pod = pods.iter().find(|p| p.is_running());
+    let node_of = |p: &PodView| p.node_name.clone();
     let base = Observation {
         phase: AiJobPhase::Pending,
         reason: String::new(),
         message: String::new(),
         node: running_pod.or(ended_pod).or(pods.first()).and_then(|p| node_of(p)),
-        exit_code: ended_pod.and_then(|p| exit_code(p)),
+        exit_code: ended_pod.and_then(|p| p.exit_code),
         start_time: status.start_time.clone(),
         completion_time: None,
     };
@@ -110,27 +99,7 @@ pub fn observe(job: &Job, pods: &[&Pod]) -> Observation {
         };
     }
     // Still starting: say what the pod waits for, if anything says so.
-    let waiting = pods.iter().find_map(|p| {
-        let s = p.status.as_ref()?;
-        let unsched = s
-            .conditions
-            .iter()
-            .flatten()
-            .find(|c| c.type_ == "PodScheduled" && c.status == "False");
-        if let Some(c) = unsched {
-            return Some((
-                c.reason.clone().unwrap_or_else(|| "Unschedulable".into()),
-                c.message.clone().unwrap_or_default(),
-            ));
-        }
-        s.container_statuses.iter().flatten().find_map(|cs| {
-            let w = cs.state.as_ref()?.waiting.as_ref()?;
-            Some((
-                w.reason.clone().unwrap_or_else(|| "ContainerWaiting".into()),
-                w.message.clone().unwrap_or_default(),
-            ))
-        })
-    });
+    let waiting = pods.iter().find_map(|p| p.waiting.clone());
     match waiting {
         Some((reason, message)) => Observation {
             message: format!(
@@ -160,13 +129,10 @@ pub fn observe(job: &Job, pods: &[&Pod]) -> Observation {
 mod tests {
     use super::*;
     use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
-    use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateTerminated, ContainerStatus, PodCondition, PodSpec, PodStatus,
-    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-    fn job(cond: Option<(&str, &str)>) -> Job {
-        Job {
+    fn job(cond: Option<(&str, &str)>) -> JobView {
+        JobView {
             status: Some(JobStatus {
                 conditions: cond.map(|(t, r)| {
                     vec![JobCondition {
@@ -182,42 +148,17 @@ mod tests {
         }
     }
 
-    fn pod(phase: &str, exit: Option<i32>, unschedulable: bool) -> Pod {
-        Pod {
+    fn pod(phase: &str, exit: Option<i32>, unschedulable: bool) -> PodView {
+        PodView {
             metadata: ObjectMeta {
                 name: Some("p".into()),
                 ..Default::default()
             },
-            spec: Some(PodSpec {
-                node_name: Some("n1".into()),
-                ..Default::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some(phase.into()),
-                conditions: unschedulable.then(|| {
-                    vec![PodCondition {
-                        type_: "PodScheduled".into(),
-                        status: "False".into(),
-                        reason: Some("Unschedulable".into()),
-                        message: Some("0/4 nodes are available".into()),
-                        ..Default::default()
-                    }]
-                }),
-                container_statuses: exit.map(|code| {
-                    vec![ContainerStatus {
-                        name: "main".into(),
-                        state: Some(ContainerState {
-                            terminated: Some(ContainerStateTerminated {
-                                exit_code: code,
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }]
-                }),
-                ..Default::default()
-            }),
+            node_name: Some("n1".into()),
+            gpus: 1,
+            phase: Some(phase.into()),
+            exit_code: exit,
+            waiting: unschedulable.then(|| ("Unschedulable".into(), "0/4 nodes are available".into())),
         }
     }
 
