@@ -8,16 +8,17 @@ use std::time::Duration;
 
 use gpupool_crds::{ANNOTATION_TRACEPARENT, AiJob, AiJobPhase};
 use gpupool_e2e::harness::{admin, aijob_json, namespace, remove_namespace, testenv, wait_for};
-use gpupool_e2e::otlp::{OtlpReceiver, ReceivedSpan};
+use gpupool_e2e::otlp::{OtlpReceiver, ReceivedPoint, ReceivedSpan};
 use gpupool_e2e::pool::{Lends, Pool};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 
-#[tokio::test]
-async fn a_placement_across_two_organisations_is_one_trace() {
+/// Runs one 2×A100 job applied at acme, which only bravo can take, with
+/// both operators exporting to `receiver`; returns the finished AiJob, and
+/// the pool, whose operators export until it is dropped.
+async fn place_one_across(receiver: &OtlpReceiver, tag: &str) -> (kube::Client, String, AiJob, Pool) {
     let env = testenv();
     let acme = admin(env.org("acme").unwrap()).await;
-    let receiver = OtlpReceiver::start().await.unwrap();
     let lends = [
         Lends {
             org: "acme",
@@ -30,9 +31,12 @@ async fn a_placement_across_two_organisations_is_one_trace() {
             denied: vec![],
         },
     ];
-    let otlp = format!("--otlp-endpoint={}", receiver.endpoint());
-    let _pool = Pool::start(&env, "traces", &lends, &[otlp]).await.unwrap();
-    let ns = namespace(&acme, "traces").await;
+    let flags = [
+        format!("--otlp-endpoint={}", receiver.endpoint()),
+        "--otlp-metrics-interval-ms=500".to_string(),
+    ];
+    let pool = Pool::start(&env, tag, &lends, &flags).await.unwrap();
+    let ns = namespace(&acme, tag).await;
 
     // Only bravo has A100s.
     let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
@@ -53,6 +57,13 @@ async fn a_placement_across_two_organisations_is_one_trace() {
     .await
     .unwrap();
     assert_eq!(done.status.as_ref().unwrap().runs_on.as_ref().unwrap().org, "bravo");
+    (acme, ns, done, pool)
+}
+
+#[tokio::test]
+async fn a_placement_across_two_organisations_is_one_trace() {
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let (acme, ns, done, _pool) = place_one_across(&receiver, "traces").await;
 
     // The operator rooted the job's trace when it accepted it.
     let traceparent = done
@@ -130,5 +141,51 @@ async fn a_placement_across_two_organisations_is_one_trace() {
         "peer.receive",
     ];
     assert!(names.iter().all(|n| ours.contains(&n.as_str())), "{names:?}");
+    remove_namespace(&acme, &ns).await;
+}
+
+#[tokio::test]
+async fn both_organisations_export_their_metrics_over_otlp() {
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let (acme, ns, _done, _pool) = place_one_across(&receiver, "otlpmetrics").await;
+    // Exports are cumulative, every 500 ms: wait until one shows the job.
+    let has = |points: &[ReceivedPoint], org: &str, metric: &str, kind: &str, f: &dyn Fn(&ReceivedPoint) -> bool| {
+        points
+            .iter()
+            .any(|p| p.org == org && p.metric == metric && p.kind == kind && f(p))
+    };
+    let points = wait_for(Duration::from_secs(30), "both operators' metrics", || async {
+        let points = receiver.points();
+        let complete = has(&points, "acme", "gpupool_pool_orders_published", "sum", &|p| {
+            p.value >= 1.0
+        }) && has(
+            &points,
+            "acme",
+            "gpupool_pool_placement_duration_seconds",
+            "histogram",
+            &|p| p.attribute("kind") == Some("lease_active") && p.value >= 1.0,
+        ) && has(&points, "acme", "gpupool_aijob_reconciles", "sum", &|p| p.value >= 1.0)
+            && has(&points, "bravo", "gpupool_pool_bids_sent", "sum", &|p| p.value >= 1.0)
+            && has(&points, "bravo", "gpupool_pool_peers_connected", "gauge", &|p| {
+                p.value >= 1.0
+            })
+            && has(&points, "bravo", "gpupool_gpus", "gauge", &|p| {
+                p.attribute("product").is_some_and(|m| m.contains("A100")) && p.attribute("state") == Some("free")
+            });
+        complete.then_some(points)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        let seen: BTreeSet<String> = receiver
+            .points()
+            .iter()
+            .map(|p| format!("{} {} {}", p.org, p.metric, p.kind))
+            .collect();
+        panic!("{e}; metrics received: {seen:#?}")
+    });
+    // Counters arrive as monotonic sums under their Prometheus names less
+    // `_total`; nothing but the operators' own families is sent.
+    assert!(points.iter().all(|p| p.metric.starts_with("gpupool_")));
+    assert!(!points.iter().any(|p| p.metric.ends_with("_total")));
     remove_namespace(&acme, &ns).await;
 }

@@ -11,6 +11,7 @@ pub mod jobbuild;
 pub mod jobstatus;
 pub mod market;
 pub mod matching;
+pub mod otlp_metrics;
 pub mod p2p;
 pub mod placement;
 pub mod quantity;

@@ -10,6 +10,7 @@ use gpupool_chain::{Address, ChainConfig, ClientOptions, EscrowClient, Wallet};
 use gpupool_operator::controller::{self, Settings};
 use gpupool_operator::market::node::{Market, MarketSettings};
 use gpupool_operator::market::policy::ProviderPolicy;
+use gpupool_operator::otlp_metrics;
 use gpupool_operator::p2p::identity;
 use gpupool_operator::p2p::swarm::{self, PeerLimits, SwarmConfig};
 use gpupool_operator::settlement::{self, SettlementSettings};
@@ -38,10 +39,15 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "GPUPOOL_LOG_JSON")]
     log_json: bool,
-    /// OTLP/gRPC endpoint to export traces to (an OpenTelemetry Collector,
-    /// Jaeger, Tempo), e.g. http://otel-collector:4317. Unset: no export.
+    /// OTLP/gRPC endpoint to export traces and metrics to (an OpenTelemetry
+    /// Collector; Jaeger or Tempo for traces alone), e.g.
+    /// http://otel-collector:4317. Unset: no export.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Milliseconds between metric exports over OTLP (the OpenTelemetry
+    /// variable and default).
+    #[arg(long, env = "OTEL_METRIC_EXPORT_INTERVAL", default_value_t = 60_000)]
+    otlp_metrics_interval_ms: u64,
     #[command(flatten)]
     chain: ChainArgs,
     #[command(flatten)]
@@ -213,6 +219,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("binding the metrics address")?;
     tracing::info!(org = %args.org, metrics = %bound, "gpupool operator starting");
+    if let Some(endpoint) = args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        let every = Duration::from_millis(args.otlp_metrics_interval_ms.max(100));
+        otlp_metrics::start(endpoint, &args.org, metrics.clone(), every)?;
+    }
     let settings = Settings {
         org: args.org,
         wait_requeue: Duration::from_secs(args.wait_requeue_seconds.max(1)),

@@ -305,6 +305,15 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// Every family as Prometheus protobuf, for the OTLP exporter. Empty if
+    /// encoding failed, which only a label set that cannot be encoded does.
+    pub fn families(
+        &self,
+    ) -> Vec<prometheus_client::encoding::prometheus_protobuf::prometheus_data_model::MetricFamily> {
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::prometheus_protobuf::encode(&registry).unwrap_or_default()
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         // A poisoned lock only means a panic elsewhere mid-encode; the

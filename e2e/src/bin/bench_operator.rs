@@ -1,6 +1,8 @@
 //! The operator placing many AiJobs at once on one cluster's simulated
 //! nodes: time until every Job exists, time until every AiJob is Running,
-//! API requests per AiJob (from the API server's audit log) and operator RSS.
+//! API requests per AiJob (from the API server's audit log), operator RSS,
+//! and once every job runs, the operator's CPU and API requests while
+//! nothing changes (the steady state DESIGN.md wants near zero).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -8,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures::StreamExt;
 use gpupool_crds::{AiJob, AiJobPhase, GpuDevice, GpuNode, GpuNodeStatus};
-use gpupool_e2e::bench::{Figure, memory_kib, write};
+use gpupool_e2e::bench::{Figure, cpu_seconds, memory_kib, write};
 use gpupool_e2e::cluster::{ClusterInfo, OPERATOR_USER, free_port, simulated_node, simulated_node_status, spawn, stop};
 use gpupool_e2e::env::{TestEnv, default_root};
 use gpupool_e2e::harness::{aijob_json, namespace};
@@ -31,6 +33,11 @@ struct Args {
     /// 10,000 jobs on two cores the API server needs about half an hour.
     #[arg(long, default_value_t = 600)]
     window_seconds: u64,
+    /// How long to watch the settled operator once every AiJob runs. Running
+    /// jobs are looked at again every 5 minutes, spread over the run, so a
+    /// couple of minutes samples that work fairly.
+    #[arg(long, default_value_t = 120)]
+    idle_seconds: u64,
 }
 
 const GPUS_PER_NODE: u32 = 8;
@@ -187,17 +194,35 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Duration::from_secs(args.window_seconds);
     let mut all_jobs = None;
     let mut all_running = None;
-    while start.elapsed() < deadline && all_running.is_none() {
+    // Settled: every AiJob Running, or finished. Under a saturated machine
+    // kwok's node heartbeats can lag, the node lifecycle controller taints a
+    // node NotReady and evicts its pods, and those jobs fail (a job is never
+    // started twice); they no longer change either.
+    let mut all_settled = None;
+    while start.elapsed() < deadline && all_settled.is_none() {
         if all_jobs.is_none() && job_store.state().len() >= args.jobs {
             all_jobs = Some(start.elapsed().as_secs_f64());
         }
-        let running = aijob_store
+        let phases: Vec<Option<AiJobPhase>> = aijob_store
             .state()
             .iter()
-            .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(AiJobPhase::Running))
+            .map(|j| j.status.as_ref().and_then(|s| s.phase))
+            .collect();
+        let running = phases.iter().filter(|p| **p == Some(AiJobPhase::Running)).count();
+        let settled = phases
+            .iter()
+            .filter(|p| {
+                matches!(
+                    p,
+                    Some(AiJobPhase::Running | AiJobPhase::Succeeded | AiJobPhase::Failed)
+                )
+            })
             .count();
         if running >= args.jobs {
             all_running = Some(start.elapsed().as_secs_f64());
+        }
+        if settled >= args.jobs {
+            all_settled = Some(start.elapsed().as_secs_f64());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -207,13 +232,30 @@ async fn main() -> anyhow::Result<()> {
     // What the operator held when measured: at 10,000 AiJobs the window
     // ends before every job is placed, and memory grows with what is.
     let jobs_existing = job_store.state().len();
-    let aijobs_running = aijob_store
-        .state()
-        .iter()
-        .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(AiJobPhase::Running))
-        .count();
+    let count = |phase| {
+        aijob_store
+            .state()
+            .iter()
+            .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(phase))
+            .count()
+    };
+    let (aijobs_running, aijobs_failed) = (count(AiJobPhase::Running), count(AiJobPhase::Failed));
     let by_verb = operator_requests(&org)?;
     let total = by_verb.values().sum::<u64>() - before;
+    // The steady state: only meaningful once every job has settled.
+    let idle = match all_settled {
+        Some(_) => {
+            let (cpu0, t0) = (cpu_seconds(pid)?, Instant::now());
+            tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+            let (cpu1, took) = (cpu_seconds(pid)?, t0.elapsed().as_secs_f64());
+            let requests = operator_requests(&org)?.values().sum::<u64>() - before - total;
+            Some(((cpu1 - cpu0) / took * 100.0, requests as f64 / took))
+        }
+        None => {
+            println!("not every AiJob settled within the window: no steady-state figures");
+            None
+        }
+    };
     stop(&[pid]);
     refresher.abort();
 
@@ -223,8 +265,9 @@ async fn main() -> anyhow::Result<()> {
         "cluster": "real kube-apiserver + kcm + scheduler + kwok on loopback, 2 cores shared with the operator",
         "requests_by_verb_total_run": by_verb,
         "jobs_existing_when_measured": jobs_existing, "aijobs_running_when_measured": aijobs_running,
+        "aijobs_failed_when_measured": aijobs_failed, "all_settled_seconds": all_settled,
     });
-    let figures = vec![
+    let mut figures = vec![
         Figure::new(
             "operator_all_jobs_exist",
             all_jobs.unwrap_or(f64::NAN),
@@ -244,7 +287,30 @@ async fn main() -> anyhow::Result<()> {
             conditions.clone(),
         ),
         Figure::new("operator_rss", rss as f64 / 1024.0, "MiB", conditions.clone()),
-        Figure::new("operator_peak_rss", peak as f64 / 1024.0, "MiB", conditions),
+        Figure::new("operator_peak_rss", peak as f64 / 1024.0, "MiB", conditions.clone()),
     ];
+    let idle_conditions = serde_json::json!({
+        "aijobs_running": args.jobs, "idle_seconds": args.idle_seconds,
+        "what": "utime+stime of the operator process, and its requests in the API server's audit log, after every AiJob is Running (or Failed, see the run's conditions) and nothing changes but the GpuNode heartbeats (every 60 s)",
+        "run": conditions,
+    });
+    if let Some((cpu_pct, rps)) = idle {
+        println!(
+            "steady state over {} s: {cpu_pct:.2} % of a core, {rps:.2} API requests/s",
+            args.idle_seconds
+        );
+        figures.push(Figure::new(
+            "operator_steady_cpu",
+            cpu_pct,
+            "% of a core",
+            idle_conditions.clone(),
+        ));
+        figures.push(Figure::new(
+            "operator_steady_api_requests",
+            rps,
+            "requests/s",
+            idle_conditions,
+        ));
+    }
     write(&args.out, &figures)
 }
