@@ -14,9 +14,11 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, NamespaceResourceScope, Resource};
 use kube::api::Api;
-use kube::runtime::reflector::Store;
 use kube::runtime::reflector::store::WriterDropped;
+use kube::runtime::reflector::{ObjectRef, Store};
 use serde::Deserialize;
+
+use crate::pod_index::PodIndex;
 
 /// The pods the operator counts GPUs from, in two caches that never hold the
 /// same pod: its own Jobs' pods in every phase (status mirroring reads exit
@@ -27,9 +29,20 @@ use serde::Deserialize;
 pub struct PodCaches {
     pub ours: Store<PodView>,
     pub others_live: Store<PodView>,
+    /// `ours` by AiJob, fed by the same watch.
+    pub by_aijob: PodIndex,
 }
 
 impl PodCaches {
+    /// The cached pods of AiJob `ns/aijob`.
+    pub fn of_aijob(&self, ns: &str, aijob: &str) -> Vec<Arc<PodView>> {
+        self.by_aijob
+            .pods_of(ns, aijob)
+            .iter()
+            .filter_map(|name| self.ours.get(&ObjectRef::new(name).within(ns)))
+            .collect()
+    }
+
     /// Every live pod on the cluster, what holds GPUs now; None until both
     /// caches have had their first list, when counting would miss pods and
     /// offer GPUs that are taken. The operator's own pods come in through the
@@ -186,6 +199,7 @@ mod tests {
         let caches = PodCaches {
             ours: store(ours.clone(), true),
             others_live: store(theirs.clone(), true),
+            by_aijob: PodIndex::default(),
         };
         let mut live: Vec<String> = caches
             .live()
@@ -200,6 +214,7 @@ mod tests {
         let starting = PodCaches {
             ours: store(ours, false),
             others_live: store(theirs, true),
+            by_aijob: PodIndex::default(),
         };
         assert!(starting.live().is_none());
     }

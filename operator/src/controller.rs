@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use gpupool_crds::conditions::find;
 use gpupool_crds::pods::PodView;
 use gpupool_crds::{
@@ -34,6 +34,7 @@ use crate::events::EventPublisher;
 use crate::jobbuild::{self, MANAGED_BY, MANAGER};
 use crate::jobstatus::observe;
 use crate::placement::{Decision, Need, decide};
+use crate::pod_index::PodIndex;
 use crate::status::{COND_PLACED, Outcome, plan};
 use crate::status_memo::StatusMemo;
 use crate::telemetry::Metrics;
@@ -120,9 +121,12 @@ pub async fn run(
     .applied_objects();
 
     let (our_pods, our_pods_writer) = reflector::store();
+    let by_aijob = PodIndex::default();
+    let index = by_aijob.clone();
     let our_pod_stream = watcher(pods_api.clone(), watcher::Config::default().labels(LABEL_AIJOB))
         .default_backoff()
         .reflect(our_pods_writer)
+        .inspect_ok(move |ev| index.apply(ev))
         .applied_objects();
 
     let (others_live, live_writer) = reflector::store();
@@ -151,6 +155,7 @@ pub async fn run(
     let pods = PodCaches {
         ours: our_pods,
         others_live: others_live.clone(),
+        by_aijob,
     };
     let (market, wake) = match market {
         Some((m, w)) => {
@@ -338,9 +343,7 @@ fn key(ns: &str, name: &str) -> String {
 
 /// The pods of one AiJob's Job, from the cache.
 fn pods_of(ctx: &Context, ns: &str, name: &str) -> Vec<Arc<PodView>> {
-    ctx.pods.ours.state_filter(|p| {
-        p.namespace().as_deref() == Some(ns) && p.labels().get(LABEL_AIJOB).map(String::as_str) == Some(name)
-    })
+    ctx.pods.of_aijob(ns, name)
 }
 
 /// The AiJob with the newest status known: the cache's, or the one this

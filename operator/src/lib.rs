@@ -14,6 +14,7 @@ pub mod matching;
 pub mod otlp_metrics;
 pub mod p2p;
 pub mod placement;
+pub mod pod_index;
 pub mod quantity;
 pub mod settlement;
 pub mod settlement_plan;
