@@ -70,24 +70,32 @@ impl Metadata for PodView {
     }
 }
 
-/// The metadata a cache needs to key on and resume a watch from, plus our
-/// own labels; managed fields, annotations, owner references and everyone
-/// else's labels are dropped.
-pub fn slim_metadata(meta: ObjectMeta) -> ObjectMeta {
-    let labels: BTreeMap<String, String> = meta
-        .labels
-        .into_iter()
-        .flatten()
-        .filter(|(k, _)| k.starts_with(KEPT_LABEL_PREFIX))
-        .collect();
+/// What every cached view keeps of an object's metadata: enough to key on,
+/// resume a watch from and see it being deleted. Views add what they read.
+pub fn identity(meta: ObjectMeta) -> ObjectMeta {
     ObjectMeta {
         name: meta.name,
         namespace: meta.namespace,
         uid: meta.uid,
         resource_version: meta.resource_version,
         deletion_timestamp: meta.deletion_timestamp,
-        labels: (!labels.is_empty()).then_some(labels),
         ..Default::default()
+    }
+}
+
+/// A pod's identity plus our own labels; managed fields, annotations, owner
+/// references and everyone else's labels are dropped.
+fn slim_metadata(mut meta: ObjectMeta) -> ObjectMeta {
+    let labels: BTreeMap<String, String> = meta
+        .labels
+        .take()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with(KEPT_LABEL_PREFIX))
+        .collect();
+    ObjectMeta {
+        labels: (!labels.is_empty()).then_some(labels),
+        ..identity(meta)
     }
 }
 

@@ -87,16 +87,12 @@ struct JobWire {
 
 impl From<JobWire> for JobView {
     fn from(j: JobWire) -> Self {
-        let m = j.metadata;
+        let mut meta = j.metadata;
+        let owner_references = meta.owner_references.take();
         JobView {
             metadata: ObjectMeta {
-                name: m.name,
-                namespace: m.namespace,
-                uid: m.uid,
-                resource_version: m.resource_version,
-                deletion_timestamp: m.deletion_timestamp,
-                owner_references: m.owner_references,
-                ..Default::default()
+                owner_references,
+                ..gpupool_crds::pods::identity(meta)
             },
             status: j.status,
         }

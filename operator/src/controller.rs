@@ -1,7 +1,7 @@
 //! The AiJob controller: dereference → validate → build → apply → update status.
 //! All decisions are made by the pure modules; this file only talks to the API.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -506,16 +506,17 @@ async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Err
     let (node, product, products) = {
         let mut placing = ctx.placing.lock().await;
         placing.retain(|_, r| r.at.elapsed() < RESERVATION_TTL);
-        // A reservation stops counting once its pod shows up bound in the cache.
-        let bound: HashSet<String> = ctx
-            .pods
-            .ours
-            .state()
-            .iter()
-            .filter(|p| p.is_live() && p.node_name.is_some())
-            .filter_map(|p| Some(key(&p.namespace()?, p.labels().get(LABEL_AIJOB)?)))
-            .collect();
-        placing.retain(|k, _| !bound.contains(k));
+        // A reservation stops counting once its pod shows up bound in the cache:
+        // one index lookup per reservation in flight, not a walk over every pod.
+        placing.retain(|k, _| {
+            let Some((rns, rname)) = k.split_once('/') else {
+                return true;
+            };
+            !ctx.pods
+                .of_aijob(rns, rname)
+                .iter()
+                .any(|p| p.is_live() && p.node_name.is_some())
+        });
         let mut extra: BTreeMap<String, u32> = BTreeMap::new();
         for r in placing.values() {
             *extra.entry(r.node.clone()).or_default() += r.gpus;
