@@ -61,9 +61,11 @@ k acme get poolpeers -o custom-columns='ORG:.spec.org,PEER:.spec.peerId,WALLET:.
 
 chaincfg=$state/chain/chain.json
 balances() {
+  local first=1 out
   for org in "${orgs[@]}"; do
-    printf '  %-7s ' "$org"
-    target/debug/gpupool escrow balance --chain-config "$chaincfg" --wallet-key-file "$state/chain/$org.key" | tail -n 1
+    out=$(target/debug/gpupool escrow balance --chain-config "$chaincfg" --wallet-key-file "$state/chain/$org.key")
+    if [ "$first" = 1 ]; then printf '  %-7s %s\n' ORG "$(head -n 1 <<<"$out")"; first=0; fi
+    printf '  %-7s %s\n' "$org" "$(tail -n 1 <<<"$out")"
   done
 }
 say "Token balances before"
@@ -110,7 +112,7 @@ k bravo get namespaces -l gpupool.dev/lease-namespace
 say "The AiJob's Events"
 k acme get events --field-selector involvedObject.kind=AiJob,involvedObject.name=eval-sweep \
   -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message --sort-by=.metadata.creationTimestamp
-say "Token balances after (acme paid bravo for the seconds used; the rest came back)"
+say "Token balances after (acme paid bravo for the seconds used, into bravo's escrow account; the rest went back to acme's)"
 balances
 
 [ "$phase" = Succeeded ] || exit 1

@@ -258,6 +258,27 @@ impl EscrowClient {
         to_u128("balanceOf", v)
     }
 
+    /// What `owner` keeps in its escrow account: leases open from it first,
+    /// and pay into it.
+    pub async fn account(&self, owner: Address) -> Result<u128, ChainError> {
+        let v = self
+            .escrow()
+            .accounts(owner, self.config.token)
+            .call()
+            .await
+            .map_err(|e| read("accounts", e))?;
+        to_u128("accounts", v)
+    }
+
+    /// Everything `owner` can spend: its wallet plus its escrow account. Open
+    /// leases are not counted.
+    pub async fn holdings(&self, owner: Address) -> Result<u128, ChainError> {
+        let (wallet, account) = tokio::try_join!(self.token_balance(owner), self.account(owner))?;
+        wallet
+            .checked_add(account)
+            .ok_or_else(|| garbage("balanceOf", "wallet plus account overflows"))
+    }
+
     pub async fn allowance(&self, owner: Address) -> Result<u128, ChainError> {
         let v = self
             .token()
@@ -315,7 +336,17 @@ impl EscrowClient {
     /// `from..=to`, each once, in the order they first appear. One request
     /// however many leases are open, so a watcher can afford it every block.
     pub async fn leases_touched(&self, from: u64, to: u64) -> Result<Vec<B256>, ChainError> {
-        let filter = Filter::new().address(self.config.escrow).from_block(from).to_block(to);
+        // Account events index an owner where lease events index the lease.
+        let filter = Filter::new()
+            .address(self.config.escrow)
+            .from_block(from)
+            .to_block(to)
+            .event_signature(vec![
+                LeaseEscrow::LeaseOpened::SIGNATURE_HASH,
+                LeaseEscrow::LeaseWithdrawn::SIGNATURE_HASH,
+                LeaseEscrow::LeaseToppedUp::SIGNATURE_HASH,
+                LeaseEscrow::LeaseClosed::SIGNATURE_HASH,
+            ]);
         let logs = self
             .provider
             .get_logs(&filter)
@@ -406,7 +437,26 @@ impl EscrowClient {
         Err(garbage("open", "the lease changed under every attempt"))
     }
 
-    /// Pays the provider what has accrued. Provider only.
+    /// Moves `amount` from the wallet into its escrow account.
+    pub async fn deposit(&self, amount: u128) -> Result<(), ChainError> {
+        self.ensure_allowance(amount).await?;
+        let tx = self
+            .escrow()
+            .deposit(self.config.token, U256::from(amount))
+            .into_transaction_request();
+        self.send("deposit", tx).await.map(|_| ())
+    }
+
+    /// Sends `amount` from the wallet's escrow account to `to`.
+    pub async fn withdraw_funds(&self, amount: u128, to: Address) -> Result<(), ChainError> {
+        let tx = self
+            .escrow()
+            .withdrawFunds(self.config.token, U256::from(amount), to)
+            .into_transaction_request();
+        self.send("withdrawFunds", tx).await.map(|_| ())
+    }
+
+    /// Pays the provider what has accrued, into its escrow account. Provider only.
     pub async fn withdraw(&self, id: B256) -> Result<u128, ChainError> {
         let r = self
             .act("withdraw", id, |escrow, lease| {
@@ -794,6 +844,15 @@ fn escrow_refusal(err: &LeaseEscrow::LeaseEscrowErrors) -> (&'static str, String
             "the provider must be another, non-zero address".into(),
         ),
         E::InvalidToken(_) => ("InvalidToken", "the token address is zero".into()),
+        E::InsufficientAccount(e) => (
+            "InsufficientAccount",
+            format!(
+                "the escrow account holds {} tokens, {} were asked for",
+                gpupool_crds::price::TokenAmount(u128::try_from(e.available).unwrap_or(u128::MAX)),
+                gpupool_crds::price::TokenAmount(u128::try_from(e.requested).unwrap_or(u128::MAX)),
+            ),
+        ),
+        E::InvalidRecipient(_) => ("InvalidRecipient", "the recipient address is zero".into()),
         other => ("Reverted", format!("{other:?}")),
     }
 }

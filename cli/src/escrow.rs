@@ -49,25 +49,34 @@ impl ChainOpts {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum EscrowCmd {
-    /// Token balance of a wallet and what it has in open leases.
+    /// Token balance of a wallet, its escrow account, and what it has in open leases.
     Balance {
         /// The wallet; the key file's by default.
         #[arg(long)]
         address: Option<Address>,
     },
-    /// Add tokens to an open lease you rent (a top-up).
+    /// Move tokens from your wallet into your escrow account (leases open from
+    /// it first), or with --lease add them to an open lease you rent (a top-up).
     Deposit {
-        /// The on-chain lease id (0x + 64 hex digits).
+        /// The on-chain lease id (0x + 64 hex digits) to top up.
         #[arg(long)]
-        lease: String,
+        lease: Option<String>,
         /// Tokens, as a decimal (e.g. 25 or 0.5).
         #[arg(long)]
         amount: String,
     },
-    /// Withdraw what a lease you provide has accrued.
+    /// Take tokens out of your escrow account to a wallet, or with --lease
+    /// collect what a lease you provide has accrued into your account.
     Withdraw {
+        /// The on-chain lease id whose accrual to collect.
+        #[arg(long, conflicts_with_all = ["amount", "to"])]
+        lease: Option<String>,
+        /// Tokens to take out of the account, as a decimal.
+        #[arg(long, required_unless_present = "lease")]
+        amount: Option<String>,
+        /// Where the tokens go; your own wallet by default.
         #[arg(long)]
-        lease: String,
+        to: Option<Address>,
     },
 }
 
@@ -79,11 +88,20 @@ fn tokens(v: u128) -> String {
     TokenAmount(v).to_string()
 }
 
+fn amount_arg(s: &str) -> anyhow::Result<TokenAmount> {
+    let amount: TokenAmount = s.parse().map_err(|e| anyhow::anyhow!("--amount: {e}"))?;
+    anyhow::ensure!(amount.0 > 0, "--amount must be above zero");
+    Ok(amount)
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Balance {
     address: String,
     wallet: String,
+    /// In the escrow account: lease payments and refunds land here, and
+    /// leases open from it first.
+    account: String,
     /// Remaining in open leases where this address is the renter.
     in_leases_as_renter: String,
     /// Accrued, unpaid, in open leases where this address is the provider.
@@ -115,6 +133,7 @@ pub async fn escrow(format: Format, opts: &ChainOpts, cmd: EscrowCmd) -> anyhow:
             let b = Balance {
                 address: who.to_string(),
                 wallet: tokens(client.token_balance(who).await?),
+                account: tokens(client.account(who).await?),
                 in_leases_as_renter: tokens(renting),
                 owed_as_provider: tokens(owed),
                 open_leases: open,
@@ -123,27 +142,56 @@ pub async fn escrow(format: Format, opts: &ChainOpts, cmd: EscrowCmd) -> anyhow:
                 return structured(format, &b);
             }
             Ok(table(
-                &["ADDRESS", "WALLET", "IN-LEASES", "OWED-TO-YOU", "OPEN-LEASES"],
+                &[
+                    "ADDRESS",
+                    "WALLET",
+                    "ACCOUNT",
+                    "IN-LEASES",
+                    "OWED-TO-YOU",
+                    "OPEN-LEASES",
+                ],
                 &[vec![
                     b.address,
                     b.wallet,
+                    b.account,
                     b.in_leases_as_renter,
                     b.owed_as_provider,
                     b.open_leases.to_string(),
                 ]],
             ))
         }
-        EscrowCmd::Deposit { lease, amount } => {
+        EscrowCmd::Deposit {
+            lease: Some(lease),
+            amount,
+        } => {
             let id = lease_arg(&lease)?;
-            let amount: TokenAmount = amount.parse().map_err(|e| anyhow::anyhow!("--amount: {e}"))?;
-            anyhow::ensure!(amount.0 > 0, "--amount must be above zero");
+            let amount = amount_arg(&amount)?;
             client.top_up(id, amount.0).await?;
             Ok(format!("deposited {amount} tokens into lease {id}\n"))
         }
-        EscrowCmd::Withdraw { lease } => {
+        EscrowCmd::Deposit { lease: None, amount } => {
+            let amount = amount_arg(&amount)?;
+            client.deposit(amount.0).await?;
+            Ok(format!("deposited {amount} tokens into your escrow account\n"))
+        }
+        EscrowCmd::Withdraw { lease: Some(lease), .. } => {
             let id = lease_arg(&lease)?;
             let got = client.withdraw(id).await?;
-            Ok(format!("withdrew {} tokens from lease {id}\n", tokens(got)))
+            Ok(format!(
+                "withdrew {} tokens from lease {id} into your escrow account\n",
+                tokens(got)
+            ))
+        }
+        EscrowCmd::Withdraw {
+            lease: None,
+            amount,
+            to,
+        } => {
+            let amount = amount_arg(amount.as_deref().context("pass --amount, or --lease")?)?;
+            let me = wallet.as_ref().map(Wallet::address).context("pass --wallet-key-file")?;
+            let to = to.unwrap_or(me);
+            client.withdraw_funds(amount.0, to).await?;
+            Ok(format!("withdrew {amount} tokens from your escrow account to {to}\n"))
         }
     }
 }

@@ -15,9 +15,16 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// caller acting on a state that someone else has just changed gets `StaleLease`
 /// instead of a surprise.
 ///
+/// Members also keep an account here per token. Leases are paid into accounts and
+/// opened from them, and tokens cross the token contract only on `deposit`,
+/// `withdrawFunds`, and an open whose account falls short. An ERC-20 transfer costs
+/// three to four times an account update, and a member who both rents and lends
+/// keeps one balance moving inside the escrow; a lease's whole life (open, one
+/// withdraw, close) then fits in about 130k gas.
+///
 /// Invariant: for every token, this contract's balance equals the sum of `balance`
-/// over open leases in that token. Fee-on-transfer and rebasing tokens break it and
-/// are not supported.
+/// over open leases in that token plus every account in that token. Fee-on-transfer
+/// and rebasing tokens break it and are not supported.
 contract LeaseEscrow is ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
@@ -49,6 +56,11 @@ contract LeaseEscrow is ReentrancyGuardTransient {
     /// Lease id => keccak256(abi.encode(Lease)) while open, CLOSED after, 0 if never opened.
     mapping(bytes32 leaseId => bytes32 stateHash) public leaseHash;
 
+    /// Owner => token => tokens the owner may open leases from or withdraw.
+    mapping(address owner => mapping(IERC20 token => uint256 amount)) public accounts;
+
+    event Deposited(address indexed owner, IERC20 indexed token, uint256 amount, uint256 balance);
+    event FundsWithdrawn(address indexed owner, IERC20 indexed token, address to, uint256 amount, uint256 balance);
     event LeaseOpened(
         bytes32 indexed leaseId,
         address indexed renter,
@@ -56,10 +68,13 @@ contract LeaseEscrow is ReentrancyGuardTransient {
         IERC20 token,
         uint256 ratePerSecond,
         uint256 deposit,
-        uint256 startedAt
+        uint256 startedAt,
+        uint256 fromAccount
     );
     event LeaseWithdrawn(bytes32 indexed leaseId, uint256 amount, uint256 balance, uint256 settledAt);
-    event LeaseToppedUp(bytes32 indexed leaseId, uint256 amount, uint256 balance, uint256 owed, uint256 settledAt);
+    event LeaseToppedUp(
+        bytes32 indexed leaseId, uint256 amount, uint256 balance, uint256 owed, uint256 settledAt, uint256 fromAccount
+    );
     event LeaseClosed(
         bytes32 indexed leaseId, CloseReason reason, address closedBy, uint256 paid, uint256 refunded
     );
@@ -78,11 +93,36 @@ contract LeaseEscrow is ReentrancyGuardTransient {
     error NotParty();
     error ReasonNotAllowed(CloseReason reason);
     error NotOverdrawn(bytes32 leaseId);
+    error InsufficientAccount(uint256 available, uint256 requested);
+    error InvalidRecipient();
 
-    /// @notice Opens a lease and pulls `deposit` from the caller, who becomes its renter.
+    /// @notice Moves tokens from the caller's wallet into its account here.
+    function deposit(IERC20 token, uint256 amount) external nonReentrant {
+        if (address(token) == address(0)) revert InvalidToken();
+        if (amount == 0) revert ZeroAmount();
+        uint256 balance = accounts[msg.sender][token] + amount;
+        accounts[msg.sender][token] = balance;
+        emit Deposited(msg.sender, token, amount, balance);
+        token.safeTransferFrom(msg.sender, address(this), amount);
+    }
+
+    /// @notice Sends `amount` from the caller's account to `to`.
+    function withdrawFunds(IERC20 token, uint256 amount, address to) external nonReentrant {
+        if (amount == 0) revert ZeroAmount();
+        if (to == address(0)) revert InvalidRecipient();
+        uint256 available = accounts[msg.sender][token];
+        if (amount > available) revert InsufficientAccount(available, amount);
+        uint256 balance = available - amount;
+        accounts[msg.sender][token] = balance;
+        emit FundsWithdrawn(msg.sender, token, to, amount, balance);
+        token.safeTransfer(to, amount);
+    }
+
+    /// @notice Opens a lease funded with `amount` from the caller, who becomes its
+    /// renter: from its account as far as that goes, the rest from its wallet.
     /// @dev Renters derive `leaseId` from their order, so retrying an open whose
     /// receipt was lost can only ever hit `LeaseExists`, never open a second lease.
-    function open(bytes32 leaseId, address provider, IERC20 token, uint128 ratePerSecond, uint128 deposit)
+    function open(bytes32 leaseId, address provider, IERC20 token, uint128 ratePerSecond, uint128 amount)
         external
         nonReentrant
         returns (Lease memory lease)
@@ -91,7 +131,7 @@ contract LeaseEscrow is ReentrancyGuardTransient {
         if (provider == address(0) || provider == msg.sender) revert InvalidProvider();
         if (address(token) == address(0)) revert InvalidToken();
         if (ratePerSecond == 0) revert ZeroRate();
-        if (deposit == 0) revert ZeroAmount();
+        if (amount == 0) revert ZeroAmount();
         if (leaseHash[leaseId] != bytes32(0)) revert LeaseExists(leaseId);
 
         lease = Lease({
@@ -99,16 +139,19 @@ contract LeaseEscrow is ReentrancyGuardTransient {
             provider: provider,
             token: token,
             ratePerSecond: ratePerSecond,
-            balance: deposit,
+            balance: amount,
             owed: 0,
             settledAt: uint64(block.timestamp)
         });
         leaseHash[leaseId] = keccak256(abi.encode(lease));
-        emit LeaseOpened(leaseId, msg.sender, provider, token, ratePerSecond, deposit, block.timestamp);
-        token.safeTransferFrom(msg.sender, address(this), deposit);
+        uint256 fromAccount = _debit(token, amount);
+        emit LeaseOpened(
+            leaseId, msg.sender, provider, token, ratePerSecond, amount, block.timestamp, fromAccount
+        );
+        if (amount > fromAccount) token.safeTransferFrom(msg.sender, address(this), amount - fromAccount);
     }
 
-    /// @notice Pays the provider what has accrued so far.
+    /// @notice Pays the provider what has accrued so far, into its account.
     function withdraw(bytes32 leaseId, Lease calldata current) external nonReentrant returns (uint256 amount) {
         _check(leaseId, current);
         if (msg.sender != current.provider) revert NotProvider();
@@ -119,10 +162,11 @@ contract LeaseEscrow is ReentrancyGuardTransient {
         lease.owed = 0;
         leaseHash[leaseId] = keccak256(abi.encode(lease));
         emit LeaseWithdrawn(leaseId, amount, lease.balance, lease.settledAt);
-        if (amount > 0) lease.token.safeTransfer(lease.provider, amount);
+        if (amount > 0) accounts[lease.provider][lease.token] += amount;
     }
 
-    /// @notice Adds funds. Time during which the lease was out of funds is not charged
+    /// @notice Adds funds, from the renter's account as far as that goes and the rest
+    /// from its wallet. Time during which the lease was out of funds is not charged
     /// afterwards: accrual is folded in first, and it had stopped at the balance.
     function topUp(bytes32 leaseId, Lease calldata current, uint128 amount) external nonReentrant {
         _check(leaseId, current);
@@ -132,12 +176,13 @@ contract LeaseEscrow is ReentrancyGuardTransient {
         Lease memory lease = _accrue(current);
         lease.balance += amount;
         leaseHash[leaseId] = keccak256(abi.encode(lease));
-        emit LeaseToppedUp(leaseId, amount, lease.balance, lease.owed, lease.settledAt);
-        lease.token.safeTransferFrom(msg.sender, address(this), amount);
+        uint256 fromAccount = _debit(lease.token, amount);
+        emit LeaseToppedUp(leaseId, amount, lease.balance, lease.owed, lease.settledAt, fromAccount);
+        if (amount > fromAccount) lease.token.safeTransferFrom(msg.sender, address(this), amount - fromAccount);
     }
 
-    /// @notice Closes the lease: the provider gets what has accrued (never more than
-    /// the balance) and the renter gets the rest back.
+    /// @notice Closes the lease: the provider's account gets what has accrued (never
+    /// more than the balance) and the renter's account the rest.
     /// @dev Only the renter may say it cancelled; `InsufficientFunds` needs the lease
     /// to have run out, so neither side can use it to end a funded lease early.
     function close(bytes32 leaseId, Lease calldata current, CloseReason reason)
@@ -155,8 +200,8 @@ contract LeaseEscrow is ReentrancyGuardTransient {
         refunded = lease.balance - lease.owed;
         leaseHash[leaseId] = CLOSED;
         emit LeaseClosed(leaseId, reason, msg.sender, paid, refunded);
-        if (paid > 0) lease.token.safeTransfer(lease.provider, paid);
-        if (refunded > 0) lease.token.safeTransfer(lease.renter, refunded);
+        if (paid > 0) accounts[lease.provider][lease.token] += paid;
+        if (refunded > 0) accounts[lease.renter][lease.token] += refunded;
     }
 
     /// @notice What the lease owes its provider at `timestamp`, and whether it has run out.
@@ -169,6 +214,13 @@ contract LeaseEscrow is ReentrancyGuardTransient {
     /// @notice The hash `leaseHash` holds for `lease`; clients compare it to check the state they rebuilt.
     function hashLease(Lease calldata lease) external pure returns (bytes32) {
         return keccak256(abi.encode(lease));
+    }
+
+    /// Takes up to `amount` from the caller's account; returns how much it took.
+    function _debit(IERC20 token, uint256 amount) private returns (uint256 taken) {
+        uint256 available = accounts[msg.sender][token];
+        taken = amount < available ? amount : available;
+        if (taken > 0) accounts[msg.sender][token] = available - taken;
     }
 
     function _check(bytes32 leaseId, Lease calldata current) private view {

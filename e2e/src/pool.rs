@@ -157,13 +157,15 @@ impl Pool {
         Ok(())
     }
 
+    /// What the org can spend: its wallet plus its escrow account, where
+    /// lease payments and refunds land.
     pub async fn balance(&self, org: &str) -> anyhow::Result<u128> {
         let w = self
             .members
             .get(org)
             .ok_or_else(|| anyhow::anyhow!("no member {org}"))?
             .wallet;
-        Ok(self.chain.token_balance(w).await?)
+        Ok(self.chain.holdings(w).await?)
     }
 }
 

@@ -104,6 +104,37 @@ async fn renter_and_provider_manage_a_lease_from_the_cli() {
     assert_eq!(b["openLeases"], 1);
     let in_leases: f64 = b["inLeasesAsRenter"].as_str().unwrap().parse().unwrap();
     assert!(in_leases > 10.0 && in_leases < 12.0, "{out}");
+    assert_eq!(b["account"], "0");
+
+    // The escrow account: in from the wallet, out to it, never more than it holds.
+    let acct = |args: &[&str]| {
+        let mut all = vec!["escrow"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--chain-config", &cfg, "--wallet-key-file", &rkey]);
+        gpupool(&all)
+    };
+    let (ok, out, err) = acct(&["deposit", "--amount", "5"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("deposited 5 tokens into your escrow account"), "{out}");
+    let (ok, out, err) = acct(&["withdraw", "--amount", "3"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("withdrew 3 tokens from your escrow account to"),
+        "{out}"
+    );
+    let (ok, _, err) = acct(&["withdraw", "--amount", "100"]);
+    assert!(!ok);
+    assert!(
+        err.contains("the escrow account holds 2 tokens, 100 were asked for"),
+        "{err}"
+    );
+    let (ok, _, err) = acct(&["withdraw"]);
+    assert!(!ok);
+    assert!(err.contains("--amount"), "{err}");
+    let (ok, out, err) = acct(&["balance", "-o", "json"]);
+    assert!(ok, "{err}");
+    let b: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((&b["wallet"], &b["account"]), (&"999986".into(), &"2".into()));
 
     // YAML for the provider's view.
     let (ok, out, _) = gpupool(&[

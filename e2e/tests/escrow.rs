@@ -63,8 +63,22 @@ impl Chain {
         c.provider().anvil_increase_time(seconds).await.unwrap();
         c.provider().evm_mine(None).await.unwrap();
     }
-    async fn escrow_holds(&self) -> u128 {
+    /// Every token the escrow contract holds: leases' balances and accounts.
+    async fn escrow_total(&self) -> u128 {
         self.client(0).token_balance(self.config.escrow).await.unwrap()
+    }
+    /// The sum of the funded wallets' escrow accounts.
+    async fn in_accounts(&self) -> u128 {
+        let c = self.client(0);
+        let mut sum = 0;
+        for i in 1..=6 {
+            sum += c.account(self.address(i)).await.unwrap();
+        }
+        sum
+    }
+    /// What the escrow holds for open leases: everything but the accounts.
+    async fn escrow_holds(&self) -> u128 {
+        self.escrow_total().await - self.in_accounts().await
     }
 }
 
@@ -91,6 +105,7 @@ async fn full_lifecycle_pays_the_provider_and_refunds_the_rest() {
     let deposit = 10 * ONE_TOKEN;
     let renter_before = renter.token_balance(c.address(RENTER)).await.unwrap();
     let provider_before = renter.token_balance(c.address(PROVIDER)).await.unwrap();
+    assert_eq!(c.in_accounts().await, 0);
     let before_open = renter.head().await.unwrap();
 
     let opened = renter.open(id, c.address(PROVIDER), RATE, deposit).await.unwrap();
@@ -111,6 +126,12 @@ async fn full_lifecycle_pays_the_provider_and_refunds_the_rest() {
     assert!(withdrawn >= 1_000 * RATE);
     assert_eq!(l.balance, deposit - withdrawn);
     assert_eq!(c.escrow_holds().await, l.balance);
+    // Paid into the provider's escrow account, not its wallet.
+    assert_eq!(renter.account(c.address(PROVIDER)).await.unwrap(), withdrawn);
+    assert_eq!(
+        renter.token_balance(c.address(PROVIDER)).await.unwrap(),
+        provider_before
+    );
 
     c.jump(500).await;
     let before_close = renter.head().await.unwrap();
@@ -135,14 +156,33 @@ async fn full_lifecycle_pays_the_provider_and_refunds_the_rest() {
     assert_eq!(deposited, deposit);
     assert!(closed.paid >= 500 * RATE);
     assert_eq!(c.escrow_holds().await, 0);
+    // The deposit left the renter's wallet; the refund is in its account,
+    // and the provider's whole payment in the provider's.
     assert_eq!(
         renter.token_balance(c.address(RENTER)).await.unwrap(),
-        renter_before - paid
+        renter_before - deposit
     );
+    assert_eq!(renter.account(c.address(RENTER)).await.unwrap(), refunded);
+    assert_eq!(renter.holdings(c.address(RENTER)).await.unwrap(), renter_before - paid);
+    assert_eq!(renter.account(c.address(PROVIDER)).await.unwrap(), paid);
+    assert_eq!(
+        renter.holdings(c.address(PROVIDER)).await.unwrap(),
+        provider_before + paid
+    );
+    assert_eq!(c.escrow_total().await, paid + refunded);
+
+    // Each side takes its tokens out to its wallet.
+    provider.withdraw_funds(paid, c.address(PROVIDER)).await.unwrap();
+    renter.withdraw_funds(refunded, c.address(RENTER)).await.unwrap();
     assert_eq!(
         renter.token_balance(c.address(PROVIDER)).await.unwrap(),
         provider_before + paid
     );
+    assert_eq!(
+        renter.token_balance(c.address(RENTER)).await.unwrap(),
+        renter_before - paid
+    );
+    assert_eq!(c.escrow_total().await, 0);
 
     // Closing again is a no-op that reports the close, not a second payment.
     let again = provider.close(id, CloseReason::Completed).await.unwrap();
@@ -151,6 +191,92 @@ async fn full_lifecycle_pays_the_provider_and_refunds_the_rest() {
     // Both sides list it.
     assert_eq!(renter.lease_ids_of(c.address(RENTER)).await.unwrap(), vec![id]);
     assert_eq!(provider.lease_ids_of(c.address(PROVIDER)).await.unwrap(), vec![id]);
+}
+
+/// A member's escrow account funds its leases before its wallet does, receives
+/// what its leases pay it, and gives back only what it holds.
+#[tokio::test]
+async fn escrow_accounts_fund_leases_and_hold_payments() {
+    let c = chain("accounts").await;
+    let renter = c.client(RENTER);
+    let provider = c.client(PROVIDER);
+    let stranger = c.client(STRANGER);
+    let wallet_before = renter.token_balance(c.address(RENTER)).await.unwrap();
+
+    let before = renter.head().await.unwrap();
+    renter.deposit(10 * ONE_TOKEN).await.unwrap();
+    assert_eq!(renter.account(c.address(RENTER)).await.unwrap(), 10 * ONE_TOKEN);
+    assert_eq!(
+        renter.token_balance(c.address(RENTER)).await.unwrap(),
+        wallet_before - 10 * ONE_TOKEN
+    );
+    // Account events are not lease events: a lease watcher sees none.
+    let head = renter.head().await.unwrap();
+    assert!(renter.leases_touched(before + 1, head).await.unwrap().is_empty());
+
+    // Covered by the account: the wallet does not move.
+    let a = lease_id(c.address(RENTER), "order-from-account");
+    renter.open(a, c.address(PROVIDER), RATE, 4 * ONE_TOKEN).await.unwrap();
+    assert_eq!(renter.account(c.address(RENTER)).await.unwrap(), 6 * ONE_TOKEN);
+    assert_eq!(
+        renter.token_balance(c.address(RENTER)).await.unwrap(),
+        wallet_before - 10 * ONE_TOKEN
+    );
+    // More than the account holds: all of it, and the rest from the wallet.
+    let b = lease_id(c.address(RENTER), "order-split");
+    renter.open(b, c.address(PROVIDER), RATE, 8 * ONE_TOKEN).await.unwrap();
+    assert_eq!(renter.account(c.address(RENTER)).await.unwrap(), 0);
+    assert_eq!(
+        renter.token_balance(c.address(RENTER)).await.unwrap(),
+        wallet_before - 12 * ONE_TOKEN
+    );
+    assert_eq!(c.escrow_holds().await, 12 * ONE_TOKEN);
+
+    // Payments land in the provider's account; only it can take them out.
+    c.jump(100).await;
+    let paid = provider.withdraw(a).await.unwrap();
+    assert_eq!(provider.account(c.address(PROVIDER)).await.unwrap(), paid);
+    let err = stranger.withdraw_funds(paid, c.address(STRANGER)).await.unwrap_err();
+    assert_eq!(refused_code(&err), "InsufficientAccount");
+    let err = provider
+        .withdraw_funds(paid + 1, c.address(PROVIDER))
+        .await
+        .unwrap_err();
+    assert_eq!(refused_code(&err), "InsufficientAccount");
+    assert!(err.to_string().contains("asked for"), "{err}");
+    assert_eq!(
+        refused_code(&provider.withdraw_funds(0, c.address(PROVIDER)).await.unwrap_err()),
+        "ZeroAmount"
+    );
+    assert_eq!(
+        refused_code(&provider.withdraw_funds(paid, Address::ZERO).await.unwrap_err()),
+        "InvalidRecipient"
+    );
+    assert_eq!(provider.account(c.address(PROVIDER)).await.unwrap(), paid);
+
+    // Paying someone else from the account is allowed: `to` is any address.
+    provider.withdraw_funds(paid, c.address(STRANGER)).await.unwrap();
+    assert_eq!(provider.account(c.address(PROVIDER)).await.unwrap(), 0);
+    assert_eq!(
+        stranger.token_balance(c.address(STRANGER)).await.unwrap(),
+        FUNDING_TOKENS * ONE_TOKEN + paid
+    );
+
+    // A refund funds the next top-up before the wallet does.
+    let closed = renter.close(b, CloseReason::RenterCancelled).await.unwrap();
+    assert_eq!(renter.account(c.address(RENTER)).await.unwrap(), closed.refunded);
+    let wallet_now = renter.token_balance(c.address(RENTER)).await.unwrap();
+    renter.top_up(a, ONE_TOKEN).await.unwrap();
+    assert_eq!(
+        renter.account(c.address(RENTER)).await.unwrap(),
+        closed.refunded - ONE_TOKEN
+    );
+    assert_eq!(renter.token_balance(c.address(RENTER)).await.unwrap(), wallet_now);
+    assert_eq!(c.escrow_total().await, c.escrow_holds().await + c.in_accounts().await);
+    assert_eq!(
+        c.escrow_holds().await,
+        open_state(&renter.lease(a).await.unwrap()).balance
+    );
 }
 
 #[tokio::test]
@@ -288,8 +414,9 @@ async fn top_up_adds_funds_and_time_out_of_funds_is_not_charged_later() {
 }
 
 /// Hundreds of mixed actions and time jumps by three renters and three providers,
-/// allowed and forbidden; after every step the escrow holds exactly the sum of open
-/// leases' balances, and no token is created or lost anywhere.
+/// allowed and forbidden, with deposits to and withdrawals from escrow accounts;
+/// after every step the escrow holds exactly the sum of open leases' balances and
+/// accounts, and no token is created or lost anywhere.
 #[tokio::test]
 async fn randomised_actions_conserve_tokens() {
     let c = chain("random").await;
@@ -312,7 +439,7 @@ async fn randomised_actions_conserve_tokens() {
     let mut leases: Vec<(B256, usize, usize)> = Vec::new(); // id, renter, provider
     let (mut opened, mut refused, mut closed) = (0, 0, 0);
     for step in 0..300u32 {
-        let action = next(10);
+        let action = next(12);
         let result: Result<(), ChainError> = match action {
             0 | 1 => {
                 let (r, p) = (renters[next(3) as usize], providers[next(3) as usize]);
@@ -349,6 +476,16 @@ async fn randomised_actions_conserve_tokens() {
                 let (id, r, p) = leases[next(leases.len() as u64) as usize];
                 let stranger = (1..=6).find(|i| *i != r && *i != p).unwrap();
                 clients[stranger].withdraw(id).await.map(|_| ())
+            }
+            8 => {
+                let who = 1 + next(6) as usize;
+                clients[who].deposit((1 + u128::from(next(200))) * RATE).await
+            }
+            9 => {
+                // Sometimes more than the account holds, which must be refused.
+                let who = 1 + next(6) as usize;
+                let amount = (1 + u128::from(next(300))) * RATE;
+                clients[who].withdraw_funds(amount, c.address(who)).await
             }
             _ => {
                 c.jump(1 + next(300)).await;
@@ -390,9 +527,9 @@ async fn randomised_actions_conserve_tokens() {
         assert_eq!(
             c.escrow_holds().await,
             held,
-            "step {step}: escrow balance != sum of open leases"
+            "step {step}: escrow balance != sum of open leases + accounts"
         );
-        let mut total = c.escrow_holds().await;
+        let mut total = c.escrow_total().await;
         for w in &all_wallets {
             total += clients[0].token_balance(*w).await.unwrap();
         }

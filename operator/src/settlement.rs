@@ -137,6 +137,7 @@ pub async fn run(
         written: Mutex::new(HashMap::new()),
     });
     info!("starting the settlement worker");
+    tokio::spawn(watch_balances(ctx.chain.clone(), ctx.metrics.clone()));
     let (store, writer) = reflector::store();
     let changes = watcher(leases, watcher::Config::default())
         .default_backoff()
@@ -157,6 +158,24 @@ pub async fn run(
         })
         .await;
     Ok(())
+}
+
+/// How often the wallet's and escrow account's balances are read for the
+/// `balance_tokens` gauge: payments land there without any lease changing here.
+const BALANCE_EVERY: Duration = Duration::from_secs(15);
+
+async fn watch_balances(chain: Arc<EscrowClient>, metrics: Arc<Metrics>) {
+    let Some(me) = chain.wallet() else { return };
+    let mut every = tokio::time::interval(BALANCE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match tokio::try_join!(chain.token_balance(me), chain.account(me)) {
+            Ok((wallet, account)) => metrics.balances(wallet, account),
+            // The gauge keeps its last value; lease work reports chain trouble.
+            Err(e) => debug!(error = %e, "could not read the wallet's balances"),
+        }
+    }
 }
 
 fn key(lease: &Lease) -> String {

@@ -28,6 +28,11 @@ struct Call {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HeldIn {
+    held_in: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: String,
 }
@@ -46,6 +51,7 @@ pub struct Metrics {
     chain_errors: Family<Reason, Counter>,
     tokens_received: Counter<f64, std::sync::atomic::AtomicU64>,
     tokens_deposited: Counter<f64, std::sync::atomic::AtomicU64>,
+    balance: Family<HeldIn, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pool: PoolMetrics,
 }
 
@@ -103,6 +109,12 @@ impl Default for Metrics {
         let chain_errors = Family::<Reason, Counter>::default();
         let tokens_received = Counter::<f64, std::sync::atomic::AtomicU64>::default();
         let tokens_deposited = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        let balance = Family::<HeldIn, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "balance_tokens",
+            "Tokens this operator's wallet can spend, by where they are held (wallet, escrow_account)",
+            balance.clone(),
+        );
         registry.register(
             "chain_tx_gas",
             "Gas used by escrow transactions, by call",
@@ -120,7 +132,7 @@ impl Default for Metrics {
         );
         registry.register(
             "tokens_received",
-            "Tokens this operator's wallet withdrew as a provider",
+            "Tokens this operator's leases paid it as a provider, into its escrow account",
             tokens_received.clone(),
         );
         registry.register(
@@ -187,6 +199,7 @@ impl Default for Metrics {
             chain_errors,
             tokens_received,
             tokens_deposited,
+            balance,
             registry: Mutex::new(registry),
             reconciles,
             reconcile_errors,
@@ -255,6 +268,17 @@ impl Metrics {
 
     pub fn tokens_received(&self, base_units: u128) {
         self.tokens_received.inc_by(base_units as f64 / 1e18);
+    }
+
+    /// The wallet's tokens and its escrow account, as last read from the chain.
+    pub fn balances(&self, wallet: u128, account: u128) {
+        for (held_in, v) in [("wallet", wallet), ("escrow_account", account)] {
+            self.balance
+                .get_or_create(&HeldIn {
+                    held_in: held_in.into(),
+                })
+                .set(v as f64 / 1e18);
+        }
     }
 
     pub fn tokens_deposited(&self, base_units: u128) {
@@ -346,4 +370,98 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<S
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metric names a PromQL expression reads, as the registry names them:
+    /// the text format adds `_total` to counters and `_bucket`/`_sum`/`_count`
+    /// to histograms, so those suffixes are taken off.
+    fn metrics_in(expr: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = expr;
+        while let Some(at) = rest.find("gpupool_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let mut name = &tail[..end];
+            for suffix in ["_total", "_bucket", "_sum", "_count"] {
+                if let Some(base) = name.strip_suffix(suffix) {
+                    name = base;
+                    break;
+                }
+            }
+            names.push(name.to_string());
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn metric_names_are_read_out_of_promql() {
+        assert_eq!(
+            metrics_in("histogram_quantile(0.99, sum by (le) (rate(gpupool_a_b_bucket[5m]))) / gpupool_c_total"),
+            ["gpupool_a_b", "gpupool_c"]
+        );
+        assert!(metrics_in("up{job=\"x\"}").is_empty());
+    }
+
+    #[test]
+    fn every_dashboard_query_names_a_metric_the_operator_exports() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../charts/gpupool/dashboards/gpupool.json"))
+                .expect("the dashboard is JSON");
+        // Labelled families are served once they have a series: give each one.
+        let m = Metrics::default();
+        m.observe_inventory(&[NodeGpus {
+            node: "n1".into(),
+            product: "NVIDIA A100".into(),
+            memory_mib: 81_920,
+            healthy: 8,
+            allocated: 2,
+        }]);
+        m.observe_tx(&gpupool_chain::TxRecord {
+            call: "open",
+            gas_used: 56_000,
+            latency: Duration::from_millis(30),
+            succeeded: true,
+        });
+        m.chain_error("Rpc");
+        m.balances(1, 2);
+        m.message_received("bid");
+        m.message_dropped("replayed");
+        m.pool_lease("active");
+        m.placement("lease_active", 0.5);
+        let served = m.render();
+        let panels = dashboard["panels"].as_array().expect("panels");
+        let mut queried = 0;
+        for panel in panels.iter().filter(|p| p["type"] != "row") {
+            let title = panel["title"].as_str().unwrap_or("?");
+            let targets = panel["targets"].as_array().filter(|t| !t.is_empty());
+            for target in targets.unwrap_or_else(|| panic!("panel {title} has no query")) {
+                let expr = target["expr"].as_str().unwrap_or_default();
+                let names = metrics_in(expr);
+                assert!(!names.is_empty(), "panel {title}: {expr} reads no gpupool metric");
+                for name in names {
+                    assert!(
+                        served.contains(&format!("# TYPE {name} ")),
+                        "panel {title} queries {name}, which the operator does not export"
+                    );
+                    queried += 1;
+                }
+            }
+        }
+        // Every registered family is on the dashboard somewhere.
+        for line in served.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let name = line.split(' ').next().unwrap_or_default();
+            assert!(
+                panels.iter().any(|p| p.to_string().contains(name)),
+                "{name} is exported but on no panel"
+            );
+        }
+        assert!(queried >= 20, "{queried}");
+    }
 }
