@@ -852,7 +852,10 @@ fn escrow_refusal(err: &LeaseEscrow::LeaseEscrowErrors) -> (&'static str, String
                 gpupool_crds::price::TokenAmount(u128::try_from(e.requested).unwrap_or(u128::MAX)),
             ),
         ),
-        E::InvalidRecipient(_) => ("InvalidRecipient", "the recipient address is zero".into()),
+        E::InvalidRecipient(_) => (
+            "InvalidRecipient",
+            "the recipient is the zero address or the escrow itself".into(),
+        ),
         other => ("Reverted", format!("{other:?}")),
     }
 }
