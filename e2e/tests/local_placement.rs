@@ -346,3 +346,25 @@ async fn restarting_the_operator_mid_job_leaves_exactly_one_job() {
     assert_eq!(pods_of(&client, &ns, "steady").await.len(), 1, "the workload ran once");
     cleanup(&client, &ns).await;
 }
+
+/// AiJobs waiting when the operator starts are all placed: they reconcile at
+/// once while the caches are still listing. (That every task waiting for a
+/// cache's first list is woken, which kube-runtime's own readiness wait does
+/// not do, is checked by the unit test in `operator/src/listed.rs`; this run
+/// did not hit that race with the old code either.)
+#[tokio::test]
+async fn jobs_applied_while_the_operator_is_down_all_start_when_it_comes_up() {
+    let env = testenv();
+    let org = env.org(ORG).unwrap();
+    let client = admin(org).await;
+    let ns = namespace(&client, "backlog").await;
+    let names: Vec<String> = (0..12).map(|i| format!("backlog-{i}")).collect();
+    for name in &names {
+        create(&client, &ns, aijob_json(name, 1, &[], "30s", serde_json::json!({}))).await;
+    }
+    let _op = Operator::start(org, "backlog");
+    for name in &names {
+        wait_phase(&client, &ns, name, AiJobPhase::Running).await;
+    }
+    cleanup(&client, &ns).await;
+}

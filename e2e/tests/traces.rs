@@ -168,6 +168,9 @@ async fn both_organisations_export_their_metrics_over_otlp() {
             && has(&points, "acme", "gpupool_balance_tokens", "gauge", &|p| {
                 p.attribute("held_in") == Some("wallet") && p.value > 0.0
             })
+            && has(&points, "acme", "gpupool_leases", "gauge", &|p| {
+                p.attribute("side") == Some("Renter") && p.value >= 1.0
+            })
             && has(&points, "bravo", "gpupool_pool_bids_sent", "sum", &|p| p.value >= 1.0)
             && has(&points, "bravo", "gpupool_pool_peers_connected", "gauge", &|p| {
                 p.value >= 1.0

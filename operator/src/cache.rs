@@ -14,10 +14,10 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{Metadata, NamespaceResourceScope, Resource};
 use kube::api::Api;
-use kube::runtime::reflector::store::WriterDropped;
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde::Deserialize;
 
+use crate::listed::{Listed, WatchStopped};
 use crate::pod_index::PodIndex;
 
 /// The pods the operator counts GPUs from, in two caches that never hold the
@@ -31,6 +31,9 @@ pub struct PodCaches {
     pub others_live: Store<PodView>,
     /// `ours` by AiJob, fed by the same watch.
     pub by_aijob: PodIndex,
+    /// Whether each cache has had its first list (see `listed`).
+    pub ours_listed: Listed,
+    pub others_listed: Listed,
 }
 
 impl PodCaches {
@@ -48,7 +51,7 @@ impl PodCaches {
     /// offer GPUs that are taken. The operator's own pods come in through the
     /// controller's watch, so this turns ready only once the controller runs.
     pub fn live(&self) -> Option<Vec<Arc<PodView>>> {
-        if !(listed(&self.ours) && listed(&self.others_live)) {
+        if !(self.ours_listed.is_listed() && self.others_listed.is_listed()) {
             return None;
         }
         let mut pods = self.others_live.state();
@@ -57,14 +60,10 @@ impl PodCaches {
     }
 
     /// Waits for both caches' first list.
-    pub async fn wait_until_ready(&self) -> Result<(), WriterDropped> {
-        self.ours.wait_until_ready().await?;
-        self.others_live.wait_until_ready().await
+    pub async fn wait_until_ready(&self) -> Result<(), WatchStopped> {
+        self.ours_listed.wait().await?;
+        self.others_listed.wait().await
     }
-}
-
-fn listed(store: &Store<PodView>) -> bool {
-    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
 
 /// One of the operator's Jobs: its identity, its owner (events route to the
@@ -165,6 +164,14 @@ mod tests {
     use k8s_openapi::api::batch::v1::{Job, JobCondition, JobSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
+    fn gate(listed: bool) -> Listed {
+        let g = Listed::default();
+        if listed {
+            g.mark();
+        }
+        g
+    }
+
     fn store(pods: Vec<PodView>, listed: bool) -> Store<PodView> {
         use kube::runtime::watcher::Event;
         let mut w = kube::runtime::reflector::store::Writer::<PodView>::default();
@@ -196,6 +203,8 @@ mod tests {
             ours: store(ours.clone(), true),
             others_live: store(theirs.clone(), true),
             by_aijob: PodIndex::default(),
+            ours_listed: gate(true),
+            others_listed: gate(true),
         };
         let mut live: Vec<String> = caches
             .live()
@@ -211,6 +220,8 @@ mod tests {
             ours: store(ours, false),
             others_live: store(theirs, true),
             by_aijob: PodIndex::default(),
+            ours_listed: gate(false),
+            others_listed: gate(true),
         };
         assert!(starting.live().is_none());
     }

@@ -33,6 +33,7 @@ use crate::capacity::inventory;
 use crate::events::EventPublisher;
 use crate::jobbuild::{self, MANAGED_BY, MANAGER};
 use crate::jobstatus::observe;
+use crate::listed::Listed;
 use crate::placement::{Decision, Need, decide};
 use crate::pod_index::PodIndex;
 use crate::status::{COND_PLACED, Outcome, plan};
@@ -123,13 +124,20 @@ pub async fn run(
     let (our_pods, our_pods_writer) = reflector::store();
     let by_aijob = PodIndex::default();
     let index = by_aijob.clone();
+    let ours_listed = Listed::default();
+    let ours_gate = ours_listed.clone();
     let our_pod_stream = watcher(pods_api.clone(), watcher::Config::default().labels(LABEL_AIJOB))
         .default_backoff()
         .reflect(our_pods_writer)
-        .inspect_ok(move |ev| index.apply(ev))
+        .inspect_ok(move |ev| {
+            index.apply(ev);
+            ours_gate.observe(ev);
+        })
         .applied_objects();
 
     let (others_live, live_writer) = reflector::store();
+    let others_listed = Listed::default();
+    let others_gate = others_listed.clone();
     let live_stream = watcher(
         pods_api,
         watcher::Config::default()
@@ -138,13 +146,25 @@ pub async fn run(
     )
     .default_backoff()
     .reflect(live_writer)
-    .for_each(|_| futures::future::ready(()));
+    .for_each(move |ev| {
+        if let Ok(ev) = ev {
+            others_gate.observe(&ev);
+        }
+        futures::future::ready(())
+    });
     let (gpunodes, gpunodes_writer) = reflector::store();
+    let gpunodes_listed = Listed::default();
+    let gpunodes_gate = gpunodes_listed.clone();
     let gpunode_stream = watcher(gpunodes_api, watcher::Config::default())
         .default_backoff()
         .modify(|g: &mut GpuNode| g.meta_mut().managed_fields = None)
         .reflect(gpunodes_writer)
-        .for_each(|_| futures::future::ready(()));
+        .for_each(move |ev| {
+            if let Ok(ev) = ev {
+                gpunodes_gate.observe(&ev);
+            }
+            futures::future::ready(())
+        });
     tokio::spawn(live_stream);
     tokio::spawn(gpunode_stream);
 
@@ -156,6 +176,8 @@ pub async fn run(
         ours: our_pods,
         others_live: others_live.clone(),
         by_aijob,
+        ours_listed,
+        others_listed: others_listed.clone(),
     };
     let (market, wake) = match market {
         Some((m, w)) => {
@@ -181,8 +203,8 @@ pub async fn run(
     info!("waiting for the pod and GpuNode caches");
     // The controller's own pods arrive through its watch, which runs only
     // with the controller: placement waits for that list itself (`place`).
-    others_live.wait_until_ready().await?;
-    gpunodes.wait_until_ready().await?;
+    others_listed.wait().await?;
+    gpunodes_listed.wait().await?;
     info!("caches ready; starting the AiJob controller");
 
     let wake = futures::stream::unfold(wake, |w| async move {

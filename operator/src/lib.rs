@@ -9,6 +9,8 @@ pub mod controller;
 pub mod events;
 pub mod jobbuild;
 pub mod jobstatus;
+pub mod lease_gauges;
+pub mod listed;
 pub mod market;
 pub mod matching;
 pub mod otlp_metrics;

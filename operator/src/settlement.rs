@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use gpupool_chain::{Address, B256, ChainError, EscrowClient, LeaseOnChain, OpenOutcome, lease_id};
 use gpupool_crds::conditions::{ConditionUpdate, find, set_condition};
 use gpupool_crds::price::TokenAmount;
@@ -139,11 +139,16 @@ pub async fn run(
     info!("starting the settlement worker");
     tokio::spawn(watch_balances(ctx.chain.clone(), ctx.metrics.clone()));
     let (store, writer) = reflector::store();
+    // Not `wait_until_ready`: see `crate::listed`.
+    let listed = crate::listed::Listed::default();
+    let seen_list = listed.clone();
     let changes = watcher(leases, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
+        .inspect_ok(move |event| seen_list.observe(event))
         .applied_objects()
         .predicate_filter(crate::triggers::settlement, Default::default());
+    tokio::spawn(watch_leases(store.clone(), listed, ctx.metrics.clone()));
     let records = store.clone();
     let touched = crate::chain_watch::leases_touched(ctx.chain.clone(), ctx.settings.poll)
         .flat_map(move |ids| futures::stream::iter(crate::chain_watch::records_for(&ids, &records.state())));
@@ -161,7 +166,8 @@ pub async fn run(
 }
 
 /// How often the wallet's and escrow account's balances are read for the
-/// `balance_tokens` gauge: payments land there without any lease changing here.
+/// `balance_tokens` gauge (payments land there without any lease changing
+/// here), and the lease gauges counted.
 const BALANCE_EVERY: Duration = Duration::from_secs(15);
 
 async fn watch_balances(chain: Arc<EscrowClient>, metrics: Arc<Metrics>) {
@@ -174,6 +180,20 @@ async fn watch_balances(chain: Arc<EscrowClient>, metrics: Arc<Metrics>) {
             Ok((wallet, account)) => metrics.balances(wallet, account),
             // The gauge keeps its last value; lease work reports chain trouble.
             Err(e) => debug!(error = %e, "could not read the wallet's balances"),
+        }
+    }
+}
+
+/// Keeps the lease gauges current from the reflector's store, once it has
+/// listed (before that, an empty store would report zero leases).
+async fn watch_leases(store: reflector::Store<Lease>, listed: crate::listed::Listed, metrics: Arc<Metrics>) {
+    let mut every = tokio::time::interval(BALANCE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if listed.is_listed() {
+            let leases = store.state();
+            metrics.observe_leases(&crate::lease_gauges::tally(leases.iter().map(|l| l.as_ref())));
         }
     }
 }

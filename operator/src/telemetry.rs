@@ -28,6 +28,12 @@ struct Call {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideState {
+    side: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HeldIn {
     held_in: String,
 }
@@ -52,6 +58,10 @@ pub struct Metrics {
     tokens_received: Counter<f64, std::sync::atomic::AtomicU64>,
     tokens_deposited: Counter<f64, std::sync::atomic::AtomicU64>,
     balance: Family<HeldIn, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    leases: Family<SideState, Gauge>,
+    /// (product, lent | rented) pairs last set on `gpus`, so that one whose
+    /// leases have all closed goes back to zero.
+    lease_gpus: Mutex<std::collections::BTreeSet<(String, String)>>,
     pool: PoolMetrics,
 }
 
@@ -99,7 +109,7 @@ impl Default for Metrics {
         );
         registry.register(
             "gpus",
-            "GPUs on this cluster by product and state (total, free)",
+            "GPUs by product and state: total and free on this cluster, lent to other organisations' leases, rented from them",
             gpus.clone(),
         );
         let chain_tx_gas =
@@ -110,6 +120,12 @@ impl Default for Metrics {
         let tokens_received = Counter::<f64, std::sync::atomic::AtomicU64>::default();
         let tokens_deposited = Counter::<f64, std::sync::atomic::AtomicU64>::default();
         let balance = Family::<HeldIn, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let leases = Family::<SideState, Gauge>::default();
+        registry.register(
+            "leases",
+            "Lease records on this cluster by side (Renter, Provider) and state",
+            leases.clone(),
+        );
         registry.register(
             "balance_tokens",
             "Tokens this operator's wallet can spend, by where they are held (wallet, escrow_account)",
@@ -200,6 +216,8 @@ impl Default for Metrics {
             tokens_received,
             tokens_deposited,
             balance,
+            leases,
+            lease_gpus: Mutex::default(),
             registry: Mutex::new(registry),
             reconciles,
             reconcile_errors,
@@ -268,6 +286,37 @@ impl Metrics {
 
     pub fn tokens_received(&self, base_units: u128) {
         self.tokens_received.inc_by(base_units as f64 / 1e18);
+    }
+
+    /// Where the Lease records stand (see `lease_gauges`).
+    pub fn observe_leases(&self, t: &crate::lease_gauges::LeaseTally) {
+        for ((side, state), n) in &t.leases {
+            self.leases
+                .get_or_create(&SideState {
+                    side: side.clone(),
+                    state: state.clone(),
+                })
+                .set(*n);
+        }
+        // Poisoned only by a panic between these lines; the set is still whole.
+        let mut shown = self.lease_gpus.lock().unwrap_or_else(|e| e.into_inner());
+        for (product, how) in shown.iter().filter(|k| !t.gpus.contains_key(*k)) {
+            self.gpus
+                .get_or_create(&ProductState {
+                    product: product.clone(),
+                    state: how.clone(),
+                })
+                .set(0);
+        }
+        for ((product, how), n) in &t.gpus {
+            self.gpus
+                .get_or_create(&ProductState {
+                    product: product.clone(),
+                    state: how.clone(),
+                })
+                .set(*n);
+        }
+        *shown = t.gpus.keys().cloned().collect();
     }
 
     /// The wallet's tokens and its escrow account, as last read from the chain.
@@ -401,6 +450,20 @@ mod tests {
     }
 
     #[test]
+    fn lent_gpus_go_back_to_zero_when_their_leases_close() {
+        use crate::lease_gauges::LeaseTally;
+        let m = Metrics::default();
+        let lent = |n| LeaseTally {
+            gpus: [(("A100".to_string(), "lent".to_string()), n)].into(),
+            ..Default::default()
+        };
+        m.observe_leases(&lent(4));
+        assert!(m.render().contains(r#"gpupool_gpus{product="A100",state="lent"} 4"#));
+        m.observe_leases(&LeaseTally::default());
+        assert!(m.render().contains(r#"gpupool_gpus{product="A100",state="lent"} 0"#));
+    }
+
+    #[test]
     fn metric_names_are_read_out_of_promql() {
         assert_eq!(
             metrics_in("histogram_quantile(0.99, sum by (le) (rate(gpupool_a_b_bucket[5m]))) / gpupool_c_total"),
@@ -431,6 +494,7 @@ mod tests {
         });
         m.chain_error("Rpc");
         m.balances(1, 2);
+        m.observe_leases(&crate::lease_gauges::tally(&[]));
         m.message_received("bid");
         m.message_dropped("replayed");
         m.pool_lease("active");
