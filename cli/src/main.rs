@@ -1,9 +1,11 @@
-//! `gpupool`: the command line for renters and operators. It reads the
-//! cluster's AiJobs and GPUs, and the escrow and leases straight from the chain;
-//! the market commands come with the pool work.
+//! `gpupool`: the command line for renters and operators. The job and market
+//! commands act on the member cluster's own resources through the kubeconfig;
+//! escrow and leases go straight to the chain.
 
 mod escrow;
+mod market;
 mod output;
+mod submit;
 
 use std::io::Write;
 
@@ -14,7 +16,13 @@ use kube::api::{Api, ListParams};
 use output::{Format, structured, table};
 
 #[derive(Parser)]
-#[command(name = "gpupool", version, about = "Rent and lend GPUs across organisations")]
+#[command(
+    name = "gpupool",
+    version,
+    about = "Rent and lend GPUs across organisations",
+    after_help = "Exit codes: 0 success; 1 an error or a refusal (the message says which); 2 a usage error; \
+3 a job waited for ended Failed; 4 --timeout ran out while waiting."
+)]
 struct Cli {
     /// Output format.
     #[arg(short, long, value_enum, global = true, default_value = "table")]
@@ -51,18 +59,91 @@ enum Cmd {
         #[arg(long)]
         address: Option<gpupool_chain::Address>,
     },
+    /// Submit an AiJob, from flags or a file; with --wait, follow it.
+    Submit {
+        #[command(flatten)]
+        ns: market::NamespaceOpt,
+        #[command(flatten)]
+        job: submit::JobFlags,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// Bids recorded for an AiJob, cheapest first.
+    Bids {
+        #[command(flatten)]
+        ns: market::NamespaceOpt,
+        /// The AiJob's name.
+        job: String,
+    },
+    /// Accept a bid for an AiJob with Manual selection.
+    Accept {
+        #[command(flatten)]
+        ns: market::NamespaceOpt,
+        /// The Bid's name (see `gpupool bids JOB`).
+        bid: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// Raise the most a waiting AiJob pays per GPU-hour.
+    Bid {
+        #[command(flatten)]
+        ns: market::NamespaceOpt,
+        /// The AiJob's name.
+        job: String,
+        /// The new max price per GPU-hour, above the current one.
+        #[arg(long)]
+        max_price: String,
+    },
+    /// What the pool's members advertise: free GPUs and prices, cheapest first.
+    Market,
+    /// The pool's members this cluster knows, and their reputation.
+    Peers,
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
 
-fn dash(s: Option<String>) -> String {
+/// Waiting for a job after submitting or accepting.
+#[derive(clap::Args, Clone, Debug)]
+struct WaitOpts {
+    /// Follow the job, printing its progress to stderr, until it is this far.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "done")]
+    wait: Option<submit::WaitFor>,
+    /// How long --wait waits ("90s", "10m").
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    timeout: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<kube::core::Duration>()
+        .map(std::time::Duration::from)
+        .map_err(|e| format!("{s:?} is not a duration such as 90s or 10m: {e}"))
+}
+
+impl WaitOpts {
+    /// Appends the wait's outcome to `said`, when asked to wait.
+    async fn then(&self, ns: &market::NamespaceOpt, job: &str, said: String) -> anyhow::Result<String> {
+        let Some(want) = self.wait else {
+            return Ok(said);
+        };
+        // What was done is said before the wait, which may take minutes.
+        let _ = std::io::stdout().write_all(said.as_bytes());
+        let _ = std::io::stdout().flush();
+        submit::wait(ns, job, want, self.timeout).await
+    }
+}
+
+pub(crate) async fn kube_client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (is KUBECONFIG set?)")
+}
+
+pub(crate) fn dash(s: Option<String>) -> String {
     s.filter(|s| !s.is_empty()).unwrap_or_else(|| "-".into())
 }
 
 async fn jobs(format: Format, namespace: Option<String>, all: bool) -> anyhow::Result<String> {
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API")?;
+    let client = kube_client().await?;
     let api: Api<AiJob> = match (all, namespace) {
         (true, _) => Api::all(client),
         (false, Some(ns)) => Api::namespaced(client, &ns),
@@ -106,9 +187,7 @@ async fn jobs(format: Format, namespace: Option<String>, all: bool) -> anyhow::R
 }
 
 async fn gpus(format: Format) -> anyhow::Result<String> {
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API")?;
+    let client = kube_client().await?;
     let list = Api::<GpuNode>::all(client)
         .list(&ListParams::default())
         .await
@@ -156,6 +235,18 @@ async fn main() -> std::process::ExitCode {
         Cmd::Gpus => gpus(cli.output).await,
         Cmd::Escrow { chain, cmd } => escrow::escrow(cli.output, &chain, cmd).await,
         Cmd::Leases { chain, address } => escrow::leases(cli.output, &chain, address).await,
+        Cmd::Submit { ns, job, wait } => match submit::submit(&ns, &job).await {
+            Ok((name, said)) => wait.then(&ns, &name, said).await,
+            Err(e) => Err(e),
+        },
+        Cmd::Bids { ns, job } => market::bids(cli.output, &ns, &job).await,
+        Cmd::Accept { ns, bid, wait } => match market::accept(&ns, &bid).await {
+            Ok((job, said)) => wait.then(&ns, &job, said).await,
+            Err(e) => Err(e),
+        },
+        Cmd::Bid { ns, job, max_price } => market::raise(&ns, &job, &max_price).await,
+        Cmd::Market => market::market(cli.output).await,
+        Cmd::Peers => market::peers(cli.output).await,
         Cmd::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "gpupool", &mut out);
@@ -170,7 +261,8 @@ async fn main() -> std::process::ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::from(1)
+            let code = e.downcast_ref::<submit::WaitEnded>().map_or(1, |w| w.code);
+            std::process::ExitCode::from(code)
         }
     }
 }

@@ -714,7 +714,7 @@ impl Market {
                 self.ensure_registered(aijob, need, &order, window, max_price);
                 out.reason = "AwaitingChoice";
                 out.message = format!(
-                    "{open_bids} open bid(s) for order {}; set spec.bidding.acceptedBid to one of them (kubectl get bids -n {ns} -l {LABEL_AIJOB}={name})",
+                    "{open_bids} open bid(s) for order {}; accept one with `gpupool accept BID -n {ns}` (list them with `gpupool bids {name} -n {ns}`) or set spec.bidding.acceptedBid",
                     order.id
                 );
                 out.requeue = Some(Duration::from_secs(2));
