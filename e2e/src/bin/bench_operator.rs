@@ -11,7 +11,7 @@ use clap::Parser;
 use futures::StreamExt;
 use gpupool_crds::{AiJob, AiJobPhase, GpuDevice, GpuNode, GpuNodeStatus};
 use gpupool_e2e::bench::{Figure, cpu_seconds, memory_kib, write};
-use gpupool_e2e::cluster::{ClusterInfo, OPERATOR_USER, free_port, simulated_node, simulated_node_status, spawn, stop};
+use gpupool_e2e::cluster::{ClusterInfo, free_port, simulated_node, simulated_node_status, spawn, stop};
 use gpupool_e2e::env::{TestEnv, default_root};
 use gpupool_e2e::harness::{aijob_json, namespace};
 use k8s_openapi::api::batch::v1::Job;
@@ -99,18 +99,12 @@ async fn write_gpunode(api: &Api<GpuNode>, name: &str) -> Result<(), kube::Error
     Ok(())
 }
 
+/// The operator's requests by verb, over the whole audit log.
 fn operator_requests(org: &ClusterInfo) -> anyhow::Result<BTreeMap<String, u64>> {
-    let text = std::fs::read_to_string(org.dir.join("logs/audit.log")).unwrap_or_default();
     let mut by_verb = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if ev["user"]["username"] == OPERATOR_USER {
-            *by_verb
-                .entry(ev["verb"].as_str().unwrap_or("?").to_string())
-                .or_default() += 1;
-        }
+    for (kind, n) in gpupool_e2e::bench::operator_requests(&org.dir, None) {
+        let verb = kind.split_once(' ').map_or(kind.as_str(), |(v, _)| v).to_string();
+        *by_verb.entry(verb).or_default() += n;
     }
     Ok(by_verb)
 }

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures::StreamExt;
-use gpupool_crds::{AiJob, AiJobPhase, Lease, LeaseState};
-use gpupool_e2e::bench::{Figure, cpu_between, cpu_by_component, write};
+use gpupool_crds::{AiJob, AiJobPhase, Bid, Lease, LeaseState};
+use gpupool_e2e::bench::{Figure, cpu_between, cpu_by_component, operator_requests, write};
 use gpupool_e2e::env::{TestEnv, default_root};
 use gpupool_e2e::harness::{admin, aijob_json, namespace};
 use gpupool_e2e::pool::{Lends, Pool};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::Mutex;
@@ -109,6 +109,89 @@ async fn wait_all(book: &Book, names: &[String], limit: Duration) -> usize {
     }
 }
 
+/// CPU the renter's API server spends on one request of each kind the
+/// operators make most, one request at a time, before the operators start
+/// (nothing else writes then). A placement's API requests times these is
+/// most of its CPU: the figure that says what a rate of placements needs.
+async fn request_costs(env: &TestEnv, client: &Client, org: &str) -> anyhow::Result<Figure> {
+    const N: u32 = 200;
+    let component = format!("kube-apiserver {org}");
+    let cpu = || cpu_by_component(&env.root).get(&component).copied().unwrap_or(0.0);
+    let ns = namespace(client, "bench-requests").await;
+    let jobs: Api<AiJob> = Api::namespaced(client.clone(), &ns);
+    jobs.create(&PostParams::default(), &serde_json::from_value(job("cost"))?)
+        .await?;
+    let bids: Api<Bid> = Api::namespaced(client.clone(), &ns);
+    let bid: Bid = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gpupool.dev/v1alpha1", "kind": "Bid", "metadata": {"name": "cost"},
+        "spec": {"aiJob": "cost", "orderId": "o", "providerPeerId": "p", "providerOrg": "bravo",
+                 "pricePerGpuHour": "2", "gpuProduct": "A100", "gpuCount": 1, "expiresAt": "2030-01-01T00:00:00Z"}
+    }))?;
+    bids.create(&PostParams::default(), &bid).await?;
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    maps.create(
+        &PostParams::default(),
+        &serde_json::from_value(serde_json::json!({"metadata": {"name": "cost"}, "data": {"a": "0"}}))?,
+    )
+    .await?;
+    let ssa = PatchParams::apply("gpupool-bench").force();
+    let status = |kind: &str, i: u32| {
+        Patch::Apply(
+            serde_json::json!({"apiVersion": "gpupool.dev/v1alpha1", "kind": kind, "status": {"message": format!("m{i}")}}),
+        )
+    };
+    let mut per_request = serde_json::Map::new();
+    let mut note = |what: &str, before: f64, after: f64| {
+        per_request.insert(
+            what.into(),
+            serde_json::json!(((after - before) * 1e4 / f64::from(N)).round() / 10.0),
+        );
+    };
+    let t = cpu();
+    for i in 0..N {
+        jobs.patch_status("cost", &ssa, &status("AiJob", i)).await?;
+    }
+    note("patch aijobs/status (server-side apply)", t, cpu());
+    let t = cpu();
+    for i in 0..N {
+        bids.patch_status("cost", &ssa, &status("Bid", i)).await?;
+    }
+    note("patch bids/status (server-side apply)", t, cpu());
+    let t = cpu();
+    for i in 0..N {
+        let patch = serde_json::json!({"data": {"a": i.to_string()}});
+        maps.patch("cost", &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    note("patch configmaps (merge, a core resource)", t, cpu());
+    let t = cpu();
+    for i in 0..N {
+        let ev: Event = serde_json::from_value(serde_json::json!({
+            "metadata": {"generateName": "cost-"}, "reason": "Bench", "message": format!("m{i}"), "type": "Normal",
+            "involvedObject": {"apiVersion": "gpupool.dev/v1alpha1", "kind": "AiJob", "name": "cost", "namespace": ns}
+        }))?;
+        events.create(&PostParams::default(), &ev).await?;
+    }
+    note("create events", t, cpu());
+    let t = cpu();
+    for _ in 0..N {
+        jobs.get("cost").await?;
+    }
+    note("get aijobs", t, cpu());
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::default())
+        .await;
+    let mean = per_request.values().filter_map(|v| v.as_f64()).sum::<f64>() / per_request.len().max(1) as f64;
+    Ok(Figure::new(
+        "apiserver_cpu_ms_per_request",
+        mean,
+        "cpu-ms",
+        serde_json::json!({"by_kind": per_request, "requests_each": N, "org": org, "figure": "mean over the kinds",
+            "measured": "utime+stime of the organisation's kube-apiserver across N sequential requests of one kind over one client connection, before the operators start"}),
+    ))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -134,13 +217,14 @@ async fn main() -> anyhow::Result<()> {
     // adverts every 5 s, chain re-read every 30 s), as members would: the
     // tests' sub-second timings multiply the messages and writes per lease,
     // and their 4 s grace takes a busy provider for a failed one.
+    let mut figures = Vec::new();
+    let acme = admin(env.org("acme").ok_or_else(|| anyhow::anyhow!("no acme"))?).await;
+    figures.push(request_costs(&env, &acme, "acme").await?);
     let flags = ["--concurrency=64".to_string()];
     let operator_flags = format!("defaults, {}", flags.join(" "));
     let _pool = Pool::start_with_flags(&env, "bench", &lends, &flags).await?;
-    let acme = admin(env.org("acme").ok_or_else(|| anyhow::anyhow!("no acme"))?).await;
     // Let the members find each other.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let mut figures = Vec::new();
 
     // Latency: jobs at a steady rate, each timed on its own.
     let ns = namespace(&acme, "bench-latency").await;
@@ -216,6 +300,7 @@ async fn main() -> anyhow::Result<()> {
     let names: Vec<String> = (0..args.burst).map(|i| format!("burst-{i}")).collect();
     let cpu_before = cpu_by_component(&env.root);
     let start = Instant::now();
+    let started_at = k8s_openapi::jiff::Timestamp::now();
     // Applied at once, as a pipeline would: sixteen requests in flight.
     let created: Vec<anyhow::Result<()>> = futures::stream::iter(names.iter().cloned())
         .map(|n| {
@@ -236,6 +321,7 @@ async fn main() -> anyhow::Result<()> {
     // the last Running, never before it.
     let cpu = cpu_between(&cpu_before, &cpu_by_component(&env.root));
     let cpu_window = start.elapsed().as_secs_f64();
+    let window = Some((started_at, k8s_openapi::jiff::Timestamp::now()));
     // The rate runs to the last job that got there, not to the time limit:
     // jobs that never run are reported as such, not as a slower rate.
     let last = book.lock().await.values().filter_map(|t| t.running).max();
@@ -288,6 +374,34 @@ async fn main() -> anyhow::Result<()> {
             "cores_busy": cpu_total / cpu_window, "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
             "cpu_ms_per_job_by_component": per_component,
             "measured": "utime+stime from /proc of every test-environment process and operator, from the first apply until the last job Running"}),
+    ));
+    // The same window's API requests by the operators, per organisation and
+    // per placement: what the rate costs the API servers, which is where
+    // most of the CPU above goes.
+    let mut requests_total = 0u64;
+    let mut by_org = serde_json::Map::new();
+    for o in &env.orgs {
+        let counts = operator_requests(&o.dir, window);
+        let sum: u64 = counts.values().sum();
+        requests_total += sum;
+        let mut top: Vec<(String, u64)> = counts.into_iter().collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1));
+        let per: serde_json::Map<String, serde_json::Value> = top
+            .into_iter()
+            .take(12)
+            .map(|(k, n)| (k, serde_json::json!((n as f64 * 10.0 / placed).round() / 10.0)))
+            .collect();
+        by_org.insert(
+            o.org.name.clone(),
+            serde_json::json!({"per_placement": (sum as f64 * 10.0 / placed).round() / 10.0, "top_kinds_per_placement": per}),
+        );
+    }
+    figures.push(Figure::new(
+        "pool_burst_operator_api_requests_per_placement",
+        requests_total as f64 / placed,
+        "requests/job",
+        serde_json::json!({"jobs": args.burst, "reached_running": done, "by_org": by_org,
+            "measured": "entries for the operators' service account in each organisation's API-server audit log, received from the first apply until the last job Running; the control plane's own requests (controller-manager, scheduler, kwok) are not audited"}),
     ));
     write(&args.out, &figures)?;
     // Delete the jobs while the operators still run: their finalizers close
