@@ -129,6 +129,46 @@ pub fn cpu_between(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>
         .collect()
 }
 
+/// The operator's API requests in one organisation's API server, from its
+/// audit log (the test environment audits only gpupool's own users), counted
+/// by `verb resource[/subresource]`. With `window`, only requests received
+/// in it count: a benchmark's phase, not the whole environment's life.
+pub fn operator_requests(
+    org_dir: &Path,
+    window: Option<(k8s_openapi::jiff::Timestamp, k8s_openapi::jiff::Timestamp)>,
+) -> BTreeMap<String, u64> {
+    let text = std::fs::read_to_string(org_dir.join("logs/audit.log")).unwrap_or_default();
+    let mut counts = BTreeMap::new();
+    for line in text.lines() {
+        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if ev["user"]["username"] != crate::cluster::OPERATOR_USER {
+            continue;
+        }
+        if let Some((from, to)) = window {
+            let at = ev["requestReceivedTimestamp"]
+                .as_str()
+                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
+            if !at.is_some_and(|t| t >= from && t <= to) {
+                continue;
+            }
+        }
+        let obj = &ev["objectRef"];
+        let mut kind = format!(
+            "{} {}",
+            ev["verb"].as_str().unwrap_or("?"),
+            obj["resource"].as_str().unwrap_or("?")
+        );
+        if let Some(sub) = obj["subresource"].as_str() {
+            kind.push('/');
+            kind.push_str(sub);
+        }
+        *counts.entry(kind).or_default() += 1;
+    }
+    counts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,44 +217,4 @@ mod tests {
             BTreeMap::from([("etcd acme".to_string(), 0.5), ("kwok bravo".to_string(), 0.25)])
         );
     }
-}
-
-/// The operator's API requests in one organisation's API server, from its
-/// audit log (the test environment audits only gpupool's own users), counted
-/// by `verb resource[/subresource]`. With `window`, only requests received
-/// in it count: a benchmark's phase, not the whole environment's life.
-pub fn operator_requests(
-    org_dir: &Path,
-    window: Option<(k8s_openapi::jiff::Timestamp, k8s_openapi::jiff::Timestamp)>,
-) -> BTreeMap<String, u64> {
-    let text = std::fs::read_to_string(org_dir.join("logs/audit.log")).unwrap_or_default();
-    let mut counts = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if ev["user"]["username"] != crate::cluster::OPERATOR_USER {
-            continue;
-        }
-        if let Some((from, to)) = window {
-            let at = ev["requestReceivedTimestamp"]
-                .as_str()
-                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
-            if !at.is_some_and(|t| t >= from && t <= to) {
-                continue;
-            }
-        }
-        let obj = &ev["objectRef"];
-        let mut kind = format!(
-            "{} {}",
-            ev["verb"].as_str().unwrap_or("?"),
-            obj["resource"].as_str().unwrap_or("?")
-        );
-        if let Some(sub) = obj["subresource"].as_str() {
-            kind.push('/');
-            kind.push_str(sub);
-        }
-        *counts.entry(kind).or_default() += 1;
-    }
-    counts
 }
