@@ -385,7 +385,7 @@ async fn main() -> anyhow::Result<()> {
         let sum: u64 = counts.values().sum();
         requests_total += sum;
         let mut top: Vec<(String, u64)> = counts.into_iter().collect();
-        top.sort_by(|a, b| b.1.cmp(&a.1));
+        top.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
         let per: serde_json::Map<String, serde_json::Value> = top
             .into_iter()
             .take(12)
