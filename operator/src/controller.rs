@@ -125,46 +125,39 @@ pub async fn run(
     let by_aijob = PodIndex::default();
     let index = by_aijob.clone();
     let ours_listed = Listed::default();
-    let ours_gate = ours_listed.clone();
-    let our_pod_stream = watcher(pods_api.clone(), watcher::Config::default().labels(LABEL_AIJOB))
-        .default_backoff()
-        .reflect(our_pods_writer)
-        .inspect_ok(move |ev| {
-            index.apply(ev);
-            ours_gate.observe(ev);
-        })
+    let our_pod_stream = ours_listed
+        .follow(
+            watcher(pods_api.clone(), watcher::Config::default().labels(LABEL_AIJOB))
+                .default_backoff()
+                .reflect(our_pods_writer)
+                .inspect_ok(move |ev| index.apply(ev)),
+        )
         .applied_objects();
 
     let (others_live, live_writer) = reflector::store();
     let others_listed = Listed::default();
-    let others_gate = others_listed.clone();
-    let live_stream = watcher(
-        pods_api,
-        watcher::Config::default()
-            .labels(&format!("!{LABEL_AIJOB}"))
-            .fields("status.phase!=Succeeded,status.phase!=Failed"),
-    )
-    .default_backoff()
-    .reflect(live_writer)
-    .for_each(move |ev| {
-        if let Ok(ev) = ev {
-            others_gate.observe(&ev);
-        }
-        futures::future::ready(())
-    });
+    let live_stream = others_listed
+        .follow(
+            watcher(
+                pods_api,
+                watcher::Config::default()
+                    .labels(&format!("!{LABEL_AIJOB}"))
+                    .fields("status.phase!=Succeeded,status.phase!=Failed"),
+            )
+            .default_backoff()
+            .reflect(live_writer),
+        )
+        .for_each(|_| futures::future::ready(()));
     let (gpunodes, gpunodes_writer) = reflector::store();
     let gpunodes_listed = Listed::default();
-    let gpunodes_gate = gpunodes_listed.clone();
-    let gpunode_stream = watcher(gpunodes_api, watcher::Config::default())
-        .default_backoff()
-        .modify(|g: &mut GpuNode| g.meta_mut().managed_fields = None)
-        .reflect(gpunodes_writer)
-        .for_each(move |ev| {
-            if let Ok(ev) = ev {
-                gpunodes_gate.observe(&ev);
-            }
-            futures::future::ready(())
-        });
+    let gpunode_stream = gpunodes_listed
+        .follow(
+            watcher(gpunodes_api, watcher::Config::default())
+                .default_backoff()
+                .modify(|g: &mut GpuNode| g.meta_mut().managed_fields = None)
+                .reflect(gpunodes_writer),
+        )
+        .for_each(|_| futures::future::ready(()));
     tokio::spawn(live_stream);
     tokio::spawn(gpunode_stream);
 
@@ -230,18 +223,22 @@ pub async fn run(
         // reads them from on every step (it asks the API server until the
         // first list is in).
         let (leases, lease_writer) = reflector::store();
+        let leases_listed = Listed::default();
         if let Some(m) = &ctx.market {
-            m.attach_lease_cache(leases);
+            m.attach_lease_cache(leases, leases_listed.clone());
         }
-        let lease_changes = watcher(
-            Api::<Lease>::all(ctx.client.clone()),
-            watcher::Config::default().labels(LABEL_ORDER),
-        )
-        .default_backoff()
-        .modify(|l: &mut Lease| l.meta_mut().managed_fields = None)
-        .reflect(lease_writer)
-        .touched_objects()
-        .predicate_filter(crate::triggers::renter, Default::default());
+        let lease_changes = leases_listed
+            .follow(
+                watcher(
+                    Api::<Lease>::all(ctx.client.clone()),
+                    watcher::Config::default().labels(LABEL_ORDER),
+                )
+                .default_backoff()
+                .modify(|l: &mut Lease| l.meta_mut().managed_fields = None)
+                .reflect(lease_writer),
+            )
+            .touched_objects()
+            .predicate_filter(crate::triggers::renter, Default::default());
         controller = controller.owns_stream(lease_changes).reconcile_on(wake);
     }
     if let Some(m) = &ctx.market {

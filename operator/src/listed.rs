@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use futures::{Stream, StreamExt};
 use kube::runtime::watcher::Event;
 use tokio::sync::watch;
 
@@ -35,6 +36,21 @@ impl Listed {
         if matches!(event, Event::InitDone) {
             self.mark();
         }
+    }
+
+    /// Passes a watch's events on, marking the gate at the first full list.
+    /// Put it after `reflect` (and anything else that must have seen the
+    /// list), so a woken waiter finds the list in the store.
+    pub fn follow<K, E, S>(&self, events: S) -> impl Stream<Item = Result<Event<K>, E>> + use<K, E, S>
+    where
+        S: Stream<Item = Result<Event<K>, E>>,
+    {
+        let gate = self.clone();
+        events.inspect(move |ev| {
+            if let Ok(ev) = ev {
+                gate.observe(ev);
+            }
+        })
     }
 
     pub fn mark(&self) {
@@ -82,5 +98,26 @@ mod tests {
         gate.observe::<()>(&Event::Init);
         assert!(gate.is_listed());
         assert!(gate.wait().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn following_a_stream_marks_the_gate_at_its_first_list_and_passes_everything_on() {
+        let gate = Listed::default();
+        let events = futures::stream::iter(vec![
+            Ok::<_, ()>(Event::Init),
+            Ok(Event::InitApply(1)),
+            Err(()),
+            Ok(Event::InitDone),
+            Ok(Event::Apply(2)),
+        ]);
+        let seen: Vec<_> = gate.follow(events).collect().await;
+        assert_eq!(seen.len(), 5, "nothing dropped, errors included");
+        assert!(gate.is_listed());
+        let unfinished = Listed::default();
+        let _: Vec<_> = unfinished
+            .follow(futures::stream::iter(vec![Ok::<_, ()>(Event::<u8>::Init)]))
+            .collect()
+            .await;
+        assert!(!unfinished.is_listed(), "a list that never finished");
     }
 }

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use gpupool_chain::{Address, B256, ChainError, EscrowClient, LeaseOnChain, OpenOutcome, lease_id};
 use gpupool_crds::conditions::{ConditionUpdate, find, set_condition};
 use gpupool_crds::price::TokenAmount;
@@ -137,18 +137,23 @@ pub async fn run(
         written: Mutex::new(HashMap::new()),
     });
     info!("starting the settlement worker");
-    tokio::spawn(watch_balances(ctx.chain.clone(), ctx.metrics.clone()));
     let (store, writer) = reflector::store();
     // Not `wait_until_ready`: see `crate::listed`.
     let listed = crate::listed::Listed::default();
-    let seen_list = listed.clone();
-    let changes = watcher(leases, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .inspect_ok(move |event| seen_list.observe(event))
+    let changes = listed
+        .follow(
+            watcher(leases, watcher::Config::default())
+                .default_backoff()
+                .reflect(writer),
+        )
         .applied_objects()
         .predicate_filter(crate::triggers::settlement, Default::default());
-    tokio::spawn(watch_leases(store.clone(), listed, ctx.metrics.clone()));
+    tokio::spawn(watch_gauges(
+        ctx.chain.clone(),
+        store.clone(),
+        listed,
+        ctx.metrics.clone(),
+    ));
     let records = store.clone();
     let touched = crate::chain_watch::leases_touched(ctx.chain.clone(), ctx.settings.poll)
         .flat_map(move |ids| futures::stream::iter(crate::chain_watch::records_for(&ids, &records.state())));
@@ -170,27 +175,27 @@ pub async fn run(
 /// here), and the lease gauges counted.
 const BALANCE_EVERY: Duration = Duration::from_secs(15);
 
-async fn watch_balances(chain: Arc<EscrowClient>, metrics: Arc<Metrics>) {
-    let Some(me) = chain.wallet() else { return };
+/// Keeps the balance and lease gauges current: the wallet's and escrow
+/// account's balances from the chain (when the operator has a wallet), and
+/// the leases from the reflector's store once it has listed (before that,
+/// an empty store would report zero leases).
+async fn watch_gauges(
+    chain: Arc<EscrowClient>,
+    store: reflector::Store<Lease>,
+    listed: crate::listed::Listed,
+    metrics: Arc<Metrics>,
+) {
     let mut every = tokio::time::interval(BALANCE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        match tokio::try_join!(chain.token_balance(me), chain.account(me)) {
-            Ok((wallet, account)) => metrics.balances(wallet, account),
-            // The gauge keeps its last value; lease work reports chain trouble.
-            Err(e) => debug!(error = %e, "could not read the wallet's balances"),
+        if let Some(me) = chain.wallet() {
+            match tokio::try_join!(chain.token_balance(me), chain.account(me)) {
+                Ok((wallet, account)) => metrics.balances(wallet, account),
+                // The gauge keeps its last value; lease work reports chain trouble.
+                Err(e) => debug!(error = %e, "could not read the wallet's balances"),
+            }
         }
-    }
-}
-
-/// Keeps the lease gauges current from the reflector's store, once it has
-/// listed (before that, an empty store would report zero leases).
-async fn watch_leases(store: reflector::Store<Lease>, listed: crate::listed::Listed, metrics: Arc<Metrics>) {
-    let mut every = tokio::time::interval(BALANCE_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
         if listed.is_listed() {
             let leases = store.state();
             metrics.observe_leases(&crate::lease_gauges::tally(leases.iter().map(|l| l.as_ref())));

@@ -284,7 +284,7 @@ pub struct Market {
     /// The renter's Leases as the AiJob controller's watch sees them. Under
     /// a burst, reading each job's Lease from the API server on every step
     /// was the renter's most frequent request.
-    pub(crate) lease_cache: OnceLock<Store<Lease>>,
+    pub(crate) lease_cache: OnceLock<(Store<Lease>, crate::listed::Listed)>,
     /// The AiJob controller's cache, where a provider reads the workloads it
     /// runs for its heartbeats.
     pub(crate) aijob_cache: OnceLock<Store<AiJob>>,
@@ -370,8 +370,8 @@ impl Market {
 
     /// Hands the market a cache of the renter's Leases, filled by the watch
     /// that wakes the AiJob controller.
-    pub fn attach_lease_cache(&self, leases: Store<Lease>) {
-        let _ = self.lease_cache.set(leases);
+    pub fn attach_lease_cache(&self, leases: Store<Lease>, listed: crate::listed::Listed) {
+        let _ = self.lease_cache.set((leases, listed));
     }
 
     /// The Lease cache, once its first list is in; until then callers ask
@@ -379,7 +379,8 @@ impl Market {
     pub(crate) fn ready_lease_cache(&self) -> Option<&Store<Lease>> {
         self.lease_cache
             .get()
-            .filter(|c| futures::FutureExt::now_or_never(c.wait_until_ready()).is_some_and(|r| r.is_ok()))
+            .filter(|(_, listed)| listed.is_listed())
+            .map(|(store, _)| store)
     }
 
     /// Hands the market the AiJob controller's own cache.

@@ -277,7 +277,7 @@ impl Market {
         if let Some(l) = self
             .lease_cache
             .get()
-            .and_then(|c| c.get(&ObjectRef::new(name).within(ns)))
+            .and_then(|(c, _)| c.get(&ObjectRef::new(name).within(ns)))
         {
             return Ok(Some((*l).clone()));
         }
