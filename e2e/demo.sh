@@ -42,7 +42,7 @@ for i in 0 1 2; do
   org=${orgs[$i]}
   boot=()
   for j in 0 1 2; do [ "$j" = "$i" ] || boot+=("/ip4/127.0.0.1/tcp/${ports[$j]}"); done
-  KUBECONFIG=$state/$org/operator.kubeconfig target/debug/gpupool-operator --org "$org" --metrics-addr 127.0.0.1:0 \
+  KUBECONFIG=$state/$org/operator.kubeconfig POD_NAME=gpupool-operator-$org target/debug/gpupool-operator --org "$org" --metrics-addr 127.0.0.1:0 \
     --pool --p2p-listen "/ip4/127.0.0.1/tcp/${ports[$i]}" --bootstrap "$(IFS=,; echo "${boot[*]}")" \
     --policy-file "manifests/samples/policies/$org.yaml" \
     --chain-config "$state/chain/chain.json" --wallet-key-file "$state/chain/$org.key" \

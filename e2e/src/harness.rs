@@ -65,10 +65,17 @@ impl Operator {
             "--wait-requeue-seconds=1".into(),
         ];
         args.extend_from_slice(extra);
+        // One replica per organisation at a time, named like a pod whose
+        // container restarts: it takes its own leader claim back at once,
+        // where a new name would wait out a killed one's.
+        let pod_name = format!("gpupool-operator-{}", org.org.name);
         let pid = spawn(
             &workspace_bin("gpupool-operator"),
             &args,
-            &[("KUBECONFIG", &org.operator_kubeconfig)],
+            &[
+                ("KUBECONFIG", &org.operator_kubeconfig),
+                ("POD_NAME", std::path::Path::new(&pod_name)),
+            ],
             &log,
         )
         .expect("start operator");

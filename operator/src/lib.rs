@@ -9,6 +9,7 @@ pub mod controller;
 pub mod events;
 pub mod jobbuild;
 pub mod jobstatus;
+pub mod leader;
 pub mod lease_gauges;
 pub mod listed;
 pub mod market;

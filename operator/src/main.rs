@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use gpupool_chain::{Address, ChainConfig, ClientOptions, EscrowClient, Wallet};
 use gpupool_operator::controller::{self, Settings};
+use gpupool_operator::leader::{Elector, Timing};
 use gpupool_operator::market::node::{Market, MarketSettings};
 use gpupool_operator::market::policy::ProviderPolicy;
 use gpupool_operator::otlp_metrics;
@@ -52,6 +53,50 @@ struct Args {
     chain: ChainArgs,
     #[command(flatten)]
     pool: PoolArgs,
+    #[command(flatten)]
+    leader: LeaderArgs,
+}
+
+/// One active replica among several, through a Lease in the operator's namespace.
+#[derive(clap::Args, Debug)]
+struct LeaderArgs {
+    /// Elect a leader before acting; the others stand by. Off only where one
+    /// process is certain to run alone.
+    #[arg(long, env = "GPUPOOL_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// The coordination.k8s.io Lease the replicas compete for.
+    #[arg(long, env = "GPUPOOL_LEADER_LEASE", default_value = "gpupool-operator")]
+    leader_lease: String,
+    /// This replica's name in the Lease: the pod's name (a restarted
+    /// container takes its own claim straight back); the host and process
+    /// id when unset.
+    #[arg(long, env = "POD_NAME")]
+    leader_identity: Option<String>,
+    /// Seconds a leader's claim lasts without renewal: how long a standby
+    /// waits after a leader dies without releasing it.
+    #[arg(long, env = "GPUPOOL_LEADER_LEASE_SECONDS", default_value_t = 15)]
+    leader_lease_seconds: u64,
+}
+
+impl LeaderArgs {
+    fn elector(&self, client: &kube::Client, namespace: &str) -> Option<Elector> {
+        if !self.leader_elect {
+            return None;
+        }
+        let me = self.leader_identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        let duration = Duration::from_secs(self.leader_lease_seconds.max(3));
+        let timing = Timing {
+            lease_duration: duration,
+            // client-go's proportions: renew within two thirds of the
+            // duration, try every seventh or so.
+            renew_deadline: duration * 2 / 3,
+            retry_period: (duration / 7).max(Duration::from_millis(500)),
+        };
+        Some(Elector::new(client.clone(), namespace, &self.leader_lease, &me, timing))
+    }
 }
 
 /// Membership of the pool. Needs the chain settings (leases are paid on chain).
@@ -219,6 +264,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("binding the metrics address")?;
     tracing::info!(org = %args.org, metrics = %bound, "gpupool operator starting");
+    // Nothing that acts (settlement, the pool's identity and swarm, the
+    // controllers) starts before this replica leads.
+    let elector = args.leader.elector(&client, &args.pool.namespace);
+    if let Some(e) = &elector {
+        tracing::info!(identity = %e.identity(), lease = %args.leader.leader_lease, "electing a leader");
+        e.acquire().await?;
+    }
     if let Some(endpoint) = args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
         let every = Duration::from_millis(args.otlp_metrics_interval_ms.max(100));
         otlp_metrics::start(endpoint, &args.org, metrics.clone(), every)?;
@@ -317,11 +369,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None
     };
     let placement = controller::run(client, settings, metrics, market);
-    match settlement {
-        Some(s) => {
-            tokio::try_join!(placement, s)?;
+    let work = async move {
+        match settlement {
+            Some(s) => tokio::try_join!(placement, s).map(|_| ()),
+            None => placement.await,
         }
-        None => placement.await?,
+    };
+    let Some(elector) = elector else {
+        return work.await;
+    };
+    tokio::select! {
+        done = work => {
+            // A clean stop (SIGTERM): hand over now, not a lease duration later.
+            elector.release().await;
+            Ok(done?)
+        }
+        // Another replica may already act: stop at once, and let the
+        // Deployment restart this one as a candidate.
+        lost = elector.hold() => Err(anyhow::Error::new(lost)),
     }
-    Ok(())
 }
