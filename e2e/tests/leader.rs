@@ -55,12 +55,20 @@ async fn run_to_success(client: &Client, ns: &str, name: &str) {
     .unwrap_or_else(|e| panic!("{e}"));
 }
 
-fn reconciles(metrics: &str) -> f64 {
+fn sample(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("gpupool_aijob_reconciles_total "))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+fn reconciles(metrics: &str) -> f64 {
+    sample(metrics, "gpupool_aijob_reconciles_total")
+}
+
+fn leading(metrics: &str) -> f64 {
+    sample(metrics, "gpupool_leader")
 }
 
 #[tokio::test]
@@ -84,14 +92,17 @@ async fn a_standby_replica_takes_over_when_the_leader_dies_and_at_once_when_it_s
 
     // The leader places; the standby has not reconciled anything.
     run_to_success(&client, &ns, "first").await;
-    assert!(reconciles(&a.metrics().await) > 0.0);
-    assert_eq!(reconciles(&b.metrics().await), 0.0, "the standby acted");
+    let (am, bm) = (a.metrics().await, b.metrics().await);
+    assert!(reconciles(&am) > 0.0);
+    assert_eq!(reconciles(&bm), 0.0, "the standby acted");
+    assert_eq!((leading(&am), leading(&bm)), (1.0, 0.0), "the gauge says who leads");
 
     // The leader dies without letting go: the standby waits out the
     // lease and takes over, and the next job runs.
     a.kill();
     wait_holder(&client, Some("replica-b")).await;
     run_to_success(&client, &ns, "second").await;
+    assert_eq!(leading(&b.metrics().await), 1.0);
     let lease = Api::<Lease>::namespaced(client.clone(), "gpupool-system")
         .get(LEASE)
         .await

@@ -269,8 +269,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let elector = args.leader.elector(&client, &args.pool.namespace);
     if let Some(e) = &elector {
         tracing::info!(identity = %e.identity(), lease = %args.leader.leader_lease, "electing a leader");
+        metrics.leading(false);
         e.acquire().await?;
     }
+    metrics.leading(true);
     if let Some(endpoint) = args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
         let every = Duration::from_millis(args.otlp_metrics_interval_ms.max(100));
         otlp_metrics::start(endpoint, &args.org, metrics.clone(), every)?;
@@ -368,6 +370,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    let metrics_on_exit = metrics.clone();
     let placement = controller::run(client, settings, metrics, market);
     let work = async move {
         match settlement {
@@ -386,6 +389,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         // Another replica may already act: stop at once, and let the
         // Deployment restart this one as a candidate.
-        lost = elector.hold() => Err(anyhow::Error::new(lost)),
+        lost = elector.hold() => {
+            metrics_on_exit.leading(false);
+            Err(anyhow::Error::new(lost))
+        }
     }
 }

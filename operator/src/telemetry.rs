@@ -59,6 +59,7 @@ pub struct Metrics {
     tokens_deposited: Counter<f64, std::sync::atomic::AtomicU64>,
     balance: Family<HeldIn, Gauge<f64, std::sync::atomic::AtomicU64>>,
     leases: Family<SideState, Gauge>,
+    leader: Gauge,
     /// (product, lent | rented) pairs last set on `gpus`, so that one whose
     /// leases have all closed goes back to zero.
     lease_gpus: Mutex<std::collections::BTreeSet<(String, String)>>,
@@ -120,6 +121,12 @@ impl Default for Metrics {
         let tokens_received = Counter::<f64, std::sync::atomic::AtomicU64>::default();
         let tokens_deposited = Counter::<f64, std::sync::atomic::AtomicU64>::default();
         let balance = Family::<HeldIn, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease and acts, 0 while it stands by (always 1 without an election)",
+            leader.clone(),
+        );
         let leases = Family::<SideState, Gauge>::default();
         registry.register(
             "leases",
@@ -217,6 +224,7 @@ impl Default for Metrics {
             tokens_deposited,
             balance,
             leases,
+            leader,
             lease_gpus: Mutex::default(),
             registry: Mutex::new(registry),
             reconciles,
@@ -344,6 +352,10 @@ impl Metrics {
 
     pub fn dropped_count(&self, reason: &str) -> u64 {
         self.pool.dropped.get_or_create(&Reason { reason: reason.into() }).get()
+    }
+
+    pub fn leading(&self, leads: bool) {
+        self.leader.set(i64::from(leads));
     }
 
     pub fn peers_connected(&self, n: usize) {
