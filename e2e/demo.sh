@@ -59,6 +59,9 @@ for _ in $(seq 1 60); do
 done
 k acme get poolpeers -o custom-columns='ORG:.spec.org,PEER:.spec.peerId,WALLET:.spec.wallet,CONNECTED:.status.connected,GPUS:.status.capacity[*].gpuProduct,FREE:.status.capacity[*].free,PRICE:.status.capacity[*].pricePerGpuHour'
 
+say "The same market through the gpupool CLI, cheapest first (gpupool market)"
+KUBECONFIG=$state/acme/admin.kubeconfig target/debug/gpupool market | sed 's/^/  /'
+
 chaincfg=$state/chain/chain.json
 balances() {
   local first=1 out
@@ -93,8 +96,8 @@ while :; do
   sleep 0.5
 done
 
-say "The bids acme recorded"
-k acme get bids
+say "The bids acme recorded (gpupool bids eval-sweep)"
+KUBECONFIG=$state/acme/admin.kubeconfig target/debug/gpupool bids eval-sweep | sed 's/^/  /'
 say "acme's copy of the lease"
 k acme get leases.gpupool.dev -o custom-columns='NAME:.metadata.name,PROVIDER:.spec.provider.org,PRICE:.spec.pricePerGpuHour,STATE:.status.state,REASON:.status.closeReason,DEPOSITED:.status.deposited,PAID:.status.paid,REFUNDED:.status.refunded'
 say "bravo's copy, and the namespace it ran in (deleted once the lease closed)"
