@@ -22,6 +22,25 @@ pub struct Lends {
     pub denied: Vec<&'static str>,
 }
 
+impl Lends {
+    /// The test organisations' price lists: each lends its own fleet (acme
+    /// H100 at 2.5, bravo A100 at 2, corvus L40S at 2.2) and denies no one.
+    pub fn every_org() -> Vec<Lends> {
+        [
+            ("acme", "H100", "2.5"),
+            ("bravo", "A100", "2"),
+            ("corvus", "L40S", "2.2"),
+        ]
+        .into_iter()
+        .map(|(org, model, price)| Lends {
+            org,
+            prices: vec![(model, price)],
+            denied: vec![],
+        })
+        .collect()
+    }
+}
+
 /// Timings short enough for tests; the defaults are for real pools.
 pub fn fast_flags() -> Vec<String> {
     vec![

@@ -3,7 +3,7 @@
 //! `market`, `submit`, `bids`, `accept`, `bid` (a raise), the waits and
 //! their exit codes, and the refusals.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,26 +13,6 @@ use gpupool_e2e::pool::{Lends, Pool};
 use kube::api::Api;
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn lends() -> Vec<Lends> {
-    vec![
-        Lends {
-            org: "acme",
-            prices: vec![("H100", "2.5")],
-            denied: vec![],
-        },
-        Lends {
-            org: "bravo",
-            prices: vec![("A100", "2")],
-            denied: vec![],
-        },
-        Lends {
-            org: "corvus",
-            prices: vec![("L40S", "2.2")],
-            denied: vec![],
-        },
-    ]
-}
 
 struct Run {
     code: Option<i32>,
@@ -62,14 +42,19 @@ async fn phase(client: &kube::Client, ns: &str, name: &str) -> Option<AiJobPhase
         .phase
 }
 
-#[tokio::test]
-async fn a_renter_reads_the_market_submits_and_accepts_a_bid_from_the_cli() {
+/// The pool running, and acme's admin client, kubeconfig and a namespace.
+async fn acme_in_a_pool(tag: &str) -> (kube::Client, PathBuf, String, Pool) {
     let env = testenv();
     let org = env.org("acme").unwrap();
     let acme = admin(org).await;
-    let kc = org.admin_kubeconfig.clone();
-    let _pool = Pool::start(&env, "climarket", &lends(), &[]).await.unwrap();
-    let ns = namespace(&acme, "climarket").await;
+    let pool = Pool::start(&env, tag, &Lends::every_org(), &[]).await.unwrap();
+    let ns = namespace(&acme, tag).await;
+    (acme, org.admin_kubeconfig.clone(), ns, pool)
+}
+
+#[tokio::test]
+async fn a_renter_reads_the_market_submits_and_accepts_a_bid_from_the_cli() {
+    let (acme, kc, ns, _pool) = acme_in_a_pool("climarket").await;
 
     // The peers and their adverts, as the operator recorded them.
     let peers = wait_for(WAIT, "bravo and corvus among the peers", || {
@@ -202,12 +187,7 @@ async fn a_renter_reads_the_market_submits_and_accepts_a_bid_from_the_cli() {
 
 #[tokio::test]
 async fn raises_failures_and_refusals_reach_the_exit_code() {
-    let env = testenv();
-    let org = env.org("acme").unwrap();
-    let acme = admin(org).await;
-    let kc = org.admin_kubeconfig.clone();
-    let _pool = Pool::start(&env, "cliraise", &lends(), &[]).await.unwrap();
-    let ns = namespace(&acme, "cliraise").await;
+    let (acme, kc, ns, _pool) = acme_in_a_pool("cliraise").await;
 
     // Too cheap for anyone: the job says so, and a raise places it.
     let r = gpupool(

@@ -19,18 +19,8 @@ use kube::api::{Api, PostParams};
 async fn place_one_across(receiver: &OtlpReceiver, tag: &str) -> (kube::Client, String, AiJob, Pool) {
     let env = testenv();
     let acme = admin(env.org("acme").unwrap()).await;
-    let lends = [
-        Lends {
-            org: "acme",
-            prices: vec![("H100", "2.5")],
-            denied: vec![],
-        },
-        Lends {
-            org: "bravo",
-            prices: vec![("A100", "2")],
-            denied: vec![],
-        },
-    ];
+    // Corvus stays out: the job can only go to bravo.
+    let lends: Vec<Lends> = Lends::every_org().into_iter().filter(|l| l.org != "corvus").collect();
     let flags = [
         format!("--otlp-endpoint={}", receiver.endpoint()),
         "--otlp-metrics-interval-ms=500".to_string(),

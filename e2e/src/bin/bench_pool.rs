@@ -196,23 +196,7 @@ async fn request_costs(env: &TestEnv, client: &Client, org: &str) -> anyhow::Res
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let env = TestEnv::load(&default_root())?;
-    let lends = [
-        Lends {
-            org: "acme",
-            prices: vec![("H100", "2.5")],
-            denied: vec![],
-        },
-        Lends {
-            org: "bravo",
-            prices: vec![("A100", "2")],
-            denied: vec![],
-        },
-        Lends {
-            org: "corvus",
-            prices: vec![("L40S", "2.2")],
-            denied: vec![],
-        },
-    ];
+    let lends = Lends::every_org();
     // The operators run at their defaults (heartbeat every 2 s, 15 s grace,
     // adverts every 5 s, chain re-read every 30 s), as members would: the
     // tests' sub-second timings multiply the messages and writes per lease,
