@@ -33,6 +33,11 @@ fn gpupool(kubeconfig: &Path, args: &[&str]) -> Run {
     }
 }
 
+/// A command line split at spaces (no argument here has one).
+fn gpupool_line(kubeconfig: &Path, line: &str) -> Run {
+    gpupool(kubeconfig, &line.split_whitespace().collect::<Vec<_>>())
+}
+
 async fn phase(client: &kube::Client, ns: &str, name: &str) -> Option<AiJobPhase> {
     Api::<AiJob>::namespaced(client.clone(), ns)
         .get(name)
@@ -106,29 +111,11 @@ async fn a_renter_reads_the_market_submits_and_accepts_a_bid_from_the_cli() {
     );
 
     // Submit from flags with Manual selection; the job waits for a choice.
-    let r = gpupool(
+    let r = gpupool_line(
         &kc,
-        &[
-            "submit",
-            "pick",
-            "-n",
-            &ns,
-            "--image",
-            "ghcr.io/example/train:1",
-            "--gpus",
-            "2",
-            "--model",
-            "A100",
-            "--model",
-            "L40S",
-            "--max-price",
-            "3",
-            "--mode",
-            "pool-only",
-            "--window",
-            "1s",
-            "--manual",
-        ],
+        &format!(
+            "submit pick -n {ns} --image ghcr.io/example/train:1 --gpus 2 --model A100 --model L40S --max-price 3 --mode pool-only --window 1s --manual"
+        ),
     );
     assert_eq!(r.code, Some(0), "{}", r.err);
     assert_eq!(r.out, "aijob/pick submitted\n");
@@ -190,24 +177,9 @@ async fn raises_failures_and_refusals_reach_the_exit_code() {
     let (acme, kc, ns, _pool) = acme_in_a_pool("cliraise").await;
 
     // Too cheap for anyone: the job says so, and a raise places it.
-    let r = gpupool(
+    let r = gpupool_line(
         &kc,
-        &[
-            "submit",
-            "cheap",
-            "-n",
-            &ns,
-            "--image",
-            "x",
-            "--model",
-            "A100",
-            "--max-price",
-            "0.5",
-            "--mode",
-            "pool-only",
-            "--window",
-            "1s",
-        ],
+        &format!("submit cheap -n {ns} --image x --model A100 --max-price 0.5 --mode pool-only --window 1s"),
     );
     assert_eq!(r.code, Some(0), "{}", r.err);
     // A "raise" that is none, and accepting on a job that picks itself.
@@ -249,54 +221,21 @@ async fn raises_failures_and_refusals_reach_the_exit_code() {
     .unwrap();
 
     // A workload that exits 3 in the provider's cluster: --wait exits 3.
-    let r = gpupool(
+    let r = gpupool_line(
         &kc,
-        &[
-            "submit",
-            "broken",
-            "-n",
-            &ns,
-            "--image",
-            "x",
-            "--model",
-            "L40S",
-            "--max-price",
-            "3",
-            "--mode",
-            "pool-only",
-            "--window",
-            "1s",
-            "--pod-annotation",
-            "sim.gpupool.dev/exit-code=3",
-            "--wait",
-            "--timeout",
-            "90s",
-        ],
+        &format!(
+            "submit broken -n {ns} --image x --model L40S --max-price 3 --mode pool-only --window 1s --pod-annotation sim.gpupool.dev/exit-code=3 --wait --timeout 90s"
+        ),
     );
     assert_eq!(r.code, Some(3), "stdout {}\nstderr {}", r.out, r.err);
     assert!(r.err.contains("AiJob broken failed"), "{}", r.err);
 
     // Waiting for more than the timeout allows: exit 4.
-    let r = gpupool(
+    let r = gpupool_line(
         &kc,
-        &[
-            "submit",
-            "slow",
-            "-n",
-            &ns,
-            "--image",
-            "x",
-            "--model",
-            "B200",
-            "--max-price",
-            "3",
-            "--mode",
-            "pool-only",
-            "--wait",
-            "running",
-            "--timeout",
-            "3s",
-        ],
+        &format!(
+            "submit slow -n {ns} --image x --model B200 --max-price 3 --mode pool-only --wait running --timeout 3s"
+        ),
     );
     assert_eq!(r.code, Some(4), "stdout {}\nstderr {}", r.out, r.err);
     assert!(
