@@ -118,6 +118,9 @@ async fn a_standby_replica_takes_over_when_the_leader_dies_and_at_once_when_it_s
         .unwrap();
     assert_eq!(jobs.items.len(), 1);
 
+    // The jobs' finalizers need a leader to release them.
+    remove_namespace(&client, &ns).await;
+
     // A clean stop hands the Lease back at once.
     drop(b);
     wait_for(Duration::from_secs(5), "the Lease released", || async {
@@ -125,5 +128,4 @@ async fn a_standby_replica_takes_over_when_the_leader_dies_and_at_once_when_it_s
     })
     .await
     .unwrap();
-    remove_namespace(&client, &ns).await;
 }
