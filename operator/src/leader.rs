@@ -84,6 +84,8 @@ fn record(spec: Option<&LeaseSpec>) -> String {
 pub enum LeaderError {
     #[error("reading or writing the leader Lease: {0}")]
     Kube(#[from] kube::Error),
+    #[error("the API server did not answer within {0}s")]
+    NoAnswer(u64),
     #[error("leadership lost: {0}")]
     Lost(String),
 }
@@ -178,7 +180,11 @@ impl Elector {
     pub async fn acquire(&self) -> Result<(), LeaderError> {
         let mut said = false;
         loop {
-            match self.try_hold().await {
+            // A try that hangs is given up after a lease duration and tried again.
+            let tried = tokio::time::timeout(self.timing.lease_duration, self.try_hold())
+                .await
+                .unwrap_or_else(|_| Err(LeaderError::NoAnswer(self.timing.lease_duration.as_secs())));
+            match tried {
                 Ok(true) => {
                     info!(lease = %self.name, identity = %self.me, "leading");
                     return Ok(());
@@ -203,7 +209,13 @@ impl Elector {
         let mut renewed = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.timing.retry_period).await;
-            match self.try_hold().await {
+            // A renewal that hangs (an API server that accepts the connection
+            // and never answers) must not outlast the deadline either.
+            let left = self.timing.renew_deadline.saturating_sub(renewed.elapsed());
+            let Ok(tried) = tokio::time::timeout(left, self.try_hold()).await else {
+                return LeaderError::Lost(LeaderError::NoAnswer(self.timing.renew_deadline.as_secs()).to_string());
+            };
+            match tried {
                 Ok(true) => renewed = tokio::time::Instant::now(),
                 Ok(false) => return LeaderError::Lost("another replica holds the leader Lease".into()),
                 Err(e) => {
@@ -313,6 +325,39 @@ mod tests {
             next_step(Some(&empty), "a", secs(0), D),
             Step::Claim { transition: true }
         );
+    }
+
+    /// A real socket that accepts connections and never answers, as a
+    /// wedged API server would: the leader must give up within its deadline
+    /// rather than act on a claim it cannot prove.
+    #[tokio::test]
+    async fn a_leader_whose_renewals_hang_gives_up_within_the_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                open.push(conn);
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let timing = Timing {
+            lease_duration: Duration::from_secs(3),
+            renew_deadline: Duration::from_millis(800),
+            retry_period: Duration::from_millis(100),
+        };
+        let e = Elector::new(client, "gpupool-system", "gpupool-operator", "me", timing);
+        let started = std::time::Instant::now();
+        let why = tokio::time::timeout(Duration::from_secs(5), e.hold())
+            .await
+            .expect("hold() gave up by itself");
+        assert!(
+            matches!(why, LeaderError::Lost(ref m) if m.contains("did not answer")),
+            "{why}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        held.abort();
     }
 
     #[test]
