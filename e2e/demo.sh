@@ -53,8 +53,10 @@ for i in 0 1 2; do
 done
 
 say "acme learns the other members from their signed adverts (PoolPeer)"
+# A PoolPeer appears when a member is first heard from; its capacity with
+# its first advert.
 for _ in $(seq 1 60); do
-  [ "$(k acme get poolpeers -o name 2>/dev/null | wc -l)" -ge 2 ] && break
+  [ "$(k acme get poolpeers -o jsonpath='{.items[*].status.capacity[*].gpuProduct}' 2>/dev/null | wc -w)" -ge 2 ] && break
   sleep 0.5
 done
 k acme get poolpeers -o custom-columns='ORG:.spec.org,PEER:.spec.peerId,WALLET:.spec.wallet,CONNECTED:.status.connected,GPUS:.status.capacity[*].gpuProduct,FREE:.status.capacity[*].free,PRICE:.status.capacity[*].pricePerGpuHour'
