@@ -79,14 +79,19 @@ struct LeaderArgs {
 }
 
 impl LeaderArgs {
+    /// This replica's name: in the leader Lease, and on its exported metrics.
+    fn identity(&self) -> String {
+        self.leader_identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+    }
+
     fn elector(&self, client: &kube::Client, namespace: &str) -> Option<Elector> {
         if !self.leader_elect {
             return None;
         }
-        let me = self.leader_identity.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            format!("{}-{}", host.trim(), std::process::id())
-        });
+        let me = self.identity();
         let duration = Duration::from_secs(self.leader_lease_seconds.max(3));
         let timing = Timing {
             lease_duration: duration,
@@ -264,6 +269,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("binding the metrics address")?;
     tracing::info!(org = %args.org, metrics = %bound, "gpupool operator starting");
+    // Before the election, so a standby reports itself too; each replica's
+    // series carry its own service.instance.id.
+    if let Some(endpoint) = args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        let every = Duration::from_millis(args.otlp_metrics_interval_ms.max(100));
+        otlp_metrics::start(endpoint, &args.org, &args.leader.identity(), metrics.clone(), every)?;
+    }
     // Nothing that acts (settlement, the pool's identity and swarm, the
     // controllers) starts before this replica leads.
     let elector = args.leader.elector(&client, &args.pool.namespace);
@@ -273,10 +284,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         e.acquire().await?;
     }
     metrics.leading(true);
-    if let Some(endpoint) = args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
-        let every = Duration::from_millis(args.otlp_metrics_interval_ms.max(100));
-        otlp_metrics::start(endpoint, &args.org, metrics.clone(), every)?;
-    }
     let settings = Settings {
         org: args.org,
         wait_requeue: Duration::from_secs(args.wait_requeue_seconds.max(1)),

@@ -45,13 +45,15 @@ fn text(key: &str, value: &str) -> KeyValue {
     }
 }
 
-/// The resource every export names: the service, and the organisation, so
-/// one collector can take the whole pool's metrics apart.
-pub fn resource(org: &str) -> Resource {
+/// The resource every export names: the service, the organisation, so one
+/// collector can take the whole pool's metrics apart, and the replica, so
+/// the series of a leader and its standby never collide.
+pub fn resource(org: &str, instance: &str) -> Resource {
     Resource {
         attributes: vec![
             text("service.name", "gpupool-operator"),
             text("service.version", env!("CARGO_PKG_VERSION")),
+            text("service.instance.id", instance),
             text("gpupool.org", org),
         ],
         ..Default::default()
@@ -187,6 +189,7 @@ fn now_ns() -> u64 {
 pub fn start(
     endpoint: &str,
     org: &str,
+    instance: &str,
     metrics: Arc<Metrics>,
     every: Duration,
 ) -> Result<tokio::task::JoinHandle<()>, MetricExportError> {
@@ -199,7 +202,7 @@ pub fn start(
         .timeout(Duration::from_secs(10))
         .connect_lazy();
     let mut client = MetricsServiceClient::new(channel);
-    let resource = resource(org);
+    let resource = resource(org, instance);
     let endpoint = endpoint.to_string();
     info!(%endpoint, every = ?every, "exporting metrics over OTLP");
     Ok(tokio::spawn(async move {
@@ -263,14 +266,12 @@ mod tests {
             healthy: 8,
             allocated: 3,
         }]);
-        let r = to_request(&m.families(), resource("acme"), 1, 2);
+        let r = to_request(&m.families(), resource("acme", "gpupool-operator-7d9f-x2"), 1, 2);
+        let attrs = &r.resource_metrics[0].resource.as_ref().unwrap().attributes;
+        assert_eq!(attr(attrs, "gpupool.org").as_deref(), Some("acme"));
         assert_eq!(
-            attr(
-                &r.resource_metrics[0].resource.as_ref().unwrap().attributes,
-                "gpupool.org"
-            )
-            .as_deref(),
-            Some("acme")
+            attr(attrs, "service.instance.id").as_deref(),
+            Some("gpupool-operator-7d9f-x2")
         );
 
         let Some(Data::Sum(s)) = &find(&r, "gpupool_aijob_reconciles").data else {
@@ -322,7 +323,7 @@ mod tests {
         m.message_dropped("oversized");
         m.placement("lease_active", 0.4);
         let text = m.render();
-        let r = to_request(&m.families(), resource("acme"), 0, 0);
+        let r = to_request(&m.families(), resource("acme", "a"), 0, 0);
         let metrics = &r.resource_metrics[0].scope_metrics[0].metrics;
         // Labelled families appear once they have a series, as on /metrics.
         for name in [
