@@ -53,18 +53,28 @@ fn ago(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>, now: Ti
     )
 }
 
-/// `gpupool peers`: every member this cluster's operator knows.
-pub async fn peers(format: Format) -> anyhow::Result<String> {
-    let list = Api::<PoolPeer>::all(kube_client().await?)
+/// Every PoolPeer: the members this cluster's operator knows, with their adverts.
+async fn pool_peers() -> anyhow::Result<Vec<PoolPeer>> {
+    Ok(Api::<PoolPeer>::all(kube_client().await?)
         .list(&ListParams::default())
         .await
-        .context("listing PoolPeers")?;
+        .context("listing PoolPeers")?
+        .items)
+}
+
+/// Orders by price, an unparsable one (an older peer's) last rather than hidden.
+fn price_key(price: &str) -> u128 {
+    TokenAmount::from_str(price).map_or(u128::MAX, |t| t.0)
+}
+
+/// `gpupool peers`: every member this cluster's operator knows.
+pub async fn peers(format: Format) -> anyhow::Result<String> {
+    let peers = pool_peers().await?;
     if !matches!(format, Format::Table) {
-        return structured(format, &list.items);
+        return structured(format, &peers);
     }
     let now = Timestamp::now();
-    let rows = list
-        .items
+    let rows = peers
         .iter()
         .map(|p| {
             let s = p.status.clone().unwrap_or_default();
@@ -116,11 +126,9 @@ pub fn offers(peers: &[PoolPeer]) -> Vec<Offer> {
             })
         })
         .collect();
-    // An unparsable price (an older peer's) sorts last rather than hiding the offer.
-    let key = |o: &Offer| TokenAmount::from_str(&o.price_per_gpu_hour).map_or(u128::MAX, |t| t.0);
     out.sort_by(|a, b| {
-        key(a)
-            .cmp(&key(b))
+        price_key(&a.price_per_gpu_hour)
+            .cmp(&price_key(&b.price_per_gpu_hour))
             .then_with(|| a.org.cmp(&b.org))
             .then_with(|| a.gpu_product.cmp(&b.gpu_product))
     });
@@ -129,11 +137,8 @@ pub fn offers(peers: &[PoolPeer]) -> Vec<Offer> {
 
 /// `gpupool market`: what the pool advertises, cheapest first.
 pub async fn market(format: Format) -> anyhow::Result<String> {
-    let list = Api::<PoolPeer>::all(kube_client().await?)
-        .list(&ListParams::default())
-        .await
-        .context("listing PoolPeers")?;
-    let offers = offers(&list.items);
+    let peers = pool_peers().await?;
+    let offers = offers(&peers);
     if !matches!(format, Format::Table) {
         return structured(format, &offers);
     }
@@ -183,10 +188,9 @@ pub async fn bids(format: Format, ns: &NamespaceOpt, job: &str) -> anyhow::Resul
         .await
         .context("listing Bids")?
         .items;
-    let price = |b: &Bid| TokenAmount::from_str(&b.spec.price_per_gpu_hour).map_or(u128::MAX, |t| t.0);
     list.sort_by(|a, b| {
-        price(a)
-            .cmp(&price(b))
+        price_key(&a.spec.price_per_gpu_hour)
+            .cmp(&price_key(&b.spec.price_per_gpu_hour))
             .then_with(|| a.metadata.name.cmp(&b.metadata.name))
     });
     if !matches!(format, Format::Table) {
