@@ -124,7 +124,10 @@ impl Elector {
     async fn try_hold(&self) -> Result<bool, LeaderError> {
         let now = Timestamp::now();
         let current = self.api.get_opt(&self.name).await?;
-        let spec = current.as_ref().and_then(|l| l.spec.as_ref());
+        // A Lease without a spec (written by hand, say) is there but held by
+        // no one: claimed with a replace, where a create would only conflict.
+        let unheld = LeaseSpec::default();
+        let spec = current.as_ref().map(|l| l.spec.as_ref().unwrap_or(&unheld));
         let unchanged_for = {
             let mut seen = self.observed.lock().unwrap_or_else(|e| e.into_inner());
             let r = record(spec);
