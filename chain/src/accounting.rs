@@ -41,7 +41,10 @@ pub fn lease_id(renter: Address, order_id: &str) -> B256 {
 /// An open lease's state, field for field the contract's `Lease` struct.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenLease {
+    /// Whose account funds the lease and gets the refund.
     pub renter: Address,
+    /// Who opened it for the renter and may close it; zero when the renter did.
+    pub agent: Address,
     pub provider: Address,
     pub token: Address,
     pub rate_per_second: u128,
@@ -56,6 +59,7 @@ impl OpenLease {
     pub fn to_sol(&self) -> LeaseEscrow::Lease {
         LeaseEscrow::Lease {
             renter: self.renter,
+            agent: self.agent,
             provider: self.provider,
             token: self.token,
             ratePerSecond: self.rate_per_second,
@@ -101,6 +105,7 @@ impl OpenLease {
 pub enum LeaseEvent {
     Opened {
         renter: Address,
+        agent: Address,
         provider: Address,
         token: Address,
         rate_per_second: u128,
@@ -174,6 +179,7 @@ pub fn fold(events: &[(u64, LeaseEvent)]) -> Result<LeaseOnChain, FoldError> {
                 LeaseOnChain::Unknown,
                 LeaseEvent::Opened {
                     renter,
+                    agent,
                     provider,
                     token,
                     rate_per_second,
@@ -183,6 +189,7 @@ pub fn fold(events: &[(u64, LeaseEvent)]) -> Result<LeaseOnChain, FoldError> {
             ) => LeaseOnChain::Open {
                 lease: OpenLease {
                     renter: *renter,
+                    agent: *agent,
                     provider: *provider,
                     token: *token,
                     rate_per_second: *rate_per_second,
@@ -290,6 +297,7 @@ mod tests {
     fn lease() -> OpenLease {
         OpenLease {
             renter: Address::repeat_byte(1),
+            agent: Address::ZERO,
             provider: Address::repeat_byte(2),
             token: Address::repeat_byte(3),
             rate_per_second: 10,
@@ -344,6 +352,7 @@ mod tests {
         );
         let opened = LeaseEvent::Opened {
             renter: r,
+            agent: Address::ZERO,
             provider: p,
             token: t,
             rate_per_second: 10,

@@ -384,14 +384,44 @@ impl EscrowClient {
         rate_per_second: u128,
         deposit: u128,
     ) -> Result<OpenOutcome, ChainError> {
+        self.open_as(None, id, provider, rate_per_second, deposit).await
+    }
+
+    /// Opens the lease for `renter` as its agent, funded from the renter's
+    /// escrow account within what `approveAgent` allows us. Safe to call again
+    /// after any error.
+    pub async fn open_for(
+        &self,
+        renter: Address,
+        id: B256,
+        provider: Address,
+        rate_per_second: u128,
+        deposit: u128,
+    ) -> Result<OpenOutcome, ChainError> {
+        self.open_as(Some(renter), id, provider, rate_per_second, deposit).await
+    }
+
+    async fn open_as(
+        &self,
+        for_renter: Option<Address>,
+        id: B256,
+        provider: Address,
+        rate_per_second: u128,
+        deposit: u128,
+    ) -> Result<OpenOutcome, ChainError> {
         let me = self.wallet.ok_or(ChainError::NoWallet("open"))?;
+        let (renter, agent) = match for_renter {
+            Some(r) => (r, me),
+            None => (me, Address::ZERO),
+        };
         for _ in 0..STALE_RETRIES {
             match self.lease(id).await? {
                 LeaseOnChain::Unknown => {}
                 LeaseOnChain::Open {
                     lease, opened_block, ..
                 } => {
-                    let ours = lease.renter == me
+                    let ours = lease.renter == renter
+                        && lease.agent == agent
                         && lease.provider == provider
                         && lease.token == self.config.token
                         && lease.rate_per_second == rate_per_second;
@@ -411,11 +441,19 @@ impl EscrowClient {
                     });
                 }
             }
-            self.ensure_allowance(deposit).await?;
-            let tx = self
-                .escrow()
-                .open(id, provider, self.config.token, rate_per_second, deposit)
-                .into_transaction_request();
+            let tx = match for_renter {
+                None => {
+                    self.ensure_allowance(deposit).await?;
+                    self.escrow()
+                        .open(id, provider, self.config.token, rate_per_second, deposit)
+                        .into_transaction_request()
+                }
+                // Funded from the renter's account only: no token allowance is involved.
+                Some(r) => self
+                    .escrow()
+                    .openFor(r, id, provider, self.config.token, rate_per_second, deposit)
+                    .into_transaction_request(),
+            };
             match self.send("open", tx).await {
                 Ok(r) => {
                     return Ok(OpenOutcome::Opened {
@@ -435,6 +473,27 @@ impl EscrowClient {
             }
         }
         Err(garbage("open", "the lease changed under every attempt"))
+    }
+
+    /// Lets `agent` open leases from this wallet's escrow account, up to
+    /// `amount` in all, and close them; zero revokes.
+    pub async fn approve_agent(&self, agent: Address, amount: u128) -> Result<(), ChainError> {
+        let tx = self
+            .escrow()
+            .approveAgent(agent, self.config.token, U256::from(amount))
+            .into_transaction_request();
+        self.send("approveAgent", tx).await.map(|_| ())
+    }
+
+    /// What `agent` may still commit from `renter`'s escrow account.
+    pub async fn agent_allowance(&self, renter: Address, agent: Address) -> Result<u128, ChainError> {
+        let v = self
+            .escrow()
+            .agentAllowance(renter, agent, self.config.token)
+            .call()
+            .await
+            .map_err(|e| read("agentAllowance", e))?;
+        Ok(u128::try_from(v).unwrap_or(u128::MAX))
     }
 
     /// Moves `amount` from the wallet into its escrow account.
@@ -685,8 +744,8 @@ impl EscrowClient {
 
 fn describe_terms(lease: &OpenLease) -> String {
     format!(
-        "renter {}, provider {}, token {}, {} per second",
-        lease.renter, lease.provider, lease.token, lease.rate_per_second
+        "renter {}, agent {}, provider {}, token {}, {} per second",
+        lease.renter, lease.agent, lease.provider, lease.token, lease.rate_per_second
     )
 }
 
@@ -702,6 +761,7 @@ fn decode_events(mut logs: Vec<Log>) -> Result<Vec<(u64, LeaseEvent)>, ChainErro
                 let e = log.log_decode::<LeaseEscrow::LeaseOpened>().map_err(bad)?.inner.data;
                 LeaseEvent::Opened {
                     renter: e.renter,
+                    agent: e.agent,
                     provider: e.provider,
                     token: e.token,
                     rate_per_second: to_u128("LeaseOpened", e.ratePerSecond)?,
@@ -828,7 +888,10 @@ fn escrow_refusal(err: &LeaseEscrow::LeaseEscrowErrors) -> (&'static str, String
         ),
         E::NotRenter(_) => ("NotRenter", "only the lease's renter may do this".into()),
         E::NotProvider(_) => ("NotProvider", "only the lease's provider may do this".into()),
-        E::NotParty(_) => ("NotParty", "only the lease's renter or provider may do this".into()),
+        E::NotParty(_) => (
+            "NotParty",
+            "only the lease's renter, its agent or its provider may do this".into(),
+        ),
         E::ReasonNotAllowed(e) => (
             "ReasonNotAllowed",
             format!(
@@ -848,6 +911,18 @@ fn escrow_refusal(err: &LeaseEscrow::LeaseEscrowErrors) -> (&'static str, String
             "InsufficientAccount",
             format!(
                 "the escrow account holds {} tokens, {} were asked for",
+                gpupool_crds::price::TokenAmount(u128::try_from(e.available).unwrap_or(u128::MAX)),
+                gpupool_crds::price::TokenAmount(u128::try_from(e.requested).unwrap_or(u128::MAX)),
+            ),
+        ),
+        E::InvalidAgent(_) => (
+            "InvalidAgent",
+            "the agent must be another, non-zero address than the renter".into(),
+        ),
+        E::InsufficientAgentAllowance(e) => (
+            "InsufficientAgentAllowance",
+            format!(
+                "the renter lets this agent commit {} more tokens, {} were asked for",
                 gpupool_crds::price::TokenAmount(u128::try_from(e.available).unwrap_or(u128::MAX)),
                 gpupool_crds::price::TokenAmount(u128::try_from(e.requested).unwrap_or(u128::MAX)),
             ),

@@ -78,6 +78,18 @@ pub enum EscrowCmd {
         #[arg(long)]
         to: Option<Address>,
     },
+    /// Let a pool member's operator (its wallet) open leases for you from your
+    /// escrow account, up to --amount tokens in all, and close them: what a
+    /// job submitted through that member's Pool API needs. `--amount 0` revokes
+    /// further opens. Without --amount, shows what the agent may still commit.
+    Agent {
+        /// The member operator's wallet address (`gpupool pool-info` shows it).
+        #[arg(long)]
+        agent: Address,
+        /// Tokens the agent may commit from now on, as a decimal; replaces any earlier amount.
+        #[arg(long)]
+        amount: Option<String>,
+    },
 }
 
 fn lease_arg(s: &str) -> anyhow::Result<B256> {
@@ -192,6 +204,19 @@ pub async fn escrow(format: Format, opts: &ChainOpts, cmd: EscrowCmd) -> anyhow:
             let to = to.unwrap_or(me);
             client.withdraw_funds(amount.0, to).await?;
             Ok(format!("withdrew {amount} tokens from your escrow account to {to}\n"))
+        }
+        EscrowCmd::Agent { agent, amount } => {
+            let me = wallet.as_ref().map(Wallet::address).context("pass --wallet-key-file")?;
+            if let Some(amount) = amount {
+                let amount: TokenAmount = amount.parse().map_err(|e| anyhow::anyhow!("--amount: {e}"))?;
+                client.approve_agent(agent, amount.0).await?;
+            }
+            let left = client.agent_allowance(me, agent).await?;
+            Ok(format!(
+                "agent {agent} may commit {} more tokens from your escrow account (it holds {})\n",
+                tokens(left),
+                tokens(client.account(me).await?)
+            ))
         }
     }
 }

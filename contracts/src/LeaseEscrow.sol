@@ -20,7 +20,13 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// `withdrawFunds`, and an open whose account falls short. An ERC-20 transfer costs
 /// three to four times an account update, and a member who both rents and lends
 /// keeps one balance moving inside the escrow; a lease's whole life (open, one
-/// withdraw, close) then costs about 143k gas.
+/// withdraw, close) then costs about 146k gas.
+///
+/// A renter without a cluster of its own can mandate a member's operator as its
+/// agent: `approveAgent` caps what the agent may commit from the renter's account,
+/// `openFor` opens a lease funded from that account with the agent recorded in the
+/// lease, and the agent may then close it as the renter would. Refunds always go
+/// to the renter's account, never to the agent.
 ///
 /// Invariant: for every token, this contract's balance equals the sum of `balance`
 /// over open leases in that token plus every account in that token. Fee-on-transfer
@@ -30,7 +36,10 @@ contract LeaseEscrow is ReentrancyGuardTransient {
 
     /// The state of an open lease, as its hash was committed.
     struct Lease {
+        /// Whose account funds the lease and gets the refund.
         address renter;
+        /// Who may close the lease for the renter; zero when the renter opened it itself.
+        address agent;
         address provider;
         IERC20 token;
         /// Tokens per second the provider earns while the lease is funded.
@@ -59,18 +68,23 @@ contract LeaseEscrow is ReentrancyGuardTransient {
     /// Owner => token => tokens the owner may open leases from or withdraw.
     mapping(address owner => mapping(IERC20 token => uint256 amount)) public accounts;
 
+    /// Renter => agent => token => tokens the agent may still commit from the renter's account.
+    mapping(address renter => mapping(address agent => mapping(IERC20 token => uint256 amount))) public agentAllowance;
+
     event Deposited(address indexed owner, IERC20 indexed token, uint256 amount, uint256 balance);
     event FundsWithdrawn(address indexed owner, IERC20 indexed token, address to, uint256 amount, uint256 balance);
     event LeaseOpened(
         bytes32 indexed leaseId,
         address indexed renter,
         address indexed provider,
+        address agent,
         IERC20 token,
         uint256 ratePerSecond,
         uint256 deposit,
         uint256 startedAt,
         uint256 fromAccount
     );
+    event AgentApproved(address indexed renter, address indexed agent, IERC20 indexed token, uint256 amount);
     event LeaseWithdrawn(bytes32 indexed leaseId, uint256 amount, uint256 balance, uint256 settledAt);
     event LeaseToppedUp(
         bytes32 indexed leaseId, uint256 amount, uint256 balance, uint256 owed, uint256 settledAt, uint256 fromAccount
@@ -95,6 +109,8 @@ contract LeaseEscrow is ReentrancyGuardTransient {
     error NotOverdrawn(bytes32 leaseId);
     error InsufficientAccount(uint256 available, uint256 requested);
     error InvalidRecipient();
+    error InvalidAgent();
+    error InsufficientAgentAllowance(uint256 available, uint256 requested);
 
     /// @notice Moves tokens from the caller's wallet into its account here.
     function deposit(IERC20 token, uint256 amount) external nonReentrant {
@@ -128,28 +144,43 @@ contract LeaseEscrow is ReentrancyGuardTransient {
         nonReentrant
         returns (Lease memory lease)
     {
-        if (leaseId == bytes32(0) || leaseId == CLOSED) revert InvalidLeaseId();
-        if (provider == address(0) || provider == msg.sender) revert InvalidProvider();
-        if (address(token) == address(0)) revert InvalidToken();
-        if (ratePerSecond == 0) revert ZeroRate();
-        if (amount == 0) revert ZeroAmount();
-        if (leaseHash[leaseId] != bytes32(0)) revert LeaseExists(leaseId);
-
-        lease = Lease({
-            renter: msg.sender,
-            provider: provider,
-            token: token,
-            ratePerSecond: ratePerSecond,
-            balance: amount,
-            owed: 0,
-            settledAt: uint64(block.timestamp)
-        });
-        leaseHash[leaseId] = keccak256(abi.encode(lease));
-        uint256 fromAccount = _debit(token, amount);
-        emit LeaseOpened(
-            leaseId, msg.sender, provider, token, ratePerSecond, amount, block.timestamp, fromAccount
-        );
+        lease = _open(leaseId, msg.sender, address(0), provider, token, ratePerSecond, amount);
+        uint256 fromAccount = _debit(msg.sender, token, amount);
+        _opened(leaseId, lease, fromAccount);
         if (amount > fromAccount) token.safeTransferFrom(msg.sender, address(this), amount - fromAccount);
+    }
+
+    /// @notice Lets `agent` open leases funded from the caller's account, up to
+    /// `amount` tokens in all (not restored by refunds), and close them for the
+    /// caller. Setting zero revokes further opens; leases already open keep their agent.
+    function approveAgent(address agent, IERC20 token, uint256 amount) external {
+        if (agent == address(0) || agent == msg.sender) revert InvalidAgent();
+        if (address(token) == address(0)) revert InvalidToken();
+        agentAllowance[msg.sender][agent][token] = amount;
+        emit AgentApproved(msg.sender, agent, token, amount);
+    }
+
+    /// @notice Opens a lease for `renter`, funded from the renter's account only
+    /// (never its wallet), with the caller as the lease's agent.
+    function openFor(
+        address renter,
+        bytes32 leaseId,
+        address provider,
+        IERC20 token,
+        uint128 ratePerSecond,
+        uint128 amount
+    ) external nonReentrant returns (Lease memory lease) {
+        if (renter == address(0) || renter == msg.sender) revert InvalidAgent();
+        uint256 allowed = agentAllowance[renter][msg.sender][token];
+        if (amount > allowed) revert InsufficientAgentAllowance(allowed, amount);
+        // An agent who is also the provider would pay itself from the renter's funds.
+        if (provider == msg.sender) revert InvalidProvider();
+        lease = _open(leaseId, renter, msg.sender, provider, token, ratePerSecond, amount);
+        uint256 available = accounts[renter][token];
+        if (amount > available) revert InsufficientAccount(available, amount);
+        agentAllowance[renter][msg.sender][token] = allowed - amount;
+        accounts[renter][token] = available - amount;
+        _opened(leaseId, lease, amount);
     }
 
     /// @notice Pays the provider what has accrued so far, into its account.
@@ -177,7 +208,7 @@ contract LeaseEscrow is ReentrancyGuardTransient {
         Lease memory lease = _accrue(current);
         lease.balance += amount;
         leaseHash[leaseId] = keccak256(abi.encode(lease));
-        uint256 fromAccount = _debit(lease.token, amount);
+        uint256 fromAccount = _debit(msg.sender, lease.token, amount);
         emit LeaseToppedUp(leaseId, amount, lease.balance, lease.owed, lease.settledAt, fromAccount);
         if (amount > fromAccount) lease.token.safeTransferFrom(msg.sender, address(this), amount - fromAccount);
     }
@@ -192,8 +223,9 @@ contract LeaseEscrow is ReentrancyGuardTransient {
         returns (uint256 paid, uint256 refunded)
     {
         _check(leaseId, current);
-        if (msg.sender != current.renter && msg.sender != current.provider) revert NotParty();
-        if (reason == CloseReason.RenterCancelled && msg.sender != current.renter) revert ReasonNotAllowed(reason);
+        bool forRenter = msg.sender == current.renter || (current.agent != address(0) && msg.sender == current.agent);
+        if (!forRenter && msg.sender != current.provider) revert NotParty();
+        if (reason == CloseReason.RenterCancelled && !forRenter) revert ReasonNotAllowed(reason);
 
         Lease memory lease = _accrue(current);
         if (reason == CloseReason.InsufficientFunds && lease.owed < lease.balance) revert NotOverdrawn(leaseId);
@@ -217,11 +249,54 @@ contract LeaseEscrow is ReentrancyGuardTransient {
         return keccak256(abi.encode(lease));
     }
 
-    /// Takes up to `amount` from the caller's account; returns how much it took.
-    function _debit(IERC20 token, uint256 amount) private returns (uint256 taken) {
-        uint256 available = accounts[msg.sender][token];
+    /// Checks an open's terms and commits the lease's hash.
+    function _open(
+        bytes32 leaseId,
+        address renter,
+        address agent,
+        address provider,
+        IERC20 token,
+        uint128 ratePerSecond,
+        uint128 amount
+    ) private returns (Lease memory lease) {
+        if (leaseId == bytes32(0) || leaseId == CLOSED) revert InvalidLeaseId();
+        if (provider == address(0) || provider == renter) revert InvalidProvider();
+        if (address(token) == address(0)) revert InvalidToken();
+        if (ratePerSecond == 0) revert ZeroRate();
+        if (amount == 0) revert ZeroAmount();
+        if (leaseHash[leaseId] != bytes32(0)) revert LeaseExists(leaseId);
+        lease = Lease({
+            renter: renter,
+            agent: agent,
+            provider: provider,
+            token: token,
+            ratePerSecond: ratePerSecond,
+            balance: amount,
+            owed: 0,
+            settledAt: uint64(block.timestamp)
+        });
+        leaseHash[leaseId] = keccak256(abi.encode(lease));
+    }
+
+    function _opened(bytes32 leaseId, Lease memory lease, uint256 fromAccount) private {
+        emit LeaseOpened(
+            leaseId,
+            lease.renter,
+            lease.provider,
+            lease.agent,
+            lease.token,
+            lease.ratePerSecond,
+            lease.balance,
+            block.timestamp,
+            fromAccount
+        );
+    }
+
+    /// Takes up to `amount` from `owner`'s account; returns how much it took.
+    function _debit(address owner, IERC20 token, uint256 amount) private returns (uint256 taken) {
+        uint256 available = accounts[owner][token];
         taken = amount < available ? amount : available;
-        if (taken > 0) accounts[msg.sender][token] = available - taken;
+        if (taken > 0) accounts[owner][token] = available - taken;
     }
 
     function _check(bytes32 leaseId, Lease calldata current) private view {

@@ -64,6 +64,19 @@ pub struct AiJobSpec {
     /// How bids from other organisations are collected and chosen.
     #[serde(default)]
     pub bidding: Bidding,
+
+    /// A renter's wallet whose escrow account pays this job's leases, with this
+    /// member's operator as the agent the renter approved (`gpupool escrow
+    /// agent`). The Pool API sets it for renters without a cluster; the
+    /// operator honours it only in the namespace the Pool API keeps for that
+    /// wallet (label `gpupool.dev/renter-wallet`). Left out, the operator's own
+    /// wallet pays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(
+        validation = Rule::new(r"self.matches('^0x[0-9a-fA-F]{40}$')").message("payer must be a 0x-prefixed 20-byte hex address"),
+        validation = Rule::new("self == oldSelf").message("payer cannot change after the job is created"),
+    )]
+    pub payer: Option<String>,
 }
 
 fn default_max_duration() -> Duration {

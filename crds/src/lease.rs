@@ -137,6 +137,11 @@ pub struct Escrow {
     #[x_kube(validation = Rule::new(r"self.matches('^(0|[1-9][0-9]{0,11})([.][0-9]{1,18})?$') && !self.matches('^0([.]0+)?$')").message("deposit must be a positive decimal number of tokens, e.g. \"25\" or \"0.5\""))]
     #[schemars(length(max = 32))]
     pub deposit: String,
+    /// The renter's wallet whose escrow account funds the lease, when this
+    /// side's operator opens it as that renter's agent (a Pool API job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(r"self.matches('^0x[0-9a-fA-F]{40}$')").message("fundedBy must be a 0x-prefixed 20-byte hex address"))]
+    pub funded_by: Option<String>,
 }
 
 /// What the lease's side saw of it.

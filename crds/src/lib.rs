@@ -50,6 +50,9 @@ pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// Finalizer the operator puts on AiJobs, so deletion waits for cleanup.
 /// On Bids: the order they answer. On Leases: the order they fulfil.
 pub const LABEL_ORDER: &str = "gpupool.dev/order-id";
+/// On a namespace the Pool API keeps for one renter: that renter's wallet,
+/// lower-case. An AiJob's `spec.payer` is honoured only in its renter's namespace.
+pub const LABEL_RENTER_WALLET: &str = "gpupool.dev/renter-wallet";
 /// On a provider's lease namespace and Lease copy: the on-chain lease id's first 12 hex digits.
 pub const LABEL_LEASE: &str = "gpupool.dev/lease";
 /// Marks a provider's namespace that runs one lease's workload.

@@ -643,3 +643,91 @@ async fn one_wallet_opens_many_leases_concurrently() {
     assert_eq!(renter.lease_ids_of(c.address(RENTER)).await.unwrap().len(), 25);
     assert_eq!(c.escrow_holds().await, 25 * ONE_TOKEN);
 }
+
+/// A renter without a cluster mandates a member's operator: the agent opens
+/// from the renter's account only, within the allowance, may close as the
+/// renter would, and every refund goes to the renter, never to the agent.
+#[tokio::test]
+async fn an_agent_opens_and_closes_for_a_renter_within_its_allowance() {
+    const AGENT: usize = 4;
+    let c = chain("agent").await;
+    let renter = c.client(RENTER);
+    let agent = c.client(AGENT);
+    let provider = c.client(PROVIDER);
+    let stranger = c.client(STRANGER);
+    let (r, a, p) = (c.address(RENTER), c.address(AGENT), c.address(PROVIDER));
+    let deposit = 4 * ONE_TOKEN;
+    let id = lease_id(a, "order-agent");
+
+    // No mandate yet: refused, nothing moves.
+    assert_eq!(
+        refused_code(&agent.open_for(r, id, p, RATE, deposit).await.unwrap_err()),
+        "InsufficientAgentAllowance"
+    );
+    renter.approve_agent(a, 6 * ONE_TOKEN).await.unwrap();
+    assert_eq!(renter.agent_allowance(r, a).await.unwrap(), 6 * ONE_TOKEN);
+    // A mandate, but the account is empty: the renter's wallet is never pulled.
+    let wallet_before = renter.token_balance(r).await.unwrap();
+    assert_eq!(
+        refused_code(&agent.open_for(r, id, p, RATE, deposit).await.unwrap_err()),
+        "InsufficientAccount"
+    );
+    renter.deposit(10 * ONE_TOKEN).await.unwrap();
+    assert_eq!(renter.token_balance(r).await.unwrap(), wallet_before - 10 * ONE_TOKEN);
+    // The agent may not pay itself, nor name itself as renter.
+    let self_paid = lease_id(a, "order-self");
+    assert_eq!(
+        refused_code(&agent.open_for(r, self_paid, a, RATE, deposit).await.unwrap_err()),
+        "InvalidProvider"
+    );
+    assert_eq!(
+        refused_code(&agent.open_for(a, self_paid, p, RATE, deposit).await.unwrap_err()),
+        "InvalidAgent"
+    );
+
+    let agent_account = agent.account(a).await.unwrap();
+    let agent_wallet = agent.token_balance(a).await.unwrap();
+    let opened = agent.open_for(r, id, p, RATE, deposit).await.unwrap();
+    assert!(matches!(opened, OpenOutcome::Opened { .. }), "{opened:?}");
+    // Retried after a lost receipt: the same lease, not a second one.
+    assert!(matches!(
+        agent.open_for(r, id, p, RATE, deposit).await.unwrap(),
+        OpenOutcome::AlreadyOpen { .. }
+    ));
+    let l = open_state(&renter.lease(id).await.unwrap()).clone();
+    assert_eq!((l.renter, l.agent, l.provider, l.balance), (r, a, p, deposit));
+    assert_eq!(renter.account(r).await.unwrap(), 6 * ONE_TOKEN);
+    assert_eq!(renter.agent_allowance(r, a).await.unwrap(), 2 * ONE_TOKEN);
+    // The renter finds the lease under its own wallet.
+    assert_eq!(renter.lease_ids_of(r).await.unwrap(), vec![id]);
+    // What is left of the allowance caps the next open.
+    let second = lease_id(a, "order-agent-2");
+    assert_eq!(
+        refused_code(&agent.open_for(r, second, p, RATE, deposit).await.unwrap_err()),
+        "InsufficientAgentAllowance"
+    );
+
+    c.jump(500).await;
+    // A stranger is neither party nor agent.
+    assert_eq!(
+        refused_code(&stranger.close(id, CloseReason::Completed).await.unwrap_err()),
+        "NotParty"
+    );
+    let closed = agent.close(id, CloseReason::RenterCancelled).await.unwrap();
+    assert!(closed.by_us);
+    assert!(closed.paid >= 500 * RATE, "{closed:?}");
+    assert_eq!(closed.paid + closed.refunded, deposit);
+    // Refund to the renter's account, payment to the provider's; the agent gains nothing.
+    assert_eq!(renter.account(r).await.unwrap(), 6 * ONE_TOKEN + closed.refunded);
+    assert_eq!(provider.account(p).await.unwrap(), closed.paid);
+    assert_eq!(agent.account(a).await.unwrap(), agent_account);
+    assert_eq!(agent.token_balance(a).await.unwrap(), agent_wallet);
+    assert_eq!(c.escrow_holds().await, 0);
+
+    // Revoked: no more opens.
+    renter.approve_agent(a, 0).await.unwrap();
+    assert_eq!(
+        refused_code(&agent.open_for(r, second, p, RATE, ONE_TOKEN).await.unwrap_err()),
+        "InsufficientAgentAllowance"
+    );
+}

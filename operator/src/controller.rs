@@ -13,6 +13,7 @@ use gpupool_crds::{
     PlacementMode, RunsOn,
 };
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -398,9 +399,25 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
             .map(Arc::new);
     }
 
+    // A renter's funds pay only for its own Pool API jobs.
+    let payer_refused = match &aijob.spec.payer {
+        Some(payer) if !placed_before && !in_pool(Some(&old)) => {
+            let namespace = Api::<Namespace>::all(ctx.client.clone()).get_opt(&ns).await?;
+            let wallet = namespace
+                .as_ref()
+                .and_then(|n| n.labels().get(gpupool_crds::LABEL_RENTER_WALLET).cloned());
+            crate::payer::refusal(payer, aijob.spec.placement.mode, &ns, wallet.as_deref())
+        }
+        _ => None,
+    };
+
     // Validate, build, apply.
-    let outcome = match Need::from_spec(&aijob.spec.gpus) {
-        Err(e) => Outcome::Invalid { message: e.to_string() },
+    let need = match payer_refused {
+        Some(message) => Err(message),
+        None => Need::from_spec(&aijob.spec.gpus).map_err(|e| e.to_string()),
+    };
+    let outcome = match need {
+        Err(message) => Outcome::Invalid { message },
         Ok(need) => match job {
             Some(job) => {
                 let pods = pods_of(ctx, &ns, &name);

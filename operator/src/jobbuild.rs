@@ -173,6 +173,7 @@ pub(crate) mod tests {
                 max_duration: std::time::Duration::from_secs(3600).into(),
                 placement: Default::default(),
                 bidding: Default::default(),
+                payer: None,
             },
         );
         j.metadata.namespace = Some("ml".into());

@@ -16,6 +16,7 @@ pub mod market;
 pub mod matching;
 pub mod otlp_metrics;
 pub mod p2p;
+pub mod payer;
 pub mod placement;
 pub mod pod_index;
 pub mod quantity;

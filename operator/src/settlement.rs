@@ -452,15 +452,32 @@ async fn open(lease: &Lease, ctx: &Context, id: B256, provider: Address) -> Resu
     let deposit = TokenAmount::from_str(&escrow.deposit)
         .map_err(|e| ChainError::Config(format!("deposit: {e}")))?
         .0;
-    match ctx.chain.open(id, provider, rate, deposit).await? {
+    let funded_by = match &escrow.funded_by {
+        Some(w) => {
+            Some(Address::from_str(w).map_err(|_| ChainError::Config("escrow.fundedBy is not an address".into()))?)
+        }
+        None => None,
+    };
+    let opened = match funded_by {
+        Some(renter) => ctx.chain.open_for(renter, id, provider, rate, deposit).await?,
+        None => ctx.chain.open(id, provider, rate, deposit).await?,
+    };
+    match opened {
         OpenOutcome::Opened { block, gas_used, .. } => {
-            ctx.metrics.tokens_deposited(deposit);
+            let from = match funded_by {
+                Some(renter) => format!(" from renter {renter}'s escrow account, as its agent"),
+                None => {
+                    // Only tokens that leave this member's own wallet or account count.
+                    ctx.metrics.tokens_deposited(deposit);
+                    String::new()
+                }
+            };
             ctx.event(
                 lease,
                 EventType::Normal,
                 "Opened",
                 &format!(
-                    "opened on chain in block {block} with a deposit of {} tokens ({gas_used} gas)",
+                    "opened on chain in block {block} with a deposit of {} tokens{from} ({gas_used} gas)",
                     escrow.deposit
                 ),
             )

@@ -335,6 +335,7 @@ mod tests {
         LeaseOnChain::Open {
             lease: OpenLease {
                 renter: Address::repeat_byte(1),
+                agent: Address::ZERO,
                 provider: Address::repeat_byte(2),
                 token: Address::repeat_byte(3),
                 rate_per_second: RATE,

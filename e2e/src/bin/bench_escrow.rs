@@ -71,20 +71,35 @@ async fn main() -> anyhow::Result<()> {
             ONE_TOKEN,
         )
         .await?;
-    for (case, renter, provider) in [
-        ("renter-account-funded/provider-paid-before", &renter, &provider),
+    // A Pool API job: a member's operator opens and closes as the renter's
+    // agent, from the renter's funded account.
+    let agent = EscrowClient::connect(config.clone(), Some(&anvil.wallet(4)?), ClientOptions::default())?;
+    renter
+        .approve_agent(agent.wallet().unwrap_or_default(), 100 * ONE_TOKEN)
+        .await?;
+    for (case, renter, payer, provider) in [
+        ("renter-account-funded/provider-paid-before", &renter, None, &provider),
         (
             "renter-pays-from-wallet/first-payment-to-a-fresh-provider",
             &wallet_renter,
+            None,
             &fresh,
+        ),
+        (
+            "agent-opens-from-renter-account/provider-paid-before",
+            &agent,
+            Some(renter_w.address()),
+            &provider,
         ),
     ] {
         let me = renter.wallet().unwrap_or_default();
         let id = lease_id(me, case);
-        let OpenOutcome::Opened { gas_used: open_gas, .. } = renter
-            .open(id, provider.wallet().unwrap_or_default(), RATE, 100 * ONE_TOKEN)
-            .await?
-        else {
+        let to = provider.wallet().unwrap_or_default();
+        let opened = match payer {
+            Some(payer) => renter.open_for(payer, id, to, RATE, 100 * ONE_TOKEN).await?,
+            None => renter.open(id, to, RATE, 100 * ONE_TOKEN).await?,
+        };
+        let OpenOutcome::Opened { gas_used: open_gas, .. } = opened else {
             anyhow::bail!("lease already open")
         };
         renter.provider().anvil_increase_time(3600).await?;

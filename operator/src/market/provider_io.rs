@@ -279,7 +279,8 @@ impl Market {
             ));
         }
         let rate = rate_per_second(res.price, res.count).ok_or(Refusal::Refuse("price rounds to zero".into()))?;
-        match self.chain.lease(id).await {
+        // The renter's wallet, when the sender opened the lease as its agent.
+        let funded_by = match self.chain.lease(id).await {
             Ok(LeaseOnChain::Open { lease, .. }) => {
                 if lease.provider != self.wallet {
                     return Err(Refusal::Refuse(format!(
@@ -287,8 +288,14 @@ impl Market {
                         lease.provider
                     )));
                 }
-                if lease.renter != offered_wallet {
-                    return Err(Refusal::Refuse("the lease's renter is not the sender".into()));
+                // A Pool API job: the sender opened it for a renter without a
+                // cluster, funded from that renter's escrow account; the sender
+                // can still close it, and answers for it as the renter would.
+                let as_agent = lease.agent == offered_wallet && lease.agent != Address::ZERO;
+                if lease.renter != offered_wallet && !as_agent {
+                    return Err(Refusal::Refuse(
+                        "the lease's renter is not the sender, nor did the sender open it as an agent".into(),
+                    ));
                 }
                 if lease.rate_per_second != rate {
                     return Err(Refusal::Refuse(format!(
@@ -299,11 +306,12 @@ impl Market {
                 if lease.balance < rate.saturating_mul(60) {
                     return Err(Refusal::Refuse("the deposit covers less than a minute".into()));
                 }
+                as_agent.then(|| lease.renter.to_string())
             }
             Ok(LeaseOnChain::Unknown) => return Err(Refusal::Retry("not on chain yet".into())),
             Ok(LeaseOnChain::Closed { .. }) => return Err(Refusal::Refuse("the lease is already closed".into())),
             Err(e) => return Err(Refusal::Retry(e.to_string())),
-        }
+        };
         let template: PodTemplateSpec =
             serde_json::from_slice(&l.workload).map_err(|e| Refusal::Refuse(format!("workload: {e}")))?;
         let ns = lease_namespace(&l.lease_id);
@@ -384,6 +392,7 @@ impl Market {
                     contract: l.escrow_contract.clone(),
                     lease_id: Some(l.lease_id.clone()),
                     deposit: l.deposit.clone(),
+                    funded_by,
                 }),
                 close_reason: None,
             },
@@ -425,6 +434,8 @@ impl Market {
                     denied_orgs: vec![],
                 },
                 bidding: Bidding::default(),
+                // The lease pays for it; the workload itself pays nothing.
+                payer: None,
             },
         );
         aijob.metadata.namespace = Some(ns.clone());

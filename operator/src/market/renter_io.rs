@@ -1066,6 +1066,8 @@ impl Market {
                     contract: self.chain.config().escrow.to_string(),
                     lease_id: None,
                     deposit: deposit.to_string(),
+                    // Checked against the namespace before the job got this far.
+                    funded_by: aijob.spec.payer.clone(),
                 }),
                 close_reason: None,
             },
