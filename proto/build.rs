@@ -2,7 +2,7 @@
 //! building needs no `protoc` on the machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/gpupool/peer/v1/peer.proto"];
+    let protos = ["proto/gpupool/peer/v1/peer.proto", "proto/gpupool/pool/v1/pool.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -6,6 +6,7 @@
 //!   its events (the contract stores only a hash of that state).
 //! - [`client`]: the I/O edge: one wallet driving many leases concurrently, with its
 //!   own nonce sequencing, idempotent opens and typed refusals.
+//! - [`request_auth`]: signing and checking Pool API requests with a wallet key.
 //! - [`deploy`]: deploying and funding, for the test environment and the demo.
 
 pub mod accounting;
@@ -14,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod deploy;
 pub mod error;
+pub mod request_auth;
 pub mod wallet;
 
 pub use accounting::{CloseReason, LeaseOnChain, OpenLease, lease_id};

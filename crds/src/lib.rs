@@ -13,6 +13,7 @@ pub mod bid;
 pub mod conditions;
 pub mod gpunode;
 pub mod lease;
+pub mod market_view;
 pub mod pods;
 pub mod poolpeer;
 pub mod price;

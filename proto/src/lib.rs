@@ -7,6 +7,12 @@ pub mod peer {
     }
 }
 
+pub mod pool {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/gpupool.pool.v1.rs"));
+    }
+}
+
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
