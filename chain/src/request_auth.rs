@@ -53,13 +53,13 @@ pub fn signing_text(method: &str, timestamp_ms: u64, nonce: &str, body: &[u8]) -
 impl Wallet {
     /// Signs one request. `nonce` is 16 random bytes; pass a fresh one per request.
     pub fn sign_request(&self, method: &str, body: &[u8], timestamp_ms: u64, nonce: [u8; 16]) -> SignedHeaders {
-        let nonce = hex(&nonce);
+        let nonce = alloy::hex::encode(nonce);
         let text = signing_text(method, timestamp_ms, &nonce, body);
         // A local secp256k1 key signs any 32-byte digest: this cannot fail.
         let signature = self
             .signer()
             .sign_message_sync(text.as_bytes())
-            .map(|s| format!("0x{}", hex(&s.as_bytes())))
+            .map(|s| alloy::hex::encode_prefixed(s.as_bytes()))
             .unwrap_or_default();
         SignedHeaders {
             wallet: self.address().to_string(),
@@ -93,10 +93,10 @@ pub fn verify(headers: &SignedHeaders, method: &str, body: &[u8]) -> Result<Veri
     let raw = headers
         .signature
         .strip_prefix("0x")
-        .and_then(unhex)
+        .and_then(|h| alloy::hex::decode(h).ok())
         .ok_or(AuthError::Malformed(HEADER_SIGNATURE, "expected 0x and 130 hex digits"))?;
-    let signature = Signature::from_raw(&raw)
-        .map_err(|_| AuthError::Malformed(HEADER_SIGNATURE, "not a secp256k1 signature"))?;
+    let signature =
+        Signature::from_raw(&raw).map_err(|_| AuthError::Malformed(HEADER_SIGNATURE, "not a secp256k1 signature"))?;
     // The nonce is compared as text by the caller, so it is signed as sent.
     let text = signing_text(method, timestamp_ms, &headers.nonce, body);
     let recovered = signature
@@ -110,20 +110,6 @@ pub fn verify(headers: &SignedHeaders, method: &str, body: &[u8]) -> Result<Veri
         timestamp_ms,
         nonce: headers.nonce.to_ascii_lowercase(),
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub mod p2p;
 pub mod payer;
 pub mod placement;
 pub mod pod_index;
+pub mod pool_api;
 pub mod quantity;
 pub mod settlement;
 pub mod settlement_plan;

@@ -110,6 +110,10 @@ struct PoolArgs {
     /// Join the pool. Off: this cluster only runs its own jobs.
     #[arg(long, env = "GPUPOOL_POOL", default_value_t = false)]
     pool: bool,
+    /// Serve the Pool API (gRPC) here, for renters without a cluster, e.g.
+    /// 0.0.0.0:7443. Unset: no Pool API. Needs --pool.
+    #[arg(long, env = "GPUPOOL_POOL_API_ADDR")]
+    pool_api_addr: Option<SocketAddr>,
     /// The operator's namespace: its identity Secret and provider Lease copies live here.
     #[arg(long, env = "POD_NAMESPACE", default_value = "gpupool-system")]
     namespace: String,
@@ -274,6 +278,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(endpoint) = args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
         let every = Duration::from_millis(args.otlp_metrics_interval_ms.max(100));
         otlp_metrics::start(endpoint, &args.org, &args.leader.identity(), metrics.clone(), every)?;
+    }
+    // Every replica answers the Pool API: it only writes AiJobs, which the
+    // leader's controllers then act on, so a standby behind the same Service
+    // serves renters too.
+    if let Some(addr) = args.pool.pool_api_addr {
+        anyhow::ensure!(
+            args.pool.pool,
+            "--pool-api-addr needs --pool: the Pool API places jobs in the pool"
+        );
+        let config = args
+            .chain
+            .config()?
+            .context("--pool-api-addr needs the chain settings")?;
+        let key = args
+            .chain
+            .wallet_key_file
+            .as_deref()
+            .context("--pool-api-addr needs --wallet-key-file: renters approve its wallet as their agent")?;
+        let info = gpupool_operator::pool_api::InfoResponse {
+            org: args.org.clone(),
+            agent: Wallet::from_file(key)?.address().to_string(),
+            chain_id: config.chain_id,
+            escrow: config.escrow.to_string(),
+            token: config.token.to_string(),
+        };
+        gpupool_operator::pool_api::serve(addr, client.clone(), info, metrics.clone()).await?;
     }
     // Nothing that acts (settlement, the pool's identity and swarm, the
     // controllers) starts before this replica leads.

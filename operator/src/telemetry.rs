@@ -60,10 +60,17 @@ pub struct Metrics {
     balance: Family<HeldIn, Gauge<f64, std::sync::atomic::AtomicU64>>,
     leases: Family<SideState, Gauge>,
     leader: Gauge,
+    pool_api_requests: Family<ApiCall, Counter>,
     /// (product, lent | rented) pairs last set on `gpus`, so that one whose
     /// leases have all closed goes back to zero.
     lease_gpus: Mutex<std::collections::BTreeSet<(String, String)>>,
     pool: PoolMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiCall {
+    method: String,
+    code: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -126,6 +133,12 @@ impl Default for Metrics {
             "leader",
             "1 while this replica holds the leader Lease and acts, 0 while it stands by (always 1 without an election)",
             leader.clone(),
+        );
+        let pool_api_requests = Family::<ApiCall, Counter>::default();
+        registry.register(
+            "pool_api_requests",
+            "Pool API calls by method and gRPC status code (unauthenticated and replayed calls included)",
+            pool_api_requests.clone(),
         );
         let leases = Family::<SideState, Gauge>::default();
         registry.register(
@@ -225,6 +238,7 @@ impl Default for Metrics {
             balance,
             leases,
             leader,
+            pool_api_requests,
             lease_gpus: Mutex::default(),
             registry: Mutex::new(registry),
             reconciles,
@@ -352,6 +366,15 @@ impl Metrics {
 
     pub fn dropped_count(&self, reason: &str) -> u64 {
         self.pool.dropped.get_or_create(&Reason { reason: reason.into() }).get()
+    }
+
+    pub fn pool_api_request(&self, method: &str, code: tonic::Code) {
+        self.pool_api_requests
+            .get_or_create(&ApiCall {
+                method: method.into(),
+                code: format!("{code:?}"),
+            })
+            .inc();
     }
 
     pub fn leading(&self, leads: bool) {

@@ -1,0 +1,60 @@
+//! The Pool API (gRPC): renters without a cluster of their own submit, watch,
+//! accept and raise through a pool member's operator, signing each request
+//! with the wallet whose escrow account pays.
+//!
+//! - [`replay`]: freshness and replay memory for signed requests (pure).
+//! - [`views`]: the renter's namespace and the messages resources become (pure).
+//! - [`service`]: the gRPC service, the I/O edge.
+
+pub mod replay;
+pub mod service;
+pub mod views;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use gpupool_proto::pool::v1::InfoResponse;
+use gpupool_proto::pool::v1::pool_server::PoolServer;
+use tracing::info;
+
+use crate::telemetry::Metrics;
+
+/// The largest request the Pool API decodes: a job's spec with its pod
+/// template fits many times over, and a flood of them cannot exhaust memory.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+#[derive(thiserror::Error, Debug)]
+pub enum ServeError {
+    #[error("binding the Pool API address {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Binds `addr` and serves the Pool API in the background; returns the bound
+/// address (port 0 picks one).
+pub async fn serve(
+    addr: SocketAddr,
+    client: kube::Client,
+    info: InfoResponse,
+    metrics: Arc<Metrics>,
+) -> Result<SocketAddr, ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let service =
+        PoolServer::new(service::PoolService::new(client, info, metrics)).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            tracing::error!(error = %e, "the Pool API stopped");
+        }
+    });
+    info!(addr = %bound, "serving the Pool API (gRPC)");
+    Ok(bound)
+}
