@@ -8,6 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
+        // The CLI prints Pool API answers as JSON or YAML as well as tables.
+        .message_attribute(
+            ".gpupool.pool.v1",
+            "#[derive(serde::Serialize)] #[serde(rename_all = \"camelCase\")]",
+        )
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

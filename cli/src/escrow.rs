@@ -23,12 +23,20 @@ pub struct ChainOpts {
     /// Escrow contract address (overrides the file's).
     #[arg(long, env = "GPUPOOL_ESCROW_ADDRESS", global = true)]
     escrow: Option<Address>,
-    /// File holding the wallet's private key. Needed to deposit or withdraw.
+    /// File holding the wallet's private key: it signs chain transactions and Pool API requests.
     #[arg(long, env = "GPUPOOL_WALLET_KEY_FILE", global = true)]
     wallet_key_file: Option<PathBuf>,
 }
 
 impl ChainOpts {
+    /// The wallet from --wallet-key-file, which signs what needs signing.
+    pub fn wallet(&self) -> anyhow::Result<Wallet> {
+        let path = self.wallet_key_file.as_deref().context(
+            "pass --wallet-key-file (or GPUPOOL_WALLET_KEY_FILE): Pool API requests are signed with your wallet",
+        )?;
+        Ok(Wallet::from_file(path)?)
+    }
+
     fn connect(&self) -> anyhow::Result<(EscrowClient, Option<Wallet>)> {
         let path = self
             .chain_config

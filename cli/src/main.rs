@@ -5,6 +5,7 @@
 mod escrow;
 mod market;
 mod output;
+mod pool_api;
 mod submit;
 
 use std::io::Write;
@@ -27,6 +28,14 @@ struct Cli {
     /// Output format.
     #[arg(short, long, value_enum, global = true, default_value = "table")]
     output: Format,
+    /// A pool member's Pool API (e.g. http://pool.example.org:7443): rent
+    /// without a cluster of your own. Jobs, bids and the market then go
+    /// through that member, signed with --wallet-key-file, instead of
+    /// through a kubeconfig.
+    #[arg(long, env = "GPUPOOL_POOL_API", global = true)]
+    pool_api: Option<String>,
+    #[command(flatten)]
+    chain: escrow::ChainOpts,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -46,15 +55,11 @@ enum Cmd {
     Gpus,
     /// Escrow: your balance, topping up a lease, withdrawing what a lease earned.
     Escrow {
-        #[command(flatten)]
-        chain: escrow::ChainOpts,
         #[command(subcommand)]
         cmd: escrow::EscrowCmd,
     },
     /// Leases you rent or provide, with their on-chain state.
     Leases {
-        #[command(flatten)]
-        chain: escrow::ChainOpts,
         /// Whose leases; the key file's wallet by default.
         #[arg(long)]
         address: Option<gpupool_chain::Address>,
@@ -64,7 +69,7 @@ enum Cmd {
         #[command(flatten)]
         ns: market::NamespaceOpt,
         #[command(flatten)]
-        job: submit::JobFlags,
+        job: Box<submit::JobFlags>,
         #[command(flatten)]
         wait: WaitOpts,
     },
@@ -94,6 +99,15 @@ enum Cmd {
         #[arg(long)]
         max_price: String,
     },
+    /// Cancel an AiJob: its lease closes on chain and the unused deposit is refunded.
+    Cancel {
+        #[command(flatten)]
+        ns: market::NamespaceOpt,
+        /// The AiJob's name.
+        job: String,
+    },
+    /// With --pool-api: who runs that Pool API, and the agent address to approve.
+    PoolInfo,
     /// What the pool's members advertise: free GPUs and prices, cheapest first.
     Market,
     /// The pool's members this cluster knows, and their reputation.
@@ -129,6 +143,16 @@ impl WaitOpts {
         let _ = std::io::stdout().write_all(said.as_bytes());
         let _ = std::io::stdout().flush();
         submit::wait(ns, job, want, self.timeout).await
+    }
+
+    /// The same, following the job through a Pool API.
+    async fn then_pool(&self, pool: &mut pool_api::Pool, job: &str, said: String) -> anyhow::Result<String> {
+        let Some(want) = self.wait else {
+            return Ok(said);
+        };
+        let _ = std::io::stdout().write_all(said.as_bytes());
+        let _ = std::io::stdout().flush();
+        pool.wait(job, want, self.timeout).await
     }
 }
 
@@ -224,34 +248,78 @@ async fn gpus(format: Format) -> anyhow::Result<String> {
     ))
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.cmd {
+/// The commands on a member's kubeconfig (and the chain).
+async fn on_kubeconfig(chain: &escrow::ChainOpts, output: Format, cmd: Cmd) -> anyhow::Result<String> {
+    match cmd {
         Cmd::Jobs {
             namespace,
             all_namespaces,
-        } => jobs(cli.output, namespace, all_namespaces).await,
-        Cmd::Gpus => gpus(cli.output).await,
-        Cmd::Escrow { chain, cmd } => escrow::escrow(cli.output, &chain, cmd).await,
-        Cmd::Leases { chain, address } => escrow::leases(cli.output, &chain, address).await,
-        Cmd::Submit { ns, job, wait } => match submit::submit(&ns, &job).await {
-            Ok((name, said)) => wait.then(&ns, &name, said).await,
-            Err(e) => Err(e),
-        },
-        Cmd::Bids { ns, job } => market::bids(cli.output, &ns, &job).await,
-        Cmd::Accept { ns, bid, wait } => match market::accept(&ns, &bid).await {
-            Ok((job, said)) => wait.then(&ns, &job, said).await,
-            Err(e) => Err(e),
-        },
+        } => jobs(output, namespace, all_namespaces).await,
+        Cmd::Gpus => gpus(output).await,
+        Cmd::Escrow { cmd } => escrow::escrow(output, chain, cmd).await,
+        Cmd::Leases { address } => escrow::leases(output, chain, address).await,
+        Cmd::Submit { ns, job, wait } => {
+            let (name, said) = submit::submit(&ns, &job).await?;
+            wait.then(&ns, &name, said).await
+        }
+        Cmd::Bids { ns, job } => market::bids(output, &ns, &job).await,
+        Cmd::Accept { ns, bid, wait } => {
+            let (job, said) = market::accept(&ns, &bid).await?;
+            wait.then(&ns, &job, said).await
+        }
         Cmd::Bid { ns, job, max_price } => market::raise(&ns, &job, &max_price).await,
-        Cmd::Market => market::market(cli.output).await,
-        Cmd::Peers => market::peers(cli.output).await,
+        Cmd::Cancel { ns, job } => market::cancel(&ns, &job).await,
+        Cmd::PoolInfo => anyhow::bail!("pool-info asks a Pool API: pass --pool-api URL (or GPUPOOL_POOL_API)"),
+        Cmd::Market => market::market(output).await,
+        Cmd::Peers => market::peers(output).await,
         Cmd::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "gpupool", &mut out);
             Ok(String::from_utf8_lossy(&out).into_owned())
         }
+    }
+}
+
+/// The commands through a member's Pool API, for renters without a cluster.
+async fn through_pool_api(url: &str, chain: &escrow::ChainOpts, output: Format, cmd: Cmd) -> anyhow::Result<String> {
+    // Info and Market are not signed: a renter may look before it has a key file.
+    let connect = |signed: bool| async move {
+        let wallet = if signed { Some(chain.wallet()?) } else { None };
+        pool_api::Pool::connect(url, wallet).await
+    };
+    match cmd {
+        // Escrow and leases go to the chain, completions need nothing: neither asks the member.
+        Cmd::Escrow { cmd } => escrow::escrow(output, chain, cmd).await,
+        Cmd::Leases { address } => escrow::leases(output, chain, address).await,
+        c @ Cmd::Completions { .. } => on_kubeconfig(chain, output, c).await,
+        Cmd::Gpus | Cmd::Peers => anyhow::bail!(
+            "this command reads a member cluster and needs its kubeconfig; through a Pool API, `gpupool market` shows the pool"
+        ),
+        Cmd::PoolInfo => connect(false).await?.info(output).await,
+        Cmd::Market => connect(false).await?.market(output).await,
+        Cmd::Jobs { .. } => connect(true).await?.jobs(output).await,
+        Cmd::Submit { job, wait, .. } => {
+            let mut pool = connect(true).await?;
+            let (name, said) = pool.submit(&job).await?;
+            wait.then_pool(&mut pool, &name, said).await
+        }
+        Cmd::Bids { job, .. } => connect(true).await?.bids(output, &job).await,
+        Cmd::Accept { bid, wait, .. } => {
+            let mut pool = connect(true).await?;
+            let (job, said) = pool.accept(&bid).await?;
+            wait.then_pool(&mut pool, &job, said).await
+        }
+        Cmd::Bid { job, max_price, .. } => connect(true).await?.raise(&job, &max_price).await,
+        Cmd::Cancel { job, .. } => connect(true).await?.cancel(&job).await,
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.pool_api {
+        Some(url) => through_pool_api(url, &cli.chain, cli.output, cli.cmd).await,
+        None => on_kubeconfig(&cli.chain, cli.output, cli.cmd).await,
     };
     match result {
         Ok(text) => {

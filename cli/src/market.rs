@@ -230,3 +230,15 @@ pub async fn raise(ns: &NamespaceOpt, job_name: &str, to: &str) -> anyhow::Resul
         job.spec.max_price_per_gpu_hour
     ))
 }
+
+/// `gpupool cancel JOB`: deletes the AiJob. Its finalizer closes the lease on
+/// chain (refunding the unused deposit) and tells the provider to stop.
+pub async fn cancel(ns: &NamespaceOpt, job_name: &str) -> anyhow::Result<String> {
+    let jobs: Api<AiJob> = ns.api(kube_client().await?);
+    jobs.delete(job_name, &kube::api::DeleteParams::default())
+        .await
+        .map_err(|e| not_found(e, &format!("no AiJob {job_name}{}", in_ns(ns))))?;
+    Ok(format!(
+        "aijob/{job_name} cancelled: its lease closes on chain and the unused deposit is refunded\n"
+    ))
+}

@@ -152,13 +152,18 @@ fn read_file(path: &PathBuf) -> anyhow::Result<AiJob> {
     serde_saphyr::from_str(&text).with_context(|| format!("{} is not an AiJob", path.display()))
 }
 
+/// The AiJob `-f` names, or the one the flags describe.
+pub fn job_from(f: &JobFlags) -> anyhow::Result<AiJob> {
+    match &f.file {
+        Some(path) => read_file(path),
+        None => build(f),
+    }
+}
+
 /// `gpupool submit`: creates the AiJob. The API server's refusal (a bad
 /// price, a name too long, an unknown mode) comes back as its own message.
 pub async fn submit(ns: &NamespaceOpt, f: &JobFlags) -> anyhow::Result<(String, String)> {
-    let job = match &f.file {
-        Some(path) => read_file(path)?,
-        None => build(f)?,
-    };
+    let job = job_from(f)?;
     let name = job.metadata.name.clone().unwrap_or_default();
     // A file's own namespace wins over the kubeconfig's, as with kubectl.
     let ns = NamespaceOpt {

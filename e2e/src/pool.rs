@@ -81,6 +81,36 @@ impl Pool {
     /// Starts the pool with exactly `flags` besides the membership ones:
     /// the benchmarks run operators at the timings users get by default.
     pub async fn start_with_flags(env: &TestEnv, tag: &str, lends: &[Lends], flags: &[String]) -> anyhow::Result<Self> {
+        Self::start_members(env, tag, lends, flags, None).await
+    }
+
+    /// Starts the pool with the test timings, `org`'s operator also serving
+    /// the Pool API on a loopback port; returns the pool and the API's URL.
+    pub async fn start_serving_pool_api(
+        env: &TestEnv,
+        tag: &str,
+        lends: &[Lends],
+        org: &str,
+    ) -> anyhow::Result<(Self, String)> {
+        let port = free_port()?;
+        let pool = Self::start_members(
+            env,
+            tag,
+            lends,
+            &fast_flags(),
+            Some((org, format!("--pool-api-addr=127.0.0.1:{port}"))),
+        )
+        .await?;
+        Ok((pool, format!("http://127.0.0.1:{port}")))
+    }
+
+    async fn start_members(
+        env: &TestEnv,
+        tag: &str,
+        lends: &[Lends],
+        flags: &[String],
+        only_for: Option<(&str, String)>,
+    ) -> anyhow::Result<Self> {
         let chain_info = env
             .chain
             .as_ref()
@@ -133,6 +163,11 @@ impl Pool {
                 format!("--bootstrap={}", bootstrap.join(",")),
             ];
             args.extend_from_slice(flags);
+            if let Some((o, flag)) = &only_for
+                && *o == l.org
+            {
+                args.push(flag.clone());
+            }
             members.insert(
                 l.org.to_string(),
                 Member {

@@ -296,14 +296,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .wallet_key_file
             .as_deref()
             .context("--pool-api-addr needs --wallet-key-file: renters approve its wallet as their agent")?;
-        let info = gpupool_operator::pool_api::InfoResponse {
-            org: args.org.clone(),
-            agent: Wallet::from_file(key)?.address().to_string(),
-            chain_id: config.chain_id,
-            escrow: config.escrow.to_string(),
-            token: config.token.to_string(),
-        };
-        gpupool_operator::pool_api::serve(addr, client.clone(), info, metrics.clone()).await?;
+        let agent = Wallet::from_file(key)?.address();
+        // Read-only: the Pool API only checks a renter's funding; the leader's settlement opens leases.
+        let chain = EscrowClient::connect(config, None, ClientOptions::default())?;
+        gpupool_operator::pool_api::serve(addr, client.clone(), chain, agent, args.org.clone(), metrics.clone())
+            .await?;
     }
     // Nothing that acts (settlement, the pool's identity and swarm, the
     // controllers) starts before this replica leads.

@@ -749,14 +749,24 @@ impl Market {
                 out.reason = "LeaseOpening";
                 // The award's message still says what is happening: a new
                 // one here was a status write per job that said nothing new.
-                out.message = match lease.as_ref() {
-                    Some(l) => opening_message(
+                // The escrow refusing the open (a renter's allowance or
+                // account too small, say) is the reason the job waits.
+                let refused = lease.as_ref().and_then(|l| {
+                    let c = find(&l.status.as_ref()?.conditions, crate::settlement_plan::COND_SETTLED)?;
+                    (c.status == "False" && !c.message.is_empty()).then(|| (c.reason.clone(), c.message.clone()))
+                });
+                out.message = match (lease.as_ref(), refused) {
+                    (Some(l), Some((reason, why))) => {
+                        out.reason = "LeaseOpenRefused";
+                        format!("opening lease {} on chain failed ({reason}): {why}", l.name_any())
+                    }
+                    (Some(l), None) => opening_message(
                         &l.spec.bid,
                         &l.spec.provider.org,
                         &l.spec.price_per_gpu_hour,
                         &l.name_any(),
                     ),
-                    None => format!("opening lease {} on chain", order.lease.clone().unwrap_or_default()),
+                    (None, _) => format!("opening lease {} on chain", order.lease.clone().unwrap_or_default()),
                 };
                 // Woken by the Lease's watch event; this is only a safety net.
                 out.requeue = Some(Duration::from_secs(2));

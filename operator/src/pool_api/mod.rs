@@ -13,7 +13,7 @@ pub mod views;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use gpupool_proto::pool::v1::InfoResponse;
+use gpupool_chain::{Address, EscrowClient};
 use gpupool_proto::pool::v1::pool_server::PoolServer;
 use tracing::info;
 
@@ -34,7 +34,9 @@ pub enum ServeError {
 pub async fn serve(
     addr: SocketAddr,
     client: kube::Client,
-    info: InfoResponse,
+    chain: EscrowClient,
+    agent: Address,
+    org: String,
     metrics: Arc<Metrics>,
 ) -> Result<SocketAddr, ServeError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -43,8 +45,8 @@ pub async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
-    let service =
-        PoolServer::new(service::PoolService::new(client, info, metrics)).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let service = PoolServer::new(service::PoolService::new(client, chain, agent, org, metrics))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()

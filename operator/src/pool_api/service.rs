@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt as _;
-use gpupool_chain::Address;
 use gpupool_chain::request_auth::{
     AuthError, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WALLET, SignedHeaders, verify,
 };
+use gpupool_chain::{Address, EscrowClient};
 use gpupool_crds::market_view::{accept_refusal, offers, raise_refusal, sort_bids};
+use gpupool_crds::price::TokenAmount;
 use gpupool_crds::{AiJob, Bid, LABEL_AIJOB, LABEL_RENTER_WALLET, PoolPeer};
 use gpupool_proto::pool::v1 as api;
 use gpupool_proto::pool::v1::pool_server::{Pool, SERVICE_NAME};
@@ -38,6 +39,10 @@ const LABEL_SUBMITTED_VIA: &str = "gpupool.dev/submitted-via";
 
 pub struct PoolService {
     client: kube::Client,
+    /// Read-only: whether a renter has funded its account and approved us.
+    chain: EscrowClient,
+    /// Our wallet: the agent renters approve.
+    agent: Address,
     info: api::InfoResponse,
     guard: Mutex<ReplayGuard>,
     metrics: Arc<Metrics>,
@@ -65,9 +70,19 @@ fn kube_status(e: kube::Error, what: &str) -> Status {
 }
 
 impl PoolService {
-    pub fn new(client: kube::Client, info: api::InfoResponse, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: kube::Client, chain: EscrowClient, agent: Address, org: String, metrics: Arc<Metrics>) -> Self {
+        let config = chain.config();
+        let info = api::InfoResponse {
+            org,
+            agent: agent.to_string(),
+            chain_id: config.chain_id,
+            escrow: config.escrow.to_string(),
+            token: config.token.to_string(),
+        };
         Self {
             client,
+            chain,
+            agent,
             info,
             // One minute either side of our clock; at most 100k nonces held.
             guard: Mutex::new(ReplayGuard::new(60_000, 100_000)),
@@ -165,10 +180,39 @@ impl PoolService {
         }
     }
 
+    /// Refuses a job whose lease could not be opened at all: without an
+    /// allowance for us or without funds it would only wait. (Whether they
+    /// cover the winning bid's deposit is known at the award; the job says
+    /// so then.)
+    async fn check_funding(&self, renter: Address) -> Result<(), Status> {
+        let agent = self.agent;
+        let chain_down = |e: gpupool_chain::ChainError| {
+            Status::unavailable(format!("this member cannot read the chain ({e}); retry later"))
+        };
+        let (allowed, account) =
+            tokio::try_join!(self.chain.agent_allowance(renter, agent), self.chain.account(renter))
+                .map_err(chain_down)?;
+        if allowed == 0 {
+            return Err(Status::failed_precondition(format!(
+                "you have not approved this member's operator ({agent}) to open leases from your escrow account: \
+                 run `gpupool escrow agent --agent {agent} --amount N`"
+            )));
+        }
+        if account == 0 {
+            return Err(Status::failed_precondition(
+                "your escrow account is empty: leases open from it; run `gpupool escrow deposit --amount N`"
+                    .to_string(),
+            ));
+        }
+        info!(renter = %renter, allowed = %TokenAmount(allowed), account = %TokenAmount(account), "Pool API: renter's funding checked");
+        Ok(())
+    }
+
     async fn submit_job(&self, req: Request<api::SubmitRequest>) -> Result<api::Job, Status> {
         let renter = self.authenticate(&req, "Submit")?;
         let r = req.into_inner();
         let spec = views::submitted_spec(&r.spec_json, renter).map_err(Status::invalid_argument)?;
+        self.check_funding(renter).await?;
         self.ensure_namespace(renter).await?;
         let mut job = AiJob::new(&r.name, spec);
         job.metadata.labels = Some([(LABEL_SUBMITTED_VIA.to_string(), "pool-api".to_string())].into());

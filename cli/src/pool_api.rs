@@ -1,0 +1,338 @@
+//! The CLI through a pool member's Pool API: for renters without a cluster.
+//! Each request is signed with the renter's wallet; the member places the
+//! job in the pool and pays its lease from the renter's escrow account (after
+//! `gpupool escrow agent --agent <the member's agent>`).
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use gpupool_chain::Wallet;
+use gpupool_chain::request_auth::{HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WALLET};
+use gpupool_crds::AiJobPhase;
+use gpupool_proto::pool::v1 as api;
+use gpupool_proto::pool::v1::pool_client::PoolClient;
+use prost::Message;
+use tonic::transport::Channel;
+
+use crate::dash;
+use crate::output::{Format, structured, table};
+use crate::submit::{self, EXIT_TIMED_OUT, WaitEnded, WaitFor};
+
+pub struct Pool {
+    client: PoolClient<Channel>,
+    wallet: Option<Wallet>,
+    url: String,
+}
+
+/// A refusal from the member, as the sentence it carries.
+fn refused(e: tonic::Status) -> anyhow::Error {
+    match e.code() {
+        tonic::Code::Unavailable if e.message().is_empty() => anyhow::anyhow!("the Pool API is unreachable"),
+        _ => anyhow::anyhow!("{}", e.message()),
+    }
+}
+
+impl Pool {
+    pub async fn connect(url: &str, wallet: Option<Wallet>) -> anyhow::Result<Self> {
+        let client = PoolClient::connect(url.to_string())
+            .await
+            .with_context(|| format!("connecting to the Pool API at {url}"))?;
+        Ok(Self {
+            client,
+            wallet,
+            url: url.to_string(),
+        })
+    }
+
+    /// `msg` with the headers that sign it for `method`.
+    fn signed<T: Message>(&self, method: &str, msg: T) -> anyhow::Result<tonic::Request<T>> {
+        let wallet = self.wallet.as_ref().context(
+            "pass --wallet-key-file (or GPUPOOL_WALLET_KEY_FILE): Pool API requests are signed with your wallet",
+        )?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let path = format!("/{}/{method}", gpupool_proto::pool::v1::pool_server::SERVICE_NAME);
+        let h = wallet.sign_request(&path, &msg.encode_to_vec(), now, rand::random());
+        let mut req = tonic::Request::new(msg);
+        let md = req.metadata_mut();
+        for (k, v) in [
+            (HEADER_WALLET, h.wallet),
+            (HEADER_TIMESTAMP, h.timestamp_ms),
+            (HEADER_NONCE, h.nonce),
+            (HEADER_SIGNATURE, h.signature),
+        ] {
+            md.insert(k, v.parse().context("a signature header is not ASCII")?);
+        }
+        Ok(req)
+    }
+
+    pub async fn info(&mut self, format: Format) -> anyhow::Result<String> {
+        let i = self
+            .client
+            .info(api::InfoRequest {})
+            .await
+            .map_err(refused)?
+            .into_inner();
+        if !matches!(format, Format::Table) {
+            return structured(format, &i);
+        }
+        Ok(format!(
+            "Pool API {} is {}'s operator.\nApprove its agent before submitting: gpupool escrow agent --agent {} --amount N\n{}",
+            self.url,
+            i.org,
+            i.agent,
+            table(
+                &["ORG", "AGENT", "CHAIN-ID", "ESCROW", "TOKEN"],
+                &[vec![
+                    i.org.clone(),
+                    i.agent.clone(),
+                    i.chain_id.to_string(),
+                    i.escrow,
+                    i.token
+                ]]
+            )
+        ))
+    }
+
+    pub async fn market(&mut self, format: Format) -> anyhow::Result<String> {
+        let offers = self
+            .client
+            .market(api::MarketRequest {})
+            .await
+            .map_err(refused)?
+            .into_inner()
+            .offers;
+        if !matches!(format, Format::Table) {
+            return structured(format, &offers);
+        }
+        let rows = offers
+            .iter()
+            .map(|o| {
+                vec![
+                    o.org.clone(),
+                    o.gpu_product.clone(),
+                    o.free_gpus.to_string(),
+                    o.gpus_per_node.to_string(),
+                    o.price_per_gpu_hour.clone(),
+                    if o.connected { "yes" } else { "no" }.to_string(),
+                ]
+            })
+            .collect::<Vec<_>>();
+        Ok(table(
+            &["ORG", "PRODUCT", "FREE", "PER-NODE", "PRICE/GPU-H", "CONNECTED"],
+            &rows,
+        ))
+    }
+
+    /// Submits the job the flags (or file) describe; returns its name and what to say.
+    pub async fn submit(&mut self, flags: &submit::JobFlags) -> anyhow::Result<(String, String)> {
+        let job = submit::job_from(flags)?;
+        let name = job.metadata.name.clone().context("the AiJob has no name")?;
+        let spec_json = serde_json::to_string(&job.spec)?;
+        let req = self.signed(
+            "Submit",
+            api::SubmitRequest {
+                name: name.clone(),
+                spec_json,
+            },
+        )?;
+        let j = self.client.submit(req).await.map_err(refused)?.into_inner();
+        Ok((
+            name,
+            format!(
+                "aijob/{} submitted through {}: it runs in another organisation, paid from your escrow account\n",
+                j.name, self.url
+            ),
+        ))
+    }
+
+    pub async fn jobs(&mut self, format: Format) -> anyhow::Result<String> {
+        let req = self.signed("ListJobs", api::ListJobsRequest {})?;
+        let jobs = self.client.list_jobs(req).await.map_err(refused)?.into_inner().jobs;
+        if !matches!(format, Format::Table) {
+            return structured(format, &jobs);
+        }
+        let rows = jobs
+            .iter()
+            .map(|j| {
+                vec![
+                    j.name.clone(),
+                    dash(Some(j.phase.clone())),
+                    dash(Some(j.runs_on_org.clone())),
+                    j.max_price_per_gpu_hour.clone(),
+                    dash(Some(j.cost_so_far.clone())),
+                    dash(Some(j.message.clone())),
+                ]
+            })
+            .collect::<Vec<_>>();
+        Ok(table(
+            &["NAME", "PHASE", "RUNS-ON", "MAX-PRICE", "COST", "REASON"],
+            &rows,
+        ))
+    }
+
+    pub async fn bids(&mut self, format: Format, job: &str) -> anyhow::Result<String> {
+        let req = self.signed("ListBids", api::JobRef { name: job.into() })?;
+        let bids = self.client.list_bids(req).await.map_err(refused)?.into_inner().bids;
+        if !matches!(format, Format::Table) {
+            return structured(format, &bids);
+        }
+        let rows = bids
+            .iter()
+            .map(|b| {
+                vec![
+                    b.name.clone(),
+                    b.provider_org.clone(),
+                    b.gpu_product.clone(),
+                    b.gpu_count.to_string(),
+                    b.price_per_gpu_hour.clone(),
+                    b.expires_at.clone(),
+                    b.state.clone(),
+                ]
+            })
+            .collect::<Vec<_>>();
+        Ok(table(
+            &["NAME", "PROVIDER", "PRODUCT", "GPUS", "PRICE/GPU-H", "EXPIRES", "STATE"],
+            &rows,
+        ))
+    }
+
+    pub async fn accept(&mut self, bid: &str) -> anyhow::Result<(String, String)> {
+        let req = self.signed("AcceptBid", api::AcceptBidRequest { bid: bid.into() })?;
+        let j = self.client.accept_bid(req).await.map_err(refused)?.into_inner();
+        Ok((j.name.clone(), format!("accepted bid {bid} for aijob/{}\n", j.name)))
+    }
+
+    pub async fn raise(&mut self, job: &str, to: &str) -> anyhow::Result<String> {
+        let req = self.signed(
+            "RaiseBid",
+            api::RaiseBidRequest {
+                name: job.into(),
+                max_price_per_gpu_hour: to.into(),
+            },
+        )?;
+        let j = self.client.raise_bid(req).await.map_err(refused)?.into_inner();
+        Ok(format!(
+            "aijob/{} now pays at most {} per GPU-hour; its next order carries the new price\n",
+            j.name, j.max_price_per_gpu_hour
+        ))
+    }
+
+    pub async fn cancel(&mut self, job: &str) -> anyhow::Result<String> {
+        let req = self.signed("Cancel", api::JobRef { name: job.into() })?;
+        let j = self.client.cancel(req).await.map_err(refused)?.into_inner();
+        Ok(format!(
+            "aijob/{} cancelled: its lease closes on chain and the unused deposit returns to your escrow account\n",
+            j.name
+        ))
+    }
+
+    /// Follows the job, printing each change to stderr, until it gets where
+    /// `want` asks, fails, or `timeout` runs out. A watch the member
+    /// interrupts is opened again.
+    pub async fn wait(&mut self, name: &str, want: WaitFor, timeout: Duration) -> anyhow::Result<String> {
+        let start = Instant::now();
+        let mut last: Option<api::Job> = None;
+        let watched = tokio::time::timeout(timeout, async {
+            loop {
+                let req = self.signed("WatchJob", api::JobRef { name: name.into() })?;
+                let mut stream = self.client.watch_job(req).await.map_err(refused)?.into_inner();
+                while let Some(item) = stream.next().await {
+                    let j = match item {
+                        Ok(j) => j,
+                        Err(e) => {
+                            eprintln!("[{:>6.1}s] {}", start.elapsed().as_secs_f64(), e.message());
+                            break;
+                        }
+                    };
+                    let line = format!("{}: {}", dash(Some(j.phase.clone())), j.message);
+                    if last
+                        .as_ref()
+                        .map(|l| format!("{}: {}", dash(Some(l.phase.clone())), l.message))
+                        != Some(line.clone())
+                    {
+                        eprintln!("[{:>6.1}s] {line}", start.elapsed().as_secs_f64());
+                    }
+                    let reached = submit::reached(want, phase(&j.phase));
+                    last = Some(j.clone());
+                    if let Some(code) = reached {
+                        return Ok::<_, anyhow::Error>((code, j));
+                    }
+                }
+                // Ended without the job getting there: gone, or interrupted.
+                if last.as_ref().is_some_and(|j| j.deleting) {
+                    anyhow::bail!("aijob/{name} was cancelled");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+        .await;
+        match watched {
+            Ok(Ok((0, j))) => Ok(summary(&j)),
+            Ok(Ok((code, j))) => Err(WaitEnded {
+                code,
+                message: format!("aijob/{name} failed: {}", summary(&j).trim_end()),
+            }
+            .into()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(WaitEnded {
+                code: EXIT_TIMED_OUT,
+                message: format!(
+                    "timed out after {}s waiting for aijob/{name} to be {want:?}; last seen {}",
+                    timeout.as_secs(),
+                    last.as_ref()
+                        .map_or_else(|| "nothing".into(), |j| summary(j).trim_end().to_string())
+                ),
+            }
+            .into()),
+        }
+    }
+}
+
+/// The phase the Pool API names, as the resource's type.
+fn phase(s: &str) -> Option<AiJobPhase> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+}
+
+fn summary(j: &api::Job) -> String {
+    let mut s = format!("aijob/{} {}", j.name, dash(Some(j.phase.clone())));
+    if !j.runs_on_org.is_empty() {
+        s.push_str(&format!(" in {}", j.runs_on_org));
+    }
+    if let Some(code) = j.exit_code {
+        s.push_str(&format!(", exit code {code}"));
+    }
+    if !j.cost_so_far.is_empty() {
+        s.push_str(&format!(", cost {} tokens", j.cost_so_far));
+    }
+    if !j.message.is_empty() {
+        s.push_str(&format!(": {}", j.message));
+    }
+    s + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_names_phases_as_the_resource_does() {
+        assert_eq!(phase("Running"), Some(AiJobPhase::Running));
+        assert_eq!(phase("Failed"), Some(AiJobPhase::Failed));
+        assert_eq!(phase(""), None);
+        let j = api::Job {
+            name: "eval".into(),
+            phase: "Succeeded".into(),
+            runs_on_org: "bravo".into(),
+            exit_code: Some(0),
+            cost_so_far: "0.01".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            summary(&j),
+            "aijob/eval Succeeded in bravo, exit code 0, cost 0.01 tokens\n"
+        );
+    }
+}
