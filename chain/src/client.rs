@@ -922,7 +922,8 @@ fn escrow_refusal(err: &LeaseEscrow::LeaseEscrowErrors) -> (&'static str, String
         E::InsufficientAgentAllowance(e) => (
             "InsufficientAgentAllowance",
             format!(
-                "the renter lets this agent commit {} more tokens, {} were asked for",
+                "the renter lets this agent commit {} more tokens, {} were asked for \
+                 (the renter raises it with `gpupool escrow agent`)",
                 gpupool_crds::price::TokenAmount(u128::try_from(e.available).unwrap_or(u128::MAX)),
                 gpupool_crds::price::TokenAmount(u128::try_from(e.requested).unwrap_or(u128::MAX)),
             ),

@@ -1,0 +1,376 @@
+//! The Pool API with the pool's operators running as real processes: a
+//! renter without a cluster (a wallet on the chain, no kubeconfig) approves
+//! acme's operator as its agent, submits through acme's Pool API with the
+//! `gpupool` CLI, and its job runs in another organisation, paid from the
+//! renter's own escrow account. Then what must never get through: unsigned,
+//! forged, replayed, stale and oversized requests, another renter's jobs,
+//! and a cluster user naming someone else's wallet as payer.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gpupool_chain::request_auth::{HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WALLET};
+use gpupool_chain::{ClientOptions, EscrowClient, LeaseOnChain, Wallet};
+use gpupool_crds::AiJob;
+use gpupool_e2e::harness::{admin, aijob_json, namespace, remove_namespace, testenv, wait_for, workspace_bin};
+use gpupool_e2e::pool::{Lends, Pool};
+use gpupool_proto::pool::v1 as api;
+use gpupool_proto::pool::v1::pool_client::PoolClient;
+use kube::api::{Api, PostParams};
+use prost::Message;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+struct Run {
+    code: Option<i32>,
+    out: String,
+    err: String,
+}
+
+/// `gpupool` as a renter without a cluster runs it: no kubeconfig at all.
+fn gpupool(chain_config: &Path, key: &Path, args: &[&str]) -> Run {
+    let out = Command::new(workspace_bin("gpupool"))
+        .args(args)
+        .env("KUBECONFIG", "/nonexistent")
+        .env("GPUPOOL_CHAIN_CONFIG", chain_config)
+        .env("GPUPOOL_WALLET_KEY_FILE", key)
+        .output()
+        .expect("run gpupool");
+    Run {
+        code: out.status.code(),
+        out: String::from_utf8_lossy(&out.stdout).into_owned(),
+        err: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// `msg` signed by `signer` for `method`, claiming to be `claimed`.
+fn signed<T: Message>(signer: &Wallet, claimed: Option<&str>, method: &str, msg: T, at_ms: u64) -> tonic::Request<T> {
+    let path = format!("/gpupool.pool.v1.Pool/{method}");
+    let h = signer.sign_request(&path, &msg.encode_to_vec(), at_ms, rand_nonce());
+    let mut req = tonic::Request::new(msg);
+    let md = req.metadata_mut();
+    md.insert(HEADER_WALLET, claimed.map_or(h.wallet, str::to_string).parse().unwrap());
+    md.insert(HEADER_TIMESTAMP, h.timestamp_ms.parse().unwrap());
+    md.insert(HEADER_NONCE, h.nonce.parse().unwrap());
+    md.insert(HEADER_SIGNATURE, h.signature.parse().unwrap());
+    req
+}
+
+fn rand_nonce() -> [u8; 16] {
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    n.to_le_bytes()
+}
+
+#[tokio::test]
+async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
+    let env = testenv();
+    let chain_info = env.chain.as_ref().expect("a chain");
+    let cfg = chain_info.config.clone();
+    let key = chain_info.wallets["renter"].clone();
+    let other_key = chain_info.wallets["provider"].clone();
+    let renter = Wallet::from_file(&key).unwrap();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let (pool, url) = Pool::start_serving_pool_api(&env, "poolapi", &Lends::every_org(), "acme")
+        .await
+        .unwrap();
+    let acme_wallet = pool.members["acme"].wallet;
+    let chain = EscrowClient::connect(pool.config.clone(), None, ClientOptions::default()).unwrap();
+    let me = renter.address().to_string();
+    let renter_ns = format!("gpupool-renter-{}", me.to_lowercase().trim_start_matches("0x"));
+    // What an earlier, interrupted run left, settled by the running operators.
+    remove_namespace(&acme, &renter_ns).await;
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--pool-api", url.as_str()];
+        all.extend_from_slice(args);
+        gpupool(&cfg, &key, &all)
+    };
+
+    // Who runs it, without a key: the agent to approve is acme's wallet.
+    let info = wait_for(WAIT, "the Pool API answering", || async {
+        let r = cli(&["pool-info", "-o", "json"]);
+        (r.code == Some(0)).then_some(r.out)
+    })
+    .await
+    .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["org"], "acme");
+    assert_eq!(info["agent"].as_str().unwrap(), acme_wallet.to_string());
+    // The market through the API, cheapest first.
+    wait_for(WAIT, "both lenders' adverts through the API", || async {
+        let r = cli(&["market", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&r.out).ok()?;
+        let orgs: Vec<&str> = v.as_array()?.iter().filter_map(|o| o["org"].as_str()).collect();
+        (orgs.first() == Some(&"bravo") && orgs.contains(&"corvus")).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // No mandate: refused up front, naming the command that fixes it.
+    let agent = acme_wallet.to_string();
+    let r = gpupool(&cfg, &key, &["escrow", "agent", "--agent", &agent, "--amount", "0"]);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    let submit = [
+        "submit",
+        "eval",
+        "--image",
+        "ghcr.io/example/eval:1",
+        "--model",
+        "A100",
+        "--max-price",
+        "3",
+        "--window",
+        "1s",
+        "--pod-annotation",
+        "sim.gpupool.dev/duration=3s",
+    ];
+    let r = cli(&submit);
+    assert_eq!(r.code, Some(1), "{}", r.out);
+    assert!(r.err.contains("gpupool escrow agent --agent"), "{}", r.err);
+
+    // Fund the account, approve acme for 10 tokens, and submit with --wait.
+    let r = gpupool(&cfg, &key, &["escrow", "deposit", "--amount", "20"]);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    let r = gpupool(&cfg, &key, &["escrow", "agent", "--agent", &agent, "--amount", "10"]);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    assert!(r.out.contains("may commit 10 more tokens"), "{}", r.out);
+    let account_before = chain.account(renter.address()).await.unwrap();
+    let acme_before = pool.balance("acme").await.unwrap();
+    let bravo_before = pool.balance("bravo").await.unwrap();
+    let mut waiting = submit.to_vec();
+    waiting.extend_from_slice(&["--wait", "--timeout", "120s"]);
+    let r = cli(&waiting);
+    assert_eq!(r.code, Some(0), "stdout {}\nstderr {}", r.out, r.err);
+    assert!(r.out.contains("aijob/eval submitted through"), "{}", r.out);
+    assert!(r.out.contains("aijob/eval Succeeded in bravo"), "{}", r.out);
+    assert!(r.err.contains("Running"), "progress: {}", r.err);
+    let r = cli(&["jobs"]);
+    assert!(r.out.contains("eval") && r.out.contains("Succeeded"), "{}", r.out);
+
+    // On chain: the lease's renter is the renter, acme only its agent, and
+    // once closed the renter paid exactly what bravo earned, acme nothing.
+    let closed = wait_for(WAIT, "the renter's lease closed on chain", || async {
+        let ids = chain.lease_ids_of(renter.address()).await.ok()?;
+        for id in ids.iter().rev() {
+            if let Ok(LeaseOnChain::Closed {
+                renter: r,
+                paid,
+                refunded,
+                deposited,
+                ..
+            }) = chain.lease(*id).await
+                && chain.account(renter.address()).await.ok()? == account_before - paid
+            {
+                return Some((r, paid, refunded, deposited));
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    let (lease_renter, paid, refunded, deposited) = closed;
+    assert_eq!(lease_renter, renter.address());
+    assert!(paid > 0, "a 3 s workload costs something");
+    assert_eq!(paid + refunded, deposited);
+    assert_eq!(
+        pool.balance("acme").await.unwrap(),
+        acme_before,
+        "the agent pays nothing"
+    );
+    assert_eq!(pool.balance("bravo").await.unwrap(), bravo_before + paid);
+    // The allowance went down by the deposit; refunds do not restore it.
+    let left = chain.agent_allowance(renter.address(), acme_wallet).await.unwrap();
+    assert_eq!(left, 10 * 10u128.pow(18) - deposited);
+
+    // An allowance too small for the deposit: the job says why instead of
+    // hanging, and cancelling it leaves nothing behind and costs nothing.
+    let r = gpupool(&cfg, &key, &["escrow", "agent", "--agent", &agent, "--amount", "0.001"]);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    let account_now = chain.account(renter.address()).await.unwrap();
+    let mut tight = submit.to_vec();
+    tight[1] = "tight";
+    let r = cli(&tight);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    let message = wait_for(WAIT, "the refused open in the job's reason", || async {
+        let r = cli(&["jobs", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&r.out).ok()?;
+        let job = v.as_array()?.iter().find(|j| j["name"] == "tight")?.clone();
+        let m = job["message"].as_str()?.to_string();
+        m.contains("escrow refused").then_some(m)
+    })
+    .await
+    .unwrap();
+    assert!(
+        message.contains("lets this agent commit 0.001 more tokens"),
+        "{message}"
+    );
+    let r = cli(&["cancel", "tight"]);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    assert!(r.out.contains("aijob/tight cancelled"), "{}", r.out);
+    wait_for(WAIT, "the cancelled job gone", || async {
+        let r = cli(&["jobs", "-o", "json"]);
+        (r.code == Some(0) && !r.out.contains("\"tight\"")).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(chain.account(renter.address()).await.unwrap(), account_now);
+
+    // What must never get through, sent as raw gRPC.
+    let mut raw = PoolClient::connect(url.clone()).await.unwrap();
+    let other = Wallet::from_file(&other_key).unwrap();
+    let unsigned = raw.list_jobs(api::ListJobsRequest {}).await.unwrap_err();
+    assert_eq!(unsigned.code(), tonic::Code::Unauthenticated);
+    assert!(
+        unsigned.message().contains("missing x-gpupool-wallet"),
+        "{}",
+        unsigned.message()
+    );
+    // Signed by another wallet than it claims.
+    let forged = raw
+        .list_jobs(signed(&other, Some(&me), "ListJobs", api::ListJobsRequest {}, now_ms()))
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), tonic::Code::Unauthenticated);
+    assert!(forged.message().contains("the signature is by"), "{}", forged.message());
+    // Signed for another method.
+    let wrong_method = raw
+        .cancel(signed(
+            &renter,
+            None,
+            "GetJob",
+            api::JobRef { name: "eval".into() },
+            now_ms(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong_method.code(), tonic::Code::Unauthenticated);
+    // Replayed: the very same request twice.
+    let once = signed(&renter, None, "GetJob", api::JobRef { name: "eval".into() }, now_ms());
+    let again = {
+        let mut r = tonic::Request::new(api::JobRef { name: "eval".into() });
+        *r.metadata_mut() = once.metadata().clone();
+        r
+    };
+    assert_eq!(raw.get_job(once).await.unwrap().into_inner().phase, "Succeeded");
+    let replayed = raw.get_job(again).await.unwrap_err();
+    assert_eq!(replayed.code(), tonic::Code::Unauthenticated);
+    assert!(replayed.message().contains("already used"), "{}", replayed.message());
+    // Signed two minutes ago.
+    let stale = raw
+        .get_job(signed(
+            &renter,
+            None,
+            "GetJob",
+            api::JobRef { name: "eval".into() },
+            now_ms() - 120_000,
+        ))
+        .await
+        .unwrap_err();
+    assert!(stale.message().contains("clock"), "{}", stale.message());
+    // Oversized: refused before it is decoded, and nothing is created.
+    let huge = api::SubmitRequest {
+        name: "huge".into(),
+        spec_json: "x".repeat(300 * 1024),
+    };
+    let too_big = raw
+        .submit(signed(&renter, None, "Submit", huge, now_ms()))
+        .await
+        .unwrap_err();
+    assert_ne!(too_big.code(), tonic::Code::Ok);
+    // Malformed and invalid specs come back with what to fix.
+    let bad = raw
+        .submit(signed(
+            &renter,
+            None,
+            "Submit",
+            api::SubmitRequest {
+                name: "bad".into(),
+                spec_json: "{\"gpus\": \"two\"}".into(),
+            },
+            now_ms(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("not an AiJob spec"), "{}", bad.message());
+    let spec = aijob_json(
+        "x",
+        1,
+        &["A100"],
+        "1s",
+        serde_json::json!({"maxPricePerGpuHour": "1,5"}),
+    )["spec"]
+        .to_string();
+    let invalid = raw
+        .submit(signed(
+            &renter,
+            None,
+            "Submit",
+            api::SubmitRequest {
+                name: "comma".into(),
+                spec_json: spec,
+            },
+            now_ms(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    assert!(
+        invalid.message().contains("maxPricePerGpuHour must be"),
+        "{}",
+        invalid.message()
+    );
+    let jobs: Api<AiJob> = Api::namespaced(acme.clone(), &renter_ns);
+    for name in ["huge", "bad", "comma"] {
+        assert!(jobs.get_opt(name).await.unwrap().is_none(), "{name} was created");
+    }
+
+    // Another renter sees none of it.
+    let r = gpupool(&cfg, &other_key, &["--pool-api", &url, "jobs", "-o", "json"]);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    assert_eq!(r.out.trim(), "[]");
+    let r = gpupool(&cfg, &other_key, &["--pool-api", &url, "bids", "eval"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.err.contains("no job named \"eval\""), "{}", r.err);
+    let r = gpupool(&cfg, &other_key, &["--pool-api", &url, "cancel", "eval"]);
+    assert_eq!(r.code, Some(1));
+
+    // A cluster user cannot make acme spend the renter's account: spec.payer
+    // outside the renter's namespace fails the job, and no lease is made.
+    let ns = namespace(&acme, "payer").await;
+    let mut job: AiJob = serde_json::from_value(aijob_json(
+        "freeride",
+        1,
+        &["A100"],
+        "1s",
+        serde_json::json!({"payer": me.to_lowercase(), "placement": {"mode": "PoolOnly"}}),
+    ))
+    .unwrap();
+    job.metadata.namespace = Some(ns.clone());
+    Api::<AiJob>::namespaced(acme.clone(), &ns)
+        .create(&PostParams::default(), &job)
+        .await
+        .unwrap();
+    let why = wait_for(WAIT, "the free ride refused", || {
+        let api = Api::<AiJob>::namespaced(acme.clone(), &ns);
+        async move {
+            let st = api.get("freeride").await.ok()?.status?;
+            st.conditions
+                .iter()
+                .find(|c| c.reason == "InvalidSpec")
+                .map(|c| c.message.clone())
+        }
+    })
+    .await
+    .unwrap();
+    assert!(why.contains("not a Pool API renter namespace"), "{why}");
+    let leases: Api<gpupool_crds::Lease> = Api::namespaced(acme.clone(), &ns);
+    assert!(leases.list(&Default::default()).await.unwrap().items.is_empty());
+
+    remove_namespace(&acme, &ns).await;
+    remove_namespace(&acme, &renter_ns).await;
+}
