@@ -42,11 +42,14 @@ for i in 0 1 2; do
   org=${orgs[$i]}
   boot=()
   for j in 0 1 2; do [ "$j" = "$i" ] || boot+=("/ip4/127.0.0.1/tcp/${ports[$j]}"); done
+  # acme also serves the Pool API, for renters without a cluster.
+  api=()
+  [ "$org" = acme ] && api=(--pool-api-addr 127.0.0.1:24110)
   KUBECONFIG=$state/$org/operator.kubeconfig POD_NAME=gpupool-operator-$org target/debug/gpupool-operator --org "$org" --metrics-addr 127.0.0.1:0 \
     --pool --p2p-listen "/ip4/127.0.0.1/tcp/${ports[$i]}" --bootstrap "$(IFS=,; echo "${boot[*]}")" \
     --policy-file "manifests/samples/policies/$org.yaml" \
     --chain-config "$state/chain/chain.json" --wallet-key-file "$state/chain/$org.key" \
-    --chain-resync-seconds 1 --advert-every-ms 1000 --heartbeat-every-ms 1000 \
+    --chain-resync-seconds 1 --advert-every-ms 1000 --heartbeat-every-ms 1000 ${api[@]+"${api[@]}"} \
     >"$state/$org/logs/operator-demo.log" 2>&1 &
   pids+=($!)
   echo "  $org: /ip4/127.0.0.1/tcp/${ports[$i]}, prices $(grep -A1 model "manifests/samples/policies/$org.yaml" | tr -d '\n' | sed 's/- //; s/  */ /g')"
@@ -121,4 +124,27 @@ say "Token balances after (acme paid bravo for the seconds used, into bravo's es
 balances
 
 [ "$phase" = Succeeded ] || exit 1
-say "Done: one job placed across organisations and settled on chain."
+
+renter=(--pool-api http://127.0.0.1:24110 --chain-config "$chaincfg" --wallet-key-file "$state/chain/renter.key")
+say "A renter without a cluster, only a wallet, through acme's Pool API (gpupool --pool-api … pool-info)"
+target/debug/gpupool "${renter[@]}" pool-info | sed 's/^/  /'
+agent=$(target/debug/gpupool "${renter[@]}" pool-info -o json | sed -n 's/.*"agent": *"\([^"]*\)".*/\1/p')
+say "It funds its escrow account and lets acme's operator open leases from it, up to 5 tokens (gpupool escrow deposit / agent)"
+target/debug/gpupool "${renter[@]}" escrow deposit --amount 10 | sed 's/^/  /'
+target/debug/gpupool "${renter[@]}" escrow agent --agent "$agent" --amount 5 | sed 's/^/  /'
+renter_before=$(target/debug/gpupool "${renter[@]}" escrow balance | tail -n 1)
+say "It submits through acme and waits (gpupool --pool-api … submit --wait): acme places it and opens the lease as the renter's agent"
+target/debug/gpupool "${renter[@]}" submit sweep-remote --image ghcr.io/example/eval:1 --gpus 2 --model L40S --max-price 3 \
+  --window 1s --pod-annotation sim.gpupool.dev/duration=3s --wait --timeout 120s 2>&1 | sed 's/^/  /'
+for _ in $(seq 1 40); do
+  [ "$(target/debug/gpupool "${renter[@]}" escrow balance | tail -n 1)" != "$renter_before" ] \
+    && [ "$(target/debug/gpupool "${renter[@]}" leases -o json | grep -c '"state": "Open"')" = 0 ] && break
+  sleep 0.5
+done
+say "The renter's leases and balance: it paid from its own account; acme's balance did not move"
+target/debug/gpupool "${renter[@]}" leases | sed 's/^/  /'
+echo "  before: $renter_before"
+echo "  after:  $(target/debug/gpupool "${renter[@]}" escrow balance | tail -n 1)"
+balances
+
+say "Done: jobs placed across organisations and settled on chain, one of them for a renter without a cluster."

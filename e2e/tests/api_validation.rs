@@ -149,6 +149,15 @@ async fn malformed_aijobs_are_refused_with_actionable_messages() {
             "at most 63 characters",
         ),
         (
+            "payer not an address",
+            {
+                let mut j = base();
+                j["spec"]["payer"] = "alice".into();
+                j
+            },
+            "payer must be a 0x-prefixed 20-byte hex address",
+        ),
+        (
             "missing price",
             {
                 let mut j = base();
