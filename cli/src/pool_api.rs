@@ -247,12 +247,8 @@ impl Pool {
                             break;
                         }
                     };
-                    let line = format!("{}: {}", dash(Some(j.phase.clone())), j.message);
-                    if last
-                        .as_ref()
-                        .map(|l| format!("{}: {}", dash(Some(l.phase.clone())), l.message))
-                        != Some(line.clone())
-                    {
+                    let line = progress(&j);
+                    if last.as_ref().map(progress) != Some(line.clone()) {
                         eprintln!("[{:>6.1}s] {line}", start.elapsed().as_secs_f64());
                     }
                     let reached = submit::reached(want, phase(&j.phase));
@@ -291,13 +287,23 @@ impl Pool {
     }
 }
 
+/// A job not yet seen by the operator has no phase: it is pending, as the
+/// kubeconfig commands say too.
+fn shown_phase(j: &api::Job) -> &str {
+    if j.phase.is_empty() { "Pending" } else { &j.phase }
+}
+
+fn progress(j: &api::Job) -> String {
+    format!("{}: {}", shown_phase(j), j.message)
+}
+
 /// The phase the Pool API names, as the resource's type.
 fn phase(s: &str) -> Option<AiJobPhase> {
     serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
 }
 
 fn summary(j: &api::Job) -> String {
-    let mut s = format!("aijob/{} {}", j.name, dash(Some(j.phase.clone())));
+    let mut s = format!("aijob/{} {}", j.name, shown_phase(j));
     if !j.runs_on_org.is_empty() {
         s.push_str(&format!(" in {}", j.runs_on_org));
     }
