@@ -8,7 +8,7 @@
 //! last word.
 
 use anyhow::Context as _;
-use gpupool_crds::market_view::{accept_refusal, bid_state, offers, raise_refusal, sort_bids};
+use gpupool_crds::market_view::{Offer, accept_refusal, bid_state, offers, raise_refusal, sort_bids};
 use gpupool_crds::{AiJob, Bid, LABEL_AIJOB, PoolPeer};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -91,7 +91,11 @@ pub async fn peers(format: Format) -> anyhow::Result<String> {
 /// `gpupool market`: what the pool advertises, cheapest first.
 pub async fn market(format: Format) -> anyhow::Result<String> {
     let peers = pool_peers().await?;
-    let offers = offers(&peers);
+    render_offers(format, &offers(&peers))
+}
+
+/// Offers as a table or structured output; the Pool API's market prints the same.
+pub fn render_offers(format: Format, offers: &[Offer]) -> anyhow::Result<String> {
     if !matches!(format, Format::Table) {
         return structured(format, &offers);
     }

@@ -10,6 +10,7 @@ use futures::StreamExt as _;
 use gpupool_chain::Wallet;
 use gpupool_chain::request_auth::{HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WALLET};
 use gpupool_crds::AiJobPhase;
+use gpupool_crds::market_view::Offer;
 use gpupool_proto::pool::v1 as api;
 use gpupool_proto::pool::v1::pool_client::PoolClient;
 use prost::Message;
@@ -104,26 +105,19 @@ impl Pool {
             .map_err(refused)?
             .into_inner()
             .offers;
-        if !matches!(format, Format::Table) {
-            return structured(format, &offers);
-        }
-        let rows = offers
-            .iter()
-            .map(|o| {
-                vec![
-                    o.org.clone(),
-                    o.gpu_product.clone(),
-                    o.free_gpus.to_string(),
-                    o.gpus_per_node.to_string(),
-                    o.price_per_gpu_hour.clone(),
-                    if o.connected { "yes" } else { "no" }.to_string(),
-                ]
+        let offers: Vec<Offer> = offers
+            .into_iter()
+            .map(|o| Offer {
+                org: o.org,
+                gpu_product: o.gpu_product,
+                memory_mib: o.memory_mib,
+                free: i32::try_from(o.free_gpus).unwrap_or(i32::MAX),
+                max_per_node: i32::try_from(o.gpus_per_node).unwrap_or(i32::MAX),
+                price_per_gpu_hour: o.price_per_gpu_hour,
+                connected: o.connected,
             })
-            .collect::<Vec<_>>();
-        Ok(table(
-            &["ORG", "PRODUCT", "FREE", "PER-NODE", "PRICE/GPU-H", "CONNECTED"],
-            &rows,
-        ))
+            .collect();
+        crate::market::render_offers(format, &offers)
     }
 
     /// Submits the job the flags (or file) describe; returns its name and what to say.

@@ -175,3 +175,24 @@ pub fn aijob_json(
         "spec": spec,
     })
 }
+
+/// What one run of the `gpupool` CLI did.
+pub struct CliRun {
+    pub code: Option<i32>,
+    pub out: String,
+    pub err: String,
+}
+
+/// Runs the built `gpupool` CLI with `args` and `env` set, as a user would.
+pub fn run_gpupool(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> CliRun {
+    let out = std::process::Command::new(workspace_bin("gpupool"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run gpupool");
+    CliRun {
+        code: out.status.code(),
+        out: String::from_utf8_lossy(&out.stdout).into_owned(),
+        err: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

@@ -4,37 +4,21 @@
 //! their exit codes, and the refusals.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use gpupool_crds::{AiJob, AiJobPhase};
-use gpupool_e2e::harness::{admin, namespace, remove_namespace, testenv, wait_for, workspace_bin};
+use gpupool_e2e::harness::{CliRun, admin, namespace, remove_namespace, run_gpupool, testenv, wait_for};
 use gpupool_e2e::pool::{Lends, Pool};
 use kube::api::Api;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-struct Run {
-    code: Option<i32>,
-    out: String,
-    err: String,
-}
-
-fn gpupool(kubeconfig: &Path, args: &[&str]) -> Run {
-    let out = Command::new(workspace_bin("gpupool"))
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .output()
-        .expect("run gpupool");
-    Run {
-        code: out.status.code(),
-        out: String::from_utf8_lossy(&out.stdout).into_owned(),
-        err: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+fn gpupool(kubeconfig: &Path, args: &[&str]) -> CliRun {
+    run_gpupool(args, &[("KUBECONFIG", kubeconfig.as_os_str())])
 }
 
 /// A command line split at spaces (no argument here has one).
-fn gpupool_line(kubeconfig: &Path, line: &str) -> Run {
+fn gpupool_line(kubeconfig: &Path, line: &str) -> CliRun {
     gpupool(kubeconfig, &line.split_whitespace().collect::<Vec<_>>())
 }
 

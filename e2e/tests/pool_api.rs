@@ -7,13 +7,12 @@
 //! and a cluster user naming someone else's wallet as payer.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gpupool_chain::request_auth::{HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WALLET};
 use gpupool_chain::{ClientOptions, EscrowClient, LeaseOnChain, Wallet};
 use gpupool_crds::AiJob;
-use gpupool_e2e::harness::{admin, aijob_json, namespace, remove_namespace, testenv, wait_for, workspace_bin};
+use gpupool_e2e::harness::{CliRun, admin, aijob_json, namespace, remove_namespace, run_gpupool, testenv, wait_for};
 use gpupool_e2e::pool::{Lends, Pool};
 use gpupool_proto::pool::v1 as api;
 use gpupool_proto::pool::v1::pool_client::PoolClient;
@@ -22,26 +21,16 @@ use prost::Message;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-struct Run {
-    code: Option<i32>,
-    out: String,
-    err: String,
-}
-
 /// `gpupool` as a renter without a cluster runs it: no kubeconfig at all.
-fn gpupool(chain_config: &Path, key: &Path, args: &[&str]) -> Run {
-    let out = Command::new(workspace_bin("gpupool"))
-        .args(args)
-        .env("KUBECONFIG", "/nonexistent")
-        .env("GPUPOOL_CHAIN_CONFIG", chain_config)
-        .env("GPUPOOL_WALLET_KEY_FILE", key)
-        .output()
-        .expect("run gpupool");
-    Run {
-        code: out.status.code(),
-        out: String::from_utf8_lossy(&out.stdout).into_owned(),
-        err: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+fn gpupool(chain_config: &Path, key: &Path, args: &[&str]) -> CliRun {
+    run_gpupool(
+        args,
+        &[
+            ("KUBECONFIG", "/nonexistent".as_ref()),
+            ("GPUPOOL_CHAIN_CONFIG", chain_config.as_os_str()),
+            ("GPUPOOL_WALLET_KEY_FILE", key.as_os_str()),
+        ],
+    )
 }
 
 fn now_ms() -> u64 {

@@ -74,6 +74,7 @@ pub fn offer(o: &Offer) -> api::Offer {
         gpus_per_node: u32::try_from(o.max_per_node).unwrap_or(0),
         price_per_gpu_hour: o.price_per_gpu_hour.clone(),
         connected: o.connected,
+        memory_mib: o.memory_mib,
     }
 }
 
