@@ -84,20 +84,24 @@ impl Pool {
         Self::start_members(env, tag, lends, flags, None).await
     }
 
-    /// Starts the pool with the test timings, `org`'s operator also serving
-    /// the Pool API on a loopback port; returns the pool and the API's URL.
+    /// Starts the pool with the test timings and `extra` flags, `org`'s
+    /// operator also serving the Pool API on a loopback port; returns the
+    /// pool and the API's URL.
     pub async fn start_serving_pool_api(
         env: &TestEnv,
         tag: &str,
         lends: &[Lends],
         org: &str,
+        extra: &[String],
     ) -> anyhow::Result<(Self, String)> {
         let port = free_port()?;
+        let mut flags = fast_flags();
+        flags.extend_from_slice(extra);
         let pool = Self::start_members(
             env,
             tag,
             lends,
-            &fast_flags(),
+            &flags,
             Some((org, format!("--pool-api-addr=127.0.0.1:{port}"))),
         )
         .await?;

@@ -11,11 +11,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gpupool_chain::request_auth::{HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WALLET};
 use gpupool_chain::{ClientOptions, EscrowClient, LeaseOnChain, Wallet};
-use gpupool_crds::AiJob;
+use gpupool_crds::{ANNOTATION_TRACEPARENT, AiJob};
 use gpupool_e2e::harness::{CliRun, admin, aijob_json, namespace, remove_namespace, run_gpupool, testenv, wait_for};
+use gpupool_e2e::otlp::{OtlpReceiver, ReceivedSpan};
 use gpupool_e2e::pool::{Lends, Pool};
 use gpupool_proto::pool::v1 as api;
 use gpupool_proto::pool::v1::pool_client::PoolClient;
+use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use prost::Message;
 
@@ -64,7 +66,10 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
     let other_key = chain_info.wallets["provider"].clone();
     let renter = Wallet::from_file(&key).unwrap();
     let acme = admin(env.org("acme").unwrap()).await;
-    let (pool, url) = Pool::start_serving_pool_api(&env, "poolapi", &Lends::every_org(), "acme")
+    // Every operator exports its spans: the job's trace starts at the Pool API.
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let otlp = [format!("--otlp-endpoint={}", receiver.endpoint())];
+    let (pool, url) = Pool::start_serving_pool_api(&env, "poolapi", &Lends::every_org(), "acme", &otlp)
         .await
         .unwrap();
     let acme_wallet = pool.members["acme"].wallet;
@@ -174,6 +179,37 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
     // The allowance went down by the deposit; refunds do not restore it.
     let left = chain.agent_allowance(renter.address(), acme_wallet).await.unwrap();
     assert_eq!(left, 10 * 10u128.pow(18) - deposited);
+
+    // One trace from the renter's Submit to bravo's workload: the Pool API's
+    // span is its root, and the job's annotation names it.
+    let traceparent = Api::<AiJob>::namespaced(acme.clone(), &renter_ns)
+        .get("eval")
+        .await
+        .unwrap()
+        .annotations()
+        .get(ANNOTATION_TRACEPARENT)
+        .cloned()
+        .expect("the job names its trace");
+    let trace = traceparent.split('-').nth(1).unwrap().to_string();
+    let spans = wait_for(WAIT, "the submission's trace across acme and bravo", || async {
+        let spans: Vec<ReceivedSpan> = receiver.spans().into_iter().filter(|s| s.trace_id == trace).collect();
+        let has = |org: &str, name: &str| spans.iter().any(|s| s.org == org && s.name == name);
+        (has("acme", "pool_api.submit")
+            && has("acme", "aijob.reconcile")
+            && has("acme", "lease.settle")
+            && has("bravo", "peer.receive")
+            && has("bravo", "aijob.reconcile"))
+        .then_some(spans)
+    })
+    .await
+    .unwrap();
+    let roots: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.parent_span_id.is_empty()).collect();
+    assert_eq!(roots.len(), 1, "{roots:#?}");
+    assert_eq!(
+        (roots[0].org.as_str(), roots[0].name.as_str()),
+        ("acme", "pool_api.submit")
+    );
+    assert_eq!(traceparent.split('-').nth(2), Some(roots[0].span_id.as_str()));
 
     // An allowance too small for the deposit: the job says why instead of
     // hanging, and cancelling it leaves nothing behind and costs nothing.

@@ -534,6 +534,7 @@ mod tests {
         m.message_dropped("replayed");
         m.pool_lease("active");
         m.placement("lease_active", 0.5);
+        m.pool_api_request("Submit", tonic::Code::Unauthenticated);
         let served = m.render();
         let panels = dashboard["panels"].as_array().expect("panels");
         let mut queried = 0;

@@ -16,7 +16,7 @@ use gpupool_chain::request_auth::{
 use gpupool_chain::{Address, EscrowClient};
 use gpupool_crds::market_view::{accept_refusal, offers, raise_refusal, sort_bids};
 use gpupool_crds::price::TokenAmount;
-use gpupool_crds::{AiJob, Bid, LABEL_AIJOB, LABEL_RENTER_WALLET, PoolPeer};
+use gpupool_crds::{ANNOTATION_TRACEPARENT, AiJob, Bid, LABEL_AIJOB, LABEL_RENTER_WALLET, PoolPeer};
 use gpupool_proto::pool::v1 as api;
 use gpupool_proto::pool::v1::pool_server::{Pool, SERVICE_NAME};
 use k8s_openapi::api::core::v1::Namespace;
@@ -26,7 +26,7 @@ use kube::runtime::watcher::watch_object;
 use prost::Message;
 use tonic::codegen::BoxStream;
 use tonic::{Code, Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 use super::replay::{Refused, ReplayGuard};
 use super::views;
@@ -210,15 +210,31 @@ impl PoolService {
 
     async fn submit_job(&self, req: Request<api::SubmitRequest>) -> Result<api::Job, Status> {
         let renter = self.authenticate(&req, "Submit")?;
+        // The job's trace starts here, under the renter's own when it sends a W3C traceparent.
+        let span = tracing::info_span!("pool_api.submit", renter = %renter, job = %req.get_ref().name);
+        if let Some(parent) = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::tracecontext::from_traceparent)
+        {
+            // Fails only when spans are not exported.
+            let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+        }
         let r = req.into_inner();
         let spec = views::submitted_spec(&r.spec_json, renter).map_err(Status::invalid_argument)?;
-        self.check_funding(renter).await?;
-        self.ensure_namespace(renter).await?;
+        self.check_funding(renter).instrument(span.clone()).await?;
+        self.ensure_namespace(renter).instrument(span.clone()).await?;
         let mut job = AiJob::new(&r.name, spec);
         job.metadata.labels = Some([(LABEL_SUBMITTED_VIA.to_string(), "pool-api".to_string())].into());
+        // Every reconcile, peer and provider joins this trace through the annotation.
+        job.metadata.annotations = span
+            .in_scope(crate::tracecontext::current_traceparent)
+            .map(|tp| [(ANNOTATION_TRACEPARENT.to_string(), tp)].into());
         let created = self
             .jobs(renter)
             .create(&PostParams::default(), &job)
+            .instrument(span)
             .await
             .map_err(|e| kube_status(e, &format!("you already have a job named {:?}", r.name)))?;
         info!(renter = %renter, job = %r.name, "Pool API: job submitted");
