@@ -423,3 +423,116 @@ impl Pool for PoolService {
         self.record("WatchJob", r)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpupool_chain::{ChainConfig, ClientOptions, Wallet};
+
+    // anvil's well-known development key; public, never used outside local chains.
+    const KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+
+    /// A service whose kube API and chain RPC both refuse connections: what
+    /// is decided before either is asked shows, and what needs them fails
+    /// as unavailable, never as a refusal of the renter.
+    fn service() -> PoolService {
+        let chain = EscrowClient::connect(
+            ChainConfig {
+                rpc_url: "http://127.0.0.1:1".into(),
+                chain_id: 31337,
+                escrow: Address::repeat_byte(1),
+                token: Address::repeat_byte(2),
+                from_block: 0,
+            },
+            None,
+            ClientOptions::default(),
+        )
+        .unwrap();
+        let kube = kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
+        PoolService::new(
+            kube,
+            chain,
+            Address::repeat_byte(3),
+            "acme".into(),
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    fn signed<T: Message>(wallet: &Wallet, method: &str, msg: T, nonce: u8) -> Request<T> {
+        let h = wallet.sign_request(
+            &format!("/{SERVICE_NAME}/{method}"),
+            &msg.encode_to_vec(),
+            now_ms(),
+            [nonce; 16],
+        );
+        let mut req = Request::new(msg);
+        let md = req.metadata_mut();
+        md.insert(HEADER_WALLET, h.wallet.parse().unwrap());
+        md.insert(HEADER_TIMESTAMP, h.timestamp_ms.parse().unwrap());
+        md.insert(HEADER_NONCE, h.nonce.parse().unwrap());
+        md.insert(HEADER_SIGNATURE, h.signature.parse().unwrap());
+        req
+    }
+
+    #[tokio::test]
+    async fn a_chain_that_does_not_answer_makes_submit_unavailable() {
+        let e = service().check_funding(Address::repeat_byte(4)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("cannot read the chain"), "{}", e.message());
+        assert!(
+            !e.message().contains("127.0.0.1:1"),
+            "no RPC URL in answers: {}",
+            e.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_are_checked_before_anything_is_asked() {
+        let svc = service();
+        let wallet = Wallet::from_hex(KEY).unwrap();
+        let r = signed(&wallet, "ListJobs", api::ListJobsRequest {}, 1);
+        assert_eq!(svc.authenticate(&r, "ListJobs").unwrap(), wallet.address());
+        // The same nonce again: refused.
+        let again = signed(&wallet, "ListJobs", api::ListJobsRequest {}, 1);
+        let e = svc.authenticate(&again, "ListJobs").unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+        assert!(e.message().contains("already used"), "{}", e.message());
+        // Unsigned and wrong-method requests never reach the API server.
+        let e = svc.list_jobs(Request::new(api::ListJobsRequest {})).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+        let e = svc
+            .get_job(signed(&wallet, "Cancel", api::JobRef { name: "x".into() }, 2))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+        // A malformed spec is refused before the chain or the cluster is asked.
+        let e = svc
+            .submit(signed(
+                &wallet,
+                "Submit",
+                api::SubmitRequest {
+                    name: "x".into(),
+                    spec_json: "[]".into(),
+                },
+                3,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        // With a good one, the unreachable chain is what it says.
+        let spec = r#"{"template":{"spec":{"containers":[{"name":"t","image":"x"}]}},"gpus":{"count":1},"maxPricePerGpuHour":"1"}"#;
+        let e = svc
+            .submit(signed(
+                &wallet,
+                "Submit",
+                api::SubmitRequest {
+                    name: "x".into(),
+                    spec_json: spec.into(),
+                },
+                4,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    }
+}
