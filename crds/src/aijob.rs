@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Where", type_ = "string", json_path = ".status.runsOn.org", description = "Organisation whose GPUs run it"),
     printcolumn(name = "Max-Price", type_ = "string", json_path = ".spec.maxPricePerGpuHour", description = "Most the owner pays per GPU-hour"),
     printcolumn(name = "Cost", type_ = "string", json_path = ".status.costSoFar", description = "Tokens spent so far", priority = 1),
+    printcolumn(name = "Payer", type_ = "string", json_path = ".spec.payer", description = "The renter wallet whose escrow account pays, for Pool API jobs", priority = 1),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.message", description = "Why it waits or failed", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
