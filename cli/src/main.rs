@@ -34,6 +34,10 @@ struct Cli {
     /// through a kubeconfig.
     #[arg(long, env = "GPUPOOL_POOL_API", global = true)]
     pool_api: Option<String>,
+    /// CA certificate (PEM) that an https:// Pool API's certificate must
+    /// chain to; the system's trusted roots when absent.
+    #[arg(long, env = "GPUPOOL_POOL_API_CA", global = true)]
+    pool_api_ca: Option<std::path::PathBuf>,
     #[command(flatten)]
     chain: escrow::ChainOpts,
     #[command(subcommand)]
@@ -281,11 +285,17 @@ async fn on_kubeconfig(chain: &escrow::ChainOpts, output: Format, cmd: Cmd) -> a
 }
 
 /// The commands through a member's Pool API, for renters without a cluster.
-async fn through_pool_api(url: &str, chain: &escrow::ChainOpts, output: Format, cmd: Cmd) -> anyhow::Result<String> {
+async fn through_pool_api(
+    url: &str,
+    ca: Option<&std::path::Path>,
+    chain: &escrow::ChainOpts,
+    output: Format,
+    cmd: Cmd,
+) -> anyhow::Result<String> {
     // Info and Market are not signed: a renter may look before it has a key file.
     let connect = |signed: bool| async move {
         let wallet = if signed { Some(chain.wallet()?) } else { None };
-        pool_api::Pool::connect(url, wallet).await
+        pool_api::Pool::connect(url, wallet, ca).await
     };
     match cmd {
         // Escrow and leases go to the chain, completions need nothing: neither asks the member.
@@ -318,7 +328,7 @@ async fn through_pool_api(url: &str, chain: &escrow::ChainOpts, output: Format, 
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.pool_api {
-        Some(url) => through_pool_api(url, &cli.chain, cli.output, cli.cmd).await,
+        Some(url) => through_pool_api(url, cli.pool_api_ca.as_deref(), &cli.chain, cli.output, cli.cmd).await,
         None => on_kubeconfig(&cli.chain, cli.output, cli.cmd).await,
     };
     match result {

@@ -3,6 +3,7 @@
 //! job in the pool and pays its lease from the renter's escrow account (after
 //! `gpupool escrow agent --agent <the member's agent>`).
 
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -14,7 +15,7 @@ use gpupool_crds::market_view::Offer;
 use gpupool_proto::pool::v1 as api;
 use gpupool_proto::pool::v1::pool_client::PoolClient;
 use prost::Message;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use crate::dash;
 use crate::output::{Format, structured, table};
@@ -35,10 +36,26 @@ fn refused(e: tonic::Status) -> anyhow::Error {
 }
 
 impl Pool {
-    pub async fn connect(url: &str, wallet: Option<Wallet>) -> anyhow::Result<Self> {
-        let client = PoolClient::connect(url.to_string())
+    /// Connects to `url`; an https URL is verified against `ca` (PEM) when
+    /// given, else against the system's trusted roots.
+    pub async fn connect(url: &str, wallet: Option<Wallet>, ca: Option<&Path>) -> anyhow::Result<Self> {
+        let mut endpoint = Channel::from_shared(url.to_string()).with_context(|| format!("{url:?} is not a URL"))?;
+        if url.starts_with("https://") {
+            let tls = match ca {
+                Some(path) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(
+                    std::fs::read(path).with_context(|| format!("reading --pool-api-ca {}", path.display()))?,
+                )),
+                None => ClientTlsConfig::new().with_native_roots(),
+            };
+            endpoint = endpoint.tls_config(tls).context("setting up TLS for the Pool API")?;
+        } else if ca.is_some() {
+            anyhow::bail!("--pool-api-ca is for an https:// Pool API; {url} is not one");
+        }
+        let channel = endpoint
+            .connect()
             .await
             .with_context(|| format!("connecting to the Pool API at {url}"))?;
+        let client = PoolClient::new(channel);
         Ok(Self {
             client,
             wallet,

@@ -66,15 +66,20 @@ impl Ca {
 
     /// The API server's serving certificate, valid for loopback names only.
     pub fn server(&self, dir: &Path) -> Result<CertFiles, CertError> {
-        let mut params = CertificateParams::new(vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-            "kubernetes".to_string(),
-            "kubernetes.default.svc".to_string(),
-        ])?;
-        params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+        self.serving(
+            dir,
+            "apiserver",
+            "kube-apiserver",
+            &["localhost", "127.0.0.1", "kubernetes", "kubernetes.default.svc"],
+        )
+    }
+
+    /// A serving certificate for `names` (DNS names or IP addresses).
+    pub fn serving(&self, dir: &Path, file: &str, common_name: &str, names: &[&str]) -> Result<CertFiles, CertError> {
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.issue(dir, "apiserver", params)
+        self.issue(dir, file, params)
     }
 
     /// A client certificate: the API server takes CN as the user name and O

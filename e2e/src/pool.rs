@@ -85,16 +85,25 @@ impl Pool {
     }
 
     /// Starts the pool with the test timings and `extra` flags, `org`'s
-    /// operator also serving the Pool API on a loopback port; returns the
-    /// pool and the API's URL.
+    /// operator also serving the Pool API over TLS on a loopback port, with
+    /// a certificate from a CA made for it; returns the pool, the API's
+    /// https URL and the CA certificate's path.
     pub async fn start_serving_pool_api(
         env: &TestEnv,
         tag: &str,
         lends: &[Lends],
         org: &str,
         extra: &[String],
-    ) -> anyhow::Result<(Self, String)> {
+    ) -> anyhow::Result<(Self, String, PathBuf)> {
         let port = free_port()?;
+        let dir = env
+            .org(org)
+            .ok_or_else(|| anyhow::anyhow!("no org {org} in the test environment"))?
+            .dir
+            .join(format!("pool-api-{tag}"));
+        std::fs::create_dir_all(&dir)?;
+        let ca = crate::certs::Ca::create(&dir, "pool-api")?;
+        let serving = ca.serving(&dir, "pool-api", "gpupool-pool-api", &["127.0.0.1", "localhost"])?;
         let mut flags = fast_flags();
         flags.extend_from_slice(extra);
         let pool = Self::start_members(
@@ -102,10 +111,17 @@ impl Pool {
             tag,
             lends,
             &flags,
-            Some((org, format!("--pool-api-addr=127.0.0.1:{port}"))),
+            Some((
+                org,
+                vec![
+                    format!("--pool-api-addr=127.0.0.1:{port}"),
+                    format!("--pool-api-tls-cert={}", serving.cert.display()),
+                    format!("--pool-api-tls-key={}", serving.key.display()),
+                ],
+            )),
         )
         .await?;
-        Ok((pool, format!("http://127.0.0.1:{port}")))
+        Ok((pool, format!("https://127.0.0.1:{port}"), ca.cert_path))
     }
 
     async fn start_members(
@@ -113,7 +129,7 @@ impl Pool {
         tag: &str,
         lends: &[Lends],
         flags: &[String],
-        only_for: Option<(&str, String)>,
+        only_for: Option<(&str, Vec<String>)>,
     ) -> anyhow::Result<Self> {
         let chain_info = env
             .chain
@@ -167,10 +183,10 @@ impl Pool {
                 format!("--bootstrap={}", bootstrap.join(",")),
             ];
             args.extend_from_slice(flags);
-            if let Some((o, flag)) = &only_for
+            if let Some((o, more)) = &only_for
                 && *o == l.org
             {
-                args.push(flag.clone());
+                args.extend_from_slice(more);
             }
             members.insert(
                 l.org.to_string(),

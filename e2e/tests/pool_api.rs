@@ -20,15 +20,17 @@ use gpupool_proto::pool::v1::pool_client::PoolClient;
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use prost::Message;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 const WAIT: Duration = Duration::from_secs(120);
 
 /// `gpupool` as a renter without a cluster runs it: no kubeconfig at all.
-fn gpupool(chain_config: &Path, key: &Path, args: &[&str]) -> CliRun {
+fn gpupool(chain_config: &Path, key: &Path, ca: &Path, args: &[&str]) -> CliRun {
     run_gpupool(
         args,
         &[
             ("KUBECONFIG", "/nonexistent".as_ref()),
+            ("GPUPOOL_POOL_API_CA", ca.as_os_str()),
             ("GPUPOOL_CHAIN_CONFIG", chain_config.as_os_str()),
             ("GPUPOOL_WALLET_KEY_FILE", key.as_os_str()),
         ],
@@ -69,7 +71,7 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
     // Every operator exports its spans: the job's trace starts at the Pool API.
     let receiver = OtlpReceiver::start().await.unwrap();
     let otlp = [format!("--otlp-endpoint={}", receiver.endpoint())];
-    let (pool, url) = Pool::start_serving_pool_api(&env, "poolapi", &Lends::every_org(), "acme", &otlp)
+    let (pool, url, ca) = Pool::start_serving_pool_api(&env, "poolapi", &Lends::every_org(), "acme", &otlp)
         .await
         .unwrap();
     let acme_wallet = pool.members["acme"].wallet;
@@ -81,7 +83,7 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
     let cli = |args: &[&str]| {
         let mut all = vec!["--pool-api", url.as_str()];
         all.extend_from_slice(args);
-        gpupool(&cfg, &key, &all)
+        gpupool(&cfg, &key, &ca, &all)
     };
 
     // Who runs it, without a key: the agent to approve is acme's wallet.
@@ -106,7 +108,12 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
 
     // No mandate: refused up front, naming the command that fixes it.
     let agent = acme_wallet.to_string();
-    let r = gpupool(&cfg, &key, &["escrow", "agent", "--agent", &agent, "--amount", "0"]);
+    let r = gpupool(
+        &cfg,
+        &key,
+        &ca,
+        &["escrow", "agent", "--agent", &agent, "--amount", "0"],
+    );
     assert_eq!(r.code, Some(0), "{}", r.err);
     let submit = [
         "submit",
@@ -127,9 +134,14 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
     assert!(r.err.contains("gpupool escrow agent --agent"), "{}", r.err);
 
     // Fund the account, approve acme for 10 tokens, and submit with --wait.
-    let r = gpupool(&cfg, &key, &["escrow", "deposit", "--amount", "20"]);
+    let r = gpupool(&cfg, &key, &ca, &["escrow", "deposit", "--amount", "20"]);
     assert_eq!(r.code, Some(0), "{}", r.err);
-    let r = gpupool(&cfg, &key, &["escrow", "agent", "--agent", &agent, "--amount", "10"]);
+    let r = gpupool(
+        &cfg,
+        &key,
+        &ca,
+        &["escrow", "agent", "--agent", &agent, "--amount", "10"],
+    );
     assert_eq!(r.code, Some(0), "{}", r.err);
     assert!(r.out.contains("may commit 10 more tokens"), "{}", r.out);
     let account_before = chain.account(renter.address()).await.unwrap();
@@ -213,7 +225,12 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
 
     // An allowance too small for the deposit: the job says why instead of
     // hanging, and cancelling it leaves nothing behind and costs nothing.
-    let r = gpupool(&cfg, &key, &["escrow", "agent", "--agent", &agent, "--amount", "0.001"]);
+    let r = gpupool(
+        &cfg,
+        &key,
+        &ca,
+        &["escrow", "agent", "--agent", &agent, "--amount", "0.001"],
+    );
     assert_eq!(r.code, Some(0), "{}", r.err);
     let account_now = chain.account(renter.address()).await.unwrap();
     let mut tight = submit.to_vec();
@@ -245,7 +262,20 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
     assert_eq!(chain.account(renter.address()).await.unwrap(), account_now);
 
     // What must never get through, sent as raw gRPC.
-    let mut raw = PoolClient::connect(url.clone()).await.unwrap();
+    // Only over TLS: a plaintext client gets nowhere.
+    let plain = url.replace("https://", "http://");
+    if let Ok(mut c) = PoolClient::connect(plain).await {
+        assert!(c.market(api::MarketRequest {}).await.is_err(), "plaintext answered");
+    }
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(&ca).unwrap()));
+    let channel = Channel::from_shared(url.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = PoolClient::new(channel);
     let other = Wallet::from_file(&other_key).unwrap();
     let unsigned = raw.list_jobs(api::ListJobsRequest {}).await.unwrap_err();
     assert_eq!(unsigned.code(), tonic::Code::Unauthenticated);
@@ -355,13 +385,13 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
     }
 
     // Another renter sees none of it.
-    let r = gpupool(&cfg, &other_key, &["--pool-api", &url, "jobs", "-o", "json"]);
+    let r = gpupool(&cfg, &other_key, &ca, &["--pool-api", &url, "jobs", "-o", "json"]);
     assert_eq!(r.code, Some(0), "{}", r.err);
     assert_eq!(r.out.trim(), "[]");
-    let r = gpupool(&cfg, &other_key, &["--pool-api", &url, "bids", "eval"]);
+    let r = gpupool(&cfg, &other_key, &ca, &["--pool-api", &url, "bids", "eval"]);
     assert_eq!(r.code, Some(1));
     assert!(r.err.contains("no job named \"eval\""), "{}", r.err);
-    let r = gpupool(&cfg, &other_key, &["--pool-api", &url, "cancel", "eval"]);
+    let r = gpupool(&cfg, &other_key, &ca, &["--pool-api", &url, "cancel", "eval"]);
     assert_eq!(r.code, Some(1));
 
     // A cluster user cannot make acme spend the renter's account: spec.payer

@@ -114,6 +114,13 @@ struct PoolArgs {
     /// 0.0.0.0:7443. Unset: no Pool API. Needs --pool.
     #[arg(long, env = "GPUPOOL_POOL_API_ADDR")]
     pool_api_addr: Option<SocketAddr>,
+    /// Serve the Pool API over TLS with this certificate chain (PEM); needs
+    /// --pool-api-tls-key. Without both, it is plain gRPC, for a TLS proxy in front.
+    #[arg(long, env = "GPUPOOL_POOL_API_TLS_CERT", requires = "pool_api_tls_key")]
+    pool_api_tls_cert: Option<PathBuf>,
+    /// The key of --pool-api-tls-cert (PEM).
+    #[arg(long, env = "GPUPOOL_POOL_API_TLS_KEY", requires = "pool_api_tls_cert")]
+    pool_api_tls_key: Option<PathBuf>,
     /// The operator's namespace: its identity Secret and provider Lease copies live here.
     #[arg(long, env = "POD_NAMESPACE", default_value = "gpupool-system")]
     namespace: String,
@@ -299,8 +306,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let agent = Wallet::from_file(key)?.address();
         // Read-only: the Pool API only checks a renter's funding; the leader's settlement opens leases.
         let chain = EscrowClient::connect(config, None, ClientOptions::default())?;
-        gpupool_operator::pool_api::serve(addr, client.clone(), chain, agent, args.org.clone(), metrics.clone())
-            .await?;
+        let tls = match (&args.pool.pool_api_tls_cert, &args.pool.pool_api_tls_key) {
+            (Some(cert), Some(key)) => Some(gpupool_operator::pool_api::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        gpupool_operator::pool_api::serve(
+            addr,
+            tls,
+            client.clone(),
+            chain,
+            agent,
+            args.org.clone(),
+            metrics.clone(),
+        )
+        .await?;
     }
     // Nothing that acts (settlement, the pool's identity and swarm, the
     // controllers) starts before this replica leads.

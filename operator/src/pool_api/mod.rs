@@ -11,10 +11,12 @@ pub mod service;
 pub mod views;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use gpupool_chain::{Address, EscrowClient};
 use gpupool_proto::pool::v1::pool_server::PoolServer;
+use tonic::transport::{Identity, ServerTlsConfig};
 use tracing::info;
 
 use crate::telemetry::Metrics;
@@ -27,18 +29,56 @@ pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 pub enum ServeError {
     #[error("binding the Pool API address {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("reading the Pool API's TLS {what} {path}: {source}")]
+    TlsFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the Pool API's TLS certificate and key are not usable: {0}")]
+    Tls(#[from] tonic::transport::Error),
 }
 
-/// Binds `addr` and serves the Pool API in the background; returns the bound
-/// address (port 0 picks one).
+/// The Pool API's serving certificate chain and key, PEM files (a
+/// kubernetes.io/tls Secret's tls.crt and tls.key). Read once at start: a
+/// rotated certificate takes a rollout.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    fn identity(&self) -> Result<Identity, ServeError> {
+        let read = |what: &'static str, path: &PathBuf| {
+            std::fs::read(path).map_err(|source| ServeError::TlsFile {
+                what,
+                path: path.clone(),
+                source,
+            })
+        };
+        Ok(Identity::from_pem(
+            read("certificate", &self.cert)?,
+            read("key", &self.key)?,
+        ))
+    }
+}
+
+/// Binds `addr` and serves the Pool API in the background, over TLS when
+/// `tls` names a certificate; returns the bound address (port 0 picks one).
 pub async fn serve(
     addr: SocketAddr,
+    tls: Option<TlsFiles>,
     client: kube::Client,
     chain: EscrowClient,
     agent: Address,
     org: String,
     metrics: Arc<Metrics>,
 ) -> Result<SocketAddr, ServeError> {
+    let mut server = tonic::transport::Server::builder();
+    if let Some(files) = &tls {
+        server = server.tls_config(ServerTlsConfig::new().identity(files.identity()?))?;
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
@@ -49,14 +89,10 @@ pub async fn serve(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(incoming)
-            .await
-        {
+        if let Err(e) = server.add_service(service).serve_with_incoming(incoming).await {
             tracing::error!(error = %e, "the Pool API stopped");
         }
     });
-    info!(addr = %bound, "serving the Pool API (gRPC)");
+    info!(addr = %bound, tls = tls.is_some(), "serving the Pool API (gRPC)");
     Ok(bound)
 }
