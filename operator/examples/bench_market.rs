@@ -1,6 +1,6 @@
-//! Market benchmarks that need no cluster: the bid engine on one core, and a
-//! simulated pool of real libp2p swarms in one process (order → every
-//! eligible bid). Writes JSON figures `{name, figure, unit, conditions}`.
+//! Market benchmarks that need no cluster: the bid engine on one core, a
+//! Pool API request's authentication on one core, and a simulated pool of
+//! real libp2p swarms in one process (order → every eligible bid). Writes JSON figures `{name, figure, unit, conditions}`.
 //!
 //! `cargo run --release -p gpupool-operator --example bench_market -- --peers 200 --orders 40 --out target/bench/market.json`
 
@@ -130,6 +130,49 @@ fn bid_engine(n: u64) -> serde_json::Value {
 
 /// Opening a signed order, evaluating it and sealing the bid: what a provider
 /// does per order, signature checks included.
+/// What authenticating one Pool API request costs the operator: an EIP-191
+/// signature recovery over a typical submission, and the replay memory. A
+/// flood of forged requests costs this much each before it is refused.
+fn pool_api_auth(n: u64) -> serde_json::Value {
+    use gpupool_chain::Wallet;
+    use gpupool_chain::request_auth::verify;
+    use gpupool_operator::pool_api::replay::ReplayGuard;
+    use prost::Message;
+    // anvil's well-known development key; public, never used outside local chains.
+    let wallet = Wallet::from_hex("0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d")
+        .expect("a valid development key");
+    let body = gpupool_proto::pool::v1::SubmitRequest {
+        name: "eval".into(),
+        spec_json: r#"{"template":{"spec":{"containers":[{"name":"main","image":"ghcr.io/example/eval:1","command":["python","eval.py"]}],"restartPolicy":"Never"}},"gpus":{"count":2,"models":["A100"]},"maxPricePerGpuHour":"3","bidding":{"window":"2s","selection":"Auto"}}"#.into(),
+    }
+    .encode_to_vec();
+    let path = "/gpupool.pool.v1.Pool/Submit";
+    let at = now_ms();
+    let signed: Vec<_> = (0..n)
+        .map(|i| {
+            let mut nonce = [0u8; 16];
+            nonce[..8].copy_from_slice(&i.to_le_bytes());
+            wallet.sign_request(path, &body, at, nonce)
+        })
+        .collect();
+    let mut guard = ReplayGuard::new(60_000, usize::try_from(n).unwrap_or(usize::MAX));
+    let start = Instant::now();
+    for h in &signed {
+        let v = verify(black_box(h), path, &body).expect("a request we signed verifies");
+        guard
+            .admit(v.wallet, &v.nonce, v.timestamp_ms, at)
+            .expect("a fresh nonce");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    serde_json::json!({
+        "name": "pool_api_signed_requests_verified_per_second",
+        "figure": n as f64 / secs,
+        "unit": "requests/s",
+        "conditions": {"requests": n, "threads": 1, "body_bytes": body.len(),
+            "what": "EIP-191 signature recovery (k256) over method, time, nonce and keccak of the request, plus the replay memory"}
+    })
+}
+
 fn full_path(n: u64) -> serde_json::Value {
     let renter = Keypair::generate_ed25519();
     let me = Keypair::generate_ed25519();
@@ -466,6 +509,7 @@ async fn main() -> anyhow::Result<()> {
     let mut figures = vec![
         bid_engine(arg("--evaluations", 2_000_000)),
         full_path(arg("--signed", 20_000)),
+        pool_api_auth(arg("--pool-api-requests", 20_000)),
     ];
     for f in &figures {
         println!("{f}");
