@@ -31,6 +31,18 @@ pub struct SignedHeaders {
     pub signature: String,
 }
 
+impl SignedHeaders {
+    /// The headers as (name, value) pairs, in the order a client sends them.
+    pub fn pairs(&self) -> [(&'static str, &str); 4] {
+        [
+            (HEADER_WALLET, &self.wallet),
+            (HEADER_TIMESTAMP, &self.timestamp_ms),
+            (HEADER_NONCE, &self.nonce),
+            (HEADER_SIGNATURE, &self.signature),
+        ]
+    }
+}
+
 /// A request that is not signed as the Pool API requires; each says what to fix.
 #[derive(thiserror::Error, Debug, PartialEq, Eq)]
 pub enum AuthError {

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use gpupool_chain::Wallet;
-use gpupool_chain::request_auth::{HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WALLET};
 use gpupool_crds::AiJobPhase;
 use gpupool_crds::market_view::Offer;
 use gpupool_proto::pool::v1 as api;
@@ -75,12 +74,7 @@ impl Pool {
         let h = wallet.sign_request(&path, &msg.encode_to_vec(), now, rand::random());
         let mut req = tonic::Request::new(msg);
         let md = req.metadata_mut();
-        for (k, v) in [
-            (HEADER_WALLET, h.wallet),
-            (HEADER_TIMESTAMP, h.timestamp_ms),
-            (HEADER_NONCE, h.nonce),
-            (HEADER_SIGNATURE, h.signature),
-        ] {
+        for (k, v) in h.pairs() {
             md.insert(k, v.parse().context("a signature header is not ASCII")?);
         }
         Ok(req)

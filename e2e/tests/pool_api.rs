@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gpupool_chain::request_auth::{HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WALLET};
+use gpupool_chain::request_auth::HEADER_WALLET;
 use gpupool_chain::{ClientOptions, EscrowClient, LeaseOnChain, Wallet};
 use gpupool_crds::{ANNOTATION_TRACEPARENT, AiJob};
 use gpupool_e2e::harness::{CliRun, admin, aijob_json, namespace, remove_namespace, run_gpupool, testenv, wait_for};
@@ -47,10 +47,12 @@ fn signed<T: Message>(signer: &Wallet, claimed: Option<&str>, method: &str, msg:
     let h = signer.sign_request(&path, &msg.encode_to_vec(), at_ms, rand_nonce());
     let mut req = tonic::Request::new(msg);
     let md = req.metadata_mut();
-    md.insert(HEADER_WALLET, claimed.map_or(h.wallet, str::to_string).parse().unwrap());
-    md.insert(HEADER_TIMESTAMP, h.timestamp_ms.parse().unwrap());
-    md.insert(HEADER_NONCE, h.nonce.parse().unwrap());
-    md.insert(HEADER_SIGNATURE, h.signature.parse().unwrap());
+    for (k, v) in h.pairs() {
+        md.insert(k, v.parse().unwrap());
+    }
+    if let Some(claimed) = claimed {
+        md.insert(HEADER_WALLET, claimed.parse().unwrap());
+    }
     req
 }
 

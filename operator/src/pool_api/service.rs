@@ -7,7 +7,6 @@
 //! request, the shared market rules) → apply (kube writes) → answer.
 
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt as _;
 use gpupool_chain::request_auth::{
@@ -30,6 +29,7 @@ use tracing::{Instrument as _, info, warn};
 
 use super::replay::{Refused, ReplayGuard};
 use super::views;
+use crate::market::node::now_ms;
 use crate::telemetry::Metrics;
 
 /// Field manager of the Pool API's writes.
@@ -46,12 +46,6 @@ pub struct PoolService {
     info: api::InfoResponse,
     guard: Mutex<ReplayGuard>,
     metrics: Arc<Metrics>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A Kubernetes error as the status a renter can act on. The API server's
@@ -467,10 +461,9 @@ mod tests {
         );
         let mut req = Request::new(msg);
         let md = req.metadata_mut();
-        md.insert(HEADER_WALLET, h.wallet.parse().unwrap());
-        md.insert(HEADER_TIMESTAMP, h.timestamp_ms.parse().unwrap());
-        md.insert(HEADER_NONCE, h.nonce.parse().unwrap());
-        md.insert(HEADER_SIGNATURE, h.signature.parse().unwrap());
+        for (k, v) in h.pairs() {
+            md.insert(k, v.parse().unwrap());
+        }
         req
     }
 
