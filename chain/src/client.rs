@@ -528,14 +528,23 @@ impl EscrowClient {
         to_u128("withdraw", amount.data.amount)
     }
 
-    /// Adds funds. Renter only.
-    pub async fn top_up(&self, id: B256, amount: u128) -> Result<(), ChainError> {
-        self.ensure_allowance(amount).await?;
+    /// Adds funds; returns the gas it took. As the renter, from our account
+    /// and then our wallet; as the lease's agent, from the renter's account
+    /// within what it allows us (no token allowance is involved then).
+    pub async fn top_up(&self, id: B256, amount: u128) -> Result<u64, ChainError> {
+        let me = self.wallet.ok_or(ChainError::NoWallet("topUp"))?;
+        let as_agent = matches!(
+            self.lease(id).await?,
+            LeaseOnChain::Open { lease, .. } if lease.agent == me && lease.renter != me
+        );
+        if !as_agent {
+            self.ensure_allowance(amount).await?;
+        }
         self.act("topUp", id, |escrow, lease| {
             escrow.topUp(id, lease.to_sol(), amount).into_transaction_request()
         })
         .await
-        .map(|_| ())
+        .map(|r| r.gas_used)
     }
 
     /// Closes the lease; closing one that is closed already reports how it closed.

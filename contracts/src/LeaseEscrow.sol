@@ -25,7 +25,8 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// A renter without a cluster of its own can mandate a member's operator as its
 /// agent: `approveAgent` caps what the agent may commit from the renter's account,
 /// `openFor` opens a lease funded from that account with the agent recorded in the
-/// lease, and the agent may then close it as the renter would. Refunds always go
+/// lease, and the agent may then top it up from that account, within the same
+/// allowance, and close it as the renter would. Refunds always go
 /// to the renter's account, never to the agent.
 ///
 /// Invariant: for every token, this contract's balance equals the sum of `balance`
@@ -171,15 +172,10 @@ contract LeaseEscrow is ReentrancyGuardTransient {
         uint128 amount
     ) external nonReentrant returns (Lease memory lease) {
         if (renter == address(0) || renter == msg.sender) revert InvalidAgent();
-        uint256 allowed = agentAllowance[renter][msg.sender][token];
-        if (amount > allowed) revert InsufficientAgentAllowance(allowed, amount);
         // An agent who is also the provider would pay itself from the renter's funds.
         if (provider == msg.sender) revert InvalidProvider();
         lease = _open(leaseId, renter, msg.sender, provider, token, ratePerSecond, amount);
-        uint256 available = accounts[renter][token];
-        if (amount > available) revert InsufficientAccount(available, amount);
-        agentAllowance[renter][msg.sender][token] = allowed - amount;
-        accounts[renter][token] = available - amount;
+        _spendAsAgent(renter, token, amount);
         _opened(leaseId, lease, amount);
     }
 
@@ -197,18 +193,28 @@ contract LeaseEscrow is ReentrancyGuardTransient {
         if (amount > 0) accounts[lease.provider][lease.token] += amount;
     }
 
-    /// @notice Adds funds, from the renter's account as far as that goes and the rest
-    /// from its wallet. Time during which the lease was out of funds is not charged
-    /// afterwards: accrual is folded in first, and it had stopped at the balance.
+    /// @notice Adds funds. From the renter: its account as far as that goes, the
+    /// rest from its wallet. From the lease's agent: the renter's account only,
+    /// within what the renter allows that agent (as `openFor`), so that a job
+    /// longer than its first deposit keeps running without the renter online.
+    /// Time during which the lease was out of funds is not charged afterwards:
+    /// accrual is folded in first, and it had stopped at the balance.
     function topUp(bytes32 leaseId, Lease calldata current, uint128 amount) external nonReentrant {
         _check(leaseId, current);
-        if (msg.sender != current.renter) revert NotRenter();
+        bool byAgent = current.agent != address(0) && msg.sender == current.agent;
+        if (msg.sender != current.renter && !byAgent) revert NotRenter();
         if (amount == 0) revert ZeroAmount();
 
         Lease memory lease = _accrue(current);
         lease.balance += amount;
         leaseHash[leaseId] = keccak256(abi.encode(lease));
-        uint256 fromAccount = _debit(msg.sender, lease.token, amount);
+        uint256 fromAccount;
+        if (byAgent) {
+            _spendAsAgent(lease.renter, lease.token, amount);
+            fromAccount = amount;
+        } else {
+            fromAccount = _debit(msg.sender, lease.token, amount);
+        }
         emit LeaseToppedUp(leaseId, amount, lease.balance, lease.owed, lease.settledAt, fromAccount);
         if (amount > fromAccount) lease.token.safeTransferFrom(msg.sender, address(this), amount - fromAccount);
     }
@@ -290,6 +296,17 @@ contract LeaseEscrow is ReentrancyGuardTransient {
             block.timestamp,
             fromAccount
         );
+    }
+
+    /// Takes `amount` from `renter`'s account for the calling agent, within the
+    /// renter's allowance for it; all of it, or nothing.
+    function _spendAsAgent(address renter, IERC20 token, uint256 amount) private {
+        uint256 allowed = agentAllowance[renter][msg.sender][token];
+        if (amount > allowed) revert InsufficientAgentAllowance(allowed, amount);
+        uint256 available = accounts[renter][token];
+        if (amount > available) revert InsufficientAccount(available, amount);
+        agentAllowance[renter][msg.sender][token] = allowed - amount;
+        accounts[renter][token] = available - amount;
     }
 
     /// Takes up to `amount` from `owner`'s account; returns how much it took.

@@ -137,6 +137,16 @@ pub struct Escrow {
     #[x_kube(validation = Rule::new(r"self.matches('^(0|[1-9][0-9]{0,11})([.][0-9]{1,18})?$') && !self.matches('^0([.]0+)?$')").message("deposit must be a positive decimal number of tokens, e.g. \"25\" or \"0.5\""))]
     #[schemars(length(max = 32))]
     pub deposit: String,
+    /// The most tokens the lease may hold in all, deposit and top-ups
+    /// together: the job's maxDuration (plus a minute to start it) at the
+    /// lease's rate. While the job runs, the renter's operator tops the lease
+    /// up toward it whenever the funds would last less than its funds
+    /// warning; without it, the lease is never topped up and ends when its
+    /// deposit runs out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(r"self.matches('^(0|[1-9][0-9]{0,11})([.][0-9]{1,18})?$')").message("topUpTo must be a decimal number of tokens, e.g. \"25\" or \"0.5\""))]
+    #[schemars(length(max = 32))]
+    pub top_up_to: Option<String>,
     /// The renter's wallet whose escrow account funds the lease, when this
     /// side's operator opens it as that renter's agent (a Pool API job).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -12,6 +12,20 @@ use crate::env::{TestEnv, default_root};
 
 pub use crate::cluster::wait_for;
 
+/// The (reason, note) of every Event in `ns` about the object named `name`.
+pub async fn events_about(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> = kube::Api::namespaced(client.clone(), ns);
+    events
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("listing Events in {ns}: {e}"))
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
 /// The environment `make testenv-up` started. Tests fail, loudly, without one.
 pub fn testenv() -> TestEnv {
     match TestEnv::load(&default_root()) {

@@ -461,7 +461,10 @@ async fn randomised_actions_conserve_tokens() {
             }
             4 if !leases.is_empty() => {
                 let (id, r, _) = leases[next(leases.len() as u64) as usize];
-                clients[r].top_up(id, (1 + u128::from(next(100))) * RATE).await
+                clients[r]
+                    .top_up(id, (1 + u128::from(next(100))) * RATE)
+                    .await
+                    .map(|_gas| ())
             }
             5 | 6 if !leases.is_empty() => {
                 let (id, r, p) = leases[next(leases.len() as u64) as usize];
@@ -648,7 +651,7 @@ async fn one_wallet_opens_many_leases_concurrently() {
 /// from the renter's account only, within the allowance, may close as the
 /// renter would, and every refund goes to the renter, never to the agent.
 #[tokio::test]
-async fn an_agent_opens_and_closes_for_a_renter_within_its_allowance() {
+async fn an_agent_opens_tops_up_and_closes_for_a_renter_within_its_allowance() {
     const AGENT: usize = 4;
     let c = chain("agent").await;
     let renter = c.client(RENTER);
@@ -700,6 +703,28 @@ async fn an_agent_opens_and_closes_for_a_renter_within_its_allowance() {
     assert_eq!(renter.agent_allowance(r, a).await.unwrap(), 2 * ONE_TOKEN);
     // The renter finds the lease under its own wallet.
     assert_eq!(renter.lease_ids_of(r).await.unwrap(), vec![id]);
+    // The agent tops the lease up from the renter's account, within the same
+    // allowance; a stranger may not, and the agent's own funds never move.
+    assert_eq!(
+        refused_code(&stranger.top_up(id, ONE_TOKEN).await.unwrap_err()),
+        "NotRenter"
+    );
+    agent.top_up(id, ONE_TOKEN).await.unwrap();
+    assert_eq!(renter.account(r).await.unwrap(), 5 * ONE_TOKEN);
+    assert_eq!(renter.agent_allowance(r, a).await.unwrap(), ONE_TOKEN);
+    assert_eq!(
+        open_state(&renter.lease(id).await.unwrap()).balance,
+        deposit + ONE_TOKEN
+    );
+    assert_eq!(
+        refused_code(&agent.top_up(id, 2 * ONE_TOKEN).await.unwrap_err()),
+        "InsufficientAgentAllowance"
+    );
+    assert_eq!(
+        renter.account(r).await.unwrap(),
+        5 * ONE_TOKEN,
+        "a refused top-up takes nothing"
+    );
     // What is left of the allowance caps the next open.
     let second = lease_id(a, "order-agent-2");
     assert_eq!(
@@ -716,9 +741,9 @@ async fn an_agent_opens_and_closes_for_a_renter_within_its_allowance() {
     let closed = agent.close(id, CloseReason::RenterCancelled).await.unwrap();
     assert!(closed.by_us);
     assert!(closed.paid >= 500 * RATE, "{closed:?}");
-    assert_eq!(closed.paid + closed.refunded, deposit);
+    assert_eq!(closed.paid + closed.refunded, deposit + ONE_TOKEN);
     // Refund to the renter's account, payment to the provider's; the agent gains nothing.
-    assert_eq!(renter.account(r).await.unwrap(), 6 * ONE_TOKEN + closed.refunded);
+    assert_eq!(renter.account(r).await.unwrap(), 5 * ONE_TOKEN + closed.refunded);
     assert_eq!(provider.account(p).await.unwrap(), closed.paid);
     assert_eq!(agent.account(a).await.unwrap(), agent_account);
     assert_eq!(agent.token_balance(a).await.unwrap(), agent_wallet);

@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
+use alloy::providers::ext::AnvilApi as _;
+
 use gpupool_crds::{AiJob, AiJobPhase, Bid, Lease, LeaseSide, LeaseState, PoolPeer};
-use gpupool_e2e::harness::{admin, aijob_json, namespace, remove_namespace, testenv, wait_for};
+use gpupool_e2e::harness::{admin, aijob_json, events_about, namespace, remove_namespace, testenv, wait_for};
 use gpupool_e2e::pool::{Lends, Pool, base_units};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -169,6 +171,109 @@ async fn a_job_that_only_fits_elsewhere_runs_there_and_is_settled() {
         metrics.contains("gpupool_pool_placement_duration_seconds_count{kind=\"pod_running\"} 1"),
         "{metrics}"
     );
+    remove_namespace(&acme, &ns).await;
+}
+
+/// A job that outlives its lease's first deposit is not cut off when the
+/// deposit runs out: the renter's operator tops the lease up as it runs,
+/// never past what the job's maxDuration allows, and it ends Completed.
+#[tokio::test]
+async fn a_job_longer_than_its_deposit_is_topped_up_and_runs_to_the_end() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    // Top-ups of 10 s whenever less than 6 s are left; the first deposit
+    // covers the minute that providers ask for.
+    let flags = [
+        "--deposit-seconds=10".to_string(),
+        "--funds-warning-seconds=6".to_string(),
+    ];
+    let pool = Pool::start(&env, "topup", &lends(), &flags).await.unwrap();
+    let ns = namespace(&acme, "topup").await;
+    let before = (
+        pool.balance("acme").await.unwrap(),
+        pool.balance("bravo").await.unwrap(),
+    );
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "long",
+            4,
+            &["A100"],
+            "75s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "maxDuration": "2m", "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    // Anvil mines only on transactions, so its clock, which the escrow's
+    // accrual follows, would stand still while the job runs: a block every
+    // second here, as a live chain makes them, until the job ends.
+    let provider = pool.chain.provider().clone();
+    let blocks = tokio::spawn(async move {
+        for _ in 0..240 {
+            if provider.anvil_mine(Some(1), None).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let jobs: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
+    let ended = wait_for(Duration::from_secs(180), "the 75-s job ended", || async {
+        let j = jobs.get("long").await.ok()?;
+        phase(&j)
+            .is_some_and(|p| matches!(p, AiJobPhase::Succeeded | AiJobPhase::Failed))
+            .then_some(j)
+    })
+    .await;
+    blocks.abort();
+    let done = match ended {
+        Ok(j) => j,
+        Err(e) => panic!(
+            "{e}: last seen {:#?}",
+            jobs.get("long").await.ok().and_then(|j| j.status)
+        ),
+    };
+    assert_eq!(phase(&done), Some(AiJobPhase::Succeeded), "{:#?}", done.status);
+    assert_eq!(done.status.unwrap().runs_on.unwrap().org, "bravo");
+
+    let leases = leases_of(&acme, &ns).await;
+    assert_eq!(leases.len(), 1, "one lease, kept alive: {leases:#?}");
+    let lease = &leases[0];
+    let st = lease.status.clone().unwrap();
+    assert_eq!(st.close_reason.as_deref(), Some("Completed"), "{st:#?}");
+    let (paid, _) = check_settled(lease);
+    let escrow = lease.spec.escrow.clone().unwrap();
+    let deposit = base_units(&escrow.deposit);
+    let cap = base_units(escrow.top_up_to.as_deref().expect("the renter's copy has topUpTo"));
+    let deposited = base_units(st.deposited.as_deref().unwrap());
+    let rate = base_units(&lease.spec.price_per_gpu_hour) * lease.spec.gpu_count as u128 / 3600;
+    assert_eq!(deposit, 60 * rate, "the first deposit covers a minute");
+    assert_eq!(cap, (120 + 60) * rate, "maxDuration 2m plus the minute to start");
+    assert!(
+        deposited > deposit && deposited <= cap,
+        "topped up: {deposited} of {cap}"
+    );
+    assert!(paid > 60 * rate, "it ran past its first deposit: paid {paid}");
+    let topped: Vec<_> = events_about(&acme, &ns, &lease.name_any())
+        .await
+        .into_iter()
+        .filter(|(reason, _)| reason == "ToppedUp")
+        .collect();
+    assert!(!topped.is_empty(), "a ToppedUp Event for each top-up");
+    assert!(topped[0].1.starts_with("added "), "{topped:?}");
+    assert_eq!(
+        (deposited - deposit) % (10 * rate),
+        0,
+        "each top-up adds 10 s: {topped:?}"
+    );
+
+    // Tokens moved by exactly the lease's payment, top-ups included.
+    let after = (
+        pool.balance("acme").await.unwrap(),
+        pool.balance("bravo").await.unwrap(),
+    );
+    assert_eq!(before.0 - after.0, paid);
+    assert_eq!(after.1 - before.1, paid);
     remove_namespace(&acme, &ns).await;
 }
 

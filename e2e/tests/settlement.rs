@@ -13,11 +13,10 @@ use gpupool_crds::conditions::find;
 use gpupool_crds::{Lease, LeaseState};
 use gpupool_e2e::chain::{Anvil, deploy_and_fund};
 use gpupool_e2e::env::TestEnv;
-use gpupool_e2e::harness::{Operator, admin, namespace, remove_namespace, testenv, wait_for};
+use gpupool_e2e::harness::{Operator, admin, events_about, namespace, remove_namespace, testenv, wait_for};
 use gpupool_e2e::rpcproxy::RpcProxy;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 
 const RENTER: usize = 1;
 const PROVIDER: usize = 2;
@@ -104,19 +103,6 @@ fn cond_is(l: &Lease, type_: &str, status: &str) -> bool {
         .as_ref()
         .and_then(|s| find(&s.conditions, type_))
         .is_some_and(|c| c.status == status)
-}
-
-async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<(String, String)> {
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect()
 }
 
 #[tokio::test]
@@ -224,7 +210,7 @@ async fn leases_settle_on_chain_from_both_sides() {
     let paid: f64 = p.status.as_ref().and_then(|s| s.paid.clone()).unwrap().parse().unwrap();
     assert!(paid >= 7.0, "about 700 s at 0.01/s: {paid}");
     assert!(
-        events_for(&bravo_client, &pns, "order-a")
+        events_about(&bravo_client, &pns, "order-a")
             .await
             .iter()
             .any(|(r, _)| r == "Withdrawn")
@@ -242,7 +228,7 @@ async fn leases_settle_on_chain_from_both_sides() {
         .clone();
     assert!(msg.contains("runs out at") && msg.contains("top up"), "{msg}");
     assert!(
-        events_for(&acme_client, &rns, "job-a")
+        events_about(&acme_client, &rns, "job-a")
             .await
             .iter()
             .any(|(r, _)| r == "FundsLow")
@@ -426,7 +412,7 @@ async fn a_lease_for_another_chain_is_refused_with_a_reason() {
     );
     assert!(err.contains("deposit must be a positive decimal"), "{err}");
     assert!(
-        events_for(&client, &ns, "forgotten")
+        events_about(&client, &ns, "forgotten")
             .await
             .iter()
             .any(|(reason, _)| reason == "NotOnChain"),

@@ -122,6 +122,7 @@ mod tests {
                     contract: "0x0".into(),
                     lease_id: offered.map(|i| i.to_string()),
                     deposit: "1".into(),
+                    top_up_to: None,
                     funded_by: None,
                 }),
                 close_reason: None,

@@ -157,10 +157,16 @@ struct PoolArgs {
     /// How long a bid, and the GPUs it reserves, stay valid.
     #[arg(long, env = "GPUPOOL_BID_TTL_SECONDS", default_value_t = 60)]
     bid_ttl_seconds: u64,
-    /// The lease deposit covers this much of the job (at most its maxDuration).
+    /// The lease deposit covers this much of the job (at most its
+    /// maxDuration); while the job runs, each top-up adds as much again,
+    /// until the lease holds all of the job's maxDuration. At least 10.
     #[arg(long, env = "GPUPOOL_DEPOSIT_SECONDS", default_value_t = 3600)]
     deposit_seconds: u64,
 }
+
+/// The shortest deposit period: a lease topped up more often than this
+/// would spend more on gas than on GPUs.
+const MIN_DEPOSIT_SECONDS: u64 = 10;
 
 /// Settlement on chain. Without an RPC URL (from the file or the flag) the
 /// settlement worker does not run and Leases with an escrow stay untouched.
@@ -187,7 +193,8 @@ struct ChainArgs {
     /// How often providers withdraw what has accrued.
     #[arg(long, env = "GPUPOOL_WITHDRAW_EVERY_SECONDS", default_value_t = 300)]
     withdraw_every_seconds: u64,
-    /// Warn the renter when a lease's funds last less than this.
+    /// Warn the renter when a lease's funds last less than this; the
+    /// renter's operator tops a running lease up then.
     #[arg(long, env = "GPUPOOL_FUNDS_WARNING_SECONDS", default_value_t = 900)]
     funds_warning_seconds: u64,
     /// Longest time between two reads of an open lease.
@@ -358,6 +365,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 confirmations: args.chain.confirmations.max(1),
                 withdraw_every: Duration::from_secs(args.chain.withdraw_every_seconds.max(1)),
                 warn_below: Duration::from_secs(args.chain.funds_warning_seconds),
+                top_up_for: Duration::from_secs(args.pool.deposit_seconds.max(MIN_DEPOSIT_SECONDS)),
                 resync: Duration::from_secs(args.chain.chain_resync_seconds.max(1)),
                 poll: Duration::from_millis(args.chain.chain_poll_ms.max(50)),
             };
@@ -413,7 +421,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 heartbeat_every: Duration::from_millis(args.pool.heartbeat_every_ms.max(100)),
                 heartbeat_grace: Duration::from_millis(args.pool.heartbeat_grace_ms.max(500)),
                 bid_ttl: Duration::from_secs(args.pool.bid_ttl_seconds.max(1)),
-                deposit_seconds: args.pool.deposit_seconds.max(60),
+                deposit_seconds: args.pool.deposit_seconds.max(MIN_DEPOSIT_SECONDS),
                 message_ttl: Duration::from_secs(60),
                 policy,
             },

@@ -26,7 +26,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, warn};
 
 use crate::events::EventPublisher;
-use crate::settlement_plan::{COND_CHAIN, COND_FUNDS_LOW, COND_SETTLED, Observed, Policy, Step, plan, rate_per_second};
+use crate::settlement_plan::{
+    COND_CHAIN, COND_FUNDS_LOW, COND_SETTLED, Observed, Policy, REASON_TOP_UP_REFUSED, Step, plan, rate_per_second,
+};
 use crate::telemetry::Metrics;
 
 const FIELD_MANAGER: &str = "gpupool-settlement";
@@ -49,6 +51,9 @@ pub struct SettlementSettings {
     pub confirmations: u64,
     pub withdraw_every: Duration,
     pub warn_below: Duration,
+    /// How much of a running lease's time one top-up buys (the renter's
+    /// deposit period).
+    pub top_up_for: Duration,
     /// The longest a lease goes unread. Chain time moves without any watch event,
     /// so this bounds how late a warning or a close can come.
     pub resync: Duration,
@@ -321,6 +326,7 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
         confirmations: ctx.settings.confirmations,
         withdraw_every: ctx.settings.withdraw_every,
         warn_below: ctx.settings.warn_below,
+        top_up_for: ctx.settings.top_up_for,
         resync: ctx.settings.resync,
     };
     let decided = plan(&policy, &observed);
@@ -340,6 +346,7 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
     let acted = match &decided.step {
         Step::Nothing => Ok(false),
         Step::Open => open(&lease, ctx, id, counterpart).await.map(|_| true),
+        Step::TopUp(amount) => top_up(&lease, ctx, id, *amount, &observed).await.map(|()| true),
         Step::Withdraw => match ctx.chain.withdraw(id).await {
             Ok(amount) => {
                 status.last_withdrawal = Some(Time(ts(observed.now)));
@@ -376,6 +383,22 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
     let acted = match acted {
         Ok(a) => a,
         Err(e) if e.is_transient() => return chain_trouble(&lease, ctx, api, status, &before, e).await,
+        // The job runs on what is left; the reason stands on FundsLow, and the
+        // top-up is tried again at the next read (the renter may fund it).
+        Err(e) if matches!(decided.step, Step::TopUp(_)) => {
+            let msg = format!("{e}; the lease ends when its deposit runs out unless a top-up gets through");
+            set_condition(
+                &mut status.conditions,
+                &ConditionUpdate::new(COND_FUNDS_LOW, true, REASON_TOP_UP_REFUSED, msg.clone()),
+                generation,
+                now_ts,
+            );
+            if find(&before.conditions, COND_FUNDS_LOW).map(|c| c.message.as_str()) != Some(msg.as_str()) {
+                ctx.event(&lease, EventType::Warning, REASON_TOP_UP_REFUSED, &msg).await;
+            }
+            patch_status(api, &name, &status).await?;
+            return Ok(Action::requeue(ctx.settings.resync));
+        }
         Err(e) => {
             // The escrow refused: retrying the same thing will not help, so say why and wait.
             let msg = e.to_string();
@@ -435,7 +458,53 @@ async fn observe(lease: &Lease, ctx: &Context, id: B256) -> Result<Observed, Cha
             .as_ref()
             .and_then(|s| s.opened_block)
             .and_then(|b| u64::try_from(b).ok()),
+        top_up_to: lease
+            .spec
+            .escrow
+            .as_ref()
+            .and_then(|e| e.top_up_to.as_deref())
+            .and_then(|t| TokenAmount::from_str(t).ok())
+            .map(|t| t.0),
+        top_up_refused: lease
+            .status
+            .as_ref()
+            .and_then(|s| find(&s.conditions, COND_FUNDS_LOW))
+            .filter(|c| c.reason == REASON_TOP_UP_REFUSED)
+            .map(|c| c.message.clone()),
     })
+}
+
+/// Adds `amount` to a running lease: from our own account and wallet, or, as
+/// a Pool API renter's agent, from the renter's account.
+async fn top_up(lease: &Lease, ctx: &Context, id: B256, amount: u128, seen: &Observed) -> Result<(), ChainError> {
+    let gas = ctx.chain.top_up(id, amount).await?;
+    let funded_by = lease.spec.escrow.as_ref().and_then(|e| e.funded_by.as_deref());
+    let from = match funded_by {
+        Some(renter) => format!(" from renter {renter}'s escrow account, as its agent"),
+        None => {
+            ctx.metrics.tokens_deposited(amount);
+            String::new()
+        }
+    };
+    let cap = seen
+        .top_up_to
+        .map_or_else(String::new, |c| format!(" of at most {}", TokenAmount(c)));
+    let deposited = match &seen.onchain {
+        LeaseOnChain::Open { deposited, .. } => TokenAmount(deposited.saturating_add(amount)).to_string(),
+        _ => "?".into(),
+    };
+    ctx.event(
+        lease,
+        EventType::Normal,
+        "ToppedUp",
+        &format!(
+            "added {} tokens{from} so the job runs on: {deposited}{cap} deposited ({gas} gas)",
+            TokenAmount(amount)
+        ),
+    )
+    .await;
+    info!(lease = %key(lease), amount = %TokenAmount(amount), gas, "topped up on chain");
+    Ok(())
 }
 
 async fn open(lease: &Lease, ctx: &Context, id: B256, provider: Address) -> Result<(), ChainError> {

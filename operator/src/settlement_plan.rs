@@ -12,6 +12,17 @@ pub const COND_CONFIRMED: &str = "Confirmed";
 pub const COND_FUNDS_LOW: &str = "FundsLow";
 pub const COND_CHAIN: &str = "ChainReachable";
 pub const COND_SETTLED: &str = "Settling";
+/// The FundsLow reason while a top-up the escrow refused is retried.
+pub const REASON_TOP_UP_REFUSED: &str = "TopUpRefused";
+
+/// Lease time beyond the job's maxDuration that the renter pays for at
+/// most: the lease accrues from its open, a little before the provider
+/// starts the job, whose maxDuration counts from then.
+pub const START_ALLOWANCE_SECS: u64 = 60;
+
+/// The least a lease's first deposit covers: providers refuse less, as not
+/// worth starting a workload for.
+pub const MIN_DEPOSIT_SECS: u64 = 60;
 
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -20,8 +31,11 @@ pub struct Policy {
     pub confirmations: u64,
     /// How often the provider withdraws what has accrued.
     pub withdraw_every: Duration,
-    /// Warn the renter when the funds last less than this.
+    /// Warn the renter when the funds last less than this; the renter tops
+    /// up then, when the lease has room to.
     pub warn_below: Duration,
+    /// How much of the lease's time one top-up buys.
+    pub top_up_for: Duration,
     /// The longest a lease goes unread when nothing is due. Chain events
     /// wake the worker sooner (`chain_watch`); this bounds how late a close
     /// or a warning comes when an event was missed.
@@ -41,6 +55,10 @@ pub struct Observed {
     pub close_requested: Option<CloseReason>,
     /// The block our status says the lease was opened in, if it says so.
     pub recorded_open_block: Option<u64>,
+    /// `spec.escrow.topUpTo`: the most the lease may hold in all.
+    pub top_up_to: Option<u128>,
+    /// What the escrow said when it last refused our top-up, from our status.
+    pub top_up_refused: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +67,8 @@ pub enum Step {
     /// Renter: put the deposit in.
     Open,
     Withdraw,
+    /// Renter: add this many tokens, so the job runs on.
+    TopUp(u128),
     Close(CloseReason),
 }
 
@@ -92,6 +112,19 @@ fn when(unix: u64) -> String {
         .ok()
         .and_then(|s| k8s_openapi::jiff::Timestamp::from_second(s).ok())
         .map_or_else(|| format!("unix time {unix}"), |t| t.to_string())
+}
+
+/// What a renter deposits when it opens a lease for a job of `max_secs` at
+/// `rate` per second, and the most the lease may hold in all (`topUpTo`):
+/// the deposit covers `deposit_secs` of it (at least `MIN_DEPOSIT_SECS`),
+/// top-ups the rest as it runs.
+pub fn lease_funding(rate: u128, max_secs: u64, deposit_secs: u64) -> (TokenAmount, TokenAmount) {
+    let budget_secs = max_secs.saturating_add(START_ALLOWANCE_SECS);
+    let deposit_secs = budget_secs.min(deposit_secs.max(MIN_DEPOSIT_SECS));
+    (
+        TokenAmount(rate.saturating_mul(deposit_secs.into())),
+        TokenAmount(rate.saturating_mul(budget_secs.into())),
+    )
 }
 
 pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
@@ -191,12 +224,46 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
                 )
             });
             let low = u128::from(left) < policy.warn_below.as_secs().into();
+            // The renter keeps a running job funded up to its maxDuration:
+            // one top-up buys `top_up_for`, never past `topUpTo`.
+            let room = seen.top_up_to.map(|cap| cap.saturating_sub(*deposited));
+            let top_up =
+                (policy.side == LeaseSide::Renter && confirmed && !overdrawn && low && seen.close_requested.is_none())
+                    .then(|| {
+                        room.unwrap_or(0)
+                            .min(lease.rate_per_second.saturating_mul(policy.top_up_for.as_secs().into()))
+                    })
+                    .filter(|a| *a > 0);
             conditions.push(if overdrawn {
                 ConditionUpdate::new(
                     COND_FUNDS_LOW,
                     true,
                     "OutOfFunds",
                     "the deposit is used up; the lease closes as InsufficientFunds",
+                )
+            } else if let (Some(_), Some(refused)) = (top_up, &seen.top_up_refused) {
+                // Retried as it was: the message stays until the escrow says otherwise.
+                ConditionUpdate::new(COND_FUNDS_LOW, true, REASON_TOP_UP_REFUSED, refused.clone())
+            } else if let Some(amount) = top_up {
+                ConditionUpdate::new(
+                    COND_FUNDS_LOW,
+                    false,
+                    "ToppingUp",
+                    format!(
+                        "adding {} tokens, so the job runs on past {}",
+                        tokens(amount),
+                        when(seen.now.saturating_add(left))
+                    ),
+                )
+            } else if low && room.is_some() {
+                ConditionUpdate::new(
+                    COND_FUNDS_LOW,
+                    true,
+                    "FundsRunningOut",
+                    format!(
+                        "the deposit runs out at {}: the lease holds all of the job's maxDuration, so it ends then",
+                        when(seen.now.saturating_add(left))
+                    ),
                 )
             } else if low {
                 ConditionUpdate::new(
@@ -232,7 +299,7 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
                 _ if policy.side == LeaseSide::Provider && confirmed && withdraw_due && lease.owed_at(seen.now) > 0 => {
                     Step::Withdraw
                 }
-                _ => Step::Nothing,
+                _ => top_up.map_or(Step::Nothing, Step::TopUp),
             };
             if let Some(r) = seen.close_requested
                 && !(may_close(r) && (r != CloseReason::InsufficientFunds || overdrawn))
@@ -327,6 +394,7 @@ mod tests {
             confirmations: 2,
             withdraw_every: Duration::from_secs(300),
             warn_below: Duration::from_secs(600),
+            top_up_for: Duration::from_secs(3_600),
             resync: Duration::from_secs(30),
         }
     }
@@ -357,6 +425,8 @@ mod tests {
             last_withdrawal: None,
             close_requested: None,
             recorded_open_block: None,
+            top_up_to: None,
+            top_up_refused: None,
         }
     }
 
@@ -501,6 +571,103 @@ mod tests {
             (p.figures.paid, p.figures.refunded, p.figures.close_reason),
             (Some(30), Some(70), Some("Completed"))
         );
+    }
+
+    #[test]
+    fn a_running_lease_is_topped_up_toward_its_jobs_max_duration() {
+        let p = policy(LeaseSide::Renter);
+        // 1,000,000 at 1,000/s from t=100 lasts until t=1,100; at t=700 it
+        // has 400 s left, under the 600 s warning.
+        let mut low = seen(open(1_000_000, 100), 20, 700);
+        low.top_up_to = Some(10_000_000);
+        let r = plan(&p, &low);
+        assert_eq!(r.step, Step::TopUp(3_600_000), "an hour at 1,000/s");
+        let c = cond(&r, COND_FUNDS_LOW);
+        assert_eq!((c.status, c.reason.as_str()), (false, "ToppingUp"));
+        assert!(c.message.contains("adding 0.0000000000036 tokens"), "{}", c.message);
+
+        // Never past topUpTo: 1,500,000 of room is what it adds.
+        low.top_up_to = Some(2_500_000);
+        assert_eq!(plan(&p, &low).step, Step::TopUp(1_500_000));
+
+        // All of the budget deposited: the lease ends when it runs out, and says so.
+        low.top_up_to = Some(1_000_000);
+        let spent = plan(&p, &low);
+        assert_eq!(spent.step, Step::Nothing);
+        let c = cond(&spent, COND_FUNDS_LOW);
+        assert_eq!((c.status, c.reason.as_str()), (true, "FundsRunningOut"));
+        assert!(c.message.contains("all of the job's maxDuration"), "{}", c.message);
+
+        // Not yet low, not the renter, not confirmed, or closing: no top-up.
+        low.top_up_to = Some(10_000_000);
+        let mut early = low.clone();
+        early.now = 200;
+        assert_eq!(plan(&p, &early).step, Step::Nothing);
+        assert_eq!(
+            plan(&policy(LeaseSide::Provider), &low).step,
+            Step::Withdraw,
+            "a provider withdraws, never tops up"
+        );
+        let mut unconfirmed = low.clone();
+        unconfirmed.head = 10;
+        assert_eq!(plan(&p, &unconfirmed).step, Step::Nothing);
+        let mut ending = low.clone();
+        ending.close_requested = Some(CloseReason::Completed);
+        assert_eq!(plan(&p, &ending).step, Step::Close(CloseReason::Completed));
+        // Out of funds already: it closes; a top-up would not bring back the lost time.
+        let mut out = low.clone();
+        out.now = 1_100;
+        assert_eq!(plan(&p, &out).step, Step::Close(CloseReason::InsufficientFunds));
+
+        // A lease without topUpTo (opened before it existed, or by hand) only warns.
+        let mut manual = low.clone();
+        manual.top_up_to = None;
+        let m = plan(&p, &manual);
+        assert_eq!(m.step, Step::Nothing);
+        assert!(cond(&m, COND_FUNDS_LOW).message.contains("gpupool escrow deposit"));
+    }
+
+    #[test]
+    fn a_refused_top_up_is_retried_with_its_reason_standing() {
+        let p = policy(LeaseSide::Renter);
+        let mut low = seen(open(1_000_000, 100), 20, 700);
+        low.top_up_to = Some(10_000_000);
+        low.top_up_refused = Some("the renter lets this agent commit 0 more tokens".into());
+        let r = plan(&p, &low);
+        assert_eq!(
+            r.step,
+            Step::TopUp(3_600_000),
+            "tried again: the renter may have raised it"
+        );
+        let c = cond(&r, COND_FUNDS_LOW);
+        assert_eq!(
+            (c.status, c.reason.as_str(), c.message.as_str()),
+            (
+                true,
+                REASON_TOP_UP_REFUSED,
+                "the renter lets this agent commit 0 more tokens"
+            )
+        );
+        // Read again after the clock moved: the same conditions, no churn.
+        let mut later = low.clone();
+        later.now = 760;
+        later.head = 27;
+        assert_eq!(plan(&p, &later).conditions, r.conditions);
+    }
+
+    #[test]
+    fn the_deposit_covers_a_period_and_top_ups_the_rest_of_max_duration() {
+        // Eight hours at 1,000/s, a one-hour deposit: the rest comes in top-ups.
+        let (deposit, cap) = lease_funding(1_000, 8 * 3_600, 3_600);
+        assert_eq!(deposit, TokenAmount(3_600_000));
+        assert_eq!(cap, TokenAmount((8 * 3_600 + START_ALLOWANCE_SECS as u128) * 1_000));
+        // A short job is paid for whole at the open.
+        let (deposit, cap) = lease_funding(1_000, 30, 3_600);
+        assert_eq!(deposit, cap);
+        assert_eq!(deposit, TokenAmount(90_000));
+        // However short the deposit period, the first deposit covers the minute providers ask for.
+        let (deposit, _) = lease_funding(1_000, 3_600, 10);
+        assert_eq!(deposit, TokenAmount(60_000));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use super::bidengine::{Ask, evaluate};
 use super::node::{MARKET_MANAGER, Market, Reservation, now_ms};
 use super::renter::moves_forward;
 use crate::p2p::envelope::DropReason;
-use crate::settlement_plan::rate_per_second;
+use crate::settlement_plan::{MIN_DEPOSIT_SECS, rate_per_second};
 
 type Handled = Result<(), (DropReason, String)>;
 
@@ -303,7 +303,7 @@ impl Market {
                         lease.rate_per_second
                     )));
                 }
-                if lease.balance < rate.saturating_mul(60) {
+                if lease.balance < rate.saturating_mul(MIN_DEPOSIT_SECS.into()) {
                     return Err(Refusal::Refuse("the deposit covers less than a minute".into()));
                 }
                 as_agent.then(|| lease.renter.to_string())
@@ -392,6 +392,8 @@ impl Market {
                     contract: l.escrow_contract.clone(),
                     lease_id: Some(l.lease_id.clone()),
                     deposit: l.deposit.clone(),
+                    // Top-ups are the renter's to make.
+                    top_up_to: None,
                     funded_by,
                 }),
                 close_reason: None,

@@ -27,7 +27,7 @@ use super::renter::{LeaseView, Step, View, closing_phase, decide, exclude_after_
 use super::selection::{Candidate, Wanted, advertised_room, advertises_fit, explain_no_bids, no_bids_reason};
 use crate::p2p::envelope::DropReason;
 use crate::placement::Need;
-use crate::settlement_plan::rate_per_second;
+use crate::settlement_plan::{COND_FUNDS_LOW, lease_funding, rate_per_second};
 use crate::status::COND_PLACED;
 
 type Handled = Result<(), (DropReason, String)>;
@@ -416,7 +416,17 @@ impl Market {
 
     /// What the AiJob says while its lease closes for `reason`.
     fn closing_message(&self, l: &Lease, reason: CloseReason) -> String {
+        let refused = l
+            .status
+            .as_ref()
+            .and_then(|s| s.workload.as_ref())
+            .filter(|w| w.phase == "Refused");
         match reason {
+            // It answered, with a no: that is what the renter needs to read.
+            CloseReason::ProviderFailed if let Some(w) = refused => format!(
+                "{} refused the lease ({}): closing it as ProviderFailed to re-auction the job",
+                l.spec.provider.org, w.message
+            ),
             CloseReason::ProviderFailed => format!(
                 "{} stopped answering (no heartbeat for {}s): closing the lease as ProviderFailed to re-auction the job",
                 l.spec.provider.org,
@@ -800,6 +810,17 @@ impl Market {
                 if !w.message.is_empty() {
                     out.message.push_str(&format!(": {}", w.message));
                 }
+                // A lease about to run dry (a refused top-up, or all of
+                // maxDuration spent) ends the job: the renter reads why here.
+                if let Some(low) = l
+                    .status
+                    .as_ref()
+                    .and_then(|s| find(&s.conditions, COND_FUNDS_LOW))
+                    .filter(|c| c.status == "True")
+                {
+                    out.message
+                        .push_str(&format!("; lease {}: {}", l.name_any(), low.message));
+                }
                 out.runs_on = Some(runs_on(l));
                 out.requeue = Some(self.settings.heartbeat_grace / 2);
             }
@@ -1049,7 +1070,7 @@ impl Market {
         let rate = rate_per_second(price, need.count)
             .ok_or_else(|| MarketError::Invalid("the winning price rounds to zero tokens per second".into()))?;
         let max_secs = std::time::Duration::from(aijob.spec.max_duration).as_secs();
-        let deposit = TokenAmount(rate.saturating_mul(u128::from(max_secs.min(self.settings.deposit_seconds).max(60))));
+        let (deposit, top_up_to) = lease_funding(rate, max_secs, self.settings.deposit_seconds);
         let mut lease = Lease::new(
             &lease_name,
             LeaseSpec {
@@ -1076,6 +1097,7 @@ impl Market {
                     contract: self.chain.config().escrow.to_string(),
                     lease_id: None,
                     deposit: deposit.to_string(),
+                    top_up_to: Some(top_up_to.to_string()),
                     // Checked against the namespace before the job got this far.
                     funded_by: aijob.spec.payer.clone(),
                 }),
