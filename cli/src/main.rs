@@ -1,6 +1,7 @@
 //! `gpupool`: the command line for renters and operators. The job and market
-//! commands act on the member cluster's own resources through the kubeconfig;
-//! escrow and leases go straight to the chain.
+//! commands act on the member cluster's own resources through the kubeconfig,
+//! or through a member's Pool API (`--pool-api`); escrow transactions go
+//! straight to the chain.
 
 mod escrow;
 mod market;
@@ -62,11 +63,19 @@ enum Cmd {
         #[command(subcommand)]
         cmd: escrow::EscrowCmd,
     },
-    /// Leases you rent or provide, with their on-chain state.
+    /// Leases you rent or provide, with their on-chain state; through
+    /// --pool-api, your leases through that member, with what each holds.
     Leases {
-        /// Whose leases; the key file's wallet by default.
+        /// Whose leases; the key file's wallet by default (not with --pool-api).
         #[arg(long)]
         address: Option<gpupool_chain::Address>,
+        /// With --pool-api: follow this lease, printing each change to
+        /// stderr, until it closes.
+        #[arg(long, value_name = "LEASE")]
+        watch: Option<String>,
+        /// How long --watch waits ("90s", "10m"); until the lease closes by default.
+        #[arg(long, requires = "watch", value_parser = parse_duration)]
+        timeout: Option<std::time::Duration>,
     },
     /// Submit an AiJob, from flags or a file; with --wait, follow it.
     Submit {
@@ -261,7 +270,11 @@ async fn on_kubeconfig(chain: &escrow::ChainOpts, output: Format, cmd: Cmd) -> a
         } => jobs(output, namespace, all_namespaces).await,
         Cmd::Gpus => gpus(output).await,
         Cmd::Escrow { cmd } => escrow::escrow(output, chain, cmd).await,
-        Cmd::Leases { address } => escrow::leases(output, chain, address).await,
+        Cmd::Leases { watch: Some(_), .. } => anyhow::bail!(
+            "--watch follows a lease through a Pool API (--pool-api); with a kubeconfig, \
+             `kubectl get leases.gpupool.dev -w` follows them"
+        ),
+        Cmd::Leases { address, .. } => escrow::leases(output, chain, address).await,
         Cmd::Submit { ns, job, wait } => {
             let (name, said) = submit::submit(&ns, &job).await?;
             wait.then(&ns, &name, said).await
@@ -298,9 +311,25 @@ async fn through_pool_api(
         pool_api::Pool::connect(url, wallet, ca).await
     };
     match cmd {
-        // Escrow and leases go to the chain, completions need nothing: neither asks the member.
+        // The member reads the chain for its renters: balances and leases
+        // need no RPC of the renter's own.
+        Cmd::Escrow {
+            cmd: escrow::EscrowCmd::Balance { address: Some(_) },
+        }
+        | Cmd::Leases { address: Some(_), .. } => anyhow::bail!(
+            "through a Pool API you see your own wallet's; --address reads the chain for anyone (drop --pool-api)"
+        ),
+        Cmd::Escrow {
+            cmd: escrow::EscrowCmd::Balance { address: None },
+        } => connect(true).await?.escrow(output).await,
+        Cmd::Leases {
+            watch: Some(name),
+            timeout,
+            ..
+        } => connect(true).await?.watch_lease(&name, timeout).await,
+        Cmd::Leases { .. } => connect(true).await?.leases(output).await,
+        // Transactions are the renter's own to sign and send; completions need nothing.
         Cmd::Escrow { cmd } => escrow::escrow(output, chain, cmd).await,
-        Cmd::Leases { address } => escrow::leases(output, chain, address).await,
         c @ Cmd::Completions { .. } => on_kubeconfig(chain, output, c).await,
         Cmd::Gpus | Cmd::Peers => anyhow::bail!(
             "this command reads a member cluster and needs its kubeconfig; through a Pool API, `gpupool market` shows the pool"

@@ -234,6 +234,125 @@ impl Pool {
         ))
     }
 
+    /// Your leases through this member, newest first.
+    pub async fn leases(&mut self, format: Format) -> anyhow::Result<String> {
+        let req = self.signed("ListLeases", api::ListLeasesRequest {})?;
+        let leases = self.client.list_leases(req).await.map_err(refused)?.into_inner().leases;
+        if !matches!(format, Format::Table) {
+            return structured(format, &leases);
+        }
+        let rows = leases
+            .iter()
+            .map(|l| {
+                vec![
+                    l.name.clone(),
+                    l.job.clone(),
+                    l.provider_org.clone(),
+                    format!("{}×{}", l.gpu_count, l.gpu_product),
+                    lease_state(l),
+                    dash(Some(l.deposited.clone())),
+                    dash(Some(l.paid.clone())),
+                    dash(Some(l.refunded.clone())),
+                    dash(Some(l.message.clone())),
+                ]
+            })
+            .collect::<Vec<_>>();
+        Ok(table(
+            &[
+                "NAME",
+                "JOB",
+                "PROVIDER",
+                "GPUS",
+                "STATE",
+                "DEPOSITED",
+                "PAID",
+                "REFUNDED",
+                "NOTE",
+            ],
+            &rows,
+        ))
+    }
+
+    /// Follows one lease, printing each change to stderr, until it closes
+    /// (or `timeout` runs out); says how it closed.
+    pub async fn watch_lease(&mut self, name: &str, timeout: Option<Duration>) -> anyhow::Result<String> {
+        let start = Instant::now();
+        let mut last: Option<api::LeaseView> = None;
+        let watched = async {
+            loop {
+                let req = self.signed("WatchLease", api::LeaseRef { name: name.into() })?;
+                let mut stream = self.client.watch_lease(req).await.map_err(refused)?.into_inner();
+                while let Some(item) = stream.next().await {
+                    let l = match item {
+                        Ok(l) => l,
+                        Err(e) => {
+                            eprintln!("[{:>6.1}s] {}", start.elapsed().as_secs_f64(), e.message());
+                            break;
+                        }
+                    };
+                    let line = lease_progress(&l);
+                    if last.as_ref().map(lease_progress) != Some(line.clone()) {
+                        eprintln!("[{:>6.1}s] {line}", start.elapsed().as_secs_f64());
+                    }
+                    last = Some(l.clone());
+                    if l.state == "Closed" {
+                        return Ok::<_, anyhow::Error>(l);
+                    }
+                }
+                // The member dropped the stream, or the record went: look again.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        let closed = match timeout {
+            Some(t) => tokio::time::timeout(t, watched).await.map_err(|_| {
+                anyhow::Error::from(WaitEnded {
+                    code: EXIT_TIMED_OUT,
+                    message: format!(
+                        "timed out after {}s waiting for lease {name} to close; last seen {}",
+                        t.as_secs(),
+                        last.as_ref().map_or_else(|| "nothing".into(), lease_progress)
+                    ),
+                })
+            })??,
+            None => watched.await?,
+        };
+        Ok(format!(
+            "lease {} {}: paid {}, refunded {} of {} deposited\n",
+            closed.name,
+            lease_state(&closed),
+            dash(Some(closed.paid.clone())),
+            dash(Some(closed.refunded.clone())),
+            dash(Some(closed.deposited.clone()))
+        ))
+    }
+
+    /// Your tokens as the member reads them from the chain.
+    pub async fn escrow(&mut self, format: Format) -> anyhow::Result<String> {
+        let req = self.signed("Escrow", api::EscrowRequest {})?;
+        let e = self.client.escrow(req).await.map_err(refused)?.into_inner();
+        if !matches!(format, Format::Table) {
+            return structured(format, &e);
+        }
+        Ok(table(
+            &[
+                "ADDRESS",
+                "WALLET",
+                "ACCOUNT",
+                "AGENT-MAY-COMMIT",
+                "IN-LEASES",
+                "OPEN-LEASES",
+            ],
+            &[vec![
+                e.wallet,
+                e.wallet_balance,
+                e.account,
+                e.agent_allowance,
+                e.in_leases,
+                e.open_leases.to_string(),
+            ]],
+        ))
+    }
+
     /// Follows the job, printing each change to stderr, until it gets where
     /// `want` asks, fails, or `timeout` runs out. A watch the member
     /// interrupts is opened again.
@@ -302,6 +421,29 @@ fn progress(j: &api::Job) -> String {
     format!("{}: {}", shown_phase(j), j.message)
 }
 
+/// A lease's state, with how it closed once it has.
+fn lease_state(l: &api::LeaseView) -> String {
+    match (l.state.as_str(), l.close_reason.as_str()) {
+        ("", _) => "Pending".into(),
+        (s, "") => s.into(),
+        (s, why) => format!("{s} ({why})"),
+    }
+}
+
+fn lease_progress(l: &api::LeaseView) -> String {
+    let mut s = format!("{} in {}", lease_state(l), l.provider_org);
+    if !l.deposited.is_empty() {
+        s.push_str(&format!(", {} deposited", l.deposited));
+    }
+    if !l.workload_phase.is_empty() {
+        s.push_str(&format!(", workload {}", l.workload_phase));
+    }
+    if !l.message.is_empty() {
+        s.push_str(&format!(": {}", l.message));
+    }
+    s
+}
+
 /// The phase the Pool API names, as the resource's type.
 fn phase(s: &str) -> Option<AiJobPhase> {
     serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
@@ -345,5 +487,21 @@ mod tests {
             summary(&j),
             "aijob/eval Succeeded in bravo, exit code 0, cost 0.01 tokens\n"
         );
+    }
+
+    #[test]
+    fn a_lease_reads_as_its_state_and_how_it_closed() {
+        let mut l = api::LeaseView {
+            provider_org: "bravo".into(),
+            ..Default::default()
+        };
+        assert_eq!(lease_state(&l), "Pending");
+        l.state = "Active".into();
+        l.deposited = "0.5".into();
+        l.message = "adding 0.1 tokens".into();
+        assert_eq!(lease_progress(&l), "Active in bravo, 0.5 deposited: adding 0.1 tokens");
+        l.state = "Closed".into();
+        l.close_reason = "InsufficientFunds".into();
+        assert_eq!(lease_state(&l), "Closed (InsufficientFunds)");
     }
 }

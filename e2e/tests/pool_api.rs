@@ -7,6 +7,8 @@
 //! and a cluster user naming someone else's wallet as payer.
 
 use std::path::Path;
+
+use alloy::providers::ext::AnvilApi as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gpupool_chain::request_auth::HEADER_WALLET;
@@ -14,7 +16,7 @@ use gpupool_chain::{ClientOptions, EscrowClient, LeaseOnChain, Wallet};
 use gpupool_crds::{ANNOTATION_TRACEPARENT, AiJob};
 use gpupool_e2e::harness::{CliRun, admin, aijob_json, namespace, remove_namespace, run_gpupool, testenv, wait_for};
 use gpupool_e2e::otlp::{OtlpReceiver, ReceivedSpan};
-use gpupool_e2e::pool::{Lends, Pool};
+use gpupool_e2e::pool::{Lends, Pool, base_units};
 use gpupool_proto::pool::v1 as api;
 use gpupool_proto::pool::v1::pool_client::PoolClient;
 use kube::ResourceExt;
@@ -430,4 +432,176 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
 
     remove_namespace(&acme, &ns).await;
     remove_namespace(&acme, &renter_ns).await;
+}
+
+/// A renter's job that outlives its first deposit: acme's operator, the
+/// renter's agent, tops the lease up from the renter's account while the
+/// renter's allowance lasts. When it no longer does, the job, the lease and
+/// the renter's balance say why, all through the Pool API, and the lease
+/// ends when its funds do, having paid exactly what was deposited.
+// Multi-threaded: the CLI runs block the test's thread while blocks are mined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renters_long_job_is_topped_up_by_its_agent_while_the_allowance_lasts() {
+    let env = testenv();
+    let chain_info = env.chain.as_ref().expect("a chain");
+    let cfg = chain_info.config.clone();
+    // The second funded wallet rents here, so the first test's renter is untouched.
+    let key = chain_info.wallets["provider"].clone();
+    let renter = Wallet::from_file(&key).unwrap();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let flags = [
+        "--deposit-seconds=10".to_string(),
+        "--funds-warning-seconds=6".to_string(),
+    ];
+    let (pool, url, ca) = Pool::start_serving_pool_api(&env, "apitopup", &Lends::every_org(), "acme", &flags)
+        .await
+        .unwrap();
+    let agent = pool.members["acme"].wallet.to_string();
+    let chain = EscrowClient::connect(pool.config.clone(), None, ClientOptions::default()).unwrap();
+    let renter_ns = format!(
+        "gpupool-renter-{}",
+        renter.address().to_string().to_lowercase().trim_start_matches("0x")
+    );
+    remove_namespace(&acme, &renter_ns).await;
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--pool-api", url.as_str()];
+        all.extend_from_slice(args);
+        gpupool(&cfg, &key, &ca, &all)
+    };
+    wait_for(WAIT, "bravo's A100s in the market", || async {
+        let r = cli(&["market", "-o", "json"]);
+        r.out.contains("\"bravo\"").then_some(())
+    })
+    .await
+    .unwrap();
+
+    // bravo asks 2 per GPU-hour: one A100 costs `rate` a second. The first
+    // deposit covers a minute, each top-up 10 s; the renter allows the
+    // agent exactly the deposit and one top-up.
+    let rate = 2 * 10u128.pow(18) / 3600;
+    let allowed = 70 * rate;
+    let r = cli(&["escrow", "deposit", "--amount", "1"]);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    let amount = gpupool_crds::price::TokenAmount(allowed).to_string();
+    let r = cli(&["escrow", "agent", "--agent", &agent, "--amount", &amount]);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    let account_before = chain.account(renter.address()).await.unwrap();
+    let bravo_before = pool.balance("bravo").await.unwrap();
+    let failures_before = bravo_failures(&acme).await;
+
+    // Anvil mines only on transactions; a live chain's clock moves on its own.
+    let provider = pool.chain.provider().clone();
+    let blocks = tokio::spawn(async move {
+        for _ in 0..300 {
+            if provider.anvil_mine(Some(1), None).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let r = cli(&[
+        "submit",
+        "long",
+        "--image",
+        "ghcr.io/example/train:1",
+        "--model",
+        "A100",
+        "--max-price",
+        "3",
+        "--max-duration",
+        "10m",
+        "--window",
+        "1s",
+        "--pod-annotation",
+        "sim.gpupool.dev/duration=300s",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+
+    // One top-up gets through; the next one is refused, and the job says why.
+    let message = wait_for(
+        Duration::from_secs(150),
+        "the refused top-up in the job's reason",
+        || async {
+            let r = cli(&["jobs", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_str(&r.out).ok()?;
+            let job = v.as_array()?.iter().find(|j| j["name"] == "long")?.clone();
+            let m = job["message"].as_str()?.to_string();
+            m.contains("gpupool escrow agent").then_some(m)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(message.contains("lease long-"), "{message}");
+    let r = cli(&["leases", "-o", "json"]);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    let leases: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+    let lease = leases.as_array().unwrap()[0].clone();
+    assert_eq!(lease["job"], "long");
+    assert_eq!(lease["providerOrg"], "bravo");
+    assert_eq!(base_units(lease["deposited"].as_str().unwrap()), allowed, "{lease}");
+    assert_eq!(base_units(lease["topUpTo"].as_str().unwrap()), (600 + 60) * rate);
+    assert!(
+        lease["message"]
+            .as_str()
+            .unwrap()
+            .contains("lets this agent commit 0 more tokens"),
+        "{lease}"
+    );
+    // The balance through the member: nothing left to commit, one lease open.
+    let r = cli(&["escrow", "balance", "-o", "json"]);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    let b: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+    assert_eq!(b["agentAllowance"], "0", "{b}");
+    assert_eq!(b["openLeases"], 1, "{b}");
+    assert_eq!(base_units(b["account"].as_str().unwrap()), account_before - allowed);
+    assert!(base_units(b["inLeases"].as_str().unwrap()) <= allowed, "{b}");
+
+    // Followed to its end: the lease runs dry and closes as InsufficientFunds.
+    let name = lease["name"].as_str().unwrap().to_string();
+    let r = cli(&["leases", "--watch", &name, "--timeout", "120s"]);
+    blocks.abort();
+    assert_eq!(r.code, Some(0), "stdout {}\nstderr {}", r.out, r.err);
+    assert!(r.out.contains("Closed (InsufficientFunds)"), "{}", r.out);
+    // All that was deposited went to bravo: paid for 70 s, nothing lost.
+    let paid_to_bravo = wait_for(WAIT, "bravo paid", || async {
+        let now = pool.balance("bravo").await.ok()?;
+        (now > bravo_before).then_some(now - bravo_before)
+    })
+    .await
+    .unwrap();
+    assert_eq!(paid_to_bravo, allowed);
+    assert_eq!(chain.account(renter.address()).await.unwrap(), account_before - allowed);
+    // The job failed for the renter's funds: not re-auctioned, and not
+    // counted against bravo, which did nothing wrong.
+    let job = wait_for(WAIT, "the job failed for its funds", || async {
+        let r = cli(&["jobs", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&r.out).ok()?;
+        let job = v.as_array()?.iter().find(|j| j["name"] == "long")?.clone();
+        (job["phase"] == "Failed").then_some(job)
+    })
+    .await
+    .unwrap();
+    let why = job["message"].as_str().unwrap();
+    assert!(why.contains("ran out of funds before the workload ended"), "{why}");
+    assert!(why.contains("commit 0 more tokens"), "{why}");
+    assert_eq!(
+        bravo_failures(&acme).await,
+        failures_before,
+        "bravo is not blamed for the renter's funds"
+    );
+
+    remove_namespace(&acme, &renter_ns).await;
+}
+
+/// Leases bravo failed, as acme's PoolPeer for it records them.
+async fn bravo_failures(acme: &kube::Client) -> u64 {
+    Api::<gpupool_crds::PoolPeer>::all(acme.clone())
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|p| p.spec.org == "bravo")
+        .and_then(|p| p.status)
+        .map_or(0, |s| s.reputation.failed)
 }

@@ -354,12 +354,13 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
             figures.refunded = Some(*refunded);
             figures.deposited = Some(*deposited);
             figures.remaining = Some(0);
-            conditions.push(ConditionUpdate::new(
-                COND_FUNDS_LOW,
-                false,
-                "Closed",
-                "the lease is closed",
-            ));
+            conditions.push(match &seen.top_up_refused {
+                // Why it ran dry stays on record for the renter to read.
+                Some(refused) if *reason == CloseReason::InsufficientFunds => {
+                    ConditionUpdate::new(COND_FUNDS_LOW, true, REASON_TOP_UP_REFUSED, refused.clone())
+                }
+                _ => ConditionUpdate::new(COND_FUNDS_LOW, false, "Closed", "the lease is closed"),
+            });
             conditions.push(ConditionUpdate::new(
                 COND_SETTLED,
                 true,
@@ -653,6 +654,21 @@ mod tests {
         later.now = 760;
         later.head = 27;
         assert_eq!(plan(&p, &later).conditions, r.conditions);
+        // Run dry and closed: why it could not go on stays on record.
+        low.onchain = LeaseOnChain::Closed {
+            renter: Address::repeat_byte(1),
+            provider: Address::repeat_byte(2),
+            reason: CloseReason::InsufficientFunds,
+            closed_by: Address::repeat_byte(2),
+            opened_block: 10,
+            closed_block: 30,
+            paid: 1_000_000,
+            refunded: 0,
+            deposited: 1_000_000,
+        };
+        let closed = plan(&p, &low);
+        assert_eq!(closed.step, Step::Nothing);
+        assert_eq!(cond(&closed, COND_FUNDS_LOW).reason, REASON_TOP_UP_REFUSED);
     }
 
     #[test]

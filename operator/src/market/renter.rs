@@ -68,6 +68,9 @@ pub enum Step {
     Done,
     /// The provider failed: exclude it and order again.
     Reauction { failed_org: String, attempt: i32 },
+    /// The lease ran out of funds before the workload ended: the renter's
+    /// money, not the provider, stopped it, so the job fails and says so.
+    OutOfFunds,
 }
 
 /// How far a workload has got, as its provider reports it.
@@ -132,6 +135,8 @@ pub fn decide(v: &View<'_>) -> Step {
         if closed {
             return if finished || lease.close_requested == Some(CloseReason::Completed) {
                 Step::Done
+            } else if lease.closed_as.as_deref() == Some(CloseReason::InsufficientFunds.as_str()) {
+                Step::OutOfFunds
             } else {
                 // Closed before the work finished: the provider failed (or the
                 // funds ran out, or it was closed by hand). Never two live leases:
@@ -378,6 +383,19 @@ mod tests {
                 attempt: 2
             }
         );
+        // Run dry before the work ended: the renter's funds, not the
+        // provider, stopped it; no re-auction counts it against the provider.
+        let dry = LeaseView {
+            provider_org: "globex".into(),
+            state: Some(LeaseState::Closed),
+            closed_as: Some("InsufficientFunds".into()),
+            workload: Some(WorkloadReport {
+                phase: "Running".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(decide(&view(&[], Some(&dry))), Step::OutOfFunds);
         // Finished work closes as completed and ends there.
         let mut done = LeaseView {
             provider_org: "globex".into(),

@@ -887,6 +887,31 @@ impl Market {
                     self.metrics.pool_lease("renter_completed");
                 }
             }
+            Step::OutOfFunds => {
+                let l = lease
+                    .as_ref()
+                    .ok_or_else(|| MarketError::Invalid("lease missing".into()))?;
+                let st = l.status.clone().unwrap_or_default();
+                out.placed = true;
+                out.runs_on = Some(runs_on(l));
+                out.phase = AiJobPhase::Failed;
+                out.reason = "LeaseOutOfFunds";
+                out.message = format!(
+                    "lease {} in {} ran out of funds before the workload ended: paid {} of {} tokens deposited",
+                    l.name_any(),
+                    l.spec.provider.org,
+                    st.paid.clone().unwrap_or_default(),
+                    st.deposited.clone().unwrap_or_default()
+                );
+                if let Some(why) = find(&st.conditions, COND_FUNDS_LOW).filter(|c| c.status == "True") {
+                    out.message.push_str(&format!("; {}", why.message));
+                }
+                out.requeue = None;
+                if !status.phase.is_some_and(AiJobPhase::is_terminal) {
+                    out.events.push((true, "LeaseOutOfFunds", out.message.clone()));
+                    self.metrics.pool_lease("renter_out_of_funds");
+                }
+            }
             Step::Reauction { failed_org, attempt } => {
                 if !order.excluded_orgs.contains(&failed_org) {
                     let everyone = Wanted {

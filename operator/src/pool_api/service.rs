@@ -12,10 +12,10 @@ use futures::StreamExt as _;
 use gpupool_chain::request_auth::{
     AuthError, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP, HEADER_WALLET, SignedHeaders, verify,
 };
-use gpupool_chain::{Address, EscrowClient};
+use gpupool_chain::{Address, EscrowClient, LeaseOnChain};
 use gpupool_crds::market_view::{accept_refusal, offers, raise_refusal, sort_bids};
 use gpupool_crds::price::TokenAmount;
-use gpupool_crds::{ANNOTATION_TRACEPARENT, AiJob, Bid, LABEL_AIJOB, LABEL_RENTER_WALLET, PoolPeer};
+use gpupool_crds::{ANNOTATION_TRACEPARENT, AiJob, Bid, LABEL_AIJOB, LABEL_RENTER_WALLET, Lease, PoolPeer};
 use gpupool_proto::pool::v1 as api;
 use gpupool_proto::pool::v1::pool_server::{Pool, SERVICE_NAME};
 use k8s_openapi::api::core::v1::Namespace;
@@ -310,37 +310,115 @@ impl PoolService {
         let renter = self.authenticate(&req, "WatchJob")?;
         let name = req.into_inner().name;
         self.get_job_of(renter, &name).await?;
-        let changes = watch_object(self.jobs(renter), &name);
-        let stream = futures::stream::unfold(
-            (Box::pin(changes), None::<api::Job>, false),
-            |(mut changes, last, done)| async move {
-                if done {
-                    return None;
-                }
-                loop {
-                    match changes.next().await {
-                        None => return None,
-                        Some(Ok(Some(job))) => {
-                            let view = views::job(&job);
-                            if last.as_ref() == Some(&view) {
-                                continue;
-                            }
-                            // The last message of a job that ended.
-                            let ended = matches!(view.phase.as_str(), "Succeeded" | "Failed");
-                            return Some((Ok(view.clone()), (changes, Some(view), ended)));
+        Ok(follow(self.jobs(renter), &name, views::job, |j| {
+            matches!(j.phase.as_str(), "Succeeded" | "Failed")
+        }))
+    }
+
+    fn leases(&self, renter: Address) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), &views::renter_namespace(renter))
+    }
+
+    async fn list_leases_of(&self, req: Request<api::ListLeasesRequest>) -> Result<api::ListLeasesResponse, Status> {
+        let renter = self.authenticate(&req, "ListLeases")?;
+        let mut list = self
+            .leases(renter)
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| kube_status(e, "listing your leases"))?
+            .items;
+        list.sort_by(|a, b| b.metadata.creation_timestamp.cmp(&a.metadata.creation_timestamp));
+        Ok(api::ListLeasesResponse {
+            leases: list.iter().map(views::lease).collect(),
+        })
+    }
+
+    async fn watch_lease_of(&self, req: Request<api::LeaseRef>) -> Result<BoxStream<api::LeaseView>, Status> {
+        let renter = self.authenticate(&req, "WatchLease")?;
+        let name = req.into_inner().name;
+        let api = self.leases(renter);
+        api.get(&name)
+            .await
+            .map_err(|e| kube_status(e, &format!("you have no lease named {name:?}; ListLeases shows yours")))?;
+        Ok(follow(api, &name, views::lease, |l| l.state == "Closed"))
+    }
+
+    async fn escrow_of(&self, req: Request<api::EscrowRequest>) -> Result<api::EscrowView, Status> {
+        let renter = self.authenticate(&req, "Escrow")?;
+        let chain_down = |e: gpupool_chain::ChainError| {
+            Status::unavailable(format!("this member cannot read the chain ({e}); retry later"))
+        };
+        let leases = self
+            .leases(renter)
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| kube_status(e, "listing your leases"))?
+            .items;
+        let (wallet, account, allowed, tip) = tokio::try_join!(
+            self.chain.token_balance(renter),
+            self.chain.account(renter),
+            self.chain.agent_allowance(renter, self.agent),
+            self.chain.tip(),
+        )
+        .map_err(chain_down)?;
+        // What the open ones hold now, read at one block: the records' own
+        // figures may be seconds old.
+        let (mut in_leases, mut open) = (0u128, 0u32);
+        for id in leases.iter().filter_map(views::open_lease_id) {
+            if let LeaseOnChain::Open { lease, .. } = self.chain.lease_at(id, tip.number).await.map_err(chain_down)? {
+                in_leases = in_leases.saturating_add(lease.remaining_at(tip.timestamp));
+                open += 1;
+            }
+        }
+        Ok(api::EscrowView {
+            wallet: renter.to_string(),
+            wallet_balance: TokenAmount(wallet).to_string(),
+            account: TokenAmount(account).to_string(),
+            agent: self.agent.to_string(),
+            agent_allowance: TokenAmount(allowed).to_string(),
+            in_leases: TokenAmount(in_leases).to_string(),
+            open_leases: open,
+        })
+    }
+}
+
+/// `name` in `api` as `view` shows it, now and at each change that shows,
+/// until `ended` says it is over, the object goes, or the caller hangs up.
+fn follow<K, V>(api: Api<K>, name: &str, view: fn(&K) -> V, ended: fn(&V) -> bool) -> BoxStream<V>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    V: Clone + PartialEq + Send + 'static,
+{
+    let changes = watch_object(api, name);
+    let stream = futures::stream::unfold(
+        (Box::pin(changes), None::<V>, false),
+        move |(mut changes, last, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                match changes.next().await {
+                    None => return None,
+                    Some(Ok(Some(obj))) => {
+                        let v = view(&obj);
+                        if last.as_ref() == Some(&v) {
+                            continue;
                         }
-                        // Deleted: the watch is over.
-                        Some(Ok(None)) => return None,
-                        Some(Err(e)) => {
-                            let status = Status::unavailable(format!("the watch was interrupted ({e}); watch again"));
-                            return Some((Err(status), (changes, last, true)));
-                        }
+                        // The last message of one that ended.
+                        let over = ended(&v);
+                        return Some((Ok(v.clone()), (changes, Some(v), over)));
+                    }
+                    // Deleted: the watch is over.
+                    Some(Ok(None)) => return None,
+                    Some(Err(e)) => {
+                        let status = Status::unavailable(format!("the watch was interrupted ({e}); watch again"));
+                        return Some((Err(status), (changes, last, true)));
                     }
                 }
-            },
-        );
-        Ok(Box::pin(stream))
-    }
+            }
+        },
+    );
+    Box::pin(stream)
 }
 
 #[tonic::async_trait]
@@ -415,6 +493,26 @@ impl Pool for PoolService {
     async fn watch_job(&self, req: Request<api::JobRef>) -> Result<Response<Self::WatchJobStream>, Status> {
         let r = self.watch(req).await;
         self.record("WatchJob", r)
+    }
+
+    async fn list_leases(
+        &self,
+        req: Request<api::ListLeasesRequest>,
+    ) -> Result<Response<api::ListLeasesResponse>, Status> {
+        let r = self.list_leases_of(req).await;
+        self.record("ListLeases", r)
+    }
+
+    type WatchLeaseStream = BoxStream<api::LeaseView>;
+
+    async fn watch_lease(&self, req: Request<api::LeaseRef>) -> Result<Response<Self::WatchLeaseStream>, Status> {
+        let r = self.watch_lease_of(req).await;
+        self.record("WatchLease", r)
+    }
+
+    async fn escrow(&self, req: Request<api::EscrowRequest>) -> Result<Response<api::EscrowView>, Status> {
+        let r = self.escrow_of(req).await;
+        self.record("Escrow", r)
     }
 }
 
