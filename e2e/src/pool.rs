@@ -62,6 +62,18 @@ pub struct Member {
     pub wallet: Address,
 }
 
+/// A Pool API served over TLS in a test.
+pub struct ServedApi {
+    /// https://127.0.0.1:PORT
+    pub url: String,
+    /// The CA certificate its serving certificate chains to.
+    pub ca: PathBuf,
+    /// The certificate and key files the operator serves from.
+    pub files: crate::certs::CertFiles,
+    /// A directory of its own, for more certificates.
+    pub dir: PathBuf,
+}
+
 pub struct Pool {
     pub members: BTreeMap<String, Member>,
     pub chain: EscrowClient,
@@ -86,15 +98,15 @@ impl Pool {
 
     /// Starts the pool with the test timings and `extra` flags, `org`'s
     /// operator also serving the Pool API over TLS on a loopback port, with
-    /// a certificate from a CA made for it; returns the pool, the API's
-    /// https URL and the CA certificate's path.
+    /// a certificate from a CA made for it; returns the pool and where and
+    /// how the API is served.
     pub async fn start_serving_pool_api(
         env: &TestEnv,
         tag: &str,
         lends: &[Lends],
         org: &str,
         extra: &[String],
-    ) -> anyhow::Result<(Self, String, PathBuf)> {
+    ) -> anyhow::Result<(Self, ServedApi)> {
         let port = free_port()?;
         let dir = env
             .org(org)
@@ -121,7 +133,15 @@ impl Pool {
             )),
         )
         .await?;
-        Ok((pool, format!("https://127.0.0.1:{port}"), ca.cert_path))
+        Ok((
+            pool,
+            ServedApi {
+                url: format!("https://127.0.0.1:{port}"),
+                ca: ca.cert_path,
+                files: serving,
+                dir,
+            },
+        ))
     }
 
     async fn start_members(

@@ -75,15 +75,23 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
     // Every operator exports its spans: the job's trace starts at the Pool API.
     let receiver = OtlpReceiver::start().await.unwrap();
     let otlp = [format!("--otlp-endpoint={}", receiver.endpoint())];
-    let (pool, url, ca) = Pool::start_serving_pool_api(&env, "poolapi", &Lends::every_org(), "acme", &otlp)
+    let (pool, served) = Pool::start_serving_pool_api(&env, "poolapi", &Lends::every_org(), "acme", &otlp)
         .await
         .unwrap();
+    let (url, ca) = (served.url.clone(), served.ca.clone());
     let acme_wallet = pool.members["acme"].wallet;
     let chain = EscrowClient::connect(pool.config.clone(), None, ClientOptions::default()).unwrap();
     let me = renter.address().to_string();
     let renter_ns = format!("gpupool-renter-{}", me.to_lowercase().trim_start_matches("0x"));
-    // What an earlier, interrupted run left, settled by the running operators.
+    // What an earlier, interrupted run left (of this test or the next, whose
+    // renter is the other wallet here), settled by the running operators.
     remove_namespace(&acme, &renter_ns).await;
+    let other_address = Wallet::from_file(&other_key).unwrap().address().to_string();
+    let other_ns = format!(
+        "gpupool-renter-{}",
+        other_address.to_lowercase().trim_start_matches("0x")
+    );
+    remove_namespace(&acme, &other_ns).await;
     let cli = |args: &[&str]| {
         let mut all = vec!["--pool-api", url.as_str()];
         all.extend_from_slice(args);
@@ -432,6 +440,34 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
 
     remove_namespace(&acme, &ns).await;
     remove_namespace(&acme, &renter_ns).await;
+
+    // A renewed certificate, here from a new CA, is served without a
+    // restart once its files change, as the kubelet swaps a renewed
+    // Secret's files: written aside, then renamed into place.
+    let renewed_dir = served.dir.join("renewed");
+    std::fs::create_dir_all(&renewed_dir).unwrap();
+    let new_ca = gpupool_e2e::certs::Ca::create(&renewed_dir, "pool-api-renewed").unwrap();
+    let next = new_ca
+        .serving(
+            &renewed_dir,
+            "pool-api",
+            "gpupool-pool-api",
+            &["127.0.0.1", "localhost"],
+        )
+        .unwrap();
+    for (from, to) in [(&next.key, &served.files.key), (&next.cert, &served.files.cert)] {
+        let aside = to.with_extension("next");
+        std::fs::copy(from, &aside).unwrap();
+        std::fs::rename(&aside, to).unwrap();
+    }
+    wait_for(Duration::from_secs(30), "the renewed certificate served", || async {
+        let r = gpupool(&cfg, &key, &new_ca.cert_path, &["--pool-api", &url, "pool-info"]);
+        (r.code == Some(0)).then_some(())
+    })
+    .await
+    .unwrap();
+    let r = gpupool(&cfg, &key, &ca, &["--pool-api", &url, "pool-info"]);
+    assert_eq!(r.code, Some(1), "the old CA no longer verifies it: {}", r.out);
 }
 
 /// A renter's job that outlives its first deposit: acme's operator, the
@@ -453,9 +489,10 @@ async fn a_renters_long_job_is_topped_up_by_its_agent_while_the_allowance_lasts(
         "--deposit-seconds=10".to_string(),
         "--funds-warning-seconds=6".to_string(),
     ];
-    let (pool, url, ca) = Pool::start_serving_pool_api(&env, "apitopup", &Lends::every_org(), "acme", &flags)
+    let (pool, served) = Pool::start_serving_pool_api(&env, "apitopup", &Lends::every_org(), "acme", &flags)
         .await
         .unwrap();
+    let (url, ca) = (served.url.clone(), served.ca.clone());
     let agent = pool.members["acme"].wallet.to_string();
     let chain = EscrowClient::connect(pool.config.clone(), None, ClientOptions::default()).unwrap();
     let renter_ns = format!(

@@ -396,7 +396,11 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
             if find(&before.conditions, COND_FUNDS_LOW).map(|c| c.message.as_str()) != Some(msg.as_str()) {
                 ctx.event(&lease, EventType::Warning, REASON_TOP_UP_REFUSED, &msg).await;
             }
-            patch_status(api, &name, &status).await?;
+            // Retried every resync: only what changed, not the ticking figures, is written each time.
+            if status != before && !(ticking_only(&before, &status) && ctx.figures_fresh(&lease)) {
+                patch_status(api, &name, &status).await?;
+                ctx.figures_written(&lease);
+            }
             return Ok(Action::requeue(ctx.settings.resync));
         }
         Err(e) => {

@@ -234,16 +234,19 @@ pub fn plan(policy: &Policy, seen: &Observed) -> Plan {
                             .min(lease.rate_per_second.saturating_mul(policy.top_up_for.as_secs().into()))
                     })
                     .filter(|a| *a > 0);
-            conditions.push(if overdrawn {
+            let refused = seen.top_up_refused.as_ref().filter(|_| overdrawn || top_up.is_some());
+            conditions.push(if let Some(refused) = refused {
+                // Retried as it was, and kept once it ran dry: the message
+                // stays until the escrow says otherwise, and tells the renter
+                // why the lease ended.
+                ConditionUpdate::new(COND_FUNDS_LOW, true, REASON_TOP_UP_REFUSED, refused.clone())
+            } else if overdrawn {
                 ConditionUpdate::new(
                     COND_FUNDS_LOW,
                     true,
                     "OutOfFunds",
                     "the deposit is used up; the lease closes as InsufficientFunds",
                 )
-            } else if let (Some(_), Some(refused)) = (top_up, &seen.top_up_refused) {
-                // Retried as it was: the message stays until the escrow says otherwise.
-                ConditionUpdate::new(COND_FUNDS_LOW, true, REASON_TOP_UP_REFUSED, refused.clone())
             } else if let Some(amount) = top_up {
                 ConditionUpdate::new(
                     COND_FUNDS_LOW,
@@ -654,7 +657,12 @@ mod tests {
         later.now = 760;
         later.head = 27;
         assert_eq!(plan(&p, &later).conditions, r.conditions);
-        // Run dry and closed: why it could not go on stays on record.
+        // Run dry: it closes, and why it could not go on stays on record.
+        let mut dry = low.clone();
+        dry.now = 1_100;
+        let d = plan(&p, &dry);
+        assert_eq!(d.step, Step::Close(CloseReason::InsufficientFunds));
+        assert_eq!(cond(&d, COND_FUNDS_LOW).reason, REASON_TOP_UP_REFUSED);
         low.onchain = LeaseOnChain::Closed {
             renter: Address::repeat_byte(1),
             provider: Address::repeat_byte(2),

@@ -5,9 +5,11 @@
 //! - [`replay`]: freshness and replay memory for signed requests (pure).
 //! - [`views`]: the renter's namespace and the messages resources become (pure).
 //! - [`service`]: the gRPC service, the I/O edge.
+//! - [`tls`]: the serving certificate, reloaded when its files change.
 
 pub mod replay;
 pub mod service;
+pub mod tls;
 pub mod views;
 
 use std::net::SocketAddr;
@@ -16,7 +18,6 @@ use std::sync::Arc;
 
 use gpupool_chain::{Address, EscrowClient};
 use gpupool_proto::pool::v1::pool_server::PoolServer;
-use tonic::transport::{Identity, ServerTlsConfig};
 use tracing::info;
 
 use crate::telemetry::Metrics;
@@ -36,32 +37,16 @@ pub enum ServeError {
         source: std::io::Error,
     },
     #[error("the Pool API's TLS certificate and key are not usable: {0}")]
-    Tls(#[from] tonic::transport::Error),
+    TlsPair(String),
 }
 
 /// The Pool API's serving certificate chain and key, PEM files (a
-/// kubernetes.io/tls Secret's tls.crt and tls.key). Read once at start: a
-/// rotated certificate takes a rollout.
+/// kubernetes.io/tls Secret's tls.crt and tls.key). Read again whenever they
+/// change (`tls::ReloadingCert`), so a renewed certificate needs no rollout.
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
-}
-
-impl TlsFiles {
-    fn identity(&self) -> Result<Identity, ServeError> {
-        let read = |what: &'static str, path: &PathBuf| {
-            std::fs::read(path).map_err(|source| ServeError::TlsFile {
-                what,
-                path: path.clone(),
-                source,
-            })
-        };
-        Ok(Identity::from_pem(
-            read("certificate", &self.cert)?,
-            read("key", &self.key)?,
-        ))
-    }
 }
 
 /// Binds `addr` and serves the Pool API in the background, over TLS when
@@ -75,10 +60,6 @@ pub async fn serve(
     org: String,
     metrics: Arc<Metrics>,
 ) -> Result<SocketAddr, ServeError> {
-    let mut server = tonic::transport::Server::builder();
-    if let Some(files) = &tls {
-        server = server.tls_config(ServerTlsConfig::new().identity(files.identity()?))?;
-    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
@@ -87,12 +68,28 @@ pub async fn serve(
         .map_err(|source| ServeError::Bind { addr, source })?;
     let service = PoolServer::new(service::PoolService::new(client, chain, agent, org, metrics))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    tokio::spawn(async move {
-        if let Err(e) = server.add_service(service).serve_with_incoming(incoming).await {
-            tracing::error!(error = %e, "the Pool API stopped");
+    let router = tonic::transport::Server::builder().add_service(service);
+    match &tls {
+        Some(files) => {
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let cert = Arc::new(tls::ReloadingCert::load(files.clone(), provider.clone())?);
+            cert.clone().watch();
+            let incoming = tls::incoming(listener, cert, provider)?;
+            tokio::spawn(async move {
+                if let Err(e) = router.serve_with_incoming(incoming).await {
+                    tracing::error!(error = %e, "the Pool API stopped");
+                }
+            });
         }
-    });
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            tokio::spawn(async move {
+                if let Err(e) = router.serve_with_incoming(incoming).await {
+                    tracing::error!(error = %e, "the Pool API stopped");
+                }
+            });
+        }
+    }
     info!(addr = %bound, tls = tls.is_some(), "serving the Pool API (gRPC)");
     Ok(bound)
 }
