@@ -281,23 +281,10 @@ impl Pool {
         let watched = async {
             loop {
                 let req = self.signed("WatchLease", api::LeaseRef { name: name.into() })?;
-                let mut stream = self.client.watch_lease(req).await.map_err(refused)?.into_inner();
-                while let Some(item) = stream.next().await {
-                    let l = match item {
-                        Ok(l) => l,
-                        Err(e) => {
-                            eprintln!("[{:>6.1}s] {}", start.elapsed().as_secs_f64(), e.message());
-                            break;
-                        }
-                    };
-                    let line = lease_progress(&l);
-                    if last.as_ref().map(lease_progress) != Some(line.clone()) {
-                        eprintln!("[{:>6.1}s] {line}", start.elapsed().as_secs_f64());
-                    }
-                    last = Some(l.clone());
-                    if l.state == "Closed" {
-                        return Ok::<_, anyhow::Error>(l);
-                    }
+                let stream = self.client.watch_lease(req).await.map_err(refused)?.into_inner();
+                let closed = |l: &api::LeaseView| (l.state == "Closed").then(|| l.clone());
+                if let Some(l) = follow(stream, start, &mut last, lease_progress, closed).await {
+                    return Ok::<_, anyhow::Error>(l);
                 }
                 // The member dropped the stream, or the record went: look again.
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -362,24 +349,10 @@ impl Pool {
         let watched = tokio::time::timeout(timeout, async {
             loop {
                 let req = self.signed("WatchJob", api::JobRef { name: name.into() })?;
-                let mut stream = self.client.watch_job(req).await.map_err(refused)?.into_inner();
-                while let Some(item) = stream.next().await {
-                    let j = match item {
-                        Ok(j) => j,
-                        Err(e) => {
-                            eprintln!("[{:>6.1}s] {}", start.elapsed().as_secs_f64(), e.message());
-                            break;
-                        }
-                    };
-                    let line = progress(&j);
-                    if last.as_ref().map(progress) != Some(line.clone()) {
-                        eprintln!("[{:>6.1}s] {line}", start.elapsed().as_secs_f64());
-                    }
-                    let reached = submit::reached(want, phase(&j.phase));
-                    last = Some(j.clone());
-                    if let Some(code) = reached {
-                        return Ok::<_, anyhow::Error>((code, j));
-                    }
+                let stream = self.client.watch_job(req).await.map_err(refused)?.into_inner();
+                let there = |j: &api::Job| submit::reached(want, phase(&j.phase)).map(|code| (code, j.clone()));
+                if let Some(got) = follow(stream, start, &mut last, progress, there).await {
+                    return Ok::<_, anyhow::Error>(got);
                 }
                 // Ended without the job getting there: gone, or interrupted.
                 if last.as_ref().is_some_and(|j| j.deleting) {
@@ -409,6 +382,37 @@ impl Pool {
             .into()),
         }
     }
+}
+
+/// Reads a watch stream until it ends or breaks, printing each change (as
+/// `line` shows it) to stderr with the seconds since `start`; returns what
+/// `done` makes of the first item it accepts. `last` keeps the latest item
+/// across streams, so a watch opened again prints only what is new.
+async fn follow<T: Clone, R>(
+    mut stream: tonic::Streaming<T>,
+    start: Instant,
+    last: &mut Option<T>,
+    line: fn(&T) -> String,
+    done: impl Fn(&T) -> Option<R>,
+) -> Option<R> {
+    while let Some(item) = stream.next().await {
+        let t = match item {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("[{:>6.1}s] {}", start.elapsed().as_secs_f64(), e.message());
+                return None;
+            }
+        };
+        let now = line(&t);
+        if last.as_ref().map(line) != Some(now.clone()) {
+            eprintln!("[{:>6.1}s] {now}", start.elapsed().as_secs_f64());
+        }
+        *last = Some(t.clone());
+        if let Some(r) = done(&t) {
+            return Some(r);
+        }
+    }
+    None
 }
 
 /// A job not yet seen by the operator has no phase: it is pending, as the
