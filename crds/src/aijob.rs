@@ -52,7 +52,9 @@ pub struct AiJobSpec {
     pub max_price_per_gpu_hour: String,
 
     /// The longest the job may run, as a duration such as "90m" or "24h".
-    /// It is stopped when this runs out.
+    /// It is stopped when this runs out. In the pool it also caps what the
+    /// lease may take: the first deposit covers part of it, and the lease is
+    /// topped up as the job runs, never past this much time at its price.
     #[serde(default = "default_max_duration")]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('8760h')").message("maxDuration must be a duration such as \"90m\" or \"24h\", between 1m and 8760h"))]
     #[schemars(length(max = 32))]
