@@ -414,32 +414,6 @@ impl Market {
         l
     }
 
-    /// What the AiJob says while its lease closes for `reason`.
-    fn closing_message(&self, l: &Lease, reason: CloseReason) -> String {
-        let refused = l
-            .status
-            .as_ref()
-            .and_then(|s| s.workload.as_ref())
-            .filter(|w| w.phase == "Refused");
-        match reason {
-            // It answered, with a no: that is what the renter needs to read.
-            CloseReason::ProviderFailed if let Some(w) = refused => format!(
-                "{} refused the lease ({}): closing it as ProviderFailed to re-auction the job",
-                l.spec.provider.org, w.message
-            ),
-            CloseReason::ProviderFailed => format!(
-                "{} stopped answering (no heartbeat for {}s): closing the lease as ProviderFailed to re-auction the job",
-                l.spec.provider.org,
-                self.settings.heartbeat_grace.as_secs()
-            ),
-            _ => format!(
-                "the workload ended in {}; closing the lease as {}",
-                l.spec.provider.org,
-                reason.as_str()
-            ),
-        }
-    }
-
     /// One step of the pool placement of `aijob`.
     pub async fn reconcile_remote(&self, aijob: &AiJob, need: &Need) -> Result<RemoteOutcome, MarketError> {
         let out = self.step_remote(aijob, need).await?;
@@ -836,7 +810,7 @@ impl Market {
                 out.placed = true;
                 out.runs_on = Some(runs_on(l));
                 out.reason = "LeaseClosing";
-                out.message = self.closing_message(l, reason);
+                out.message = closing_message(l, reason, self.settings.heartbeat_grace);
                 out.events
                     .push((reason != CloseReason::Completed, "LeaseClosing", out.message.clone()));
                 out.requeue = Some(Duration::from_secs(1));
@@ -852,7 +826,7 @@ impl Market {
                 // The message of the step that asked for the close: a new
                 // one here was an AiJob status write that said nothing new.
                 out.message = match l.spec.close_reason {
-                    Some(reason) => self.closing_message(l, reason),
+                    Some(reason) => closing_message(l, reason, self.settings.heartbeat_grace),
                     None => "closing the lease on chain".into(),
                 };
                 // The close on chain (state Closed) wakes the job.
@@ -1305,9 +1279,62 @@ fn opening_message(bid: &str, provider_org: &str, price: &str, lease: &str) -> S
     format!("bid {bid} from {provider_org} at {price} per GPU-hour won; opening lease {lease} on chain")
 }
 
+/// What the AiJob says while its lease closes for `reason`.
+fn closing_message(l: &Lease, reason: CloseReason, heartbeat_grace: Duration) -> String {
+    let refused = l
+        .status
+        .as_ref()
+        .and_then(|s| s.workload.as_ref())
+        .filter(|w| w.phase == "Refused");
+    match reason {
+        // It answered, with a no: that is what the renter needs to read.
+        CloseReason::ProviderFailed if let Some(w) = refused => format!(
+            "{} refused the lease ({}): closing it as ProviderFailed to re-auction the job",
+            l.spec.provider.org, w.message
+        ),
+        CloseReason::ProviderFailed => format!(
+            "{} stopped answering (no heartbeat for {}s): closing the lease as ProviderFailed to re-auction the job",
+            l.spec.provider.org,
+            heartbeat_grace.as_secs()
+        ),
+        _ => format!(
+            "the workload ended in {}; closing the lease as {}",
+            l.spec.provider.org,
+            reason.as_str()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::opening_message;
+    use super::{closing_message, opening_message};
+    use gpupool_crds::{CloseReason, Lease};
+    use std::time::Duration;
+
+    #[test]
+    fn a_provider_that_refused_is_not_called_silent() {
+        let mut l: Lease = serde_json::from_value(serde_json::json!({
+            "apiVersion": "gpupool.dev/v1alpha1", "kind": "Lease", "metadata": {"name": "job-2"},
+            "spec": {"side": "Renter", "orderId": "o", "bid": "b", "renter": {"org": "acme"},
+                "provider": {"org": "bravo"}, "pricePerGpuHour": "2", "gpuCount": 1, "gpuProduct": "A100"}
+        }))
+        .unwrap();
+        let grace = Duration::from_secs(15);
+        assert_eq!(
+            closing_message(&l, CloseReason::ProviderFailed, grace),
+            "bravo stopped answering (no heartbeat for 15s): closing the lease as ProviderFailed to re-auction the job"
+        );
+        l.status = Some(
+            serde_json::from_value(serde_json::json!({
+                "workload": {"phase": "Refused", "message": "the deposit covers less than a minute"}
+            }))
+            .unwrap(),
+        );
+        assert_eq!(
+            closing_message(&l, CloseReason::ProviderFailed, grace),
+            "bravo refused the lease (the deposit covers less than a minute): closing it as ProviderFailed to re-auction the job"
+        );
+    }
 
     #[test]
     fn the_award_and_the_lease_record_say_the_same_while_it_opens() {
