@@ -112,6 +112,22 @@ impl Context {
         self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
     }
 
+    /// Writes `status` when it says something `before` did not; figures
+    /// that only tick with the chain's clock at most every FIGURES_EVERY.
+    async fn save(
+        &self,
+        api: &Api<Lease>,
+        lease: &Lease,
+        before: &LeaseStatus,
+        status: &LeaseStatus,
+    ) -> Result<(), Error> {
+        if status != before && !(ticking_only(before, status) && self.figures_fresh(lease)) {
+            patch_status(api, &lease.name_any(), status).await?;
+            self.figures_written(lease);
+        }
+        Ok(())
+    }
+
     fn figures_written(&self, lease: &Lease) {
         let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
         if w.len() > 100_000 {
@@ -397,10 +413,7 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
                 ctx.event(&lease, EventType::Warning, REASON_TOP_UP_REFUSED, &msg).await;
             }
             // Retried every resync: only what changed, not the ticking figures, is written each time.
-            if status != before && !(ticking_only(&before, &status) && ctx.figures_fresh(&lease)) {
-                patch_status(api, &name, &status).await?;
-                ctx.figures_written(&lease);
-            }
+            ctx.save(api, &lease, &before, &status).await?;
             return Ok(Action::requeue(ctx.settings.resync));
         }
         Err(e) => {
@@ -421,10 +434,7 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
     };
 
     announce_transitions(&lease, ctx, &before, &status).await;
-    if status != before && !(ticking_only(&before, &status) && ctx.figures_fresh(&lease)) {
-        patch_status(api, &name, &status).await?;
-        ctx.figures_written(&lease);
-    }
+    ctx.save(api, &lease, &before, &status).await?;
     if acted {
         // These figures were read before the transaction: the read-back
         // that follows writes what it changed (paid, refunded) at once.
