@@ -253,6 +253,23 @@ impl Pool {
 
     /// What the org can spend: its wallet plus its escrow account, where
     /// lease payments and refunds land.
+    /// Mines a block every second for at most `limit` seconds (until the
+    /// handle is aborted). Anvil mines only on transactions, so its clock,
+    /// which the escrow's accrual follows, stands still between them; a live
+    /// chain's moves on its own, and a running lease needs it to.
+    pub fn mine_every_second(&self, limit: u32) -> tokio::task::JoinHandle<()> {
+        use alloy::providers::ext::AnvilApi as _;
+        let provider = self.chain.provider().clone();
+        tokio::spawn(async move {
+            for _ in 0..limit {
+                if provider.anvil_mine(Some(1), None).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        })
+    }
+
     pub async fn balance(&self, org: &str) -> anyhow::Result<u128> {
         let w = self
             .members

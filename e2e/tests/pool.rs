@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use alloy::providers::ext::AnvilApi as _;
-
 use gpupool_crds::{AiJob, AiJobPhase, Bid, Lease, LeaseSide, LeaseState, PoolPeer};
 use gpupool_e2e::harness::{admin, aijob_json, events_about, namespace, remove_namespace, testenv, wait_for};
 use gpupool_e2e::pool::{Lends, Pool, base_units};
@@ -208,15 +206,7 @@ async fn a_job_longer_than_its_deposit_is_topped_up_and_runs_to_the_end() {
     // Anvil mines only on transactions, so its clock, which the escrow's
     // accrual follows, would stand still while the job runs: a block every
     // second here, as a live chain makes them, until the job ends.
-    let provider = pool.chain.provider().clone();
-    let blocks = tokio::spawn(async move {
-        for _ in 0..240 {
-            if provider.anvil_mine(Some(1), None).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
+    let blocks = pool.mine_every_second(240);
     let jobs: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
     let ended = wait_for(Duration::from_secs(180), "the 75-s job ended", || async {
         let j = jobs.get("long").await.ok()?;

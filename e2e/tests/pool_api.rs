@@ -8,7 +8,6 @@
 
 use std::path::Path;
 
-use alloy::providers::ext::AnvilApi as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gpupool_chain::request_auth::HEADER_WALLET;
@@ -527,15 +526,7 @@ async fn a_renters_long_job_is_topped_up_by_its_agent_while_the_allowance_lasts(
     let failures_before = bravo_failures(&acme).await;
 
     // Anvil mines only on transactions; a live chain's clock moves on its own.
-    let provider = pool.chain.provider().clone();
-    let blocks = tokio::spawn(async move {
-        for _ in 0..300 {
-            if provider.anvil_mine(Some(1), None).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
+    let blocks = pool.mine_every_second(300);
     let r = cli(&[
         "submit",
         "long",
