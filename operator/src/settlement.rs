@@ -29,6 +29,7 @@ use crate::events::EventPublisher;
 use crate::settlement_plan::{
     COND_CHAIN, COND_FUNDS_LOW, COND_SETTLED, Observed, Policy, REASON_TOP_UP_REFUSED, Step, plan, rate_per_second,
 };
+use crate::status_memo::StatusMemo;
 use crate::telemetry::Metrics;
 
 const FIELD_MANAGER: &str = "gpupool-settlement";
@@ -73,6 +74,9 @@ struct Context {
     /// When each lease's status was last written: figures that only tick
     /// with the chain's clock are written at most every FIGURES_EVERY.
     written: Mutex<HashMap<String, std::time::Instant>>,
+    /// The status last written here, for reconciles that run before the
+    /// watch brings it back (see `crate::status_memo`).
+    statuses: StatusMemo<LeaseStatus>,
 }
 
 /// How stale the ticking figures (accrued, remaining, confirmations) of an
@@ -110,6 +114,40 @@ impl Context {
         let k = key(lease);
         self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
         self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+        self.statuses.forget(lease.metadata.uid.as_deref().unwrap_or_default());
+    }
+
+    /// The lease with the status written here last, when the cache has not
+    /// caught up with that write. Planned from the stale one, a burst of
+    /// leases wrote each state twice and announced Active twice.
+    fn freshen(&self, lease: Arc<Lease>) -> Arc<Lease> {
+        let uid = lease.metadata.uid.clone().unwrap_or_default();
+        let status = self
+            .statuses
+            .freshest(&uid, lease.metadata.resource_version.as_deref(), lease.status.clone());
+        if status == lease.status {
+            return lease;
+        }
+        let mut fresher = (*lease).clone();
+        fresher.status = status;
+        Arc::new(fresher)
+    }
+
+    /// Applies this worker's part of the status and remembers what the
+    /// write left, so the next plan starts from it.
+    async fn write_status(&self, api: &Api<Lease>, lease: &Lease, status: &LeaseStatus) -> Result<(), Error> {
+        // The market owns what the provider reports; leaving those fields out keeps
+        // a stale copy read here from overwriting a newer report.
+        let mut status = status.clone();
+        status.workload = None;
+        status.last_heartbeat = None;
+        let written = crate::ssa::apply_status(api, &lease.name_any(), FIELD_MANAGER, &status).await?;
+        self.statuses.wrote(
+            lease.metadata.uid.as_deref().unwrap_or_default(),
+            written.metadata.resource_version.as_deref(),
+            written.status.unwrap_or_default(),
+        );
+        Ok(())
     }
 
     /// Writes `status` when it says something `before` did not; figures
@@ -122,7 +160,7 @@ impl Context {
         status: &LeaseStatus,
     ) -> Result<(), Error> {
         if status != before && !(ticking_only(before, status) && self.figures_fresh(lease)) {
-            patch_status(api, &lease.name_any(), status).await?;
+            self.write_status(api, lease, status).await?;
             self.figures_written(lease);
         }
         Ok(())
@@ -156,6 +194,7 @@ pub async fn run(
         metrics,
         failures: Mutex::new(HashMap::new()),
         written: Mutex::new(HashMap::new()),
+        statuses: StatusMemo::default(),
     });
     info!("starting the settlement worker");
     let (store, writer) = reflector::store();
@@ -309,7 +348,7 @@ fn resolve(lease: &Lease, chain: &EscrowClient) -> Result<(B256, Address), Strin
 }
 
 async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Action, Error> {
-    let name = lease.name_any();
+    let lease = ctx.freshen(lease);
     let mut status = lease.status.clone().unwrap_or_default();
     let before = status.clone();
     let generation = lease.metadata.generation;
@@ -326,7 +365,7 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
             );
             if status != before {
                 ctx.event(&lease, EventType::Warning, "InvalidEscrow", &why).await;
-                patch_status(api, &name, &status).await?;
+                ctx.write_status(api, &lease, &status).await?;
             }
             return Ok(Action::requeue(Duration::from_secs(300)));
         }
@@ -428,13 +467,21 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
             if find(&before.conditions, COND_SETTLED).map(|c| c.reason.as_str()) != Some(e.reason()) {
                 ctx.event(&lease, EventType::Warning, e.reason(), &msg).await;
             }
-            patch_status(api, &name, &status).await?;
+            ctx.write_status(api, &lease, &status).await?;
             return Ok(Action::requeue(Duration::from_secs(60)));
         }
     };
 
-    announce_transitions(&lease, ctx, &before, &status).await;
-    ctx.save(api, &lease, &before, &status).await?;
+    // A transaction that changed the lease (opened, topped up, closed) makes
+    // what was read before it stale: the read-back that follows at once
+    // writes the state after it, and a write here was one more per open and
+    // per close that the read-back overwrote a moment later. A withdrawal is
+    // written now: its time is what paces the next one.
+    let read_back_writes = acted && matches!(decided.step, Step::Open | Step::TopUp(_) | Step::Close(_));
+    if !read_back_writes {
+        announce_transitions(&lease, ctx, &before, &status).await;
+        ctx.save(api, &lease, &before, &status).await?;
+    }
     if acted {
         // These figures were read before the transaction: the read-back
         // that follows writes what it changed (paid, refunded) at once.
@@ -592,7 +639,7 @@ async fn chain_trouble(
     if find(&before.conditions, COND_CHAIN).map(|c| c.status.as_str()) != Some("False") {
         ctx.event(lease, EventType::Warning, e.reason(), &msg).await;
     }
-    patch_status(api, &lease.name_any(), &status).await?;
+    ctx.write_status(api, lease, &status).await?;
     Err(Error::Chain(e))
 }
 
@@ -692,14 +739,4 @@ impl Context {
             debug!(error = %e, "event not recorded");
         }
     }
-}
-
-async fn patch_status(api: &Api<Lease>, name: &str, status: &LeaseStatus) -> Result<(), Error> {
-    // The market owns what the provider reports; leaving those fields out keeps
-    // a stale copy read here from overwriting a newer report.
-    let mut status = status.clone();
-    status.workload = None;
-    status.last_heartbeat = None;
-    crate::ssa::apply_status(api, name, FIELD_MANAGER, &status).await?;
-    Ok(())
 }

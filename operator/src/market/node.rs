@@ -163,6 +163,7 @@ pub(crate) struct State {
     /// written through the API, it was a PoolPeer list per award and a read
     /// and a write per closed lease. None until the first read succeeds.
     pub reputation: Option<HashMap<String, Reputation>>,
+    pub closes_asked: super::renter::ClosesAsked,
 }
 
 impl State {
@@ -199,6 +200,7 @@ impl State {
             job_orders: HashMap::new(),
             lease_refresh_ms: 0,
             reputation: None,
+            closes_asked: Default::default(),
         }
     }
 

@@ -230,6 +230,36 @@ pub fn decide(v: &View<'_>) -> Step {
     }
 }
 
+/// Renter Lease uid → the close this process asked for in its spec, until
+/// the lease cache shows it. Decided again from a cache that lagged the
+/// patch, each requeue asked again: three to five spec patches per lease in
+/// a burst, where one says it.
+#[derive(Debug, Default)]
+pub struct ClosesAsked(std::collections::HashMap<String, CloseReason>);
+
+impl ClosesAsked {
+    /// Entries leave when the cache catches up; this bounds memory only
+    /// while the watch is broken, and forgetting costs one patch again.
+    const MAX: usize = 10_000;
+
+    pub fn asked(&mut self, uid: &str, reason: CloseReason) {
+        if self.0.len() >= Self::MAX {
+            self.0.clear();
+        }
+        self.0.insert(uid.to_string(), reason);
+    }
+
+    /// The close to plan with: the cached lease's, once it shows one (the
+    /// memory of asking goes then), else the one asked for here.
+    pub fn plan_with(&mut self, uid: &str, cached: Option<CloseReason>) -> Option<CloseReason> {
+        if cached.is_some() {
+            self.0.remove(uid);
+            return cached;
+        }
+        self.0.get(uid).copied()
+    }
+}
+
 /// A job waiting out a long backoff while the pool advertises room for it
 /// asks again after this long, changed adverts or not.
 pub const ROOM_RETRY_MS: u64 = 2_000;
@@ -274,6 +304,26 @@ mod tests {
             fresh_capacity: false,
             choose_from_ms: u64::MAX,
         }
+    }
+
+    #[test]
+    fn a_close_asked_for_stands_until_the_cache_shows_one() {
+        let mut asked = ClosesAsked::default();
+        assert_eq!(asked.plan_with("u", None), None);
+        asked.asked("u", CloseReason::Completed);
+        // The cache lags the patch: the close still counts as asked.
+        assert_eq!(asked.plan_with("u", None), Some(CloseReason::Completed));
+        assert_eq!(asked.plan_with("other", None), None);
+        // The cache caught up; what it shows wins and the memory goes.
+        assert_eq!(
+            asked.plan_with("u", Some(CloseReason::ProviderFailed)),
+            Some(CloseReason::ProviderFailed)
+        );
+        assert_eq!(asked.plan_with("u", None), None);
+        for i in 0..ClosesAsked::MAX + 3 {
+            asked.asked(&i.to_string(), CloseReason::Completed);
+        }
+        assert!(asked.0.len() <= ClosesAsked::MAX);
     }
 
     #[test]

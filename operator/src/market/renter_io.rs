@@ -414,6 +414,14 @@ impl Market {
         l
     }
 
+    /// The Lease with the close asked for here, while the cache lags the
+    /// patch that asked.
+    fn with_close_asked(&self, mut l: Lease) -> Lease {
+        let uid = l.metadata.uid.clone().unwrap_or_default();
+        l.spec.close_reason = self.lock().closes_asked.plan_with(&uid, l.spec.close_reason);
+        l
+    }
+
     /// One step of the pool placement of `aijob`.
     pub async fn reconcile_remote(&self, aijob: &AiJob, need: &Need) -> Result<RemoteOutcome, MarketError> {
         let out = self.step_remote(aijob, need).await?;
@@ -497,7 +505,10 @@ impl Market {
             .collect();
         let leases_api: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
         let lease = match &order.lease {
-            Some(l) => self.lease_named(&ns, l).await?.map(|l| self.with_heard_workload(l)),
+            Some(l) => self
+                .lease_named(&ns, l)
+                .await?
+                .map(|l| self.with_close_asked(self.with_heard_workload(l))),
             None => None,
         };
         let lease_view = lease.as_ref().map(|l| {
@@ -806,13 +817,20 @@ impl Market {
                 leases_api
                     .patch(&l.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
                     .await?;
+                self.lock()
+                    .closes_asked
+                    .asked(l.metadata.uid.as_deref().unwrap_or_default(), reason);
                 out.phase = closing_phase(status.phase, Some(reason));
                 out.placed = true;
                 out.runs_on = Some(runs_on(l));
                 out.reason = "LeaseClosing";
                 out.message = closing_message(l, reason, self.settings.heartbeat_grace);
-                out.events
-                    .push((reason != CloseReason::Completed, "LeaseClosing", out.message.clone()));
+                // A completed workload's close is told by the Succeeded event
+                // that follows with the payment: a Normal LeaseClosing before
+                // it said the same, one more write per job.
+                if reason != CloseReason::Completed {
+                    out.events.push((true, "LeaseClosing", out.message.clone()));
+                }
                 out.requeue = Some(Duration::from_secs(1));
             }
             Step::WaitClose => {
