@@ -149,7 +149,13 @@ pub fn plan(
             s.phase = Some(observed.phase);
             s.message = (!running && observed.phase != AiJobPhase::Succeeded).then(|| observed.message.clone());
             s.exit_code = observed.exit_code.or(old.exit_code);
-            s.start_time = observed.start_time.clone().or_else(|| old.start_time.clone());
+            // Recorded with the first status that says the workload runs (or
+            // ran): the Job's start time lands a moment after the Job is
+            // created, and taking it then was a status write of its own per
+            // job, between two others, that told nobody anything.
+            s.start_time = old.start_time.clone().or_else(|| {
+                (running || observed.phase.is_terminal()).then(|| observed.start_time.clone().unwrap_or(Time(now)))
+            });
             s.completion_time = observed.completion_time.clone().or_else(|| old.completion_time.clone());
             if observed.phase.is_terminal() && s.completion_time.is_none() {
                 s.completion_time = Some(Time(now));
@@ -298,6 +304,35 @@ mod tests {
         let (s2, e2) = plan(&s1, Some(1), &w2, t("05"));
         assert!(e2.is_empty());
         assert_eq!(s2.message.as_deref(), Some("waiting for 8×H100; 3 free"));
+    }
+
+    #[test]
+    fn the_start_time_comes_with_the_first_running_status() {
+        let mut pending = obs(AiJobPhase::Pending, "PodStarting");
+        pending.start_time = Some(Time(t("01")));
+        let local = |observed| Outcome::Local {
+            runs_on: runs_on(),
+            observed,
+            created_now: false,
+        };
+        let (s1, _) = plan(
+            &AiJobStatus::default(),
+            Some(1),
+            &local(obs(AiJobPhase::Pending, "PodStarting")),
+            t("00"),
+        );
+        // The Job's start time alone changes nothing while the pod starts.
+        let (s2, _) = plan(&s1, Some(1), &local(pending.clone()), t("01"));
+        assert_eq!(s2, s1);
+        let mut running = obs(AiJobPhase::Running, "PodRunning");
+        running.start_time = Some(Time(t("01")));
+        let (s3, _) = plan(&s2, Some(1), &local(running), t("03"));
+        assert_eq!(s3.start_time, Some(Time(t("01"))), "the Job's own start time");
+        // Kept from then on; a job seen only once it ended gets the time it was seen.
+        let (s4, _) = plan(&s3, Some(1), &local(obs(AiJobPhase::Succeeded, "Completed")), t("09"));
+        assert_eq!(s4.start_time, Some(Time(t("01"))));
+        let (s5, _) = plan(&s1, Some(1), &local(obs(AiJobPhase::Succeeded, "Completed")), t("09"));
+        assert_eq!(s5.start_time, Some(Time(t("09"))));
     }
 
     #[test]

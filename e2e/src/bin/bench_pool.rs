@@ -32,6 +32,10 @@ struct Args {
     burst: usize,
     #[arg(long, default_value = "target/bench/pool.json")]
     out: std::path::PathBuf,
+    /// More operator flags, for comparing settings run to run (recorded in
+    /// the figures' conditions).
+    #[arg(long = "operator-flag")]
+    operator_flags: Vec<String>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -204,7 +208,8 @@ async fn main() -> anyhow::Result<()> {
     let mut figures = Vec::new();
     let acme = admin(env.org("acme").ok_or_else(|| anyhow::anyhow!("no acme"))?).await;
     figures.push(request_costs(&env, &acme, "acme").await?);
-    let flags = ["--concurrency=64".to_string()];
+    let mut flags = vec!["--concurrency=64".to_string()];
+    flags.extend(args.operator_flags.iter().cloned());
     let operator_flags = format!("defaults, {}", flags.join(" "));
     let _pool = Pool::start_with_flags(&env, "bench", &lends, &flags).await?;
     // Let the members find each other.
