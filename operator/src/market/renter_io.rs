@@ -284,15 +284,14 @@ impl Market {
         Ok(Api::<Lease>::namespaced(self.client.clone(), ns).get_opt(name).await?)
     }
 
-    /// The renter Leases of one AiJob: the watch cache, or the API server
-    /// until the cache has listed them all (the exactly-once guard reads
-    /// this, and an unlisted cache would hide a live lease).
-    async fn leases_of(&self, ns: &str, aijob: &str) -> Result<Vec<Lease>, MarketError> {
+    /// The renter Leases in `ns` labelled `label=value`: the watch cache, or
+    /// the API server until the cache has listed them all (the exactly-once
+    /// guards read this, and an unlisted cache would hide a live lease).
+    async fn leases_labelled(&self, ns: &str, label: &str, value: &str) -> Result<Vec<Lease>, MarketError> {
         if let Some(cache) = self.ready_lease_cache() {
             return Ok(cache
                 .state_filter(|l| {
-                    l.namespace().as_deref() == Some(ns)
-                        && l.labels().get(LABEL_AIJOB).map(String::as_str) == Some(aijob)
+                    l.namespace().as_deref() == Some(ns) && l.labels().get(label).map(String::as_str) == Some(value)
                 })
                 .iter()
                 .map(|l| (**l).clone())
@@ -300,7 +299,7 @@ impl Market {
         }
         let api: Api<Lease> = Api::namespaced(self.client.clone(), ns);
         Ok(api
-            .list(&ListParams::default().labels(&format!("{LABEL_AIJOB}={aijob}")))
+            .list(&ListParams::default().labels(&format!("{label}={value}")))
             .await?
             .items)
     }
@@ -442,7 +441,7 @@ impl Market {
         // A lease this process created and the cache has not seen yet is in
         // the in-memory order, which the caller already consulted.
         Ok(self
-            .leases_of(ns, aijob)
+            .leases_labelled(ns, LABEL_AIJOB, aijob)
             .await?
             .into_iter()
             .filter(|l| l.spec.side == LeaseSide::Renter && Some(l.name_any().as_str()) != current)
@@ -1054,11 +1053,11 @@ impl Market {
         // The on-chain lease id derives from the order: an order that already
         // had a lease (a late bid for the attempt a failed provider won) cannot
         // have a second one.
-        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
-        let taken = leases
-            .list(&ListParams::default().labels(&format!("{LABEL_ORDER}={}", winner.spec.order_id)))
+        // The cache serves: a lease that answers an earlier attempt's order
+        // was created that attempt ago, never within the cache's lag.
+        let taken = self
+            .leases_labelled(&ns, LABEL_ORDER, &winner.spec.order_id)
             .await?
-            .items
             .into_iter()
             .any(|l| l.name_any() != lease_name);
         if taken {
