@@ -94,40 +94,18 @@ pub fn leases_touched(chain: Arc<EscrowClient>, every: Duration) -> impl Stream<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpupool_crds::{Escrow, LeaseParty, LeaseSide, LeaseSpec, LeaseStatus};
-
-    fn party() -> LeaseParty {
-        LeaseParty {
-            org: "o".into(),
-            peer_id: None,
-            wallet: None,
-        }
-    }
+    use gpupool_crds::{Escrow, LeaseSide, LeaseStatus};
 
     fn record(name: &str, offered: Option<B256>, recorded: Option<B256>) -> Arc<Lease> {
-        let mut l = Lease::new(
-            name,
-            LeaseSpec {
-                side: LeaseSide::Provider,
-                order_id: "o".into(),
-                bid: "b".into(),
-                ai_job: None,
-                renter: party(),
-                provider: party(),
-                price_per_gpu_hour: "1".into(),
-                gpu_count: 1,
-                gpu_product: "A100".into(),
-                escrow: Some(Escrow {
-                    chain_id: 1,
-                    contract: "0x0".into(),
-                    lease_id: offered.map(|i| i.to_string()),
-                    deposit: "1".into(),
-                    top_up_to: None,
-                    funded_by: None,
-                }),
-                close_reason: None,
-            },
-        );
+        let mut l = crate::test_fixtures::lease(name, LeaseSide::Provider);
+        l.spec.escrow = Some(Escrow {
+            chain_id: 1,
+            contract: "0x0".into(),
+            lease_id: offered.map(|i| i.to_string()),
+            deposit: "1".into(),
+            top_up_to: None,
+            funded_by: None,
+        });
         l.metadata.namespace = Some("ns".into());
         l.status = recorded.map(|i| LeaseStatus {
             lease_id: Some(i.to_string()),

@@ -366,23 +366,10 @@ fn pods_of(ctx: &Context, ns: &str, name: &str) -> Vec<Arc<PodView>> {
     ctx.pods.of_aijob(ns, name)
 }
 
-/// The AiJob with the newest status known: the cache's, or the one this
-/// process wrote last when the cache has not caught up with it.
-fn freshen(aijob: Arc<AiJob>, ctx: &Context) -> Arc<AiJob> {
-    let uid = aijob.metadata.uid.clone().unwrap_or_default();
-    let status = ctx
-        .statuses
-        .freshest(&uid, aijob.metadata.resource_version.as_deref(), aijob.status.clone());
-    if status == aijob.status {
-        return aijob;
-    }
-    let mut fresher = (*aijob).clone();
-    fresher.status = status;
-    Arc::new(fresher)
-}
-
 async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Action, Error> {
-    let aijob = freshen(aijob, ctx);
+    // The newest status known: the cache's, or the one this process wrote
+    // last when the cache has not caught up with it.
+    let aijob = ctx.statuses.freshen(aijob);
     let ns = aijob.namespace().ok_or(Error::NoNamespace)?;
     let name = aijob.name_any();
     let old = aijob.status.clone().unwrap_or_default();

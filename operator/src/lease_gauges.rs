@@ -55,30 +55,12 @@ pub fn tally<'a>(leases: impl IntoIterator<Item = &'a Lease>) -> LeaseTally {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpupool_crds::{LeaseParty, LeaseSpec, LeaseStatus};
+    use gpupool_crds::LeaseStatus;
 
     fn lease(side: LeaseSide, state: Option<LeaseState>, product: &str, gpus: i32) -> Lease {
-        let party = LeaseParty {
-            org: "o".into(),
-            peer_id: None,
-            wallet: None,
-        };
-        let mut l = Lease::new(
-            "l",
-            LeaseSpec {
-                side,
-                order_id: "o".into(),
-                bid: "b".into(),
-                ai_job: None,
-                renter: party.clone(),
-                provider: party,
-                price_per_gpu_hour: "1".into(),
-                gpu_count: gpus,
-                gpu_product: product.into(),
-                escrow: None,
-                close_reason: None,
-            },
-        );
+        let mut l = crate::test_fixtures::lease("l", side);
+        l.spec.gpu_product = product.into();
+        l.spec.gpu_count = gpus;
         l.status = state.map(|s| LeaseStatus {
             state: Some(s),
             ..Default::default()

@@ -27,6 +27,8 @@ pub mod ssa;
 pub mod status;
 pub mod status_memo;
 pub mod telemetry;
+#[cfg(test)]
+mod test_fixtures;
 pub mod tracecontext;
 pub mod traces;
 pub mod triggers;

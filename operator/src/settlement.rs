@@ -117,22 +117,6 @@ impl Context {
         self.statuses.forget(lease.metadata.uid.as_deref().unwrap_or_default());
     }
 
-    /// The lease with the status written here last, when the cache has not
-    /// caught up with that write. Planned from the stale one, a burst of
-    /// leases wrote each state twice and announced Active twice.
-    fn freshen(&self, lease: Arc<Lease>) -> Arc<Lease> {
-        let uid = lease.metadata.uid.clone().unwrap_or_default();
-        let status = self
-            .statuses
-            .freshest(&uid, lease.metadata.resource_version.as_deref(), lease.status.clone());
-        if status == lease.status {
-            return lease;
-        }
-        let mut fresher = (*lease).clone();
-        fresher.status = status;
-        Arc::new(fresher)
-    }
-
     /// Applies this worker's part of the status and remembers what the
     /// write left, so the next plan starts from it.
     async fn write_status(&self, api: &Api<Lease>, lease: &Lease, status: &LeaseStatus) -> Result<(), Error> {
@@ -348,7 +332,9 @@ fn resolve(lease: &Lease, chain: &EscrowClient) -> Result<(B256, Address), Strin
 }
 
 async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Action, Error> {
-    let lease = ctx.freshen(lease);
+    // Planned from a cache that lagged this worker's own last write, a burst
+    // of leases wrote each state twice and announced Active twice.
+    let lease = ctx.statuses.freshen(lease);
     let mut status = lease.status.clone().unwrap_or_default();
     let before = status.clone();
     let generation = lease.metadata.generation;

@@ -13,7 +13,10 @@
 //! opaque, so one that does not parse is never called older: the cache wins.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use kube::Resource;
+use kube::core::object::HasStatus;
 
 /// How many objects' statuses are kept at most. Entries leave as soon as the
 /// cache catches up, so this bounds memory only when the watch is broken.
@@ -63,6 +66,23 @@ impl<S: Clone> StatusMemo<S> {
                 cached
             }
         }
+    }
+
+    /// `obj` with the status written here when the cache lags that write;
+    /// `obj` itself (no copy) when the cache is current.
+    pub fn freshen<K>(&self, obj: Arc<K>) -> Arc<K>
+    where
+        K: Resource + HasStatus<Status = S> + Clone,
+        S: PartialEq,
+    {
+        let uid = obj.meta().uid.clone().unwrap_or_default();
+        let status = self.freshest(&uid, obj.meta().resource_version.as_deref(), obj.status().cloned());
+        if status.as_ref() == obj.status() {
+            return obj;
+        }
+        let mut fresher = (*obj).clone();
+        *fresher.status_mut() = status;
+        Arc::new(fresher)
     }
 
     /// Records a status as written, with the resource version the write returned.
@@ -128,6 +148,34 @@ mod tests {
         m.wrote("u", Some("opaque"), "written");
         assert_eq!(m.freshest("u", Some("1"), Some("cached")), Some("cached"));
         assert_eq!(m.freshest("other", Some("1"), Some("cached")), Some("cached"));
+    }
+
+    #[test]
+    fn freshen_swaps_in_the_written_status_only_while_the_cache_lags() {
+        use gpupool_crds::{LeaseSide, LeaseState, LeaseStatus};
+        let mut cached = crate::test_fixtures::lease("l", LeaseSide::Renter);
+        cached.metadata.uid = Some("u".into());
+        cached.metadata.resource_version = Some("11".into());
+        let state = |s| LeaseStatus {
+            state: Some(s),
+            ..Default::default()
+        };
+        cached.status = Some(state(LeaseState::Pending));
+        let cached = Arc::new(cached);
+        let m = StatusMemo::default();
+        assert!(
+            Arc::ptr_eq(&m.freshen(cached.clone()), &cached),
+            "nothing written: the cache as it is"
+        );
+        m.wrote("u", Some("12"), state(LeaseState::Active));
+        let fresher = m.freshen(cached.clone());
+        assert_eq!(fresher.status, Some(state(LeaseState::Active)));
+        assert_eq!(fresher.metadata, cached.metadata, "only the status is swapped");
+        let mut caught_up = (*cached).clone();
+        caught_up.metadata.resource_version = Some("12".into());
+        caught_up.status = Some(state(LeaseState::Active));
+        let caught_up = Arc::new(caught_up);
+        assert!(Arc::ptr_eq(&m.freshen(caught_up.clone()), &caught_up));
     }
 
     #[test]
