@@ -20,7 +20,7 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// `withdrawFunds`, and an open whose account falls short. An ERC-20 transfer costs
 /// three to four times an account update, and a member who both rents and lends
 /// keeps one balance moving inside the escrow; a lease's whole life (open, one
-/// withdraw, close) then costs about 146k gas.
+/// withdraw, close) then costs about 141k gas.
 ///
 /// A renter without a cluster of its own can mandate a member's operator as its
 /// agent: `approveAgent` caps what the agent may commit from the renter's account,

@@ -24,6 +24,9 @@ struct Args {
 
 const RATE: u128 = ONE_TOKEN / 100;
 
+/// The artifact `gpupool-chain` deploys from.
+const ESCROW_ARTIFACT: &str = include_str!("../../../contracts/artifacts/LeaseEscrow.json");
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -35,8 +38,10 @@ async fn main() -> anyhow::Result<()> {
     let provider = EscrowClient::connect(config.clone(), Some(&anvil.wallet(2)?), ClientOptions::default())?;
     let provider_addr = provider.wallet().unwrap_or_default();
     let mut figures = Vec::new();
-    let cond =
-        json!({ "chain": "anvil 1.7.1 (cancun rules for the contract)", "solc": "0.8.37, optimizer 10000 runs" });
+    // The compiler settings decide the gas, so the figures carry the ones the
+    // deployed artifact was built with.
+    let artifact: serde_json::Value = serde_json::from_str(ESCROW_ARTIFACT)?;
+    let cond = json!({ "chain": "anvil 1.7.1", "compiler": artifact["compiler"] });
 
     // Once per member, not per lease: the standing allowance, a warm-up lease
     // that leaves the provider's escrow account holding tokens, and a deposit
