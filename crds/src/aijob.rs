@@ -38,6 +38,7 @@ pub struct AiJobSpec {
     #[x_kube(
         validation = Rule::new("has(self.spec) && size(self.spec.containers) > 0").message("template.spec.containers must list at least one container to run"),
         validation = Rule::new("!has(self.spec) || !has(self.spec.restartPolicy) || self.spec.restartPolicy != 'Always'").message("template.spec.restartPolicy must be Never or OnFailure: an AiJob runs to completion"),
+        validation = Rule::new("self == oldSelf").message("template cannot change after the job is created: its Job (here or in another organisation) was built from it; delete and re-create the AiJob"),
     )]
     pub template: PodTemplateSpec,
 
@@ -55,8 +56,13 @@ pub struct AiJobSpec {
     /// It is stopped when this runs out. In the pool it also caps what the
     /// lease may take: the first deposit covers part of it, and the lease is
     /// topped up as the job runs, never past this much time at its price.
+    /// Fixed once the job is created: the Job's deadline, the order that
+    /// bidders priced and the lease's funding are all sized by it.
     #[serde(default = "default_max_duration")]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('8760h')").message("maxDuration must be a duration such as \"90m\" or \"24h\", between 1m and 8760h"))]
+    #[x_kube(
+        validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('8760h')").message("maxDuration must be a duration such as \"90m\" or \"24h\", between 1m and 8760h"),
+        validation = Rule::new("self == oldSelf").message("maxDuration cannot change after the job is created: its Job's deadline and its lease's funding were sized by it; delete and re-create the AiJob"),
+    )]
     #[schemars(length(max = 32))]
     pub max_duration: Duration,
 

@@ -195,6 +195,38 @@ async fn malformed_aijobs_are_refused_with_actionable_messages() {
         ),
         other => panic!("changing gpus was not refused: {other:?}"),
     }
+    // Nor can maxDuration or the template: the Job's deadline, the order and
+    // the lease's funding were sized by them, and nothing would honour a change.
+    let mut j = typed.get("bad").await.unwrap();
+    j.spec.max_duration = std::time::Duration::from_secs(48 * 3600).into();
+    match typed.replace("bad", &PostParams::default(), &j).await {
+        Err(kube::Error::Api(e)) => assert!(
+            e.message.contains("maxDuration cannot change after the job is created"),
+            "{}",
+            e.message
+        ),
+        other => panic!("changing maxDuration was not refused: {other:?}"),
+    }
+    let mut j = typed.get("bad").await.unwrap();
+    if let Some(pod) = j.spec.template.spec.as_mut() {
+        pod.containers[0].image = Some("busybox:2".into());
+    }
+    match typed.replace("bad", &PostParams::default(), &j).await {
+        Err(kube::Error::Api(e)) => assert!(
+            e.message.contains("template cannot change after the job is created"),
+            "{}",
+            e.message
+        ),
+        other => panic!("changing the template was not refused: {other:?}"),
+    }
+    // What may still change does: the bid price, for a renter raising its bid.
+    let mut j = typed.get("bad").await.unwrap();
+    j.spec.max_price_per_gpu_hour = "9.50".into();
+    let raised = typed
+        .replace("bad", &PostParams::default(), &j)
+        .await
+        .expect("raising maxPricePerGpuHour is accepted");
+    assert_eq!(raised.spec.max_price_per_gpu_hour, "9.50");
     typed.delete("bad", &DeleteParams::default()).await.unwrap();
     let _ = Api::<Namespace>::all(client.clone())
         .delete(&ns, &DeleteParams::default())
