@@ -8,7 +8,7 @@ use gpupool_proto::peer::v1::envelope::Body;
 use gpupool_proto::peer::v1::{Bid, GpuRequirements, Heartbeat, IdentityRecord, LeaseStatus, Order};
 use libp2p::identity::Keypair;
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngExt, SeedableRng};
 
 use super::body::check_body;
 use super::envelope::{DropReason, Opener, seal};
