@@ -458,12 +458,7 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
         }
     };
 
-    // A transaction that changed the lease (opened, topped up, closed) makes
-    // what was read before it stale: the read-back that follows at once
-    // writes the state after it, and a write here was one more per open and
-    // per close that the read-back overwrote a moment later. A withdrawal is
-    // written now: its time is what paces the next one.
-    let read_back_writes = acted && matches!(decided.step, Step::Open | Step::TopUp(_) | Step::Close(_));
+    let read_back_writes = acted && decided.step.leaves_status_to_read_back();
     if !read_back_writes {
         announce_transitions(&lease, ctx, &before, &status).await;
         ctx.save(api, &lease, &before, &status).await?;

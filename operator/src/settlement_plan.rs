@@ -72,6 +72,18 @@ pub enum Step {
     Close(CloseReason),
 }
 
+impl Step {
+    /// Whether, once this step's transaction has gone through, the status is
+    /// left to the read-back that follows at once. A transaction that changes
+    /// the lease (open, top-up, close) makes what was read before it stale,
+    /// and a write of it was overwritten a moment later: one more write per
+    /// open and per close. A withdrawal is written at once: its time is what
+    /// paces the next one.
+    pub fn leaves_status_to_read_back(&self) -> bool {
+        matches!(self, Step::Open | Step::TopUp(_) | Step::Close(_))
+    }
+}
+
 /// The lease's status as the chain shows it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Figures {
@@ -699,5 +711,15 @@ mod tests {
         let price: TokenAmount = "3.6".parse().unwrap();
         assert_eq!(rate_per_second(price, 2), Some(2_000_000_000_000_000));
         assert_eq!(rate_per_second(TokenAmount(1), 1), None);
+    }
+
+    #[test]
+    fn only_a_withdrawal_is_written_before_the_read_back() {
+        for step in [Step::Open, Step::TopUp(1), Step::Close(CloseReason::Completed)] {
+            assert!(step.leaves_status_to_read_back(), "{step:?}");
+        }
+        // The withdrawal's time paces the next one, and no transaction, no read-back.
+        assert!(!Step::Withdraw.leaves_status_to_read_back());
+        assert!(!Step::Nothing.leaves_status_to_read_back());
     }
 }

@@ -230,23 +230,28 @@ pub fn decide(v: &View<'_>) -> Step {
     }
 }
 
-/// Renter Lease uid → the close this process asked for in its spec, until
-/// the lease cache shows it. Decided again from a cache that lagged the
-/// patch, each requeue asked again: three to five spec patches per lease in
-/// a burst, where one says it.
+/// Renter Lease uid → the close this process asked for in its spec (and
+/// when, in ms), until the lease cache shows it. Decided again from a cache
+/// that lagged the patch, each requeue asked again: three to five spec
+/// patches per lease in a burst, where one says it.
 #[derive(Debug, Default)]
-pub struct ClosesAsked(std::collections::HashMap<String, CloseReason>);
+pub struct ClosesAsked(std::collections::HashMap<String, (CloseReason, u64)>);
 
 impl ClosesAsked {
-    /// Entries leave when the cache catches up; this bounds memory only
-    /// while the watch is broken, and forgetting costs one patch again.
+    /// A cache lags seconds. An entry this old belongs to a lease that went
+    /// away before the cache showed its close (its job was deleted then), and
+    /// nothing would ever remove it otherwise.
+    const TTL_MS: u64 = 600_000;
+    /// Bounds memory even while the watch is broken; forgetting costs one patch again.
     const MAX: usize = 10_000;
 
-    pub fn asked(&mut self, uid: &str, reason: CloseReason) {
+    pub fn asked(&mut self, uid: &str, reason: CloseReason, now_ms: u64) {
+        // In flight are the closes of the last few seconds: a short walk.
+        self.0.retain(|_, (_, at)| now_ms.saturating_sub(*at) < Self::TTL_MS);
         if self.0.len() >= Self::MAX {
             self.0.clear();
         }
-        self.0.insert(uid.to_string(), reason);
+        self.0.insert(uid.to_string(), (reason, now_ms));
     }
 
     /// The close to plan with: the cached lease's, once it shows one (the
@@ -256,7 +261,7 @@ impl ClosesAsked {
             self.0.remove(uid);
             return cached;
         }
-        self.0.get(uid).copied()
+        self.0.get(uid).map(|(reason, _)| *reason)
     }
 }
 
@@ -310,7 +315,7 @@ mod tests {
     fn a_close_asked_for_stands_until_the_cache_shows_one() {
         let mut asked = ClosesAsked::default();
         assert_eq!(asked.plan_with("u", None), None);
-        asked.asked("u", CloseReason::Completed);
+        asked.asked("u", CloseReason::Completed, 1_000);
         // The cache lags the patch: the close still counts as asked.
         assert_eq!(asked.plan_with("u", None), Some(CloseReason::Completed));
         assert_eq!(asked.plan_with("other", None), None);
@@ -321,9 +326,21 @@ mod tests {
         );
         assert_eq!(asked.plan_with("u", None), None);
         for i in 0..ClosesAsked::MAX + 3 {
-            asked.asked(&i.to_string(), CloseReason::Completed);
+            asked.asked(&i.to_string(), CloseReason::Completed, 2_000);
         }
         assert!(asked.0.len() <= ClosesAsked::MAX);
+    }
+
+    #[test]
+    fn a_close_whose_lease_went_away_is_forgotten() {
+        let mut asked = ClosesAsked::default();
+        // Its job was deleted before the cache showed the close: nothing asks about "gone" again.
+        asked.asked("gone", CloseReason::RenterCancelled, 1_000);
+        asked.asked("recent", CloseReason::Completed, 1_000 + ClosesAsked::TTL_MS - 1);
+        asked.asked("now", CloseReason::Completed, 1_000 + ClosesAsked::TTL_MS);
+        assert_eq!(asked.plan_with("gone", None), None);
+        assert_eq!(asked.plan_with("recent", None), Some(CloseReason::Completed));
+        assert_eq!(asked.plan_with("now", None), Some(CloseReason::Completed));
     }
 
     #[test]

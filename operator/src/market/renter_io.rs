@@ -818,7 +818,7 @@ impl Market {
                     .await?;
                 self.lock()
                     .closes_asked
-                    .asked(l.metadata.uid.as_deref().unwrap_or_default(), reason);
+                    .asked(l.metadata.uid.as_deref().unwrap_or_default(), reason, now_ms());
                 out.phase = closing_phase(status.phase, Some(reason));
                 out.placed = true;
                 out.runs_on = Some(runs_on(l));
