@@ -183,41 +183,27 @@ async fn malformed_aijobs_are_refused_with_actionable_messages() {
     assert_eq!(created.data["spec"]["placement"]["mode"], "LocalFirst");
     assert_eq!(created.data["spec"]["bidding"]["selection"], "Auto");
 
-    // gpus cannot change after creation.
+    // What a job was sized by cannot change after creation: gpus, and the
+    // maxDuration and template that the Job's deadline, the order and the
+    // lease's funding were built from (nothing would honour a change).
     let typed = Api::<AiJob>::namespaced(client.clone(), &ns);
-    let mut j = typed.get("bad").await.unwrap();
-    j.spec.gpus.count = 4;
-    match typed.replace("bad", &PostParams::default(), &j).await {
-        Err(kube::Error::Api(e)) => assert!(
-            e.message.contains("gpus cannot change after the job is created"),
-            "{}",
-            e.message
-        ),
-        other => panic!("changing gpus was not refused: {other:?}"),
-    }
-    // Nor can maxDuration or the template: the Job's deadline, the order and
-    // the lease's funding were sized by them, and nothing would honour a change.
-    let mut j = typed.get("bad").await.unwrap();
-    j.spec.max_duration = std::time::Duration::from_secs(48 * 3600).into();
-    match typed.replace("bad", &PostParams::default(), &j).await {
-        Err(kube::Error::Api(e)) => assert!(
-            e.message.contains("maxDuration cannot change after the job is created"),
-            "{}",
-            e.message
-        ),
-        other => panic!("changing maxDuration was not refused: {other:?}"),
-    }
-    let mut j = typed.get("bad").await.unwrap();
-    if let Some(pod) = j.spec.template.spec.as_mut() {
-        pod.containers[0].image = Some("busybox:2".into());
-    }
-    match typed.replace("bad", &PostParams::default(), &j).await {
-        Err(kube::Error::Api(e)) => assert!(
-            e.message.contains("template cannot change after the job is created"),
-            "{}",
-            e.message
-        ),
-        other => panic!("changing the template was not refused: {other:?}"),
+    type Change = fn(&mut AiJob);
+    let changes: [(&str, Change); 3] = [
+        ("gpus cannot change after the job is created", |j| j.spec.gpus.count = 4),
+        ("maxDuration cannot change after the job is created", |j| {
+            j.spec.max_duration = std::time::Duration::from_secs(48 * 3600).into()
+        }),
+        ("template cannot change after the job is created", |j| {
+            j.spec.template.spec.as_mut().expect("the pod spec").containers[0].image = Some("busybox:2".into())
+        }),
+    ];
+    for (needle, change) in changes {
+        let mut j = typed.get("bad").await.unwrap();
+        change(&mut j);
+        match typed.replace("bad", &PostParams::default(), &j).await {
+            Err(kube::Error::Api(e)) => assert!(e.message.contains(needle), "{}", e.message),
+            other => panic!("a change that should say {needle:?} was not refused: {other:?}"),
+        }
     }
     // What may still change does: the bid price, for a renter raising its bid.
     let mut j = typed.get("bad").await.unwrap();
