@@ -19,3 +19,8 @@ alloy::sol!(
     GpuToken,
     "../contracts/artifacts/GpuToken.json"
 );
+
+/// The escrow artifact the bindings above and every deployment come from,
+/// for tools that report what it was built with (its `compiler` settings
+/// decide the gas a lease costs).
+pub const LEASE_ESCROW_ARTIFACT: &str = include_str!("../../contracts/artifacts/LeaseEscrow.json");

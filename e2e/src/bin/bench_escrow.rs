@@ -24,9 +24,6 @@ struct Args {
 
 const RATE: u128 = ONE_TOKEN / 100;
 
-/// The artifact `gpupool-chain` deploys from.
-const ESCROW_ARTIFACT: &str = include_str!("../../../contracts/artifacts/LeaseEscrow.json");
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -40,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let mut figures = Vec::new();
     // The compiler settings decide the gas, so the figures carry the ones the
     // deployed artifact was built with.
-    let artifact: serde_json::Value = serde_json::from_str(ESCROW_ARTIFACT)?;
+    let artifact: serde_json::Value = serde_json::from_str(gpupool_chain::bindings::LEASE_ESCROW_ARTIFACT)?;
     let cond = json!({ "chain": "anvil 1.7.1", "compiler": artifact["compiler"] });
 
     // Once per member, not per lease: the standing allowance, a warm-up lease
