@@ -14,6 +14,7 @@ pub mod conditions;
 pub mod gpunode;
 pub mod lease;
 pub mod market_view;
+pub mod org;
 pub mod pods;
 pub mod poolpeer;
 pub mod price;

@@ -137,6 +137,16 @@ mod tests {
         }
     }
 
+    /// A price list the chart accepts is one the operator's policy loader accepts.
+    #[test]
+    fn the_charts_price_rule_is_the_parsers() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../charts/gpupool/values.schema.json")).unwrap();
+        let price = &schema["properties"]["pool"]["properties"]["policy"]["properties"]["prices"]["items"]["properties"]
+            ["pricePerGpuHour"];
+        assert_eq!(price["pattern"], DECIMAL_PATTERN);
+    }
+
     #[test]
     fn cost_is_rounded_down() {
         let p: TokenAmount = "3.6".parse().unwrap();

@@ -92,6 +92,9 @@ pub fn simulated_node(name: &str, labels: serde_json::Value) -> anyhow::Result<N
                 "kubernetes.io/os": "linux",
                 "kubernetes.io/arch": "amd64",
                 "type": "kwok",
+                // As NVIDIA's GPU feature discovery labels a GPU node: the
+                // chart's agent DaemonSet selects it.
+                "nvidia.com/gpu.present": "true",
             },
         },
         "spec": { "taints": [{ "key": gpupool_crds::GPU_RESOURCE, "effect": "NoSchedule" }] },

@@ -14,6 +14,9 @@ pub struct TestEnv {
     /// The chain (anvil) with the escrow deployed, when it was started.
     #[serde(default)]
     pub chain: Option<ChainInfo>,
+    /// Where the control plane's binaries are, kubectl and helm with them.
+    #[serde(default)]
+    pub bin_dir: Option<PathBuf>,
 }
 
 /// The test chain as the operators and the CLI find it.
@@ -52,6 +55,15 @@ impl TestEnv {
     pub fn save(&self) -> anyhow::Result<()> {
         std::fs::write(self.root.join(ENV_FILE), serde_json::to_string_pretty(self)?)?;
         Ok(())
+    }
+
+    /// One of the test environment's own tools (kubectl, helm), by name.
+    pub fn tool(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let dir = self
+            .bin_dir
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this test environment predates bin_dir in env.json; restart it"))?;
+        Ok(dir.join(name))
     }
 
     pub fn org(&self, name: &str) -> Option<&ClusterInfo> {

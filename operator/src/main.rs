@@ -248,6 +248,15 @@ impl ChainArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    gpupool_crds::org::check_org_name(&args.org).context("--org")?;
+    if args.pool.pool {
+        anyhow::ensure!(
+            args.pool.heartbeat_grace_ms > args.pool.heartbeat_every_ms,
+            "--heartbeat-grace-ms ({}) must be longer than --heartbeat-every-ms ({}): a provider would be taken for failed between two heartbeats",
+            args.pool.heartbeat_grace_ms,
+            args.pool.heartbeat_every_ms
+        );
+    }
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn,libp2p_gossipsub=error"));
     let logs = if args.log_json {

@@ -125,7 +125,10 @@ async fn main() -> anyhow::Result<()> {
                 .map(|a| a.canonicalize())
                 .transpose()
                 .context("the --agent binary")?;
-            let bins = Binaries { dir: bin_dir, agent };
+            let bins = Binaries {
+                dir: bin_dir.clone(),
+                agent,
+            };
             let stages = workspace().join("e2e/testenv/stages.yaml").canonicalize()?;
             // The RBAC the chart ships, rendered by `make manifests`: tests run the
             // operator and agents under exactly what users install.
@@ -176,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
                 root: root.clone(),
                 orgs: infos,
                 chain: Some(chain),
+                bin_dir: Some(bin_dir),
             };
             env.save()?;
             for o in &env.orgs {

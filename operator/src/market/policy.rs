@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::str::FromStr;
 
+use gpupool_crds::org::check_org_name;
 use gpupool_crds::price::TokenAmount;
 use serde::Deserialize;
 
@@ -67,6 +68,14 @@ pub enum PolicyError {
     Model { path: String, index: usize },
     #[error("{path}: organisation {org:?} is both allowed and denied")]
     Both { path: String, org: String },
+    #[error("{path}: {list}[{index}]: {source}")]
+    Org {
+        path: String,
+        list: &'static str,
+        index: usize,
+        #[source]
+        source: gpupool_crds::org::OrgNameError,
+    },
 }
 
 impl ProviderPolicy {
@@ -98,6 +107,16 @@ impl ProviderPolicy {
                 message: e.to_string(),
             })?;
             prices.push(PriceRule { model: r.model, price });
+        }
+        for (list, orgs) in [("allowedOrgs", &file.allowed_orgs), ("deniedOrgs", &file.denied_orgs)] {
+            for (index, org) in orgs.iter().enumerate() {
+                check_org_name(org).map_err(|source| PolicyError::Org {
+                    path: path.into(),
+                    list,
+                    index,
+                    source,
+                })?;
+            }
         }
         if let Some(org) = file.allowed_orgs.iter().find(|o| file.denied_orgs.contains(o)) {
             return Err(PolicyError::Both {
@@ -155,6 +174,9 @@ mod tests {
         assert!(e.contains("maxLentGPUs"), "unknown keys are named: {e}");
         std::fs::write(&path, "allowedOrgs: [a]\ndeniedOrgs: [a]\n").unwrap();
         assert!(matches!(ProviderPolicy::load(&path), Err(PolicyError::Both { .. })));
+        std::fs::write(&path, "deniedOrgs: [good, \"Evil Corp\"]\n").unwrap();
+        let e = ProviderPolicy::load(&path).unwrap_err().to_string();
+        assert!(e.contains("deniedOrgs[1]") && e.contains("\"Evil Corp\""), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -1,0 +1,409 @@
+//! The chart, installed by Helm into a real cluster the way a data centre
+//! joins the pool: bad values are refused before anything reaches the
+//! cluster; good ones install an operator and agents that the control plane
+//! schedules and kwok runs; an upgrade with a new price list rolls the
+//! operator (it reads its policy once, at start); a refused upgrade leaves
+//! the release as it was; uninstalling removes what the release made and
+//! keeps the CRDs, and with them every AiJob.
+//!
+//! kwok plays the pods, so no image is pulled: this checks the chart, its
+//! schema and its RBAC against the API server, not the operator's own work,
+//! which every other e2e test checks under the same rendered RBAC.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use gpupool_chain::ChainConfig;
+use gpupool_e2e::cluster::ClusterInfo;
+use gpupool_e2e::harness::{admin, namespace, remove_namespace, testenv, wait_for};
+use gpupool_operator::market::policy::ProviderPolicy;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, PostParams};
+
+const H100: &str = "NVIDIA H100 80GB HBM3";
+
+/// Helm against one test cluster, with its own config and cache directories
+/// so a person's Helm repositories and settings play no part. The release is
+/// named after the test's namespace, so its cluster-scoped names are this
+/// run's alone.
+struct Helm {
+    bin: PathBuf,
+    kubeconfig: PathBuf,
+    home: PathBuf,
+    ns: String,
+    chart: PathBuf,
+    values: PathBuf,
+}
+
+impl Helm {
+    fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .args(["--namespace", &self.ns, "--kubeconfig"])
+            .arg(&self.kubeconfig)
+            .env("HELM_CONFIG_HOME", self.home.join("config"))
+            .env("HELM_CACHE_HOME", self.home.join("cache"))
+            .env("HELM_DATA_HOME", self.home.join("data"))
+            .env("HELM_CONTENT_CACHE", self.home.join("content"))
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", self.bin.display()));
+        eprintln!(
+            "helm {}: {}\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// `helm install|upgrade` of the chart with the test's values and `extra` flags.
+    fn deploy(&self, verb: &str, extra: &[&str]) -> Output {
+        let chart = self.chart.to_string_lossy().into_owned();
+        let values = self.values.to_string_lossy().into_owned();
+        let mut args = vec![verb, self.ns.as_str(), chart.as_str(), "--values", values.as_str()];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
+    fn releases(&self) -> String {
+        // Every state a release can be in, a failed install's included.
+        let out = self.run(&[
+            "list",
+            "--short",
+            "--deployed",
+            "--failed",
+            "--pending",
+            "--uninstalling",
+        ]);
+        assert!(out.status.success(), "helm list failed");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn revision(&self) -> i64 {
+        let out = self.run(&["status", &self.ns, "--output", "json"]);
+        assert!(out.status.success(), "helm status failed");
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("helm status JSON");
+        assert_eq!(status["info"]["status"], "deployed", "{status}");
+        status["version"].as_i64().expect("a revision")
+    }
+}
+
+/// The values a data centre writes: its org, the chain, its wallet Secret,
+/// bootstrap peers and a price list. The simulated agent backend and the
+/// tolerations are there because kwok's nodes stand in for GPU nodes.
+fn values(chain: &ChainConfig) -> serde_json::Value {
+    serde_json::json!({
+        "org": "helm-dc",
+        "image": { "tag": "e2e" },
+        "operator": {
+            "tolerations": [{ "key": gpupool_crds::GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule" }],
+        },
+        "chain": {
+            "rpcUrl": chain.rpc_url,
+            "chainId": chain.chain_id,
+            "escrowAddress": chain.escrow.to_string(),
+            "tokenAddress": chain.token.to_string(),
+            "walletSecret": { "name": "gpupool-wallet", "key": "key" },
+        },
+        "pool": {
+            "enabled": true,
+            "bootstrap": ["/ip4/127.0.0.1/tcp/4001"],
+            "api": { "enabled": true },
+            "policy": {
+                "prices": [{ "model": "H100", "pricePerGpuHour": "2.50" }],
+                "maxLentGpus": 8,
+                "deniedOrgs": ["evil"],
+            },
+        },
+        "agent": {
+            "backend": "simulated",
+            "simulatedInventory": { "product": H100, "memoryMib": 81559, "count": 8 },
+        },
+    })
+}
+
+/// The policy the chart rendered, read by the operator's own loader.
+async fn rendered_policy(client: &Client, ns: &str, dir: &Path) -> ProviderPolicy {
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get("gpupool-policy")
+        .await
+        .expect("the policy ConfigMap");
+    let text = cm
+        .data
+        .and_then(|mut d| d.remove("policy.yaml"))
+        .expect("policy.yaml in the ConfigMap");
+    let path = dir.join("policy.yaml");
+    std::fs::write(&path, text).expect("write policy");
+    ProviderPolicy::load(&path).unwrap_or_else(|e| panic!("the operator refuses the chart's policy: {e}"))
+}
+
+fn env_value(d: &Deployment, name: &str) -> Option<String> {
+    d.spec
+        .as_ref()?
+        .template
+        .spec
+        .as_ref()?
+        .containers
+        .first()?
+        .env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .clone()
+}
+
+fn policy_checksum(d: &Deployment) -> String {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get("checksum/policy").cloned())
+        .expect("the operator's pod template carries checksum/policy")
+}
+
+/// Whether the operator's ServiceAccount in `ns` may do `verb` on `resource`.
+async fn operator_may(client: &Client, ns: &str, verb: &str, group: &str, resource: &str, in_ns: Option<&str>) -> bool {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(format!("system:serviceaccount:{ns}:gpupool-operator")),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                namespace: in_ns.map(str::to_owned),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let out = Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SubjectAccessReview");
+    out.status.is_some_and(|s| s.allowed)
+}
+
+async fn available(deployments: &Api<Deployment>) -> Option<Deployment> {
+    let d = deployments.get("gpupool-operator").await.ok()?;
+    let s = d.status.as_ref()?;
+    let rolled = s.observed_generation >= d.metadata.generation
+        && s.updated_replicas == Some(1)
+        && s.available_replicas == Some(1)
+        && s.replicas == Some(1);
+    rolled.then_some(d)
+}
+
+#[tokio::test]
+async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
+    let env = testenv();
+    let org: &ClusterInfo = env.orgs.last().expect("an org");
+    let chain_info = env.chain.as_ref().expect("the test environment's chain");
+    let chain = ChainConfig::load(&chain_info.config).expect("chain config");
+    let client = admin(org).await;
+    let ns = namespace(&client, "helm").await;
+    let home = env.root.join(format!("helm-{ns}"));
+    std::fs::create_dir_all(&home).expect("helm home");
+    let values_path = home.join("values.json");
+    std::fs::write(&values_path, values(&chain).to_string()).expect("values");
+    let helm = Helm {
+        bin: env.tool("helm").expect("helm"),
+        kubeconfig: org.admin_kubeconfig.clone(),
+        home: home.clone(),
+        ns: ns.clone(),
+        chart: Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/gpupool"),
+        values: values_path,
+    };
+
+    // The wallet Secret the chart mounts, as a data centre creates it.
+    let key = std::fs::read_to_string(&chain_info.wallets[&org.org.name]).expect("wallet key");
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "gpupool-wallet" },
+        "stringData": { "key": key.trim() },
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create the wallet Secret");
+
+    // 1. Mistakes are refused with what to change, and nothing is installed.
+    let mistakes: &[(&[&str], &[&str])] = &[
+        (
+            &["--set", "pool.policy.maxLentGPUs=3"],
+            &["/pool/policy", "additional properties 'maxLentGPUs' not allowed"],
+        ),
+        (
+            &[
+                "--set",
+                "pool.policy.prices[0].model=H100,pool.policy.prices[0].pricePerGpuHour=two",
+            ],
+            &["/pool/policy/prices/0/pricePerGpuHour", "does not match pattern"],
+        ),
+        (
+            &["--set", "pool.policy.maxLentGpus=-1"],
+            &["/pool/policy/maxLentGpus", "minimum"],
+        ),
+        (&["--set", "chain.escrowAddress=0x12"], &["/chain/escrowAddress"]),
+        (&["--set", "org=Acme Corp"], &["/org", "does not match pattern"]),
+        (&["--set", "pool.bootstrap={10.0.0.1:4001}"], &["/pool/bootstrap/0"]),
+        (&["--set", "agent.backend=docker"], &["/agent/backend"]),
+        (
+            &["--set", "pool.heartbeatGraceMs=1000"],
+            &["pool.heartbeatGraceMs (1000) must be longer than pool.heartbeatEveryMs (2000)"],
+        ),
+        (
+            &["--set", "operator.replicas=2,operator.leaderElection.enabled=false"],
+            &["operator.replicas > 1 needs operator.leaderElection.enabled"],
+        ),
+        (
+            &["--set", "pool.policy.allowedOrgs={evil}"],
+            &["organisation \"evil\" is in both allowedOrgs and deniedOrgs"],
+        ),
+        (&["--set", "chain.rpcUrl="], &["pool.enabled needs chain.rpcUrl"]),
+    ];
+    for (flags, expected) in mistakes {
+        let out = helm.deploy("install", flags);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "helm installed with {flags:?}");
+        for e in *expected {
+            assert!(stderr.contains(e), "with {flags:?}, helm said {stderr:?}, not {e:?}");
+        }
+    }
+    assert_eq!(helm.releases(), "", "a refused install left a release behind");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        deployments.get_opt("gpupool-operator").await.expect("get").is_none(),
+        "a refused install created the operator"
+    );
+
+    // 2. A good install: the operator and one agent per GPU node come up.
+    let out = helm.deploy("install", &["--wait", "--timeout", "180s"]);
+    assert!(out.status.success(), "helm install failed");
+    assert_eq!(helm.revision(), 1);
+    let operator = wait_for(Duration::from_secs(60), "the operator Deployment available", || {
+        available(&deployments)
+    })
+    .await
+    .expect("the operator Deployment becomes available");
+    assert_eq!(
+        env_value(&operator, "GPUPOOL_BOOTSTRAP").as_deref(),
+        Some("/ip4/127.0.0.1/tcp/4001")
+    );
+    assert_eq!(
+        env_value(&operator, "GPUPOOL_ESCROW_ADDRESS"),
+        Some(chain.escrow.to_string())
+    );
+    assert_eq!(
+        env_value(&operator, "GPUPOOL_POOL_API_ADDR").as_deref(),
+        Some("0.0.0.0:7443")
+    );
+    let agents: Api<DaemonSet> = Api::namespaced(client.clone(), &ns);
+    let nodes = i32::try_from(org.nodes.len()).expect("node count");
+    wait_for(Duration::from_secs(60), "an agent ready on every GPU node", || async {
+        let s = agents.get("gpupool-agent").await.ok()?.status?;
+        (s.desired_number_scheduled == nodes && s.number_ready == nodes).then_some(())
+    })
+    .await
+    .expect("the agents run on every node");
+    let inventory = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("gpupool-agent-inventory")
+        .await
+        .expect("the simulated inventory");
+    let inventory = inventory
+        .data
+        .unwrap_or_default()
+        .remove("inventory.yaml")
+        .unwrap_or_default();
+    assert!(
+        inventory.contains(H100) && inventory.contains("count: 8"),
+        "{inventory}"
+    );
+
+    let policy = rendered_policy(&client, &ns, &home).await;
+    assert_eq!(policy.price_of(H100), Some("2.5".parse().expect("price")));
+    assert_eq!(policy.max_lent_gpus, 8);
+    assert!(policy.serves("acme") && !policy.serves("evil"));
+
+    // The release's RBAC binds its own ServiceAccount, in its own namespace.
+    for (verb, group, resource, in_ns) in [
+        ("patch", "gpupool.dev", "aijobs/status", None),
+        ("create", "batch", "jobs", Some("default")),
+        ("create", "", "namespaces", None),
+        ("create", "coordination.k8s.io", "leases", Some(ns.as_str())),
+        ("create", "", "secrets", Some(ns.as_str())),
+    ] {
+        assert!(
+            operator_may(&client, &ns, verb, group, resource, in_ns).await,
+            "the operator may not {verb} {resource}"
+        );
+    }
+    assert!(
+        !operator_may(&client, &ns, "get", "", "secrets", Some("default")).await,
+        "the operator reads Secrets outside its namespace"
+    );
+
+    // 3. A new price list rolls the operator, so the new prices are the ones it bids with.
+    let before = policy_checksum(&operator);
+    let out = helm.deploy(
+        "upgrade",
+        &[
+            "--set-string",
+            "pool.policy.prices[0].model=H100,pool.policy.prices[0].pricePerGpuHour=3.10",
+            "--wait",
+            "--timeout",
+            "180s",
+        ],
+    );
+    assert!(out.status.success(), "helm upgrade failed");
+    assert_eq!(helm.revision(), 2);
+    let rolled = wait_for(Duration::from_secs(60), "the operator rolled out again", || async {
+        available(&deployments)
+            .await
+            .filter(|d| d.metadata.generation >= Some(2))
+    })
+    .await
+    .expect("the operator rolls out with the new policy");
+    assert_ne!(
+        policy_checksum(&rolled),
+        before,
+        "the new policy did not change the pod template"
+    );
+    let policy = rendered_policy(&client, &ns, &home).await;
+    assert_eq!(policy.price_of(H100), Some("3.1".parse().expect("price")));
+
+    // 4. A refused upgrade changes nothing.
+    let out = helm.deploy("upgrade", &["--set", "pool.p2pPort=70000"]);
+    assert!(!out.status.success(), "helm upgraded to port 70000");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/pool/p2pPort"));
+    assert_eq!(helm.revision(), 2);
+    assert_eq!(
+        rendered_policy(&client, &ns, &home).await.price_of(H100),
+        Some("3.1".parse().expect("price"))
+    );
+
+    // 5. Uninstalling removes the release's objects, its ClusterRoles included,
+    // and keeps the CRDs (Helm never deletes crds/): AiJobs outlive the chart.
+    let out = helm.run(&["uninstall", &ns, "--wait", "--timeout", "120s"]);
+    assert!(out.status.success(), "helm uninstall failed");
+    assert_eq!(helm.releases(), "");
+    assert!(deployments.get_opt("gpupool-operator").await.expect("get").is_none());
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    assert!(roles.get_opt(&format!("{ns}-operator")).await.expect("get").is_none());
+    assert!(
+        roles.get_opt("gpupool-operator").await.expect("get").is_some(),
+        "uninstalling one release removed another install's ClusterRole"
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    assert!(crds.get_opt("aijobs.gpupool.dev").await.expect("get").is_some());
+
+    remove_namespace(&client, &ns).await;
+    std::fs::remove_dir_all(&home).ok();
+}
