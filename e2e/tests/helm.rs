@@ -3,8 +3,9 @@
 //! cluster; good ones install an operator and agents that the control plane
 //! schedules and kwok runs; an upgrade with a new price list rolls the
 //! operator (it reads its policy once, at start); a refused upgrade leaves
-//! the release as it was; uninstalling removes what the release made and
-//! keeps the CRDs, and with them every AiJob.
+//! the release as it was; monitoring on finds the operators' /metrics and a
+//! standby gets a disruption budget; uninstalling removes what the release
+//! made and keeps the CRDs, and with them every AiJob.
 //!
 //! kwok plays the pods, so no image is pulled: this checks the chart, its
 //! schema and its RBAC against the API server, not the operator's own work,
@@ -20,11 +21,14 @@ use gpupool_e2e::harness::{admin, namespace, remove_namespace, testenv, wait_for
 use gpupool_operator::market::policy::ProviderPolicy;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, ResourceExt};
+use kube::core::ApiResource;
 
 const H100: &str = "NVIDIA H100 80GB HBM3";
 
@@ -191,13 +195,68 @@ async fn operator_may(client: &Client, ns: &str, verb: &str, group: &str, resour
     out.status.is_some_and(|s| s.allowed)
 }
 
-async fn available(deployments: &Api<Deployment>) -> Option<Deployment> {
+const SERVICE_MONITORS: &str = "servicemonitors.monitoring.coreos.com";
+
+fn service_monitor_resource() -> ApiResource {
+    ApiResource {
+        group: "monitoring.coreos.com".into(),
+        version: "v1".into(),
+        api_version: "monitoring.coreos.com/v1".into(),
+        kind: "ServiceMonitor".into(),
+        plural: "servicemonitors".into(),
+    }
+}
+
+/// The Prometheus Operator's ServiceMonitor kind, so the API server serves it
+/// and Helm sees it among the cluster's capabilities. Only its group, version
+/// and kind stand in for the real CRD: what the test checks is that the
+/// chart's monitor selects the metrics Service and its port, against the
+/// Services and EndpointSlices the control plane really made.
+async fn add_service_monitor_crd(client: &Client) {
+    let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": SERVICE_MONITORS },
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "scope": "Namespaced",
+            "names": { "plural": "servicemonitors", "singular": "servicemonitor", "kind": "ServiceMonitor", "listKind": "ServiceMonitorList" },
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "schema": { "openAPIV3Schema": { "type": "object", "x-kubernetes-preserve-unknown-fields": true } },
+            }],
+        },
+    }))
+    .expect("CRD");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        SERVICE_MONITORS,
+        &PatchParams::apply("gpupool-e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply the ServiceMonitor CRD");
+    wait_for(Duration::from_secs(30), "ServiceMonitors served", || async {
+        let api = Api::<DynamicObject>::all_with(client.clone(), &service_monitor_resource());
+        api.list(&ListParams::default().limit(1)).await.ok().map(|_| ())
+    })
+    .await
+    .expect("the ServiceMonitor CRD established");
+}
+
+async fn remove_service_monitor_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.delete(SERVICE_MONITORS, &DeleteParams::default())
+        .await
+        .expect("delete the ServiceMonitor CRD");
+}
+
+/// The operator Deployment once `replicas` pods of its current template are available.
+async fn available(deployments: &Api<Deployment>, replicas: i32) -> Option<Deployment> {
     let d = deployments.get("gpupool-operator").await.ok()?;
     let s = d.status.as_ref()?;
     let rolled = s.observed_generation >= d.metadata.generation
-        && s.updated_replicas == Some(1)
-        && s.available_replicas == Some(1)
-        && s.replicas == Some(1);
+        && s.updated_replicas == Some(replicas)
+        && s.available_replicas == Some(replicas)
+        && s.replicas == Some(replicas);
     rolled.then_some(d)
 }
 
@@ -221,6 +280,8 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         chart: Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/gpupool"),
         values: values_path,
     };
+
+    add_service_monitor_crd(&client).await;
 
     // The wallet Secret the chart mounts, as a data centre creates it.
     let key = std::fs::read_to_string(&chain_info.wallets[&org.org.name]).expect("wallet key");
@@ -289,7 +350,7 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     assert!(out.status.success(), "helm install failed");
     assert_eq!(helm.revision(), 1);
     let operator = wait_for(Duration::from_secs(60), "the operator Deployment available", || {
-        available(&deployments)
+        available(&deployments, 1)
     })
     .await
     .expect("the operator Deployment becomes available");
@@ -365,7 +426,7 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     assert!(out.status.success(), "helm upgrade failed");
     assert_eq!(helm.revision(), 2);
     let rolled = wait_for(Duration::from_secs(60), "the operator rolled out again", || async {
-        available(&deployments)
+        available(&deployments, 1)
             .await
             .filter(|d| d.metadata.generation >= Some(2))
     })
@@ -389,7 +450,98 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         Some("3.1".parse().expect("price"))
     );
 
-    // 5. Uninstalling removes the release's objects, its ClusterRoles included,
+    // 5. What an SRE turns on: a ServiceMonitor that finds the operators'
+    // /metrics, and with a standby, a disruption budget that keeps a drain
+    // from taking both down.
+    let out = helm.run(&[
+        "upgrade",
+        &ns,
+        &helm.chart.to_string_lossy(),
+        "--reuse-values",
+        "--set",
+        "operator.replicas=2,operator.serviceMonitor.enabled=true,operator.serviceMonitor.labels.release=prom",
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    assert!(out.status.success(), "helm upgrade with monitoring failed");
+    assert_eq!(helm.revision(), 3);
+    wait_for(Duration::from_secs(60), "two operators available", || {
+        available(&deployments, 2)
+    })
+    .await
+    .expect("a leader and a standby");
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+    wait_for(Duration::from_secs(60), "the budget counts both operators", || async {
+        let b = budgets.get("gpupool-operator").await.ok()?;
+        let s = b.status?;
+        (s.expected_pods == Some(2) && s.current_healthy == Some(2) && s.disruptions_allowed == Some(1)).then_some(())
+    })
+    .await
+    .expect("a PodDisruptionBudget over the operators");
+    let monitor = Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &service_monitor_resource())
+        .get("gpupool-operator")
+        .await
+        .expect("the ServiceMonitor");
+    assert_eq!(
+        monitor.labels().get("release").map(String::as_str),
+        Some("prom"),
+        "Prometheus selects monitors by the labels given"
+    );
+    let selector = monitor.data["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("a matchLabels selector")
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let port = monitor.data["spec"]["endpoints"][0]["port"]
+        .as_str()
+        .expect("an endpoint port");
+    let services = Api::<Service>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("list Services");
+    let names: Vec<_> = services.items.iter().filter_map(|s| s.metadata.name.clone()).collect();
+    assert_eq!(
+        names,
+        ["gpupool-operator-metrics"],
+        "the monitor selects only the metrics Service"
+    );
+    // Prometheus scrapes the endpoints behind that port: both operators.
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+    wait_for(
+        Duration::from_secs(60),
+        "both operators behind the metrics port",
+        || async {
+            let list = slices
+                .list(&ListParams::default().labels("kubernetes.io/service-name=gpupool-operator-metrics"))
+                .await
+                .ok()?;
+            let ready: usize = list
+                .items
+                .iter()
+                .filter(|s| {
+                    s.ports
+                        .iter()
+                        .flatten()
+                        .any(|p| p.name.as_deref() == Some(port) && p.port == Some(8080))
+                })
+                .map(|s| {
+                    s.endpoints
+                        .iter()
+                        .flatten()
+                        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                        .count()
+                })
+                .sum();
+            (ready == 2).then_some(())
+        },
+    )
+    .await
+    .expect("the metrics Service's endpoints hold both operators on port 8080");
+
+    // 6. Uninstalling removes the release's objects, its ClusterRoles included,
     // and keeps the CRDs (Helm never deletes crds/): AiJobs outlive the chart.
     let out = helm.run(&["uninstall", &ns, "--wait", "--timeout", "120s"]);
     assert!(out.status.success(), "helm uninstall failed");
@@ -404,6 +556,9 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     assert!(crds.get_opt("aijobs.gpupool.dev").await.expect("get").is_some());
 
+    assert!(budgets.get_opt("gpupool-operator").await.expect("get").is_none());
+
     remove_namespace(&client, &ns).await;
+    remove_service_monitor_crd(&client).await;
     std::fs::remove_dir_all(&home).ok();
 }
