@@ -13,7 +13,7 @@ export GPUPOOL_TESTENV := $(abspath $(STATE))
 
 NPM ?= npm
 
-.PHONY: help build crds contracts chain-tools manifests check-generated fmt lint unit testenv-binaries testenv-up testenv-down e2e test demo bench clean
+.PHONY: help build crds contracts chain-tools manifests check-generated fmt lint unit testenv-binaries testenv-up testenv-down e2e test demo bench image clean
 
 help: ## list targets
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / { printf "  %-18s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -83,6 +83,10 @@ demo: build testenv-binaries chain-tools ## bring up the pool and run a job thro
 
 bench: build testenv-binaries chain-tools ## benchmarks; JSON figures land in target/bench/
 	bash e2e/bench.sh
+
+image: ## the container image the chart runs (operator, agent, CLI), as an OCI archive in target/image/, no container engine needed
+	$(CARGO) build --release -p gpupool-operator -p gpupool-agent -p gpupool-cli
+	bash e2e/image.sh target/release target/image/gpupool.oci.tar
 
 clean: testenv-down
 	$(CARGO) clean
