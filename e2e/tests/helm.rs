@@ -21,8 +21,9 @@ use gpupool_e2e::harness::{admin, namespace, remove_namespace, testenv, wait_for
 use gpupool_operator::market::policy::ProviderPolicy;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -128,6 +129,7 @@ fn values(chain: &ChainConfig) -> serde_json::Value {
         "agent": {
             "backend": "simulated",
             "simulatedInventory": { "product": H100, "memoryMib": 81559, "count": 8 },
+            "runtimeClassName": "nvidia",
         },
     })
 }
@@ -282,6 +284,22 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     };
 
     add_service_monitor_crd(&client).await;
+    // The NVIDIA runtime's class, as the GPU operator installs it: the API
+    // server refuses pods that name a class it does not know.
+    let runtime: RuntimeClass = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "nvidia" },
+        "handler": "nvidia",
+    }))
+    .expect("RuntimeClass");
+    let runtimes: Api<RuntimeClass> = Api::all(client.clone());
+    runtimes
+        .patch(
+            "nvidia",
+            &PatchParams::apply("gpupool-e2e").force(),
+            &Patch::Apply(&runtime),
+        )
+        .await
+        .expect("apply the nvidia RuntimeClass");
 
     // The wallet Secret the chart mounts, as a data centre creates it.
     let key = std::fs::read_to_string(&chain_info.wallets[&org.org.name]).expect("wallet key");
@@ -374,6 +392,17 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     })
     .await
     .expect("the agents run on every node");
+    let agent_pods = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await
+        .expect("list agent pods");
+    assert!(
+        agent_pods
+            .items
+            .iter()
+            .all(|p| p.spec.as_ref().and_then(|s| s.runtime_class_name.as_deref()) == Some("nvidia")),
+        "the agents do not run with the NVIDIA runtime class"
+    );
     let inventory = Api::<ConfigMap>::namespaced(client.clone(), &ns)
         .get("gpupool-agent-inventory")
         .await
@@ -560,5 +589,9 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
 
     remove_namespace(&client, &ns).await;
     remove_service_monitor_crd(&client).await;
+    runtimes
+        .delete("nvidia", &DeleteParams::default())
+        .await
+        .expect("delete the RuntimeClass");
     std::fs::remove_dir_all(&home).ok();
 }
