@@ -366,6 +366,12 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     // 2. A good install: the operator and one agent per GPU node come up.
     let out = helm.deploy("install", &["--wait", "--timeout", "180s"]);
     assert!(out.status.success(), "helm install failed");
+    // The notes tell the data centre what it lends, at what price.
+    let notes = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        notes.contains("It lends up to 8 GPUs at H100 2.50/GPU-hour."),
+        "{notes}"
+    );
     assert_eq!(helm.revision(), 1);
     let operator = wait_for(Duration::from_secs(60), "the operator Deployment available", || {
         available(&deployments, 1)
