@@ -12,6 +12,8 @@
 # The same binaries give the same archive, byte for byte (SOURCE_DATE_EPOCH
 # sets the timestamps, 0 by default).
 set -euo pipefail
+# Byte order for every sort, so file order does not depend on the machine's locale.
+export LC_ALL=C
 
 bin_dir=${1:?usage: e2e/image.sh BIN_DIR OUT [REF]}
 out=${2:?usage: e2e/image.sh BIN_DIR OUT [REF]}
@@ -24,6 +26,7 @@ binaries=(gpupool-operator gpupool-agent gpupool)
 # The unprivileged user the chart's runAsNonRoot needs, by number.
 uid=65532
 
+[ -f /etc/ssl/certs/ca-certificates.crt ] || { echo "image.sh needs TLS roots in /etc/ssl/certs/ca-certificates.crt (Debian's ca-certificates)" >&2; exit 1; }
 for tool in tar gzip sha256sum ldd; do
   command -v "$tool" >/dev/null || { echo "image.sh needs $tool" >&2; exit 1; }
 done
