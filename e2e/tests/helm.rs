@@ -119,6 +119,7 @@ fn values(chain: &ChainConfig) -> serde_json::Value {
         "pool": {
             "enabled": true,
             "bootstrap": ["/ip4/127.0.0.1/tcp/4001"],
+            "announce": ["/dns4/pool.helm-dc.example.org/tcp/4001", "/dns4/pool.helm-dc.example.org/udp/4001/quic-v1"],
             "api": { "enabled": true },
             "policy": {
                 "prices": [{ "model": "H100", "pricePerGpuHour": "2.50" }],
@@ -333,6 +334,10 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         (&["--set", "chain.escrowAddress=0x12"], &["/chain/escrowAddress"]),
         (&["--set", "org=Acme Corp"], &["/org", "does not match pattern"]),
         (&["--set", "pool.bootstrap={10.0.0.1:4001}"], &["/pool/bootstrap/0"]),
+        (
+            &["--set", "pool.announce={pool.example.org:4001}"],
+            &["/pool/announce/0"],
+        ),
         (&["--set", "agent.backend=docker"], &["/agent/backend"]),
         (
             &["--set", "pool.heartbeatGraceMs=1000"],
@@ -389,6 +394,10 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     assert_eq!(
         env_value(&operator, "GPUPOOL_POOL_API_ADDR").as_deref(),
         Some("0.0.0.0:7443")
+    );
+    assert_eq!(
+        env_value(&operator, "GPUPOOL_P2P_ANNOUNCE").as_deref(),
+        Some("/dns4/pool.helm-dc.example.org/tcp/4001,/dns4/pool.helm-dc.example.org/udp/4001/quic-v1")
     );
     let agents: Api<DaemonSet> = Api::namespaced(client.clone(), &ns);
     let nodes = i32::try_from(org.nodes.len()).expect("node count");

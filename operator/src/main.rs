@@ -135,6 +135,12 @@ struct PoolArgs {
         default_value = "/ip4/0.0.0.0/tcp/4001,/ip4/0.0.0.0/udp/4001/quic-v1"
     )]
     listen: Vec<libp2p::Multiaddr>,
+    /// Where other members reach this one, when that is not where it
+    /// listens (a LoadBalancer's or NodePort's address, a NAT's forwarded
+    /// port), e.g. /dns4/pool.dc1.example.org/tcp/4001. Set, peers hear only
+    /// these; unset, they hear the listen addresses.
+    #[arg(long = "p2p-announce", env = "GPUPOOL_P2P_ANNOUNCE", value_delimiter = ',')]
+    announce: Vec<libp2p::Multiaddr>,
     /// Connections other members may hold open to this one.
     #[arg(long = "p2p-max-incoming", env = "GPUPOOL_P2P_MAX_INCOMING", default_value_t = 512)]
     max_incoming: u32,
@@ -407,6 +413,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             SwarmConfig {
                 listen: args.pool.listen.clone(),
                 bootstrap: args.pool.bootstrap.clone(),
+                announce: args.pool.announce.clone(),
                 limits: PeerLimits {
                     max_incoming: args.pool.max_incoming,
                     max_per_peer: args.pool.max_per_peer,

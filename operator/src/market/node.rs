@@ -906,7 +906,7 @@ impl Market {
                     org: self.settings.org.clone(),
                     wallet: self.wallet.to_string(),
                     addresses: info
-                        .listen
+                        .advertised
                         .iter()
                         .take(16)
                         .map(|a| format!("{a}/p2p/{}", self.peer_id()))

@@ -1,6 +1,7 @@
 //! The peer-to-peer layer: identity, message sealing and checks (pure), peer
 //! scores (pure) and the libp2p swarm (I/O).
 
+pub mod announce;
 pub mod body;
 pub mod codec;
 pub mod envelope;

@@ -15,6 +15,8 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{ListenError, NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, identify, noise, ping, tcp, yamux};
+
+use crate::p2p::announce::advertised;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -52,6 +54,12 @@ pub struct SwarmConfig {
     /// to every other, 20k sockets for 200 swarms.
     pub discovery: bool,
     pub limits: PeerLimits,
+    /// Where other members reach this one when that is not where it listens:
+    /// a LoadBalancer's or NodePort's address, a NAT's forwarded port. When
+    /// set, these are the only addresses it tells peers (identify, and the
+    /// identity record through `SwarmInfo::advertised`); its listen
+    /// addresses, private to its own network, are kept to itself.
+    pub announce: Vec<Multiaddr>,
 }
 
 /// How many connections the swarm keeps, so a flood of dials (or one peer
@@ -88,6 +96,7 @@ impl Default for SwarmConfig {
             request_timeout: Duration::from_secs(10),
             discovery: true,
             limits: PeerLimits::default(),
+            announce: vec![],
         }
     }
 }
@@ -157,11 +166,18 @@ enum Command {
     Info {
         done: oneshot::Sender<SwarmInfo>,
     },
+    AddressesOf {
+        peer: PeerId,
+        done: oneshot::Sender<Vec<Multiaddr>>,
+    },
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct SwarmInfo {
     pub listen: Vec<Multiaddr>,
+    /// The addresses peers should dial: the announce addresses, or else the
+    /// listen addresses.
+    pub advertised: Vec<Multiaddr>,
     pub connected: Vec<PeerId>,
 }
 
@@ -213,6 +229,14 @@ impl P2p {
     pub async fn info(&self) -> SwarmInfo {
         self.call(|done| Command::Info { done }).await.unwrap_or_default()
     }
+
+    /// Where this swarm would dial `peer`: its entry in the DHT's routing
+    /// table, which identify, dials and other members' answers fill.
+    pub async fn addresses_of(&self, peer: PeerId) -> Vec<Multiaddr> {
+        self.call(|done| Command::AddressesOf { peer, done })
+            .await
+            .unwrap_or_default()
+    }
 }
 
 #[derive(NetworkBehaviour)]
@@ -257,7 +281,12 @@ fn behaviour(key: &Keypair, cfg: &SwarmConfig) -> Result<Behaviour, StartError> 
         kad.set_mode(Some(kad::Mode::Server));
         kad
     });
-    let identify = identify::Behaviour::new(identify::Config::new("/gpupool/1.0.0".into(), key.public()));
+    let identify = identify::Behaviour::new(
+        identify::Config::new("/gpupool/1.0.0".into(), key.public())
+            // With announce addresses, peers hear only those (they are the
+            // swarm's external addresses, which identify always sends).
+            .with_hide_listen_addrs(!cfg.announce.is_empty()),
+    );
     let direct = request_response::Behaviour::with_codec(
         EnvelopeCodec,
         [(DIRECT_PROTOCOL, ProtocolSupport::Full)],
@@ -330,6 +359,10 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
             _ => {}
         }
     }
+    for addr in &cfg.announce {
+        info!(%addr, peer = %local, "p2p announcing");
+        swarm.add_external_address(addr.clone());
+    }
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (in_tx, in_rx) = mpsc::channel(4096);
     let lp = Loop {
@@ -337,6 +370,7 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
         inbound: in_tx,
         pending: HashMap::new(),
         bootstrap: cfg.bootstrap,
+        announce: cfg.announce,
     };
     tokio::spawn(lp.run(cmd_rx));
     Ok((P2p { local, cmd: cmd_tx }, in_rx))
@@ -347,6 +381,7 @@ struct Loop {
     inbound: mpsc::Sender<Inbound>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<(), SendError>>>,
     bootstrap: Vec<Multiaddr>,
+    announce: Vec<Multiaddr>,
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
@@ -440,8 +475,25 @@ impl Loop {
             Command::Info { done } => {
                 let _ = done.send(SwarmInfo {
                     listen: self.swarm.listeners().cloned().collect(),
+                    advertised: advertised(&self.announce, self.swarm.listeners()),
                     connected: self.swarm.connected_peers().copied().collect(),
                 });
+            }
+            Command::AddressesOf { peer, done } => {
+                let addrs = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .as_mut()
+                    .and_then(|kad| {
+                        let bucket = kad.kbucket(peer)?;
+                        bucket
+                            .iter()
+                            .find(|e| *e.node.key.preimage() == peer)
+                            .map(|e| e.node.value.iter().cloned().collect())
+                    })
+                    .unwrap_or_default();
+                let _ = done.send(addrs);
             }
         }
     }
@@ -598,6 +650,9 @@ impl Loop {
 mod tests {
     //! Real swarms on loopback: QUIC carries both kinds of message, and the
     //! connection limits refuse what is over them.
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
     const LIMIT: Duration = Duration::from_secs(20);
@@ -671,6 +726,117 @@ mod tests {
         .await
         .expect("gossip over QUIC within the limit");
         assert_eq!(got, (Topic::Orders, Some(b.local_peer_id()), b"order".to_vec()));
+    }
+
+    /// A TCP forwarder standing in for a LoadBalancer in front of a member:
+    /// what reaches its port goes on to `target` (set once the member
+    /// listens). It counts the connections it carried.
+    async fn load_balancer(
+        target: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
+    ) -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let carried = Arc::new(AtomicUsize::new(0));
+        let count = carried.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let Some(to) = target.get().copied() else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        (port, carried, task)
+    }
+
+    /// A member behind a LoadBalancer announces the balancer's address. A
+    /// member that never had that address configured finds it through the
+    /// pool (identify, then the DHT) and reaches it there: peers never hear
+    /// the address it listens on, which outside its own network leads
+    /// nowhere.
+    #[tokio::test]
+    async fn members_reach_a_member_at_the_address_it_announces() {
+        let tcp: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+        let target = Arc::new(std::sync::OnceLock::new());
+        let (port, carried, balancer) = load_balancer(target.clone()).await;
+        let public: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+        let (a, mut a_in, a_private) = listening(SwarmConfig {
+            listen: vec![tcp.clone()],
+            announce: vec![public.clone()],
+            ..Default::default()
+        })
+        .await;
+        let private_port = a_private.iter().find_map(|p| match p {
+            Protocol::Tcp(port) => Some(port),
+            _ => None,
+        });
+        target
+            .set(std::net::SocketAddr::from(([127, 0, 0, 1], private_port.unwrap())))
+            .unwrap();
+        let info = a.info().await;
+        assert_eq!(
+            info.advertised,
+            vec![public.clone()],
+            "what the identity record carries"
+        );
+        assert_ne!(info.listen, info.advertised);
+
+        // c joins through the balancer, as members outside a's network do.
+        let (c, _c_in, c_addr) = listening(SwarmConfig {
+            listen: vec![tcp.clone()],
+            bootstrap: vec![public.clone().with(Protocol::P2p(a.local_peer_id()))],
+            ..Default::default()
+        })
+        .await;
+        assert!(
+            connected_to(&c, a.local_peer_id()).await,
+            "c reaches a through the balancer"
+        );
+        let without_id = |addrs: Vec<Multiaddr>| -> Vec<Multiaddr> {
+            addrs
+                .into_iter()
+                .map(|a| a.into_iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect())
+                .collect()
+        };
+        // identify told c nothing but the announced address.
+        let heard = tokio::time::timeout(LIMIT, async {
+            loop {
+                let addrs = without_id(c.addresses_of(a.local_peer_id()).await);
+                if !addrs.is_empty() {
+                    return addrs;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("c knows where a is");
+        assert_eq!(heard, vec![public.clone()], "c heard a's private address");
+        // b knows only c, and finds a through the pool.
+        let (b, _b_in, _) = listening(SwarmConfig {
+            listen: vec![tcp],
+            bootstrap: vec![c_addr],
+            request_timeout: Duration::from_secs(3),
+            ..Default::default()
+        })
+        .await;
+        let delivered = tokio::time::timeout(Duration::from_secs(40), async {
+            while b.send(a.local_peer_id(), b"bid".to_vec()).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+        .await;
+        assert!(delivered.is_ok(), "b never reached a");
+        assert_eq!(next_direct(&mut a_in).await, (b.local_peer_id(), b"bid".to_vec()));
+        assert_eq!(
+            without_id(b.addresses_of(a.local_peer_id()).await),
+            vec![public],
+            "b heard a's private address"
+        );
+        assert!(carried.load(Ordering::SeqCst) >= 2, "c's and b's connections");
+        balancer.abort();
     }
 
     #[tokio::test]
