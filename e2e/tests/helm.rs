@@ -496,7 +496,9 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
 
     // 5. What an SRE turns on: a ServiceMonitor that finds the operators'
     // /metrics, and with a standby, a disruption budget that keeps a drain
-    // from taking both down.
+    // from taking both down. And a member without a LoadBalancer exposes
+    // its p2p port on a node port it chose, so it can announce it.
+    let node_port = 30000 + ns.bytes().map(u32::from).sum::<u32>() % 2768;
     let out = helm.run(&[
         "upgrade",
         &ns,
@@ -504,6 +506,8 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         "--reuse-values",
         "--set",
         "operator.replicas=2,operator.serviceMonitor.enabled=true,operator.serviceMonitor.labels.release=prom",
+        "--set",
+        &format!("pool.service.type=NodePort,pool.service.nodePort={node_port}"),
         "--wait",
         "--timeout",
         "180s",
@@ -515,6 +519,23 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     })
     .await
     .expect("a leader and a standby");
+    let p2p = Api::<Service>::namespaced(client.clone(), &ns)
+        .get("gpupool-p2p")
+        .await
+        .expect("the p2p Service");
+    let ports: Vec<(String, Option<i32>)> = p2p
+        .spec
+        .and_then(|s| s.ports)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| (p.protocol.unwrap_or_default(), p.node_port))
+        .collect();
+    let expected = i32::try_from(node_port).expect("a port");
+    assert_eq!(
+        ports,
+        [("TCP".to_string(), Some(expected)), ("UDP".to_string(), Some(expected))],
+        "TCP and QUIC on the chosen node port"
+    );
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
     wait_for(Duration::from_secs(60), "the budget counts both operators", || async {
         let b = budgets.get("gpupool-operator").await.ok()?;
