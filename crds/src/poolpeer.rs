@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
     doc = "PoolPeer is one member organisation of the pool as this cluster knows it: its identity, wallet, last advertised capacity and prices, and how reliably it served leases.",
     printcolumn(name = "Org", type_ = "string", json_path = ".spec.org"),
     printcolumn(name = "Peer", type_ = "string", json_path = ".spec.peerId", priority = 1),
+    printcolumn(name = "Address", type_ = "string", json_path = ".spec.addresses[0]", priority = 1),
     printcolumn(name = "Connected", type_ = "boolean", json_path = ".status.connected"),
     printcolumn(name = "Completed", type_ = "integer", json_path = ".status.reputation.completed"),
     printcolumn(name = "Failed", type_ = "integer", json_path = ".status.reputation.failed"),
@@ -36,7 +37,9 @@ pub struct PoolPeerSpec {
     #[x_kube(validation = Rule::new("self.matches('^0x[0-9a-fA-F]{40}$')").message("wallet must be a 0x-prefixed 20-byte hex address"))]
     #[schemars(length(max = 42))]
     pub wallet: Option<String>,
-    /// Multiaddresses it listens on.
+    /// Where other members reach it: the addresses it announces
+    /// (`--p2p-announce`, the chart's `pool.announce`), or else the ones it
+    /// listens on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(max = 256)))]
     pub addresses: Vec<String>,

@@ -93,7 +93,18 @@ impl Pool {
     /// Starts the pool with exactly `flags` besides the membership ones:
     /// the benchmarks run operators at the timings users get by default.
     pub async fn start_with_flags(env: &TestEnv, tag: &str, lends: &[Lends], flags: &[String]) -> anyhow::Result<Self> {
-        Self::start_members(env, tag, lends, flags, None).await
+        Self::start_members(env, tag, lends, flags, &|_, _| vec![]).await
+    }
+
+    /// Starts the pool with the test timings, `extra(org, port)` adding flags
+    /// to each member given its org and its own p2p port.
+    pub async fn start_with_extra(
+        env: &TestEnv,
+        tag: &str,
+        lends: &[Lends],
+        extra: &dyn Fn(&str, u16) -> Vec<String>,
+    ) -> anyhow::Result<Self> {
+        Self::start_members(env, tag, lends, &fast_flags(), extra).await
     }
 
     /// Starts the pool with the test timings and `extra` flags, `org`'s
@@ -118,20 +129,14 @@ impl Pool {
         let serving = ca.serving(&dir, "pool-api", "gpupool-pool-api", &["127.0.0.1", "localhost"])?;
         let mut flags = fast_flags();
         flags.extend_from_slice(extra);
-        let pool = Self::start_members(
-            env,
-            tag,
-            lends,
-            &flags,
-            Some((
-                org,
-                vec![
-                    format!("--pool-api-addr=127.0.0.1:{port}"),
-                    format!("--pool-api-tls-cert={}", serving.cert.display()),
-                    format!("--pool-api-tls-key={}", serving.key.display()),
-                ],
-            )),
-        )
+        let api_flags = vec![
+            format!("--pool-api-addr=127.0.0.1:{port}"),
+            format!("--pool-api-tls-cert={}", serving.cert.display()),
+            format!("--pool-api-tls-key={}", serving.key.display()),
+        ];
+        let pool = Self::start_members(env, tag, lends, &flags, &|o, _| {
+            if o == org { api_flags.clone() } else { vec![] }
+        })
         .await?;
         Ok((
             pool,
@@ -149,7 +154,7 @@ impl Pool {
         tag: &str,
         lends: &[Lends],
         flags: &[String],
-        only_for: Option<(&str, Vec<String>)>,
+        extra_for: &dyn Fn(&str, u16) -> Vec<String>,
     ) -> anyhow::Result<Self> {
         let chain_info = env
             .chain
@@ -203,11 +208,7 @@ impl Pool {
                 format!("--bootstrap={}", bootstrap.join(",")),
             ];
             args.extend_from_slice(flags);
-            if let Some((o, more)) = &only_for
-                && *o == l.org
-            {
-                args.extend_from_slice(more);
-            }
+            args.extend(extra_for(l.org, ports[i]));
             members.insert(
                 l.org.to_string(),
                 Member {

@@ -824,3 +824,68 @@ async fn forged_and_hostile_messages_from_a_rogue_peer_change_nothing() {
     assert_eq!(phase(&j), Some(AiJobPhase::Bidding));
     remove_namespace(&acme, &ns).await;
 }
+
+/// A member behind a balancer or NAT announces where it is reached
+/// (`--p2p-announce`): the other members' PoolPeers show that address and
+/// not the one it listens on, they dial it there, by DNS name, and a job
+/// that only fits there runs there.
+#[tokio::test]
+async fn a_member_is_known_and_reached_at_the_address_it_announces() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let pool = Pool::start_with_extra(&env, "announce", &lends(), &|org, port| {
+        if org == "corvus" {
+            vec![format!(
+                "--p2p-announce=/dns4/localhost/tcp/{port},/dns4/localhost/udp/{port}/quic-v1"
+            )]
+        } else {
+            vec![]
+        }
+    })
+    .await
+    .unwrap();
+    let port = pool.members["corvus"].port;
+    let peers: Api<PoolPeer> = Api::all(acme.clone());
+    let addresses = wait_for(
+        WAIT,
+        "acme's PoolPeer for corvus with its announced addresses",
+        || async {
+            let list = peers.list(&ListParams::default()).await.ok()?;
+            let corvus = list.items.into_iter().find(|p| p.spec.org == "corvus")?;
+            let addrs = corvus.spec.addresses;
+            addrs.iter().any(|a| a.starts_with("/dns4/")).then_some(addrs)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(addresses.len(), 2, "{addresses:?}");
+    assert!(
+        addresses[0].starts_with(&format!("/dns4/localhost/tcp/{port}/p2p/")),
+        "{addresses:?}"
+    );
+    assert!(
+        addresses[1].starts_with(&format!("/dns4/localhost/udp/{port}/quic-v1/p2p/")),
+        "{addresses:?}"
+    );
+
+    // 2×L40S exist only at corvus.
+    let ns = namespace(&acme, "announce").await;
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "render",
+            2,
+            &["L40S"],
+            "2s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    let done = wait_job(&acme, &ns, "render", "Succeeded at corvus", |j| {
+        phase(j) == Some(AiJobPhase::Succeeded)
+    })
+    .await;
+    assert_eq!(done.status.unwrap().runs_on.unwrap().org, "corvus");
+    remove_namespace(&acme, &ns).await;
+}

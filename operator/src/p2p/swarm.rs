@@ -325,6 +325,10 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
         // between a bid and a heartbeat. Used where a member listens on a
         // `/udp/<port>/quic-v1` address; TCP stays for UDP-hostile networks.
         .with_quic()
+        // /dns4/pool.example.org/tcp/4001: members name each other (bootstrap
+        // lists, announce addresses) by DNS name, resolved as the system does.
+        .with_dns()
+        .map_err(|e| StartError::Build(format!("DNS resolver: {e}")))?
         .with_behaviour(|_| behaviour)
         .map_err(|e| StartError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(cfg.idle_timeout))
@@ -725,6 +729,35 @@ mod tests {
         .await
         .expect("gossip over QUIC within the limit");
         assert_eq!(got, (Topic::Orders, Some(b.local_peer_id()), b"order".to_vec()));
+    }
+
+    /// Members name each other by DNS name in bootstrap lists and announce
+    /// addresses, over TCP and QUIC alike.
+    #[tokio::test]
+    async fn members_dial_each_other_by_dns_name() {
+        for listen in ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"] {
+            let (a, mut a_in, a_addr) = listening(SwarmConfig {
+                listen: vec![listen.parse().unwrap()],
+                ..Default::default()
+            })
+            .await;
+            let by_name: Multiaddr = a_addr
+                .iter()
+                .map(|p| match p {
+                    Protocol::Ip4(_) => Protocol::Dns4("localhost".into()),
+                    other => other,
+                })
+                .collect();
+            let (b, _b_in, _) = listening(SwarmConfig {
+                listen: vec![listen.parse().unwrap()],
+                bootstrap: vec![by_name.clone()],
+                ..Default::default()
+            })
+            .await;
+            assert!(connected_to(&b, a.local_peer_id()).await, "b dials {by_name}");
+            b.send(a.local_peer_id(), b"bid".to_vec()).await.unwrap();
+            assert_eq!(next_direct(&mut a_in).await, (b.local_peer_id(), b"bid".to_vec()));
+        }
     }
 
     /// A TCP forwarder standing in for a LoadBalancer in front of a member:
