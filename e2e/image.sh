@@ -47,7 +47,13 @@ done
 # the paths the loader looks in, from the machine that built them: they need
 # nothing else. NVML is not here: the agent loads libnvidia-ml.so.1 at run
 # time from what the NVIDIA container runtime mounts.
-libs=$(for b in "${binaries[@]}"; do ldd "$bin_dir/$b"; done \
+linked=$(for b in "${binaries[@]}"; do ldd "$bin_dir/$b"; done)
+if grep -q 'not found' <<<"$linked"; then
+  echo "image.sh: a library the binaries link is missing here:" >&2
+  grep 'not found' <<<"$linked" >&2
+  exit 1
+fi
+libs=$(echo "$linked" \
   | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u)
 for lib in $libs; do
   mkdir -p "$root$(dirname "$lib")"

@@ -160,9 +160,7 @@ impl Inside {
                     .filter(|p| p.starts_with('/') && !Path::new(p).starts_with(root))
                     .collect();
                 assert!(outside.is_empty(), "{bin} needs libraries the image lacks: {outside:?}");
-                let mut c = loader(false);
-                c.env_clear();
-                c
+                loader(false)
             }
         };
         cmd.args(args)
