@@ -34,6 +34,11 @@ pub fn testenv() -> TestEnv {
     }
 }
 
+/// The repository's root: the chart, the scripts and `target/` are under it.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 /// A built workspace binary, from `target/<profile>` next to this crate.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let var = format!("GPUPOOL_{}_BIN", name.to_uppercase().replace('-', "_"));
@@ -42,7 +47,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        .unwrap_or_else(|| workspace().join("target"));
     let path = target.join("debug").join(name);
     assert!(
         path.exists(),

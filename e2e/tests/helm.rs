@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use gpupool_chain::ChainConfig;
 use gpupool_e2e::cluster::ClusterInfo;
-use gpupool_e2e::harness::{admin, namespace, remove_namespace, testenv, wait_for};
+use gpupool_e2e::harness::{admin, namespace, remove_namespace, testenv, wait_for, workspace};
 use gpupool_operator::market::policy::ProviderPolicy;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
@@ -280,7 +280,7 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         kubeconfig: org.admin_kubeconfig.clone(),
         home: home.clone(),
         ns: ns.clone(),
-        chart: Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/gpupool"),
+        chart: workspace().join("charts/gpupool"),
         values: values_path,
     };
 

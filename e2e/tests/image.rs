@@ -12,12 +12,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use gpupool_e2e::harness::workspace_bin;
+use gpupool_e2e::harness::{workspace, workspace_bin};
 use sha2::{Digest, Sha256};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn sh(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));

@@ -10,6 +10,7 @@ use futures::FutureExt as _;
 use gpupool_e2e::chain;
 use gpupool_e2e::cluster::{self, Binaries};
 use gpupool_e2e::env::{ChainInfo, ENV_FILE, TestEnv, default_root};
+use gpupool_e2e::harness::workspace;
 use gpupool_e2e::orgs::org_specs;
 
 #[derive(Parser)]
@@ -45,10 +46,6 @@ enum Cmd {
     Down,
     /// Print where each cluster's admin kubeconfig is.
     Kubeconfigs,
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn build_binaries() -> anyhow::Result<PathBuf> {
