@@ -22,12 +22,12 @@ build: ## build every binary (operator, agent, cli, testenv)
 	$(CARGO) build --workspace --bins
 
 HELM = $(shell bash e2e/testenv/build.sh 2>/dev/null | tail -n 1)/helm
-GENERATED := crds/yaml charts/gpupool/crds manifests/gpupool.yaml contracts/artifacts
+GENERATED := crds/yaml charts/gpupool/files/crds manifests/gpupool.yaml contracts/artifacts
 
 crds: ## regenerate crds/yaml (and the chart's copy) from the Rust types
 	$(CARGO) run -q -p gpupool-crds --bin gen -- crds/yaml
-	rm -f charts/gpupool/crds/*.yaml
-	cp crds/yaml/*.yaml charts/gpupool/crds/
+	rm -f charts/gpupool/files/crds/*.yaml
+	cp crds/yaml/*.yaml charts/gpupool/files/crds/
 
 chain-tools: contracts/node_modules/.installed ## solc, OpenZeppelin and anvil from the npm registry (pinned by contracts/package-lock.json)
 
@@ -43,7 +43,7 @@ manifests: crds testenv-binaries ## render manifests/gpupool.yaml from the chart
 	  echo "# kubectl apply --server-side -f manifests/gpupool.yaml"; \
 	  echo "---"; \
 	  echo "apiVersion: v1"; echo "kind: Namespace"; echo "metadata:"; echo "  name: gpupool-system"; \
-	  $(HELM) template gpupool charts/gpupool --namespace gpupool-system --include-crds; } > manifests/gpupool.yaml
+	  $(HELM) template gpupool charts/gpupool --namespace gpupool-system; } > manifests/gpupool.yaml
 
 check-generated: manifests contracts ## fail when committed generated files differ from a fresh run
 	@if ! git diff --exit-code --stat -- $(GENERATED) || [ -n "$$(git status --porcelain -- $(GENERATED))" ]; then \

@@ -3,7 +3,8 @@
 //! cluster; good ones install an operator and agents that the control plane
 //! schedules and kwok runs; an upgrade with a new price list rolls the
 //! operator (it reads its policy once, at start); a refused upgrade leaves
-//! the release as it was; monitoring on finds the operators' /metrics and a
+//! the release as it was; a chart whose CRDs changed brings them along on
+//! upgrade; monitoring on finds the operators' /metrics and a
 //! standby gets a disruption budget; uninstalling removes what the release
 //! made and keeps the CRDs, and with them every AiJob.
 //!
@@ -252,6 +253,20 @@ async fn remove_service_monitor_crd(client: &Client) {
         .expect("delete the ServiceMonitor CRD");
 }
 
+/// A copy of the chart at `to`, to change as a next release would.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create a chart directory");
+    for entry in std::fs::read_dir(from).expect("read the chart") {
+        let entry = entry.expect("a chart entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy a chart file");
+        }
+    }
+}
+
 /// The operator Deployment once `replicas` pods of its current template are available.
 async fn available(deployments: &Api<Deployment>, replicas: i32) -> Option<Deployment> {
     let d = deployments.get("gpupool-operator").await.ok()?;
@@ -369,8 +384,38 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     );
 
     // 2. A good install: the operator and one agent per GPU node come up.
-    let out = helm.deploy("install", &["--wait", "--timeout", "180s"]);
+    // The test environment applied the CRDs before, as a data centre that
+    // started from manifests/gpupool.yaml has: the release adopts them.
+    // Adopting them changes no schema: the chart renders the same CRDs
+    // (its files are crds/yaml's, copied by `make crds`), so their
+    // generations stay.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut generations = Vec::new();
+    for crd in gpupool_crds::yaml::crds() {
+        let name = crd.metadata.name.expect("a CRD name");
+        let generation = crds.get(&name).await.expect("get a CRD").metadata.generation;
+        generations.push((name, generation));
+    }
+    let out = helm.deploy("install", &["--wait", "--timeout", "180s", "--take-ownership"]);
     assert!(out.status.success(), "helm install failed");
+    for (name, generation) in &generations {
+        let live = crds.get(name).await.expect("get a CRD");
+        let annotations = live.annotations();
+        assert_eq!(
+            annotations.get("meta.helm.sh/release-name"),
+            Some(&ns),
+            "{name} is not part of the release"
+        );
+        assert_eq!(
+            annotations.get("helm.sh/resource-policy").map(String::as_str),
+            Some("keep"),
+            "{name} would be deleted with the release"
+        );
+        assert_eq!(
+            live.metadata.generation, *generation,
+            "the chart's {name} differs from crds/yaml"
+        );
+    }
     // The notes tell the data centre what it lends, at what price.
     let notes = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -494,7 +539,50 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         Some("3.1".parse().expect("price"))
     );
 
-    // 5. What an SRE turns on: a ServiceMonitor that finds the operators'
+    // 5. A chart whose CRDs changed brings them along on upgrade (Helm never
+    // upgrades a chart's crds/ directory; the old schema would prune what a
+    // new operator writes). The next chart here is this one with a Bid
+    // printer column more. The test environment's own field manager also
+    // owns the adopted CRDs, as kubectl's does after a server-side apply, so
+    // the first upgrade that changes them takes them over.
+    let next = home.join("chart-next");
+    copy_dir(&helm.chart, &next);
+    let bid_crd = next.join("files/crds/bids.gpupool.dev.yaml");
+    let text = std::fs::read_to_string(&bid_crd).expect("the Bid CRD");
+    let probe = "  - additionalPrinterColumns:\n    - jsonPath: .metadata.uid\n      name: Probe\n      type: string\n";
+    let text = text.replacen("  - additionalPrinterColumns:\n", probe, 1);
+    assert!(
+        text.contains("name: Probe"),
+        "the Bid CRD has no printer columns to extend"
+    );
+    std::fs::write(&bid_crd, text).expect("write the Bid CRD");
+    let columns = || async {
+        let crd = crds.get("bids.gpupool.dev").await.expect("the Bid CRD");
+        crd.spec.versions[0]
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let next_chart = next.to_string_lossy().into_owned();
+    let out = helm.run(&["upgrade", &ns, &next_chart, "--reuse-values", "--force-conflicts"]);
+    assert!(
+        out.status.success(),
+        "helm upgrade to a chart with a changed CRD failed"
+    );
+    assert_eq!(helm.revision(), 3);
+    assert_eq!(columns().await.first().map(String::as_str), Some("Probe"));
+    // And back: now the release alone owns them.
+    let out = helm.run(&["upgrade", &ns, &helm.chart.to_string_lossy(), "--reuse-values"]);
+    assert!(out.status.success(), "helm upgrade back to this chart failed");
+    assert_eq!(helm.revision(), 4);
+    assert!(
+        !columns().await.iter().any(|c| c == "Probe"),
+        "the CRD kept the old chart's column"
+    );
+
+    // 6. What an SRE turns on: a ServiceMonitor that finds the operators'
     // /metrics, and with a standby, a disruption budget that keeps a drain
     // from taking both down. And a member without a LoadBalancer exposes
     // its p2p port on a node port it chose, so it can announce it.
@@ -513,7 +601,7 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         "180s",
     ]);
     assert!(out.status.success(), "helm upgrade with monitoring failed");
-    assert_eq!(helm.revision(), 3);
+    assert_eq!(helm.revision(), 5);
     wait_for(Duration::from_secs(60), "two operators available", || {
         available(&deployments, 2)
     })
@@ -606,8 +694,8 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     .await
     .expect("the metrics Service's endpoints hold both operators on port 8080");
 
-    // 6. Uninstalling removes the release's objects, its ClusterRoles included,
-    // and keeps the CRDs (Helm never deletes crds/): AiJobs outlive the chart.
+    // 7. Uninstalling removes the release's objects, its ClusterRoles included,
+    // and keeps the CRDs (crds.keep): AiJobs outlive the chart.
     let out = helm.run(&["uninstall", &ns, "--wait", "--timeout", "120s"]);
     assert!(out.status.success(), "helm uninstall failed");
     assert_eq!(helm.releases(), "");
@@ -618,8 +706,13 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         roles.get_opt("gpupool-operator").await.expect("get").is_some(),
         "uninstalling one release removed another install's ClusterRole"
     );
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    assert!(crds.get_opt("aijobs.gpupool.dev").await.expect("get").is_some());
+    for crd in gpupool_crds::yaml::crds() {
+        let name = crd.metadata.name.expect("a CRD name");
+        assert!(
+            crds.get_opt(&name).await.expect("get").is_some(),
+            "uninstalling deleted {name}"
+        );
+    }
 
     assert!(budgets.get_opt("gpupool-operator").await.expect("get").is_none());
 
