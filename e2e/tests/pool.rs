@@ -596,6 +596,101 @@ async fn restarting_the_renter_mid_lease_loses_nothing() {
     remove_namespace(&acme, &ns).await;
 }
 
+/// A provider's operator restarts mid-lease, as `helm upgrade` rolls it: it
+/// picks its leases up from their Lease copies and beats again before the
+/// renter's grace runs out, so the job runs on where it was, once, and is
+/// paid for once.
+#[tokio::test]
+async fn restarting_the_provider_mid_lease_loses_nothing() {
+    use k8s_openapi::api::batch::v1::Job;
+
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let bravo = admin(env.org("bravo").unwrap()).await;
+    let mut pool = Pool::start(&env, "prestart", &lends(), &[]).await.unwrap();
+    let ns = namespace(&acme, "prestart").await;
+    let before = (
+        pool.balance("acme").await.unwrap(),
+        pool.balance("bravo").await.unwrap(),
+    );
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "upgraded",
+            4,
+            &["A100"],
+            "12s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    let running = wait_job(&acme, &ns, "upgraded", "Running at bravo", |j| {
+        phase(j) == Some(AiJobPhase::Running)
+    })
+    .await;
+    let remote_ns = running.status.unwrap().runs_on.unwrap().namespace;
+    let jobs: Api<Job> = Api::namespaced(bravo.clone(), &remote_ns);
+    let workload = jobs.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(workload.len(), 1, "one workload Job at bravo: {workload:#?}");
+    let uid = workload[0].uid().unwrap();
+
+    pool.kill("bravo");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pool.restart(&env, "bravo").unwrap();
+
+    // The restarted operator adopts the workload it started; it never starts
+    // a second one, and the renter never takes bravo for lost.
+    let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
+    let done = wait_for(WAIT, "Succeeded at bravo after its restart", || async {
+        assert_eq!(leases_of(&acme, &ns).await.len(), 1, "the renter opened a second lease");
+        if let Ok(list) = jobs.list(&ListParams::default()).await {
+            for j in &list.items {
+                assert_eq!(
+                    j.uid().as_deref(),
+                    Some(uid.as_str()),
+                    "bravo started the workload again"
+                );
+            }
+        }
+        let j = api.get("upgraded").await.ok()?;
+        (phase(&j) == Some(AiJobPhase::Succeeded)).then_some(j)
+    })
+    .await
+    .unwrap();
+    assert_eq!(done.status.unwrap().runs_on.unwrap().org, "bravo");
+    let leases = leases_of(&acme, &ns).await;
+    assert_eq!(leases.len(), 1, "one lease: {leases:#?}");
+    assert_eq!(
+        leases[0].status.as_ref().unwrap().close_reason.as_deref(),
+        Some("Completed")
+    );
+    let (paid, _) = check_settled(&leases[0]);
+    // The provider's own copy says the same, and its namespace goes.
+    let order = leases[0].spec.order_id.clone();
+    wait_for(WAIT, "bravo's copy closed as Completed", || async {
+        let l = leases_of(&bravo, "gpupool-system")
+            .await
+            .into_iter()
+            .find(|l| l.spec.order_id == order)?;
+        (l.status.as_ref()?.close_reason.as_deref() == Some("Completed")).then_some(())
+    })
+    .await
+    .unwrap();
+    wait_for(WAIT, "bravo removed the lease namespace", || async {
+        matches!(Api::<Namespace>::all(bravo.clone()).get_opt(&remote_ns).await, Ok(None)).then_some(())
+    })
+    .await
+    .unwrap();
+    let after = (
+        pool.balance("acme").await.unwrap(),
+        pool.balance("bravo").await.unwrap(),
+    );
+    assert_eq!(before.0 - after.0, paid);
+    assert_eq!(after.1 - before.1, paid);
+    remove_namespace(&acme, &ns).await;
+}
+
 #[tokio::test]
 async fn deleting_the_aijob_cancels_the_lease_on_chain_and_remotely() {
     let env = testenv();
