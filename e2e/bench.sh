@@ -21,8 +21,10 @@ target/debug/bench-escrow
 
 # Three organisations: placement across them. Every simulated node gets 16
 # GPUs, so the lenders have room for the whole burst (48 A100 + 64 L40S) and
-# the burst measures how fast the pipeline places, not a queue for GPUs.
+# the burst measures how fast the pipeline places, not a queue for GPUs;
+# then 100 long leases held Running measure what running leases cost.
 $testenv down >/dev/null
 $testenv up --orgs 3 --agent target/release/gpupool-agent --gpus-per-node 16
 GPUPOOL_GPUPOOL_OPERATOR_BIN=$PWD/target/release/gpupool-operator \
-  target/debug/bench-pool --jobs "${POOL_JOBS:-100}" --burst "${POOL_BURST:-100}" --out target/bench/pool.json
+  target/debug/bench-pool --jobs "${POOL_JOBS:-100}" --burst "${POOL_BURST:-100}" \
+    --steady "${POOL_STEADY:-100}" --steady-seconds "${POOL_STEADY_SECONDS:-120}" --out target/bench/pool.json

@@ -171,7 +171,9 @@ pub struct LeaseStatus {
     /// Tokens refunded to the renter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refunded: Option<String>,
-    /// The provider's last heartbeat.
+    /// When the renter last recorded a beat from the provider: with each
+    /// change the provider reports, and at least once a minute while the
+    /// lease runs. The renter's failure check uses every beat, in memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<Time>,
     /// The on-chain lease id in use.

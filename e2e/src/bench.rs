@@ -160,6 +160,15 @@ pub fn operator_requests(
             ev["verb"].as_str().unwrap_or("?"),
             obj["resource"].as_str().unwrap_or("?")
         );
+        // Ours and the core group go unqualified; the others are named, so
+        // the leader election's coordination Leases are not taken for ours.
+        if let Some(group) = obj["apiGroup"]
+            .as_str()
+            .filter(|g| !g.is_empty() && *g != gpupool_crds::GROUP)
+        {
+            kind.push('.');
+            kind.push_str(group);
+        }
         if let Some(sub) = obj["subresource"].as_str() {
             kind.push('/');
             kind.push_str(sub);

@@ -30,6 +30,15 @@ struct Args {
     /// Jobs in the burst run (applied at once).
     #[arg(long, default_value_t = 100)]
     burst: usize,
+    /// Long jobs held Running for the steady-state run, after the burst (0: none).
+    #[arg(long, default_value_t = 0)]
+    steady: usize,
+    /// How long the steady-state run measures, once its jobs have run for
+    /// a minute. The providers' first withdrawal comes a withdraw period
+    /// (300 s by default) after each open: a window shorter than that
+    /// leaves it out.
+    #[arg(long, default_value_t = 120)]
+    steady_seconds: u64,
     #[arg(long, default_value = "target/bench/pool.json")]
     out: std::path::PathBuf,
     /// More operator flags, for comparing settings run to run (recorded in
@@ -196,6 +205,104 @@ async fn request_costs(env: &TestEnv, client: &Client, org: &str) -> anyhow::Res
     ))
 }
 
+/// What running pool leases cost while nothing about them changes: `n`
+/// one-GPU jobs that run for hours, measured over `seconds` once every one
+/// has run for a minute. Each organisation's API server takes its writes
+/// whether a lease is new or a day old, so this is the figure that bounds
+/// how many leases a control plane can hold, where the burst bounds how
+/// fast it can place them.
+async fn steady_state(
+    env: &TestEnv,
+    acme: &Client,
+    n: usize,
+    seconds: u64,
+    operator_flags: &str,
+) -> anyhow::Result<(String, Vec<Figure>)> {
+    let ns = namespace(acme, "bench-steady").await;
+    let book: Book = Default::default();
+    watch(acme, &ns, book.clone());
+    let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
+    let names: Vec<String> = (0..n).map(|i| format!("steady-{i}")).collect();
+    for name in &names {
+        let job = aijob_json(
+            name,
+            1,
+            &["A100", "L40S"],
+            "3h",
+            serde_json::json!({"maxPricePerGpuHour": "3", "maxDuration": "4h", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "300ms"}}),
+        );
+        api.create(&PostParams::default(), &serde_json::from_value(job)?)
+            .await?;
+    }
+    let running = wait_all(&book, &names, Duration::from_secs(300)).await;
+    anyhow::ensure!(running == n, "only {running} of {n} steady jobs reached Running");
+    // Past the placement's own writes and the first timed ones.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let cpu_before = cpu_by_component(&env.root);
+    let from = k8s_openapi::jiff::Timestamp::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let to = k8s_openapi::jiff::Timestamp::now();
+    let cpu = cpu_between(&cpu_before, &cpu_by_component(&env.root));
+    let still = api
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(AiJobPhase::Running))
+        .count();
+    let minutes = seconds as f64 / 60.0;
+    let round = |v: f64| (v * 1000.0).round() / 1000.0;
+    // A member's own upkeep (its leader election's renewals, the PoolPeers'
+    // last-seen refresh) costs the same with no lease or with 10,000; the
+    // rest is what the leases cost.
+    let upkeep = |kind: &str| kind.contains(".coordination.k8s.io") || kind.contains("poolpeers");
+    let (mut total, mut per_lease) = (0u64, 0u64);
+    let mut by_org = serde_json::Map::new();
+    for o in &env.orgs {
+        let counts = operator_requests(&o.dir, Some((from, to)));
+        total += counts.values().sum::<u64>();
+        per_lease += counts.iter().filter(|(k, _)| !upkeep(k)).map(|(_, c)| c).sum::<u64>();
+        let kinds: serde_json::Map<String, serde_json::Value> = counts
+            .iter()
+            .map(|(k, c)| (k.clone(), serde_json::json!(round(*c as f64 / minutes))))
+            .collect();
+        by_org.insert(o.org.name.clone(), serde_json::json!({"per_minute_by_kind": kinds}));
+    }
+    let cores: f64 = cpu.values().sum::<f64>() / seconds as f64;
+    let by_component: serde_json::Map<String, serde_json::Value> = cpu
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                serde_json::json!((v * 1000.0 / seconds as f64).round() / 1000.0),
+            )
+        })
+        .collect();
+    let cond = serde_json::json!({"leases": n, "running_at_the_end": still, "window_seconds": seconds,
+        "job": "1 GPU (A100|L40S), PoolOnly, runs 3 h", "operator_flags": operator_flags,
+        "by_org": by_org, "cores_busy_by_component": by_component,
+        "per_lease": "every request but the members' upkeep (coordination.k8s.io Leases, PoolPeers), per lease and minute",
+        "measured": "operators' requests in each organisation's API-server audit log, and utime+stime of every process, over the window, which starts once every lease has run for a minute"});
+    Ok((
+        ns,
+        vec![
+            Figure::new(
+                "pool_steady_operator_writes_per_lease_minute",
+                round(per_lease as f64 / minutes / n as f64),
+                "requests/lease/min",
+                cond.clone(),
+            ),
+            Figure::new(
+                "pool_steady_operator_api_requests_per_minute",
+                round(total as f64 / minutes),
+                "requests/min",
+                cond.clone(),
+            ),
+            Figure::new("pool_steady_cores_busy", cores, "cores", cond),
+        ],
+    ))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -215,130 +322,136 @@ async fn main() -> anyhow::Result<()> {
     // Let the members find each other.
     tokio::time::sleep(Duration::from_secs(5)).await;
 
+    // Namespaces to delete at the end, while the operators still run.
+    let mut made = Vec::new();
+
     // Latency: jobs at a steady rate, each timed on its own.
-    let ns = namespace(&acme, "bench-latency").await;
-    let latency_ns = ns.clone();
-    let book: Book = Default::default();
-    watch(&acme, &ns, book.clone());
-    let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
-    let names: Vec<String> = (0..args.jobs).map(|i| format!("lat-{i}")).collect();
-    for n in &names {
-        book.lock().await.entry(n.clone()).or_default().applied = Some(Instant::now());
-        api.create(&PostParams::default(), &serde_json::from_value(job(n))?)
-            .await?;
-        if args.rate > 0.0 {
-            tokio::time::sleep(Duration::from_secs_f64(1.0 / args.rate)).await;
-        } else {
-            wait_all(&book, std::slice::from_ref(n), Duration::from_secs(60)).await;
+    if args.jobs > 0 {
+        let ns = namespace(&acme, "bench-latency").await;
+        made.push(ns.clone());
+        let book: Book = Default::default();
+        watch(&acme, &ns, book.clone());
+        let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
+        let names: Vec<String> = (0..args.jobs).map(|i| format!("lat-{i}")).collect();
+        for n in &names {
+            book.lock().await.entry(n.clone()).or_default().applied = Some(Instant::now());
+            api.create(&PostParams::default(), &serde_json::from_value(job(n))?)
+                .await?;
+            if args.rate > 0.0 {
+                tokio::time::sleep(Duration::from_secs_f64(1.0 / args.rate)).await;
+            } else {
+                wait_all(&book, std::slice::from_ref(n), Duration::from_secs(60)).await;
+            }
         }
-    }
-    let done = wait_all(&book, &names, Duration::from_secs(300)).await;
-    let (mut to_active, mut to_running) = (Vec::new(), Vec::new());
-    for t in book.lock().await.values() {
-        if let (Some(a), Some(x)) = (t.applied, t.active) {
-            to_active.push(x.duration_since(a).as_secs_f64() * 1000.0);
+        let done = wait_all(&book, &names, Duration::from_secs(300)).await;
+        let (mut to_active, mut to_running) = (Vec::new(), Vec::new());
+        for t in book.lock().await.values() {
+            if let (Some(a), Some(x)) = (t.applied, t.active) {
+                to_active.push(x.duration_since(a).as_secs_f64() * 1000.0);
+            }
+            if let (Some(a), Some(x)) = (t.applied, t.running) {
+                to_running.push(x.duration_since(a).as_secs_f64() * 1000.0);
+            }
         }
-        if let (Some(a), Some(x)) = (t.applied, t.running) {
-            to_running.push(x.duration_since(a).as_secs_f64() * 1000.0);
+        {
+            let mut all = to_running.clone();
+            all.sort_by(|a, b| a.total_cmp(b));
+            let tail: Vec<String> = all.iter().rev().take(5).map(|v| format!("{v:.0}")).collect();
+            eprintln!("apply → Running, slowest five (ms): {}", tail.join(", "));
         }
+        let cond = serde_json::json!({
+            "jobs": args.jobs, "reached_running": done, "applied_per_second": if args.rate > 0.0 { serde_json::json!(args.rate) } else { serde_json::json!("one at a time") }, "orgs": 3,
+            "job": "1 GPU (A100|L40S), PoolOnly, bid window 300ms, runs 1s", "chain": "anvil automine, 1 confirmation",
+            "operator_flags": operator_flags,
+            "clusters": "kube-apiserver + kwok per org on loopback", "operator": "debug or release per GPUPOOL_GPUPOOL_OPERATOR_BIN",
+            "targets": "p50 <= 1500 ms, p99 <= 5000 ms"
+        });
+        figures.push(Figure::new(
+            "pool_apply_to_lease_active_p50",
+            pct(&mut to_active, 50.0),
+            "ms",
+            cond.clone(),
+        ));
+        figures.push(Figure::new(
+            "pool_apply_to_lease_active_p99",
+            pct(&mut to_active, 99.0),
+            "ms",
+            cond.clone(),
+        ));
+        figures.push(Figure::new(
+            "pool_apply_to_pod_running_p50",
+            pct(&mut to_running, 50.0),
+            "ms",
+            cond.clone(),
+        ));
+        figures.push(Figure::new(
+            "pool_apply_to_pod_running_p99",
+            pct(&mut to_running, 99.0),
+            "ms",
+            cond,
+        ));
     }
-    {
-        let mut all = to_running.clone();
-        all.sort_by(|a, b| a.total_cmp(b));
-        let tail: Vec<String> = all.iter().rev().take(5).map(|v| format!("{v:.0}")).collect();
-        eprintln!("apply → Running, slowest five (ms): {}", tail.join(", "));
-    }
-    let cond = serde_json::json!({
-        "jobs": args.jobs, "reached_running": done, "applied_per_second": if args.rate > 0.0 { serde_json::json!(args.rate) } else { serde_json::json!("one at a time") }, "orgs": 3,
-        "job": "1 GPU (A100|L40S), PoolOnly, bid window 300ms, runs 1s", "chain": "anvil automine, 1 confirmation",
-        "operator_flags": operator_flags,
-        "clusters": "kube-apiserver + kwok per org on loopback", "operator": "debug or release per GPUPOOL_GPUPOOL_OPERATOR_BIN",
-        "targets": "p50 <= 1500 ms, p99 <= 5000 ms"
-    });
-    figures.push(Figure::new(
-        "pool_apply_to_lease_active_p50",
-        pct(&mut to_active, 50.0),
-        "ms",
-        cond.clone(),
-    ));
-    figures.push(Figure::new(
-        "pool_apply_to_lease_active_p99",
-        pct(&mut to_active, 99.0),
-        "ms",
-        cond.clone(),
-    ));
-    figures.push(Figure::new(
-        "pool_apply_to_pod_running_p50",
-        pct(&mut to_running, 50.0),
-        "ms",
-        cond.clone(),
-    ));
-    figures.push(Figure::new(
-        "pool_apply_to_pod_running_p99",
-        pct(&mut to_running, 99.0),
-        "ms",
-        cond,
-    ));
 
     // Throughput: a burst, placed as fast as the pool can.
-    let ns = namespace(&acme, "bench-burst").await;
-    let burst_ns = ns.clone();
-    let book: Book = Default::default();
-    watch(&acme, &ns, book.clone());
-    let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
-    let names: Vec<String> = (0..args.burst).map(|i| format!("burst-{i}")).collect();
-    let cpu_before = cpu_by_component(&env.root);
-    let start = Instant::now();
-    let started_at = k8s_openapi::jiff::Timestamp::now();
-    // Applied at once, as a pipeline would: sixteen requests in flight.
-    let created: Vec<anyhow::Result<()>> = futures::stream::iter(names.iter().cloned())
-        .map(|n| {
-            let (api, book) = (api.clone(), book.clone());
-            async move {
-                book.lock().await.entry(n.clone()).or_default().applied = Some(Instant::now());
-                api.create(&PostParams::default(), &serde_json::from_value(job(&n))?)
-                    .await?;
-                Ok(())
+    if args.burst > 0 {
+        let ns = namespace(&acme, "bench-burst").await;
+        made.push(ns.clone());
+        let book: Book = Default::default();
+        watch(&acme, &ns, book.clone());
+        let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
+        let names: Vec<String> = (0..args.burst).map(|i| format!("burst-{i}")).collect();
+        let cpu_before = cpu_by_component(&env.root);
+        let start = Instant::now();
+        let started_at = k8s_openapi::jiff::Timestamp::now();
+        // Applied at once, as a pipeline would: sixteen requests in flight.
+        let created: Vec<anyhow::Result<()>> = futures::stream::iter(names.iter().cloned())
+            .map(|n| {
+                let (api, book) = (api.clone(), book.clone());
+                async move {
+                    book.lock().await.entry(n.clone()).or_default().applied = Some(Instant::now());
+                    api.create(&PostParams::default(), &serde_json::from_value(job(&n))?)
+                        .await?;
+                    Ok(())
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        created.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+        let done = wait_all(&book, &names, Duration::from_secs(180)).await;
+        // Sampled when the last job runs or the wait gives up: slightly after
+        // the last Running, never before it.
+        let cpu = cpu_between(&cpu_before, &cpu_by_component(&env.root));
+        let cpu_window = start.elapsed().as_secs_f64();
+        let window = Some((started_at, k8s_openapi::jiff::Timestamp::now()));
+        // The rate runs to the last job that got there, not to the time limit:
+        // jobs that never run are reported as such, not as a slower rate.
+        let last = book.lock().await.values().filter_map(|t| t.running).max();
+        let secs = last
+            .map_or_else(|| start.elapsed(), |t| t.duration_since(start))
+            .as_secs_f64();
+        let mut not_running = Vec::new();
+        {
+            let b = book.lock().await;
+            for n in names.iter().filter(|n| b.get(*n).and_then(|t| t.running).is_none()) {
+                let j = api.get_opt(n).await?;
+                let st = j.and_then(|j| j.status).unwrap_or_default();
+                let line = format!("{n}: {:?}: {}", st.phase, st.message.unwrap_or_default());
+                eprintln!("not running: {line}");
+                not_running.push(line);
             }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    created.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
-    let done = wait_all(&book, &names, Duration::from_secs(180)).await;
-    // Sampled when the last job runs or the wait gives up: slightly after
-    // the last Running, never before it.
-    let cpu = cpu_between(&cpu_before, &cpu_by_component(&env.root));
-    let cpu_window = start.elapsed().as_secs_f64();
-    let window = Some((started_at, k8s_openapi::jiff::Timestamp::now()));
-    // The rate runs to the last job that got there, not to the time limit:
-    // jobs that never run are reported as such, not as a slower rate.
-    let last = book.lock().await.values().filter_map(|t| t.running).max();
-    let secs = last
-        .map_or_else(|| start.elapsed(), |t| t.duration_since(start))
-        .as_secs_f64();
-    let mut not_running = Vec::new();
-    {
-        let b = book.lock().await;
-        for n in names.iter().filter(|n| b.get(*n).and_then(|t| t.running).is_none()) {
-            let j = api.get_opt(n).await?;
-            let st = j.and_then(|j| j.status).unwrap_or_default();
-            let line = format!("{n}: {:?}: {}", st.phase, st.message.unwrap_or_default());
-            eprintln!("not running: {line}");
-            not_running.push(line);
         }
-    }
-    // acme rents; the other organisations lend the GPUs the jobs accept.
-    let fleet: Vec<String> = env
-        .orgs
-        .iter()
-        .filter(|o| o.org.name != "acme")
-        .map(|o| {
-            let f = &o.org.fleet;
-            format!("{} {} at {}", f.nodes * f.gpus_per_node, f.product, o.org.name)
-        })
-        .collect();
-    figures.push(Figure::new(
+        // acme rents; the other organisations lend the GPUs the jobs accept.
+        let fleet: Vec<String> = env
+            .orgs
+            .iter()
+            .filter(|o| o.org.name != "acme")
+            .map(|o| {
+                let f = &o.org.fleet;
+                format!("{} {} at {}", f.nodes * f.gpus_per_node, f.product, o.org.name)
+            })
+            .collect();
+        figures.push(Figure::new(
         "pool_placements_per_second",
         done as f64 / secs,
         "jobs/s",
@@ -346,16 +459,16 @@ async fn main() -> anyhow::Result<()> {
             "free_gpus": fleet.join(" + "), "job_runs": "1s", "operator_flags": operator_flags, "applied": "16 creates in flight",
             "target": ">= 100 jobs/s"}),
     ));
-    // Where the burst's CPU went, per placement: the figure that says what
-    // a rate would need on any machine, where this one's rate only says
-    // what two shared cores give.
-    let placed = done.max(1) as f64;
-    let cpu_total: f64 = cpu.values().sum();
-    let per_component: serde_json::Map<String, serde_json::Value> = cpu
-        .iter()
-        .map(|(k, v)| (k.clone(), serde_json::json!((v * 1000.0 / placed).round())))
-        .collect();
-    figures.push(Figure::new(
+        // Where the burst's CPU went, per placement: the figure that says what
+        // a rate would need on any machine, where this one's rate only says
+        // what two shared cores give.
+        let placed = done.max(1) as f64;
+        let cpu_total: f64 = cpu.values().sum();
+        let per_component: serde_json::Map<String, serde_json::Value> = cpu
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::json!((v * 1000.0 / placed).round())))
+            .collect();
+        figures.push(Figure::new(
         "pool_burst_cpu_per_placement",
         cpu_total * 1000.0 / placed,
         "cpu-ms/job",
@@ -364,41 +477,48 @@ async fn main() -> anyhow::Result<()> {
             "cpu_ms_per_job_by_component": per_component,
             "measured": "utime+stime from /proc of every test-environment process and operator, from the first apply until the last job Running"}),
     ));
-    // The same window's API requests by the operators, per organisation and
-    // per placement: what the rate costs the API servers, which is where
-    // most of the CPU above goes.
-    let mut requests_total = 0u64;
-    let mut by_org = serde_json::Map::new();
-    for o in &env.orgs {
-        let counts = operator_requests(&o.dir, window);
-        let sum: u64 = counts.values().sum();
-        requests_total += sum;
-        let mut top: Vec<(String, u64)> = counts.into_iter().collect();
-        top.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
-        let per: serde_json::Map<String, serde_json::Value> = top
-            .into_iter()
-            .take(12)
-            .map(|(k, n)| (k, serde_json::json!((n as f64 * 10.0 / placed).round() / 10.0)))
-            .collect();
-        by_org.insert(
+        // The same window's API requests by the operators, per organisation and
+        // per placement: what the rate costs the API servers, which is where
+        // most of the CPU above goes.
+        let mut requests_total = 0u64;
+        let mut by_org = serde_json::Map::new();
+        for o in &env.orgs {
+            let counts = operator_requests(&o.dir, window);
+            let sum: u64 = counts.values().sum();
+            requests_total += sum;
+            let mut top: Vec<(String, u64)> = counts.into_iter().collect();
+            top.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+            let per: serde_json::Map<String, serde_json::Value> = top
+                .into_iter()
+                .take(12)
+                .map(|(k, n)| (k, serde_json::json!((n as f64 * 10.0 / placed).round() / 10.0)))
+                .collect();
+            by_org.insert(
             o.org.name.clone(),
             serde_json::json!({"per_placement": (sum as f64 * 10.0 / placed).round() / 10.0, "top_kinds_per_placement": per}),
         );
-    }
-    figures.push(Figure::new(
+        }
+        figures.push(Figure::new(
         "pool_burst_operator_api_requests_per_placement",
         requests_total as f64 / placed,
         "requests/job",
         serde_json::json!({"jobs": args.burst, "reached_running": done, "by_org": by_org,
             "measured": "entries for the operators' service account in each organisation's API-server audit log, received from the first apply until the last job Running; the control plane's own requests (controller-manager, scheduler, kwok) are not audited"}),
     ));
+    }
+
+    if args.steady > 0 {
+        let (ns, mut steady) = steady_state(&env, &acme, args.steady, args.steady_seconds, &operator_flags).await?;
+        made.push(ns);
+        figures.append(&mut steady);
+    }
     write(&args.out, &figures)?;
     // Delete the jobs while the operators still run: their finalizers close
     // the leases on chain, and an environment left with 200 pool jobs would
     // load the next test's operators.
     let nss: Api<Namespace> = Api::all(acme.clone());
     let mut left = Vec::new();
-    for ns in [latency_ns, burst_ns] {
+    for ns in made {
         let _ = nss.delete(&ns, &DeleteParams::default()).await;
         left.push(ns);
     }

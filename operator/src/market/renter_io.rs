@@ -324,11 +324,10 @@ impl Market {
             ));
         }
         let now = now_ms();
-        // The beat itself lives in memory; the Lease keeps one for people and
-        // for after a restart, which also starts its own grace window.
-        let write_every = u64::try_from(self.settings.heartbeat_grace.as_millis() / 2)
-            .unwrap_or(1000)
-            .max(250);
+        // The beat itself lives in memory; the Lease keeps one for people
+        // (a restart starts its own grace window).
+        let write_every =
+            super::heard::record_every_ms(u64::try_from(self.settings.heartbeat_grace.as_millis()).unwrap_or(u64::MAX));
         // A lease whose close the renter asked for, or that is gone: its
         // provider's beats are not worth a write any more (see `heard`).
         let closing = self.ready_lease_cache().is_some_and(|c| {
