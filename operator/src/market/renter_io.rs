@@ -65,6 +65,14 @@ fn ms_to_time(ms: u64) -> Option<Time> {
     Timestamp::from_second(i64::try_from(secs).ok()?).ok().map(Time)
 }
 
+/// A bidding job's status while its window is open.
+fn bids_so_far(order: &str, bids: usize, closes_ms: u64) -> String {
+    format!(
+        "order {order} open: {bids} bid(s) so far; the window closes at {}",
+        rfc3339_ms(closes_ms)
+    )
+}
+
 /// Milliseconds since the epoch as RFC 3339, for messages that must stay
 /// true while they stand (a countdown would be wrong a second later).
 fn rfc3339_ms(ms: u64) -> String {
@@ -670,12 +678,19 @@ impl Market {
                         out.events.push((true, reason, out.message.clone()));
                     }
                     None => {
-                        out.message = format!(
-                            "order {} published to the pool; its bid window closes at {}",
-                            order.id,
-                            rfc3339_ms(closes)
-                        );
-                        out.events.push((false, "OrderPublished", out.message.clone()));
+                        // The status says what the window's next reconcile
+                        // will (`bids_so_far`), so that reconcile has nothing
+                        // to write; the Event says what happened.
+                        out.message = bids_so_far(&order.id, 0, closes);
+                        out.events.push((
+                            false,
+                            "OrderPublished",
+                            format!(
+                                "order {} published to the pool; its bid window closes at {}",
+                                order.id,
+                                rfc3339_ms(closes)
+                            ),
+                        ));
                     }
                 }
                 out.requeue = Some(Duration::from_millis(closes.saturating_sub(now).max(20)));
@@ -692,14 +707,7 @@ impl Market {
                     }
                     // No countdown in the message: every changed message is a
                     // status write, and this step runs until the window closes.
-                    _ => {
-                        out.message = format!(
-                            "order {} open: {} bid(s) so far; the window closes at {}",
-                            order.id,
-                            candidates.len(),
-                            rfc3339_ms(until_ms)
-                        );
-                    }
+                    _ => out.message = bids_so_far(&order.id, candidates.len(), until_ms),
                 }
                 out.requeue = Some(Duration::from_millis(until_ms.saturating_sub(now).max(20)));
             }
