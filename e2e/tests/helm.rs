@@ -199,58 +199,62 @@ async fn operator_may(client: &Client, ns: &str, verb: &str, group: &str, resour
     out.status.is_some_and(|s| s.allowed)
 }
 
-const SERVICE_MONITORS: &str = "servicemonitors.monitoring.coreos.com";
+/// The Prometheus Operator kinds the chart renders: (kind, plural).
+const MONITORING_KINDS: [(&str, &str); 2] = [
+    ("ServiceMonitor", "servicemonitors"),
+    ("PrometheusRule", "prometheusrules"),
+];
 
-fn service_monitor_resource() -> ApiResource {
+fn monitoring_resource(kind: &str, plural: &str) -> ApiResource {
     ApiResource {
         group: "monitoring.coreos.com".into(),
         version: "v1".into(),
         api_version: "monitoring.coreos.com/v1".into(),
-        kind: "ServiceMonitor".into(),
-        plural: "servicemonitors".into(),
+        kind: kind.into(),
+        plural: plural.into(),
     }
 }
 
-/// The Prometheus Operator's ServiceMonitor kind, so the API server serves it
-/// and Helm sees it among the cluster's capabilities. Only its group, version
-/// and kind stand in for the real CRD: what the test checks is that the
-/// chart's monitor selects the metrics Service and its port, against the
-/// Services and EndpointSlices the control plane really made.
-async fn add_service_monitor_crd(client: &Client) {
-    let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": SERVICE_MONITORS },
-        "spec": {
-            "group": "monitoring.coreos.com",
-            "scope": "Namespaced",
-            "names": { "plural": "servicemonitors", "singular": "servicemonitor", "kind": "ServiceMonitor", "listKind": "ServiceMonitorList" },
-            "versions": [{
-                "name": "v1", "served": true, "storage": true,
-                "schema": { "openAPIV3Schema": { "type": "object", "x-kubernetes-preserve-unknown-fields": true } },
-            }],
-        },
-    }))
-    .expect("CRD");
+/// The Prometheus Operator's ServiceMonitor and PrometheusRule kinds, so the
+/// API server serves them and Helm sees them among the cluster's
+/// capabilities. Only their group, version and kind stand in for the real
+/// CRDs: what the test checks is what the chart renders into them.
+async fn add_monitoring_crds(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        SERVICE_MONITORS,
-        &PatchParams::apply("gpupool-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("apply the ServiceMonitor CRD");
-    wait_for(Duration::from_secs(30), "ServiceMonitors served", || async {
-        let api = Api::<DynamicObject>::all_with(client.clone(), &service_monitor_resource());
-        api.list(&ListParams::default().limit(1)).await.ok().map(|_| ())
-    })
-    .await
-    .expect("the ServiceMonitor CRD established");
+    for (kind, plural) in MONITORING_KINDS {
+        let name = format!("{plural}.monitoring.coreos.com");
+        let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name },
+            "spec": {
+                "group": "monitoring.coreos.com",
+                "scope": "Namespaced",
+                "names": { "plural": plural, "singular": kind.to_lowercase(), "kind": kind, "listKind": format!("{kind}List") },
+                "versions": [{
+                    "name": "v1", "served": true, "storage": true,
+                    "schema": { "openAPIV3Schema": { "type": "object", "x-kubernetes-preserve-unknown-fields": true } },
+                }],
+            },
+        }))
+        .expect("CRD");
+        crds.patch(&name, &PatchParams::apply("gpupool-e2e").force(), &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("apply the {kind} CRD: {e}"));
+        wait_for(Duration::from_secs(30), "the kind served", || async {
+            let api = Api::<DynamicObject>::all_with(client.clone(), &monitoring_resource(kind, plural));
+            api.list(&ListParams::default().limit(1)).await.ok().map(|_| ())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("the {kind} CRD established: {e}"));
+    }
 }
 
-async fn remove_service_monitor_crd(client: &Client) {
+async fn remove_monitoring_crds(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.delete(SERVICE_MONITORS, &DeleteParams::default())
-        .await
-        .expect("delete the ServiceMonitor CRD");
+    for (_, plural) in MONITORING_KINDS {
+        crds.delete(&format!("{plural}.monitoring.coreos.com"), &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete the {plural} CRD: {e}"));
+    }
 }
 
 /// A copy of the chart at `to`, to change as a next release would.
@@ -299,7 +303,7 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         values: values_path,
     };
 
-    add_service_monitor_crd(&client).await;
+    add_monitoring_crds(&client).await;
     // The NVIDIA runtime's class, as the GPU operator installs it: the API
     // server refuses pods that name a class it does not know.
     let runtime: RuntimeClass = serde_json::from_value(serde_json::json!({
@@ -593,7 +597,7 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         &helm.chart.to_string_lossy(),
         "--reuse-values",
         "--set",
-        "operator.replicas=2,operator.serviceMonitor.enabled=true,operator.serviceMonitor.labels.release=prom",
+        "operator.replicas=2,operator.serviceMonitor.enabled=true,operator.serviceMonitor.labels.release=prom,operator.prometheusRule.enabled=true,operator.prometheusRule.labels.release=prom",
         "--set",
         &format!("pool.service.type=NodePort,pool.service.nodePort={node_port}"),
         "--wait",
@@ -632,10 +636,14 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     })
     .await
     .expect("a PodDisruptionBudget over the operators");
-    let monitor = Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &service_monitor_resource())
-        .get("gpupool-operator")
-        .await
-        .expect("the ServiceMonitor");
+    let monitor = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns,
+        &monitoring_resource("ServiceMonitor", "servicemonitors"),
+    )
+    .get("gpupool-operator")
+    .await
+    .expect("the ServiceMonitor");
     assert_eq!(
         monitor.labels().get("release").map(String::as_str),
         Some("prom"),
@@ -693,6 +701,26 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     )
     .await
     .expect("the metrics Service's endpoints hold both operators on port 8080");
+    // And the alerting rules, all of them with the pool on, for the same
+    // Prometheus: each is the rule file's, which the operator's unit tests
+    // hold to the metrics it exports.
+    let rules = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns,
+        &monitoring_resource("PrometheusRule", "prometheusrules"),
+    )
+    .get("gpupool-operator")
+    .await
+    .expect("the PrometheusRule");
+    assert_eq!(rules.labels().get("release").map(String::as_str), Some("prom"));
+    let file: serde_json::Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(helm.chart.join("alerts/gpupool.rules.yaml")).expect("the rule file"),
+    )
+    .expect("the rule file is YAML");
+    assert_eq!(
+        rules.data["spec"]["groups"], file["groups"],
+        "the PrometheusRule holds the rule file's groups"
+    );
 
     // 7. Uninstalling removes the release's objects, its ClusterRoles included,
     // and keeps the CRDs (crds.keep): AiJobs outlive the chart.
@@ -717,7 +745,7 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     assert!(budgets.get_opt("gpupool-operator").await.expect("get").is_none());
 
     remove_namespace(&client, &ns).await;
-    remove_service_monitor_crd(&client).await;
+    remove_monitoring_crds(&client).await;
     runtimes
         .delete("nvidia", &DeleteParams::default())
         .await

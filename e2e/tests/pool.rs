@@ -542,12 +542,34 @@ async fn a_lost_provider_is_replaced_with_one_live_lease_and_a_refund() {
     remove_namespace(&acme, &ns).await;
 }
 
+/// The renter's operator restarts mid-lease: it finds everything in its
+/// resources and on chain.
 #[tokio::test]
 async fn restarting_the_renter_mid_lease_loses_nothing() {
+    restart_mid_lease("acme", Duration::from_secs(2)).await;
+}
+
+/// The provider's operator restarts mid-lease, as `helm upgrade` rolls it:
+/// it picks its leases up from their Lease copies and beats again before the
+/// renter's grace runs out.
+#[tokio::test]
+async fn restarting_the_provider_mid_lease_loses_nothing() {
+    restart_mid_lease("bravo", Duration::from_secs(1)).await;
+}
+
+/// Kills `org`'s operator while acme's job runs at bravo, and starts it again
+/// after `down`: the job runs on where it was, once (bravo's workload Job is
+/// the one it started), on one lease, paid for once, and both sides close
+/// their copies and bravo removes the lease's namespace.
+async fn restart_mid_lease(org: &str, down: Duration) {
+    use k8s_openapi::api::batch::v1::Job;
+
     let env = testenv();
     let acme = admin(env.org("acme").unwrap()).await;
-    let mut pool = Pool::start(&env, "restart", &lends(), &[]).await.unwrap();
-    let ns = namespace(&acme, "restart").await;
+    let bravo = admin(env.org("bravo").unwrap()).await;
+    let tag = format!("restart-{org}");
+    let mut pool = Pool::start(&env, &tag, &lends(), &[]).await.unwrap();
+    let ns = namespace(&acme, &tag).await;
     let before = (
         pool.balance("acme").await.unwrap(),
         pool.balance("bravo").await.unwrap(),
@@ -559,73 +581,12 @@ async fn restarting_the_renter_mid_lease_loses_nothing() {
             "steady",
             4,
             &["A100"],
-            "8s",
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
-        ),
-    )
-    .await;
-    wait_job(&acme, &ns, "steady", "Running", |j| {
-        phase(j) == Some(AiJobPhase::Running)
-    })
-    .await;
-    pool.kill("acme");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    pool.restart(&env, "acme").unwrap();
-    let done = wait_job(&acme, &ns, "steady", "Succeeded after the restart", |j| {
-        phase(j) == Some(AiJobPhase::Succeeded)
-    })
-    .await;
-    assert_eq!(
-        done.status.unwrap().runs_on.unwrap().org,
-        "bravo",
-        "same provider, no re-auction"
-    );
-    let leases = leases_of(&acme, &ns).await;
-    assert_eq!(leases.len(), 1, "one lease: {leases:#?}");
-    assert_eq!(
-        leases[0].status.as_ref().unwrap().close_reason.as_deref(),
-        Some("Completed")
-    );
-    let (paid, _) = check_settled(&leases[0]);
-    let after = (
-        pool.balance("acme").await.unwrap(),
-        pool.balance("bravo").await.unwrap(),
-    );
-    assert_eq!(before.0 - after.0, paid);
-    assert_eq!(after.1 - before.1, paid);
-    remove_namespace(&acme, &ns).await;
-}
-
-/// A provider's operator restarts mid-lease, as `helm upgrade` rolls it: it
-/// picks its leases up from their Lease copies and beats again before the
-/// renter's grace runs out, so the job runs on where it was, once, and is
-/// paid for once.
-#[tokio::test]
-async fn restarting_the_provider_mid_lease_loses_nothing() {
-    use k8s_openapi::api::batch::v1::Job;
-
-    let env = testenv();
-    let acme = admin(env.org("acme").unwrap()).await;
-    let bravo = admin(env.org("bravo").unwrap()).await;
-    let mut pool = Pool::start(&env, "prestart", &lends(), &[]).await.unwrap();
-    let ns = namespace(&acme, "prestart").await;
-    let before = (
-        pool.balance("acme").await.unwrap(),
-        pool.balance("bravo").await.unwrap(),
-    );
-    create(
-        &acme,
-        &ns,
-        aijob_json(
-            "upgraded",
-            4,
-            &["A100"],
             "12s",
             serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
         ),
     )
     .await;
-    let running = wait_job(&acme, &ns, "upgraded", "Running at bravo", |j| {
+    let running = wait_job(&acme, &ns, "steady", "Running at bravo", |j| {
         phase(j) == Some(AiJobPhase::Running)
     })
     .await;
@@ -635,14 +596,13 @@ async fn restarting_the_provider_mid_lease_loses_nothing() {
     assert_eq!(workload.len(), 1, "one workload Job at bravo: {workload:#?}");
     let uid = workload[0].uid().unwrap();
 
-    pool.kill("bravo");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    pool.restart(&env, "bravo").unwrap();
+    pool.kill(org);
+    tokio::time::sleep(down).await;
+    pool.restart(&env, org).unwrap();
 
-    // The restarted operator adopts the workload it started; it never starts
-    // a second one, and the renter never takes bravo for lost.
+    // Never a second lease, never a second workload.
     let api: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
-    let done = wait_for(WAIT, "Succeeded at bravo after its restart", || async {
+    let done = wait_for(WAIT, "Succeeded at bravo after the restart", || async {
         assert_eq!(leases_of(&acme, &ns).await.len(), 1, "the renter opened a second lease");
         if let Ok(list) = jobs.list(&ListParams::default()).await {
             for j in &list.items {
@@ -653,12 +613,16 @@ async fn restarting_the_provider_mid_lease_loses_nothing() {
                 );
             }
         }
-        let j = api.get("upgraded").await.ok()?;
+        let j = api.get("steady").await.ok()?;
         (phase(&j) == Some(AiJobPhase::Succeeded)).then_some(j)
     })
     .await
     .unwrap();
-    assert_eq!(done.status.unwrap().runs_on.unwrap().org, "bravo");
+    assert_eq!(
+        done.status.unwrap().runs_on.unwrap().org,
+        "bravo",
+        "same provider, no re-auction"
+    );
     let leases = leases_of(&acme, &ns).await;
     assert_eq!(leases.len(), 1, "one lease: {leases:#?}");
     assert_eq!(

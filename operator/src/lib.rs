@@ -28,6 +28,8 @@ pub mod status;
 pub mod status_memo;
 pub mod telemetry;
 #[cfg(test)]
+mod telemetry_queries;
+#[cfg(test)]
 mod test_fixtures;
 pub mod tracecontext;
 pub mod traces;

@@ -451,7 +451,8 @@ impl Market {
             Err(e) => return Err(k(e)),
         }
         self.lock().workloads.insert(ns.clone(), (renter, l.lease_id.clone()));
-        self.metrics.pool_lease("provider_accepted");
+        self.metrics
+            .pool_lease(crate::telemetry::PoolLeaseEvent::ProviderAccepted);
         info!(lease = %l.lease_id, renter = %renter_org, namespace = %ns, "lease verified on chain; workload created");
         self.report(renter, &l.lease_id, &ns, None).await;
         Ok(())
@@ -653,7 +654,8 @@ impl Market {
                 info!(lease = %lease_id, namespace = %ns, "lease closed on chain; deleting its namespace");
                 match ns_api.delete(ns, &DeleteParams::default()).await {
                     Ok(_) => {
-                        self.metrics.pool_lease("provider_cleaned_up");
+                        self.metrics
+                            .pool_lease(crate::telemetry::PoolLeaseEvent::ProviderCleanedUp);
                         true
                     }
                     Err(e) => {

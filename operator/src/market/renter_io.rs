@@ -882,7 +882,8 @@ impl Market {
                 out.requeue = None;
                 if !status.phase.is_some_and(AiJobPhase::is_terminal) {
                     self.record_outcome(&l.spec.provider.org, true).await;
-                    self.metrics.pool_lease("renter_completed");
+                    self.metrics
+                        .pool_lease(crate::telemetry::PoolLeaseEvent::RenterCompleted);
                 }
             }
             Step::OutOfFunds => {
@@ -907,7 +908,8 @@ impl Market {
                 out.requeue = None;
                 if !status.phase.is_some_and(AiJobPhase::is_terminal) {
                     out.events.push((true, "LeaseOutOfFunds", out.message.clone()));
-                    self.metrics.pool_lease("renter_out_of_funds");
+                    self.metrics
+                        .pool_lease(crate::telemetry::PoolLeaseEvent::RenterOutOfFunds);
                 }
             }
             Step::Reauction { failed_org, attempt } => {
@@ -924,7 +926,8 @@ impl Market {
                         .collect();
                     order.excluded_orgs = exclude_after_failure(&order.excluded_orgs, &failed_org, &usable);
                     self.record_outcome(&failed_org, false).await;
-                    self.metrics.pool_lease("renter_failed_over");
+                    self.metrics
+                        .pool_lease(crate::telemetry::PoolLeaseEvent::RenterFailedOver);
                 }
                 let paid = out.cost.clone().unwrap_or_default();
                 order = self
@@ -1142,7 +1145,7 @@ impl Market {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
         match api.create(&PostParams::default(), &lease).await {
             Ok(_) => {
-                self.metrics.pool_lease("renter_opened");
+                self.metrics.pool_lease(crate::telemetry::PoolLeaseEvent::RenterOpened);
                 info!(lease = %lease_name, provider = %winner.spec.provider_org, price = %price, deposit = %deposit, "lease created for the winning bid");
             }
             Err(kube::Error::Api(s)) if s.code == 409 => {}
