@@ -164,9 +164,40 @@ pub(crate) struct State {
     /// and a write per closed lease. None until the first read succeeds.
     pub reputation: Option<HashMap<String, Reputation>>,
     pub closes_asked: super::renter::ClosesAsked,
+    /// Lease namespace → the GPUs of a lease this provider accepted, until
+    /// the workload's pod shows up bound in the pod cache. Between the
+    /// accept (which ends the bid's reservation) and that pod, the GPUs
+    /// looked free, and a burst of orders got bids for them: 51 leases
+    /// accepted for 48 A100s, three of them paid for and never run.
+    pub unbound: HashMap<String, Unbound>,
 }
 
+/// An accepted lease's GPUs, not yet held by a bound pod.
+#[derive(Clone, Debug)]
+pub struct Unbound {
+    pub product: String,
+    pub count: u32,
+    pub until_ms: u64,
+}
+
+/// How long an accepted lease's GPUs count as taken without a bound pod:
+/// past it, a workload that waits is the local controller's to explain.
+pub const UNBOUND_HOLD_MS: u64 = 120_000;
+
 impl State {
+    /// GPUs by product that accepted leases hold before their pods are bound
+    /// (`bound`: namespaces with a live pod on a node); forgets the ones
+    /// whose pod is bound or whose hold ran out.
+    pub fn held_unbound(&mut self, now: u64, bound: &std::collections::HashSet<&str>) -> HashMap<String, u32> {
+        self.unbound
+            .retain(|ns, u| u.until_ms > now && !bound.contains(ns.as_str()));
+        let mut held = HashMap::new();
+        for u in self.unbound.values() {
+            *held.entry(u.product.clone()).or_default() += u.count;
+        }
+        held
+    }
+
     /// Claims one of `room` orders' worth of advertised capacity for `hold_ms`;
     /// false when earlier claims still hold all of it.
     pub fn claim_room(&mut self, now: u64, hold_ms: u64, room: u32) -> bool {
@@ -198,6 +229,7 @@ impl State {
             room_claims: Vec::new(),
             workload_status: HashMap::new(),
             job_orders: HashMap::new(),
+            unbound: HashMap::new(),
             lease_refresh_ms: 0,
             reputation: None,
             closes_asked: Default::default(),
@@ -847,12 +879,19 @@ impl Market {
             return (vec![], 0);
         };
         let nodes = inventory(&stores.gpunodes.state(), &pods, &BTreeMap::new(), Timestamp::now());
-        let st = self.lock();
+        let bound: std::collections::HashSet<&str> = pods
+            .iter()
+            .filter(|p| p.node_name.is_some())
+            .filter_map(|p| p.metadata.namespace.as_deref())
+            .collect();
+        let mut st = self.lock();
         let now = now_ms();
-        let mut reserved: HashMap<&str, u32> = HashMap::new();
+        // Accepted leases count against what is free until their pods do,
+        // but not against the lending limit: `lent` counts their Leases.
+        let mut reserved: HashMap<String, u32> = st.held_unbound(now, &bound);
         let mut reserved_total = 0;
         for r in st.reservations.values().filter(|r| r.until_ms > now) {
-            *reserved.entry(r.product.as_str()).or_default() += r.count;
+            *reserved.entry(r.product.clone()).or_default() += r.count;
             reserved_total += r.count;
         }
         let lent = st.lent + reserved_total;
@@ -1028,6 +1067,30 @@ fn topic_allows(topic: Topic, body: &Body) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_gpus_count_as_taken_until_their_pod_is_bound_or_the_hold_ends() {
+        let mut st = State::new(Opener::new(60_000, 16));
+        let unbound = |count, until_ms| Unbound {
+            product: "A100".into(),
+            count,
+            until_ms,
+        };
+        st.unbound.insert("gpupool-lease-a".into(), unbound(2, 10_000));
+        st.unbound.insert("gpupool-lease-b".into(), unbound(1, 10_000));
+        st.unbound.insert("gpupool-lease-c".into(), unbound(4, 3_000));
+        let none = std::collections::HashSet::new();
+        assert_eq!(st.held_unbound(1_000, &none)["A100"], 7, "accepted, no pods yet");
+        let bound = std::collections::HashSet::from(["gpupool-lease-a"]);
+        assert_eq!(
+            st.held_unbound(2_000, &bound)["A100"],
+            5,
+            "a's pod is bound: its GPUs count there"
+        );
+        assert_eq!(st.held_unbound(5_000, &none)["A100"], 1, "c's hold ran out");
+        assert!(st.held_unbound(10_000, &none).is_empty());
+        assert!(st.unbound.is_empty());
+    }
 
     #[test]
     fn poolpeer_writes_are_bounded_but_changes_land() {

@@ -215,6 +215,14 @@ impl Market {
                 let mut st = me.lock();
                 if result.is_ok() {
                     st.reservations.remove(&l.bid_id);
+                    st.unbound.insert(
+                        lease_namespace(&lease_id),
+                        super::node::Unbound {
+                            product: res.product.clone(),
+                            count: res.count,
+                            until_ms: now_ms() + super::node::UNBOUND_HOLD_MS,
+                        },
+                    );
                 }
                 st.accepting.remove(&lease_id);
             }
