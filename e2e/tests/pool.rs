@@ -293,6 +293,15 @@ fn message(j: &AiJob) -> String {
     j.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default()
 }
 
+/// The id of the order the job has open now.
+fn current_order(j: &AiJob) -> String {
+    j.status
+        .as_ref()
+        .and_then(|s| s.order.as_ref())
+        .map(|o| o.id.clone())
+        .unwrap_or_default()
+}
+
 #[tokio::test]
 async fn manual_selection_waits_for_accepted_bid() {
     let env = testenv();
@@ -324,10 +333,12 @@ async fn manual_selection_waits_for_accepted_bid() {
         .list(&ListParams::default())
         .await
         .unwrap();
+    // One for the order now open: a member that started a moment late bids
+    // only on the order published again, once the first round's bids expired.
     let corvus = bids
         .items
         .iter()
-        .find(|b| b.spec.provider_org == "corvus")
+        .find(|b| b.spec.provider_org == "corvus" && b.spec.order_id == current_order(&waiting))
         .expect("corvus bid");
     let patch = serde_json::json!({"spec": {"bidding": {"acceptedBid": corvus.name_any()}}});
     Api::<AiJob>::namespaced(acme.clone(), &ns)
@@ -343,6 +354,97 @@ async fn manual_selection_waits_for_accepted_bid() {
         "corvus",
         "the accepted bid, not the cheapest"
     );
+    remove_namespace(&acme, &ns).await;
+}
+
+/// GPUs a provider has promised in a bid are not given to its own local
+/// jobs meanwhile: when the renter accepts, the lease's workload finds them.
+/// Before, bravo's controller counted only its own placements, so three
+/// local 8-GPU jobs took all 24 A100s while bravo's bid for 8 stood, and the
+/// renter's paid lease waited on an unschedulable pod.
+#[tokio::test]
+async fn a_provider_keeps_the_gpus_it_bid_from_its_own_local_jobs() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let bravo = admin(env.org("bravo").unwrap()).await;
+    let _pool = Pool::start(&env, "promised", &lends(), &[]).await.unwrap();
+    let ns = namespace(&acme, "promised").await;
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "whole-node",
+            8,
+            &["A100"],
+            "2s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"},
+                "bidding": {"window": "1s", "selection": "Manual"}}),
+        ),
+    )
+    .await;
+    let bidding = wait_job(&acme, &ns, "whole-node", "bravo's bid, awaiting a choice", |j| {
+        reason(j) == "AwaitingChoice" && message(j).starts_with("1 open bid(s)")
+    })
+    .await;
+
+    // bravo's own team asks for all 24 of its A100s while its bid stands.
+    let local = namespace(&bravo, "bravo-own").await;
+    for name in ["own-1", "own-2", "own-3"] {
+        create(
+            &bravo,
+            &local,
+            aijob_json(
+                name,
+                8,
+                &["A100"],
+                "600s",
+                serde_json::json!({"placement": {"mode": "LocalOnly"}}),
+            ),
+        )
+        .await;
+    }
+    let placed = |j: &AiJob| matches!(phase(j), Some(AiJobPhase::Running));
+    for name in ["own-1", "own-2"] {
+        wait_job(
+            &bravo,
+            &local,
+            name,
+            "a local job running on a node the bid left",
+            placed,
+        )
+        .await;
+    }
+    let waiting = wait_job(&bravo, &local, "own-3", "the third local job waiting", |j| {
+        reason(j) == "InsufficientFreeGpus"
+    })
+    .await;
+    assert!(
+        message(&waiting).contains("8 matching GPU(s) here are promised to other organisations"),
+        "the wait names the promise: {}",
+        message(&waiting)
+    );
+
+    // The renter accepts: the lease's workload gets the node the bid held.
+    let bids = Api::<Bid>::namespaced(acme.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let bid = bids
+        .items
+        .iter()
+        .find(|b| b.spec.provider_org == "bravo" && b.spec.order_id == current_order(&bidding))
+        .expect("bravo's bid for the open order");
+    let patch = serde_json::json!({"spec": {"bidding": {"acceptedBid": bid.name_any()}}});
+    Api::<AiJob>::namespaced(acme.clone(), &ns)
+        .patch("whole-node", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let done = wait_job(&acme, &ns, "whole-node", "Succeeded at bravo", |j| {
+        phase(j) == Some(AiJobPhase::Succeeded)
+    })
+    .await;
+    assert_eq!(done.status.unwrap().runs_on.unwrap().org, "bravo");
+    remove_namespace(&bravo, &local).await;
     remove_namespace(&acme, &ns).await;
 }
 

@@ -1,7 +1,7 @@
 //! The AiJob controller: dereference → validate → build → apply → update status.
 //! All decisions are made by the pure modules; this file only talks to the API.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,9 +22,9 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 
-use crate::market::node::Market;
+use crate::market::node::{Market, Stores};
 use crate::market::renter_io::in_pool;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -37,6 +37,7 @@ use crate::jobstatus::observe;
 use crate::listed::Listed;
 use crate::placement::{Decision, Need, decide};
 use crate::pod_index::PodIndex;
+use crate::promised::{self, LOCAL_TTL, LocalPromise, PoolPromise, Promised};
 use crate::status::{COND_PLACED, Outcome, plan};
 use crate::status_memo::StatusMemo;
 use crate::telemetry::Metrics;
@@ -73,16 +74,6 @@ pub struct Settings {
     pub concurrency: u16,
 }
 
-/// A placement whose pod the caches do not show bound yet.
-#[derive(Clone, Debug)]
-struct Reservation {
-    node: String,
-    gpus: u32,
-    at: Instant,
-}
-
-const RESERVATION_TTL: Duration = Duration::from_secs(120);
-
 pub struct Context {
     client: Client,
     settings: Settings,
@@ -91,9 +82,10 @@ pub struct Context {
     pods: PodCaches,
     gpunodes: Store<GpuNode>,
     recorder: EventPublisher,
-    /// Serialises the check-then-create of placements so two reconciles never
-    /// book the same free GPUs.
-    placing: Mutex<BTreeMap<String, Reservation>>,
+    /// Placements whose pods are not bound yet, behind the lock that every
+    /// promise of this cluster's GPUs is decided under (the market's too),
+    /// so two decisions never book the same free GPUs.
+    promised: Arc<Promised>,
     metrics: Arc<Metrics>,
     /// The pool market; None when this cluster only runs its own jobs.
     market: Option<Arc<Market>>,
@@ -173,9 +165,15 @@ pub async fn run(
         ours_listed,
         others_listed: others_listed.clone(),
     };
+    let promised = Arc::new(Promised::default());
     let (market, wake) = match market {
         Some((m, w)) => {
-            m.attach_stores(gpunodes.clone(), pods.clone());
+            m.attach_stores(Stores {
+                gpunodes: gpunodes.clone(),
+                gpunodes_listed: gpunodes_listed.clone(),
+                pods: pods.clone(),
+                promised: promised.clone(),
+            });
             (Some(m), Some(w))
         }
         None => (None, None),
@@ -188,7 +186,7 @@ pub async fn run(
         jobs,
         pods: pods.clone(),
         gpunodes: gpunodes.clone(),
-        placing: Mutex::new(BTreeMap::new()),
+        promised,
         metrics,
         statuses: StatusMemo::default(),
     });
@@ -410,7 +408,7 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
                 let pods = pods_of(ctx, &ns, &name);
                 let observed = observe(&job, &pods.iter().map(AsRef::as_ref).collect::<Vec<_>>());
                 if observed.node.is_some() {
-                    ctx.placing.lock().await.remove(&key(&ns, &name));
+                    ctx.promised.release(&key(&ns, &name));
                 }
                 let runs_on = RunsOn {
                     org: ctx.settings.org.clone(),
@@ -524,14 +522,14 @@ async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Err
     // Counting GPUs before every pod is in the caches would place onto GPUs
     // that are taken.
     ctx.pods.wait_until_ready().await.map_err(|_| Error::PodCacheStopped)?;
-    // Decide and reserve under the lock; create the Job outside it, so
-    // placements are serialised only for the in-memory bookkeeping.
+    // Decide and promise under the decision lock; create the Job outside it,
+    // so placements are serialised only for the in-memory bookkeeping.
     let (node, product, products) = {
-        let mut placing = ctx.placing.lock().await;
-        placing.retain(|_, r| r.at.elapsed() < RESERVATION_TTL);
-        // A reservation stops counting once its pod shows up bound in the cache:
-        // one index lookup per reservation in flight, not a walk over every pod.
-        placing.retain(|k, _| {
+        let mut local = ctx.promised.decide();
+        local.retain(|_, r| r.at.elapsed() < LOCAL_TTL);
+        // A promise ends once its pod shows up bound in the cache: one index
+        // lookup per placement in flight, not a walk over every pod.
+        local.retain(|k, _| {
             let Some((rns, rname)) = k.split_once('/') else {
                 return true;
             };
@@ -540,24 +538,44 @@ async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Err
                 .iter()
                 .any(|p| p.is_live() && p.node_name.is_some())
         });
-        let mut extra: BTreeMap<String, u32> = BTreeMap::new();
-        for r in placing.values() {
-            *extra.entry(r.node.clone()).or_default() += r.gpus;
-        }
         // Some: both caches have listed (awaited above), and stay listed.
         let pods = ctx.pods.live().unwrap_or_default();
-        let nodes = inventory(&ctx.gpunodes.state(), &pods, &extra, Timestamp::now());
+        let mut nodes = inventory(
+            &ctx.gpunodes.state(),
+            &pods,
+            &promised::by_node(&local),
+            Timestamp::now(),
+        );
         ctx.metrics.observe_inventory(&nodes);
+        // The market's bids and accepted leases hold GPUs too, except the
+        // lease this job is the workload of (its own namespace).
+        let pool = match &ctx.market {
+            Some(m) => {
+                let mut skip = promised::namespaces(&local);
+                skip.insert(ns.as_str());
+                m.pool_promises(&promised::bound_namespaces(&pods), &skip)
+            }
+            None => vec![],
+        };
+        let held = promised::spread(&nodes, &pool);
+        for n in &mut nodes {
+            n.allocated += held.get(&n.node).copied().unwrap_or(0);
+        }
         match decide(need, aijob.spec.placement.mode, &nodes) {
-            Decision::Wait { reason, message } => return Ok(Outcome::Waiting { reason, message }),
+            Decision::Wait { reason, message } => {
+                return Ok(Outcome::Waiting {
+                    reason,
+                    message: with_pool_promises(message, reason, need, &pool),
+                });
+            }
             Decision::Local {
                 node,
                 product,
                 products,
             } => {
-                placing.insert(
+                local.insert(
                     me.clone(),
-                    Reservation {
+                    LocalPromise {
                         node: node.clone(),
                         gpus: need.count,
                         at: Instant::now(),
@@ -585,7 +603,7 @@ async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Err
         // Same deterministic name: the Job is already there, which is fine.
         Err(kube::Error::Api(s)) if s.code == 409 => debug!(aijob = %name, "Job already exists"),
         Err(e) => {
-            ctx.placing.lock().await.remove(&me);
+            ctx.promised.release(&me);
             return Err(e.into());
         }
     }
@@ -610,12 +628,28 @@ async fn place(aijob: &AiJob, need: &Need, ctx: &Context) -> Result<Outcome, Err
     })
 }
 
+/// A job that waits for GPUs the pool holds here says so: without it, "the
+/// most free now is 0" beside idle nodes reads like a counting error.
+fn with_pool_promises(message: String, reason: &str, need: &Need, pool: &[PoolPromise]) -> String {
+    let held: u32 = pool
+        .iter()
+        .filter(|p| crate::matching::product_matches(&need.models, &p.product))
+        .map(|p| p.count)
+        .sum();
+    if reason != crate::placement::REASON_INSUFFICIENT || held == 0 {
+        return message;
+    }
+    format!(
+        "{message} {held} matching GPU(s) here are promised to other organisations (open bids and accepted leases)."
+    )
+}
+
 /// Deletes the Job (foreground, so its pods go first) and holds the finalizer
 /// until the Job is gone: when the AiJob disappears, nothing of it runs.
 async fn cleanup(aijob: Arc<AiJob>, ctx: &Context) -> Result<Action, Error> {
     let ns = aijob.namespace().ok_or(Error::NoNamespace)?;
     let name = aijob.name_any();
-    ctx.placing.lock().await.remove(&key(&ns, &name));
+    ctx.promised.release(&key(&ns, &name));
     ctx.statuses.forget(aijob.metadata.uid.as_deref().unwrap_or_default());
     // In the pool: deleting our Lease closes it on chain as RenterCancelled
     // (its finalizer), which the provider sees and stops the workload for.

@@ -20,6 +20,7 @@ pub mod payer;
 pub mod placement;
 pub mod pod_index;
 pub mod pool_api;
+pub mod promised;
 pub mod quantity;
 pub mod settlement;
 pub mod settlement_plan;

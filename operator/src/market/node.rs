@@ -2,7 +2,7 @@
 //! capacity adverts, and the tables the renter and provider sides share.
 //! Everything here is I/O; decisions come from the pure modules.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -35,6 +35,7 @@ use crate::capacity::inventory;
 use crate::p2p::envelope::{DropReason, Opened, Opener, seal};
 use crate::p2p::score::{PeerScores, ScoreParams};
 use crate::p2p::swarm::{Inbound, P2p, SendError, Topic};
+use crate::promised::{self, PoolPromise, Promised};
 use crate::telemetry::Metrics;
 
 pub const MARKET_MANAGER: &str = "gpupool-market";
@@ -185,17 +186,33 @@ pub struct Unbound {
 pub const UNBOUND_HOLD_MS: u64 = 120_000;
 
 impl State {
-    /// GPUs by product that accepted leases hold before their pods are bound
-    /// (`bound`: namespaces with a live pod on a node); forgets the ones
-    /// whose pod is bound or whose hold ran out.
-    pub fn held_unbound(&mut self, now: u64, bound: &std::collections::HashSet<&str>) -> HashMap<String, u32> {
+    /// The GPUs accepted leases hold before their pods are bound, one
+    /// promise per lease, leaving out the namespaces in `skip`; forgets the
+    /// holds whose pod is bound (`bound`: namespaces with a live pod on a
+    /// node) or whose time ran out.
+    pub fn held_unbound(&mut self, now: u64, bound: &HashSet<&str>, skip: &HashSet<&str>) -> Vec<PoolPromise> {
         self.unbound
             .retain(|ns, u| u.until_ms > now && !bound.contains(ns.as_str()));
-        let mut held = HashMap::new();
-        for u in self.unbound.values() {
-            *held.entry(u.product.clone()).or_default() += u.count;
-        }
-        held
+        self.unbound
+            .iter()
+            .filter(|(ns, _)| !skip.contains(ns.as_str()))
+            .map(|(_, u)| PoolPromise {
+                product: u.product.clone(),
+                count: u.count,
+            })
+            .collect()
+    }
+
+    /// Open and won bids' GPUs, one promise per bid.
+    pub fn held_by_bids(&self, now: u64) -> Vec<PoolPromise> {
+        self.reservations
+            .values()
+            .filter(|r| r.until_ms > now)
+            .map(|r| PoolPromise {
+                product: r.product.clone(),
+                count: r.count,
+            })
+            .collect()
     }
 
     /// Claims one of `room` orders' worth of advertised capacity for `hold_ms`;
@@ -299,9 +316,28 @@ impl State {
     }
 }
 
-pub(crate) struct Stores {
+/// What the market reads of the controller's: its caches, and its
+/// placements in flight.
+pub struct Stores {
     pub gpunodes: Store<GpuNode>,
+    pub gpunodes_listed: crate::listed::Listed,
     pub pods: PodCaches,
+    /// The controller's placements in flight, and the lock both decide under.
+    pub promised: Arc<Promised>,
+}
+
+impl Stores {
+    /// Whether every GPU and every pod that holds one has been listed:
+    /// before that, this cluster's free GPUs cannot be counted.
+    pub fn counted(&self) -> bool {
+        self.gpunodes_listed.is_listed() && self.pods.ours_listed.is_listed() && self.pods.others_listed.is_listed()
+    }
+
+    /// Waits until [`Self::counted`].
+    pub async fn wait_counted(&self) -> Result<(), crate::listed::WatchStopped> {
+        self.gpunodes_listed.wait().await?;
+        self.pods.wait_until_ready().await
+    }
 }
 
 /// One member of the pool.
@@ -397,9 +433,10 @@ impl Market {
         self.p2p.local_peer_id()
     }
 
-    /// Hands the controller's caches to the market (GPU supply for bids and adverts).
-    pub fn attach_stores(&self, gpunodes: Store<GpuNode>, pods: PodCaches) {
-        let _ = self.stores.set(Stores { gpunodes, pods });
+    /// Hands the controller's caches and placements in flight to the market
+    /// (GPU supply for bids and adverts).
+    pub fn attach_stores(&self, stores: Stores) {
+        let _ = self.stores.set(stores);
     }
 
     /// Hands the market a cache of the renter's Leases, filled by the watch
@@ -546,9 +583,7 @@ impl Market {
                 }
                 let opened = self.lock().opener.open(&bytes, Some(peer), now);
                 match opened {
-                    Ok(o) if !matches!(o.body, Body::Identity(_) | Body::Capacity(_) | Body::Order(_)) => {
-                        self.dispatch(o).await
-                    }
+                    Ok(o) if direct_allows(&o.body) => self.dispatch(o).await,
                     Ok(o) => {
                         self.drop_message(Some(o.sender), DropReason::Malformed, "gossip body sent directly")
                             .await
@@ -570,8 +605,38 @@ impl Market {
                 };
                 let info = self.p2p.info().await;
                 self.metrics.peers_connected(info.connected.len().max(n));
+                if connected {
+                    // A new peer learns who we are now, not at our next
+                    // periodic advert (5 s by default): until then a renter
+                    // drops our bids, unable to name the org that sent them,
+                    // and our GPUs stay reserved for bids that were lost.
+                    let body = self.identity_record(&info);
+                    let me = self.clone();
+                    tokio::spawn(
+                        async move {
+                            if let Err(e) = me.send(peer, body).await {
+                                debug!(%peer, error = %e, "identity not sent to a new peer; the periodic advert carries it");
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                }
             }
         }
+    }
+
+    /// Our signed identity: the org and wallet this peer id answers for.
+    fn identity_record(&self, info: &crate::p2p::swarm::SwarmInfo) -> Body {
+        Body::Identity(IdentityRecord {
+            org: self.settings.org.clone(),
+            wallet: self.wallet.to_string(),
+            addresses: info
+                .advertised
+                .iter()
+                .take(16)
+                .map(|a| format!("{a}/p2p/{}", self.peer_id()))
+                .collect(),
+        })
     }
 
     /// Handles one opened message. One that carries a trace context (sent
@@ -868,31 +933,43 @@ impl Market {
         self.lock().reputation.get_or_insert(read).clone()
     }
 
-    /// Free GPUs per product here, after bid reservations, capped by what the
-    /// policy still lets this cluster lend.
+    /// Free GPUs per product here, after every promise (bids, accepted
+    /// leases, local placements in flight), capped by what the policy still
+    /// lets this cluster lend.
     pub(crate) fn supply(&self) -> (Vec<Supply>, u32) {
         let Some(stores) = self.stores.get() else {
             return (vec![], 0);
         };
+        let local = stores.promised.decide();
+        self.supply_given(stores, &local)
+    }
+
+    /// [`Self::supply`] for a caller that holds the decision lock.
+    pub(crate) fn supply_given(&self, stores: &Stores, local: &promised::Local) -> (Vec<Supply>, u32) {
         // Nothing to lend until every pod is counted.
         let Some(pods) = stores.pods.live() else {
             return (vec![], 0);
         };
-        let nodes = inventory(&stores.gpunodes.state(), &pods, &BTreeMap::new(), Timestamp::now());
-        let bound: std::collections::HashSet<&str> = pods
-            .iter()
-            .filter(|p| p.node_name.is_some())
-            .filter_map(|p| p.metadata.namespace.as_deref())
-            .collect();
+        let nodes = inventory(
+            &stores.gpunodes.state(),
+            &pods,
+            &promised::by_node(local),
+            Timestamp::now(),
+        );
+        let bound = promised::bound_namespaces(&pods);
         let mut st = self.lock();
         let now = now_ms();
-        // Accepted leases count against what is free until their pods do,
-        // but not against the lending limit: `lent` counts their Leases.
-        let mut reserved: HashMap<String, u32> = st.held_unbound(now, &bound);
+        // Accepted leases count against what is free until their pods do (or
+        // the controller's promise for their workload does), but not against
+        // the lending limit: `lent` counts their Leases.
+        let mut reserved: HashMap<String, u32> = HashMap::new();
+        for p in st.held_unbound(now, &bound, &promised::namespaces(local)) {
+            *reserved.entry(p.product).or_default() += p.count;
+        }
         let mut reserved_total = 0;
-        for r in st.reservations.values().filter(|r| r.until_ms > now) {
-            *reserved.entry(r.product.clone()).or_default() += r.count;
-            reserved_total += r.count;
+        for p in st.held_by_bids(now) {
+            reserved_total += p.count;
+            *reserved.entry(p.product).or_default() += p.count;
         }
         let lent = st.lent + reserved_total;
         let mut by_product: BTreeMap<String, Supply> = BTreeMap::new();
@@ -920,6 +997,17 @@ impl Market {
         (out, lent)
     }
 
+    /// The GPUs the market holds here (open bids, accepted leases not yet
+    /// bound), for the controller's decisions; `bound` and `skip` as in
+    /// [`State::held_unbound`]. The caller holds the decision lock.
+    pub fn pool_promises(&self, bound: &HashSet<&str>, skip: &HashSet<&str>) -> Vec<PoolPromise> {
+        let mut st = self.lock();
+        let now = now_ms();
+        let mut held = st.held_by_bids(now);
+        held.extend(st.held_unbound(now, bound, skip));
+        held
+    }
+
     /// Publishes identity and capacity every `advert_every`, and capacity alone
     /// soon after it changes (reservations, leases), at most five times a second:
     /// renters waiting out a backoff learn of freed GPUs within a fraction of a second.
@@ -941,16 +1029,7 @@ impl Market {
                 self.flush_poolpeers().await;
                 let info = self.p2p.info().await;
                 self.metrics.peers_connected(info.connected.len());
-                bodies.push(Body::Identity(IdentityRecord {
-                    org: self.settings.org.clone(),
-                    wallet: self.wallet.to_string(),
-                    addresses: info
-                        .advertised
-                        .iter()
-                        .take(16)
-                        .map(|a| format!("{a}/p2p/{}", self.peer_id()))
-                        .collect(),
-                }));
+                bodies.push(self.identity_record(&info));
             }
             last = Some(offers.clone());
             bodies.push(Body::Capacity(CapacityAdvert { offers }));
@@ -1056,6 +1135,12 @@ fn write_due(p: &mut PeerInfo, now: u64) -> bool {
     due
 }
 
+/// Capacity and orders belong on gossip; identity goes both ways (to a peer
+/// that has just connected, directly); everything else is direct.
+fn direct_allows(body: &Body) -> bool {
+    !matches!(body, Body::Capacity(_) | Body::Order(_))
+}
+
 /// Identity, capacity and orders belong on gossip; everything else is direct.
 fn topic_allows(topic: Topic, body: &Body) -> bool {
     match topic {
@@ -1079,16 +1164,23 @@ mod tests {
         st.unbound.insert("gpupool-lease-a".into(), unbound(2, 10_000));
         st.unbound.insert("gpupool-lease-b".into(), unbound(1, 10_000));
         st.unbound.insert("gpupool-lease-c".into(), unbound(4, 3_000));
-        let none = std::collections::HashSet::new();
-        assert_eq!(st.held_unbound(1_000, &none)["A100"], 7, "accepted, no pods yet");
-        let bound = std::collections::HashSet::from(["gpupool-lease-a"]);
+        let none = HashSet::new();
+        let total = |held: Vec<PoolPromise>| held.iter().map(|p| p.count).sum::<u32>();
+        assert_eq!(total(st.held_unbound(1_000, &none, &none)), 7, "accepted, no pods yet");
+        let a = HashSet::from(["gpupool-lease-a"]);
         assert_eq!(
-            st.held_unbound(2_000, &bound)["A100"],
+            total(st.held_unbound(1_500, &none, &a)),
+            5,
+            "a's workload has the controller's promise: counted there, not twice"
+        );
+        assert_eq!(st.unbound.len(), 3, "a promise elsewhere does not end the hold");
+        assert_eq!(
+            total(st.held_unbound(2_000, &a, &none)),
             5,
             "a's pod is bound: its GPUs count there"
         );
-        assert_eq!(st.held_unbound(5_000, &none)["A100"], 1, "c's hold ran out");
-        assert!(st.held_unbound(10_000, &none).is_empty());
+        assert_eq!(total(st.held_unbound(5_000, &none, &none)), 1, "c's hold ran out");
+        assert!(st.held_unbound(10_000, &none, &none).is_empty());
         assert!(st.unbound.is_empty());
     }
 

@@ -46,6 +46,10 @@ pub fn lease_short(lease_id: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// How long an order that arrives before this cluster's GPUs are counted
+/// waits for the count (the first lists of GpuNodes and pods, at start-up).
+const COUNT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a won bid's GPUs stay promised while the renter opens the lease.
 const WON_HOLD_MS: u64 = 5 * 60 * 1000;
 
@@ -78,10 +82,27 @@ impl Market {
             allowed_orgs: order.allowed_orgs.clone(),
             denied_orgs: order.denied_orgs.clone(),
         };
+        // A member that has just started has not counted its GPUs yet:
+        // declining now ("nothing free") would lose the order until the
+        // renter publishes it again, a bid lifetime later under Manual
+        // selection. Wait for the count, a few seconds at most.
+        if let Some(stores) = self.stores.get()
+            && !stores.counted()
+            && tokio::time::timeout(COUNT_WAIT, stores.wait_counted()).await.is_err()
+        {
+            debug!(order = %order.order_id, "GPUs not counted yet; not bidding");
+            return Ok(());
+        }
         let now = now_ms();
         let bid_id = format!("{}-{}", self.settings.org, &order.order_id);
         let offer = {
-            let (supply, lent) = self.supply();
+            // Counted and promised under the decision lock, which the
+            // controller places local jobs under too.
+            let Some(stores) = self.stores.get() else {
+                return Ok(()); // no caches yet: nothing counted, nothing to lend
+            };
+            let local = stores.promised.decide();
+            let (supply, lent) = self.supply_given(stores, &local);
             let mut st = self.lock();
             st.release_lapsed(now);
             if st.reservations.contains_key(&bid_id) {
