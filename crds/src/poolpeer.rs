@@ -55,6 +55,9 @@ pub struct PoolPeerStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub capacity: Vec<PeerCapacity>,
+    /// When this member last heard from the peer, as of the last write of
+    /// this status: refreshed once a minute while the peer is heard, so up
+    /// to a minute old; `connected` changes land within a second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<Time>,
     #[serde(default)]

@@ -403,21 +403,25 @@ async fn a_provider_keeps_the_gpus_it_bid_from_its_own_local_jobs() {
         )
         .await;
     }
-    let placed = |j: &AiJob| matches!(phase(j), Some(AiJobPhase::Running));
-    for name in ["own-1", "own-2"] {
-        wait_job(
-            &bravo,
-            &local,
-            name,
-            "a local job running on a node the bid left",
-            placed,
-        )
-        .await;
-    }
-    let waiting = wait_job(&bravo, &local, "own-3", "the third local job waiting", |j| {
-        reason(j) == "InsufficientFreeGpus"
+    // Two of them run, on the nodes the bid left; whichever came last waits.
+    let own: Api<AiJob> = Api::namespaced(bravo.clone(), &local);
+    let waiting = wait_for(WAIT, "two local jobs running and the third waiting", || async {
+        let jobs = own.list(&ListParams::default()).await.ok()?.items;
+        let running = jobs.iter().filter(|j| phase(j) == Some(AiJobPhase::Running)).count();
+        let waiting: Vec<&AiJob> = jobs.iter().filter(|j| reason(j) == "InsufficientFreeGpus").collect();
+        (running == 2 && waiting.len() == 1).then(|| waiting[0].clone())
     })
-    .await;
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:#?}",
+            futures::executor::block_on(own.list(&ListParams::default())).map(|l| l
+                .items
+                .into_iter()
+                .map(|j| (j.name_any(), j.status))
+                .collect::<Vec<_>>())
+        )
+    });
     assert!(
         message(&waiting).contains("8 matching GPU(s) here are promised to other organisations"),
         "the wait names the promise: {}",

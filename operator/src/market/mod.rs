@@ -4,6 +4,7 @@
 pub mod bidengine;
 pub mod heard;
 pub mod node;
+pub mod peer_writes;
 pub mod policy;
 pub mod provider_io;
 pub mod renter;

@@ -28,6 +28,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::bidengine::Supply;
 use super::heard::Heard;
+use super::peer_writes::Pacing;
 use super::policy::ProviderPolicy;
 use super::selection::{PeerSupply, Wanted, advertises_fit};
 use crate::cache::PodCaches;
@@ -71,12 +72,10 @@ pub struct PeerInfo {
     /// When its advertised offers last changed: capacity that appears after
     /// an order was published is a reason to ask again before the backoff ends.
     pub offers_changed_ms: u64,
-    /// Last time its PoolPeer was written, to bound API writes.
-    pub written_ms: u64,
+    /// When its PoolPeer is written next.
+    pub pacing: Pacing,
     /// Its identity changed since its PoolPeer's spec was last written.
     pub spec_unwritten: bool,
-    /// A change not yet written (writes are at most one a second per peer).
-    pub dirty: bool,
 }
 
 /// An order this cluster published and still takes bids for.
@@ -598,8 +597,7 @@ impl Market {
                     let mut st = self.lock();
                     if let Some(p) = st.peers.get_mut(&peer) {
                         p.connected = connected;
-                        p.written_ms = 0;
-                        p.dirty = true;
+                        p.pacing.write_next();
                     }
                     st.peers.values().filter(|p| p.connected).count()
                 };
@@ -702,6 +700,7 @@ impl Market {
             }
             st.orgs.insert(r.org.clone(), sender);
             let now = now_ms();
+            let peers = st.peers.len();
             let p = st.peers.entry(sender).or_default();
             let changed = p.org != r.org || p.wallet != Some(wallet) || p.addresses != r.addresses;
             p.org = r.org.clone();
@@ -709,9 +708,9 @@ impl Market {
             p.addresses = r.addresses.clone();
             p.last_seen_ms = now;
             p.connected = true;
-            p.dirty |= changed;
+            p.pacing.changed |= changed;
             p.spec_unwritten |= changed;
-            write_due(p, now).then(|| p.clone())
+            p.pacing.due(now, peers).then(|| p.clone())
         };
         for a in &r.addresses {
             if let Ok(addr) = a.parse() {
@@ -728,6 +727,7 @@ impl Market {
         let (write, wake) = {
             let mut st = self.lock();
             let now = now_ms();
+            let peers = st.peers.len();
             let Some(p) = st.peers.get_mut(&sender) else {
                 // Adverts before the identity record are useless: we cannot name the org yet.
                 return Ok(());
@@ -738,8 +738,8 @@ impl Market {
             if changed {
                 p.offers_changed_ms = now;
             }
-            p.dirty |= changed;
-            let write = write_due(p, now).then(|| p.clone());
+            p.pacing.capacity_changed |= changed;
+            let write = p.pacing.due(now, peers).then(|| p.clone());
             // Jobs waiting out a backoff that this peer could serve: on a
             // change in its offers, and while room stands for a job that has
             // waited ROOM_RETRY_MS. The oldest first, a few per advert: the
@@ -846,7 +846,7 @@ impl Market {
     /// Has a peer's PoolPeer written again at its next advert.
     fn mark_dirty(&self, peer: &PeerId) {
         if let Some(info) = self.lock().peers.get_mut(peer) {
-            info.dirty = true;
+            info.pacing.changed = true;
         }
     }
 
@@ -874,7 +874,7 @@ impl Market {
                 // Written with the peer's next advert, or the next periodic
                 // flush if it has gone quiet (a failed provider usually has).
                 Some(info) => {
-                    info.dirty = true;
+                    info.pacing.changed = true;
                     None
                 }
                 None => Some(reputation),
@@ -900,10 +900,11 @@ impl Market {
         let due: Vec<(PeerId, PeerInfo)> = {
             let mut st = self.lock();
             let now = now_ms();
+            let peers = st.peers.len();
             st.peers
                 .iter_mut()
-                .filter(|(_, p)| p.dirty && !p.org.is_empty())
-                .filter_map(|(id, p)| write_due(p, now).then(|| (*id, p.clone())))
+                .filter(|(_, p)| p.pacing.pending() && !p.org.is_empty())
+                .filter_map(|(id, p)| p.pacing.due(now, peers).then(|| (*id, p.clone())))
                 .collect()
         };
         for (peer, p) in due {
@@ -1123,18 +1124,6 @@ fn order_fits(order: &OpenOrder, peers: &[PeerSupply]) -> bool {
     advertises_fit(&w, peers)
 }
 
-/// PoolPeer writes: a change at most once a second, and every 15 s regardless
-/// so lastSeen stays fresh; adverts can change several times a second under load.
-fn write_due(p: &mut PeerInfo, now: u64) -> bool {
-    let since = now.saturating_sub(p.written_ms);
-    let due = (p.dirty && since >= 1000) || since > 15_000;
-    if due {
-        p.written_ms = now;
-        p.dirty = false;
-    }
-    due
-}
-
 /// Capacity and orders belong on gossip; identity goes both ways (to a peer
 /// that has just connected, directly); everything else is direct.
 fn direct_allows(body: &Body) -> bool {
@@ -1182,18 +1171,6 @@ mod tests {
         assert_eq!(total(st.held_unbound(5_000, &none, &none)), 1, "c's hold ran out");
         assert!(st.held_unbound(10_000, &none, &none).is_empty());
         assert!(st.unbound.is_empty());
-    }
-
-    #[test]
-    fn poolpeer_writes_are_bounded_but_changes_land() {
-        let mut p = PeerInfo::default();
-        let t0 = 100_000;
-        assert!(write_due(&mut p, t0), "first sight is written");
-        p.dirty = true;
-        assert!(!write_due(&mut p, t0 + 300), "a change within a second waits");
-        assert!(write_due(&mut p, t0 + 1_000), "and lands a second later");
-        assert!(!write_due(&mut p, t0 + 5_000), "nothing new, nothing written");
-        assert!(write_due(&mut p, t0 + 16_001), "lastSeen refreshed every 15 s");
     }
 
     fn reservation(renter: PeerId) -> Reservation {
