@@ -293,13 +293,32 @@ fn message(j: &AiJob) -> String {
     j.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default()
 }
 
-/// The id of the order the job has open now.
-fn current_order(j: &AiJob) -> String {
-    j.status
+/// Accepts `org`'s bid for the order `job` has open now, as a renter does
+/// with `spec.bidding.acceptedBid`. The order open now: a member that started
+/// a moment late bids only on the order published again, once the first
+/// round's bids expired.
+async fn accept_bid_from(client: &Client, job: &AiJob, org: &str) {
+    let ns = job.namespace().unwrap();
+    let order = job
+        .status
         .as_ref()
         .and_then(|s| s.order.as_ref())
         .map(|o| o.id.clone())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let bids = Api::<Bid>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    let bid = bids
+        .items
+        .iter()
+        .find(|b| b.spec.provider_org == org && b.spec.order_id == order)
+        .unwrap_or_else(|| panic!("{org}'s bid for order {order}"));
+    let patch = serde_json::json!({"spec": {"bidding": {"acceptedBid": bid.name_any()}}});
+    Api::<AiJob>::namespaced(client.clone(), &ns)
+        .patch(&job.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -329,22 +348,7 @@ async fn manual_selection_waits_for_accepted_bid() {
     // Manual: the cheaper bid does not win by itself.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(leases_of(&acme, &ns).await.is_empty(), "no lease before a choice");
-    let bids = Api::<Bid>::namespaced(acme.clone(), &ns)
-        .list(&ListParams::default())
-        .await
-        .unwrap();
-    // One for the order now open: a member that started a moment late bids
-    // only on the order published again, once the first round's bids expired.
-    let corvus = bids
-        .items
-        .iter()
-        .find(|b| b.spec.provider_org == "corvus" && b.spec.order_id == current_order(&waiting))
-        .expect("corvus bid");
-    let patch = serde_json::json!({"spec": {"bidding": {"acceptedBid": corvus.name_any()}}});
-    Api::<AiJob>::namespaced(acme.clone(), &ns)
-        .patch("pick", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    accept_bid_from(&acme, &waiting, "corvus").await;
     let done = wait_job(&acme, &ns, "pick", "Succeeded at the chosen provider", |j| {
         phase(j) == Some(AiJobPhase::Succeeded)
     })
@@ -429,20 +433,7 @@ async fn a_provider_keeps_the_gpus_it_bid_from_its_own_local_jobs() {
     );
 
     // The renter accepts: the lease's workload gets the node the bid held.
-    let bids = Api::<Bid>::namespaced(acme.clone(), &ns)
-        .list(&ListParams::default())
-        .await
-        .unwrap();
-    let bid = bids
-        .items
-        .iter()
-        .find(|b| b.spec.provider_org == "bravo" && b.spec.order_id == current_order(&bidding))
-        .expect("bravo's bid for the open order");
-    let patch = serde_json::json!({"spec": {"bidding": {"acceptedBid": bid.name_any()}}});
-    Api::<AiJob>::namespaced(acme.clone(), &ns)
-        .patch("whole-node", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    accept_bid_from(&acme, &bidding, "bravo").await;
     let done = wait_job(&acme, &ns, "whole-node", "Succeeded at bravo", |j| {
         phase(j) == Some(AiJobPhase::Succeeded)
     })

@@ -480,14 +480,15 @@ impl Market {
     /// fails only at the request timeout: awaited, it held back every later
     /// beat, for every lease, past the renters' grace windows. Each send ends
     /// by the request timeout, so at most timeout / interval of them are in
-    /// flight per lease.
-    pub(crate) fn send_detached(self: &Arc<Self>, peer: PeerId, body: Body, lease_id: &str) {
+    /// flight per lease. `about` names what was sent, for the log: a lost
+    /// one is only logged, because the next one on the schedule follows.
+    pub(crate) fn send_detached(self: &Arc<Self>, peer: PeerId, body: Body, about: &str) {
         let me = self.clone();
-        let lease = lease_id.to_string();
+        let about = about.to_string();
         tokio::spawn(
             async move {
                 if let Err(e) = me.send(peer, body).await {
-                    debug!(%lease, error = %e, "status or heartbeat not delivered");
+                    debug!(%peer, %about, error = %e, "message not delivered");
                 }
             }
             .in_current_span(),
@@ -608,16 +609,8 @@ impl Market {
                     // periodic advert (5 s by default): until then a renter
                     // drops our bids, unable to name the org that sent them,
                     // and our GPUs stay reserved for bids that were lost.
-                    let body = self.identity_record(&info);
-                    let me = self.clone();
-                    tokio::spawn(
-                        async move {
-                            if let Err(e) = me.send(peer, body).await {
-                                debug!(%peer, error = %e, "identity not sent to a new peer; the periodic advert carries it");
-                            }
-                        }
-                        .in_current_span(),
-                    );
+                    // Undelivered, the periodic advert carries it.
+                    self.send_detached(peer, self.identity_record(&info), "identity");
                 }
             }
         }

@@ -225,7 +225,7 @@ impl Market {
                     r = &mut accept => break r,
                     _ = tick.tick() => {
                         let beat = Body::Heartbeat(Heartbeat { lease_id: lease_id.clone() });
-                        me.send_detached(sender, beat, &lease_id);
+                        me.send_detached(sender, beat, &format!("heartbeat for lease {lease_id}"));
                     }
                 }
             };
@@ -565,7 +565,7 @@ impl Market {
                 .take(1000)
                 .collect(),
         });
-        self.send_detached(renter, msg, lease_id);
+        self.send_detached(renter, msg, &format!("status of lease {lease_id}"));
         Some(phase)
     }
 
