@@ -167,6 +167,8 @@ pub enum PlacementMode {
 #[x_kube(validation = Rule::new("(has(self.selection) && self.selection == 'Manual') || !has(self.acceptedBid)").message("bidding.acceptedBid can only be set when bidding.selection is Manual; with Auto the operator picks the best bid itself"))]
 pub struct Bidding {
     /// How long bids are collected after the order is published, such as "5s".
+    /// With Auto selection the choice comes sooner once every member whose
+    /// capacity advert shows room for the job has bid.
     #[serde(default = "default_bid_window")]
     #[x_kube(validation = Rule::new("duration(self) >= duration('100ms') && duration(self) <= duration('10m')").message("bidding.window must be a duration between 100ms and 10m, such as \"5s\""))]
     #[schemars(length(max = 32))]

@@ -40,6 +40,10 @@ pub struct View<'a> {
     /// wait for capacity, not for more bids; sitting on a bid until it ended
     /// kept jobs waiting seconds after GPUs came free.
     pub choose_from_ms: u64,
+    /// The organisations whose adverts say they could bid (see
+    /// `selection::expected_bidders`). Auto selection chooses as soon as
+    /// each has a usable bid in, without waiting out the window.
+    pub expected_bidders: &'a [String],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,7 +218,11 @@ pub fn decide(v: &View<'_>) -> Step {
                     };
                 }
                 let choose_from = v.choose_from_ms.min(closes_at);
-                if usable.is_empty() || v.now_ms < choose_from {
+                let everyone_bid = !usable.is_empty()
+                    && v.expected_bidders
+                        .iter()
+                        .all(|org| usable.iter().any(|b| &b.org == org));
+                if !everyone_bid && (usable.is_empty() || v.now_ms < choose_from) {
                     let until_ms = if usable.is_empty() { closes_at } else { choose_from };
                     return Step::WaitBids { until_ms };
                 }
@@ -308,6 +316,9 @@ mod tests {
             heartbeat_grace_ms: 3_000,
             fresh_capacity: false,
             choose_from_ms: u64::MAX,
+            // Someone the adverts say could still bid, so the window holds
+            // unless a test says otherwise.
+            expected_bidders: Box::leak(Box::new(["slowpoke".to_string()])),
         }
     }
 
@@ -341,6 +352,40 @@ mod tests {
         assert_eq!(asked.plan_with("gone", None), None);
         assert_eq!(asked.plan_with("recent", None), Some(CloseReason::Completed));
         assert_eq!(asked.plan_with("now", None), Some(CloseReason::Completed));
+    }
+
+    #[test]
+    fn auto_chooses_once_everyone_who_could_bid_has_bid() {
+        let expected = ["globex".to_string(), "initech".to_string()];
+        let one = [bid("b1", "globex", "2")];
+        let mut v = view(&one, None);
+        v.order = Some((1, 5_000));
+        v.choose_from_ms = 5_000;
+        v.now_ms = 1_100;
+        v.expected_bidders = &expected;
+        // initech advertises room and has not bid: the window holds.
+        assert_eq!(decide(&v), Step::WaitBids { until_ms: 5_000 });
+        // Both in: the cheaper wins now, not at 5,000.
+        let both = [bid("b1", "globex", "2"), bid("b2", "initech", "1.5")];
+        v.bids = &both;
+        assert_eq!(decide(&v), Step::Award { bid: "b2".into() });
+        // An expired bid is no answer.
+        let mut stale = both.clone();
+        stale[1].expires_at_ms = 1_000;
+        v.bids = &stale;
+        assert_eq!(decide(&v), Step::WaitBids { until_ms: 5_000 });
+        // Nobody advertises room any more: the bid in hand is all there will be.
+        v.bids = &one;
+        v.expected_bidders = &[];
+        assert_eq!(decide(&v), Step::Award { bid: "b1".into() });
+        // ... but no bid at all still waits for the window.
+        v.bids = &[];
+        assert_eq!(decide(&v), Step::WaitBids { until_ms: 5_000 });
+        // Manual selection always waits for the renter.
+        v.bids = &both;
+        v.expected_bidders = &expected;
+        v.selection = BidSelection::Manual;
+        assert_eq!(decide(&v), Step::WaitChoice { open_bids: 2 });
     }
 
     #[test]

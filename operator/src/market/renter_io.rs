@@ -24,7 +24,9 @@ use tracing::{debug, info, warn};
 
 use super::node::{MARKET_MANAGER, Market, OpenOrder, RenterLease, now_ms};
 use super::renter::{LeaseView, Step, View, closing_phase, decide, exclude_after_failure, moves_forward, window_ms};
-use super::selection::{Candidate, Wanted, advertised_room, advertises_fit, explain_no_bids, no_bids_reason};
+use super::selection::{
+    Candidate, Wanted, advertised_room, advertises_fit, expected_bidders, explain_no_bids, no_bids_reason,
+};
 use crate::p2p::envelope::DropReason;
 use crate::placement::Need;
 use crate::settlement_plan::{COND_FUNDS_LOW, lease_funding, rate_per_second};
@@ -594,6 +596,12 @@ impl Market {
                 debug!(aijob = %name, fits, room, claimed, "capacity for a waiting job");
                 claimed
             });
+        // Only asked while a bid is in hand: who else the adverts say could bid.
+        let expected_bidders = if candidates.is_empty() || lease.is_some() {
+            vec![]
+        } else {
+            expected_bidders(&wanted, &self.pool_supply(None))
+        };
         let view = View {
             now_ms: now,
             order: (!order.id.is_empty()).then(|| (order.attempt, self.closes_ms(&order))),
@@ -605,6 +613,7 @@ impl Market {
             heartbeat_grace_ms: u64::try_from(self.settings.heartbeat_grace.as_millis()).unwrap_or(10_000),
             fresh_capacity,
             choose_from_ms: published.map_or(u64::MAX, |(published, _)| published.saturating_add(window)),
+            expected_bidders: &expected_bidders,
         };
         let step = decide(&view);
         debug!(aijob = %name, ?step, "pool step");

@@ -88,6 +88,23 @@ pub fn advertises_fit(w: &Wanted<'_>, peers: &[PeerSupply]) -> bool {
     explain_no_bids(w, peers).0 == "NoBids"
 }
 
+/// The organisations whose adverts say they could bid on `w`: usable, with
+/// room on one node, at an advertised price (if any) within the max. Once
+/// each of them has bid, waiting out the rest of the window can bring no
+/// better bid, only hold every bidder's reserved GPUs longer.
+pub fn expected_bidders(w: &Wanted<'_>, peers: &[PeerSupply]) -> Vec<String> {
+    peers
+        .iter()
+        .filter(|p| w.may_use(&p.org))
+        .filter(|p| {
+            p.offers
+                .iter()
+                .any(|(s, price)| w.fits_on_one_node(s) && price.is_none_or(|p| p <= w.max_price))
+        })
+        .map(|p| p.org.clone())
+        .collect()
+}
+
 /// How many orders shaped like `w` the pool can answer at once, as far as
 /// the adverts say: every fitting peer reserves GPUs for every order it bids
 /// on, so orders beyond the roomiest single peer's free GPUs get no bid.
@@ -301,5 +318,36 @@ mod tests {
             Some("NoAllowedPeers")
         );
         assert_eq!(no_bids_reason("Bidding"), None);
+    }
+
+    #[test]
+    fn expects_bids_only_from_peers_that_advertise_room_within_the_price() {
+        let models = vec!["H100".to_string()];
+        let excluded = vec!["failed-before".to_string()];
+        let w = Wanted {
+            count: 8,
+            models: &models,
+            min_memory_mib: 0,
+            max_price: "2".parse().unwrap(),
+            allowed_orgs: &[],
+            denied_orgs: &[],
+            excluded_orgs: &excluded,
+        };
+        let peer = |org: &str, free: u32, price: Option<&str>| PeerSupply {
+            org: org.into(),
+            offers: vec![(supply("NVIDIA H100 80GB HBM3", free), price.map(|p| p.parse().unwrap()))],
+        };
+        let peers = [
+            peer("roomy", 8, Some("1.5")),
+            peer("unpriced", 16, None),
+            peer("small", 4, Some("1")),
+            peer("dear", 8, Some("3")),
+            peer("failed-before", 8, Some("1")),
+        ];
+        assert_eq!(
+            expected_bidders(&w, &peers),
+            vec!["roomy".to_string(), "unpriced".to_string()]
+        );
+        assert!(expected_bidders(&w, &[]).is_empty());
     }
 }
