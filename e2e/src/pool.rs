@@ -220,12 +220,57 @@ impl Pool {
                 },
             );
         }
-        Ok(Self {
+        let pool = Self {
             members,
             chain,
             config,
             run: 0,
-        })
+        };
+        pool.wait_until_members_hear_each_other(env, lends).await?;
+        Ok(pool)
+    }
+
+    /// Waits until every member has heard each other lender's capacity
+    /// advert, as its `gpupool_pool_gpus_advertised` gauge shows. An order
+    /// published before then misses a member, and a test that counts bids
+    /// or expects the cheapest would depend on how fast the swarm formed.
+    async fn wait_until_members_hear_each_other(&self, env: &TestEnv, lends: &[Lends]) -> anyhow::Result<()> {
+        const WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+        let lenders: Vec<(&str, String)> = lends
+            .iter()
+            .filter_map(|l| {
+                let product = &env.org(l.org)?.org.fleet.product;
+                l.prices
+                    .iter()
+                    .any(|(model, _)| product.contains(model))
+                    .then(|| (l.org, format!("gpupool_pool_gpus_advertised{{product=\"{product}\"}}")))
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + WITHIN;
+        for m in self.members.values() {
+            let Some(op) = &m.operator else { continue };
+            loop {
+                let text = op.metrics().await;
+                let missing: Vec<&str> = lenders
+                    .iter()
+                    .filter(|(org, series)| *org != m.org && !text.contains(series.as_str()))
+                    .map(|(org, _)| *org)
+                    .collect();
+                if missing.is_empty() {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    anyhow::bail!(
+                        "{} has not heard the capacity adverts of {} within {WITHIN:?}; see its log {}",
+                        m.org,
+                        missing.join(", "),
+                        op.log.display()
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
     }
 
     pub fn operator(&self, org: &str) -> Option<&Operator> {

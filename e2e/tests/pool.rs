@@ -504,6 +504,64 @@ async fn no_bids_say_why_and_the_order_is_published_again() {
     remove_namespace(&bravo, &ns).await;
 }
 
+/// Auto selection does not sit out a long bid window once every member
+/// whose advert shows room for the job has bid: bravo (A100 at 2) and corvus
+/// (L40S at 2.2) both bid, and the cheaper wins long before the ten-minute
+/// window would have closed.
+#[tokio::test]
+async fn auto_selection_chooses_once_every_member_with_room_has_bid() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let _pool = Pool::start(&env, "early", &lends(), &[]).await.unwrap();
+    let ns = namespace(&acme, "early").await;
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "quick",
+            1,
+            &["A100", "L40S"],
+            "1s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"},
+                "bidding": {"window": "10m"}}),
+        ),
+    )
+    .await;
+    let leased = wait_job(&acme, &ns, "quick", "a lease long before the 10m window closes", |j| {
+        j.status.as_ref().and_then(|s| s.lease.as_ref()).is_some()
+    })
+    .await;
+    let order = leased.status.unwrap().order.unwrap().id;
+    // Both members with room bid for this order; the cheaper won, the other lost.
+    let bids: Api<Bid> = Api::namespaced(acme.clone(), &ns);
+    let states = wait_for(WAIT, "both bids decided", || async {
+        let list = bids.list(&ListParams::default()).await.ok()?;
+        let mut states: Vec<(String, Option<gpupool_crds::BidState>)> = list
+            .items
+            .iter()
+            .filter(|b| b.spec.order_id == order)
+            .map(|b| (b.spec.provider_org.clone(), b.status.as_ref().and_then(|s| s.state)))
+            .collect();
+        states.sort_by(|a, b| a.0.cmp(&b.0));
+        (states.len() == 2 && states.iter().all(|(_, s)| *s != Some(gpupool_crds::BidState::Open))).then_some(states)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        states,
+        vec![
+            ("bravo".to_string(), Some(gpupool_crds::BidState::Accepted)),
+            ("corvus".to_string(), Some(gpupool_crds::BidState::Lost)),
+        ]
+    );
+    let done = wait_job(&acme, &ns, "quick", "Succeeded", |j| {
+        phase(j) == Some(AiJobPhase::Succeeded)
+    })
+    .await;
+    assert_eq!(done.status.unwrap().runs_on.unwrap().org, "bravo");
+    remove_namespace(&acme, &ns).await;
+}
+
 #[tokio::test]
 async fn a_denied_organisation_never_receives_the_job() {
     let env = testenv();

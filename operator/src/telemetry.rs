@@ -23,6 +23,11 @@ struct ProductState {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Product {
+    product: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Call {
     call: String,
 }
@@ -117,6 +122,11 @@ struct PoolMetrics {
     received: Family<Kind, Counter>,
     dropped: Family<Reason, Counter>,
     peers_connected: Gauge,
+    /// Free GPUs the connected members advertise, by product.
+    gpus_advertised: Family<Product, Gauge>,
+    /// Products last set on `gpus_advertised`, so one no member offers any
+    /// more goes back to zero instead of showing its last count forever.
+    advertised_products: Mutex<std::collections::BTreeSet<String>>,
     banned: Counter,
     orders: Counter,
     bids_sent: Counter,
@@ -215,6 +225,8 @@ impl Default for Metrics {
             received: Default::default(),
             dropped: Default::default(),
             peers_connected: Default::default(),
+            gpus_advertised: Default::default(),
+            advertised_products: Mutex::default(),
             banned: Default::default(),
             orders: Default::default(),
             bids_sent: Default::default(),
@@ -235,6 +247,11 @@ impl Default for Metrics {
             "pool_peers_connected",
             "Peers with an open connection",
             pool.peers_connected.clone(),
+        );
+        registry.register(
+            "pool_gpus_advertised",
+            "Free GPUs the connected members of the pool advertise, by product",
+            pool.gpus_advertised.clone(),
         );
         registry.register("pool_peers_banned", "Peers banned for their score", pool.banned.clone());
         registry.register(
@@ -419,6 +436,31 @@ impl Metrics {
         self.pool.peers_connected.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// What the pool offers now, as the latest adverts of the connected
+    /// members say.
+    pub fn pool_advertised(&self, free_by_product: &std::collections::BTreeMap<String, u32>) {
+        let mut last = self
+            .pool
+            .advertised_products
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for gone in last.iter().filter(|p| !free_by_product.contains_key(*p)) {
+            self.pool
+                .gpus_advertised
+                .get_or_create(&Product { product: gone.clone() })
+                .set(0);
+        }
+        for (product, free) in free_by_product {
+            self.pool
+                .gpus_advertised
+                .get_or_create(&Product {
+                    product: product.clone(),
+                })
+                .set(i64::from(*free));
+        }
+        *last = free_by_product.keys().cloned().collect();
+    }
+
     pub fn peer_banned(&self) {
         self.pool.banned.inc();
     }
@@ -511,5 +553,30 @@ mod tests {
         assert!(m.render().contains(r#"gpupool_gpus{product="A100",state="lent"} 4"#));
         m.observe_leases(&LeaseTally::default());
         assert!(m.render().contains(r#"gpupool_gpus{product="A100",state="lent"} 0"#));
+    }
+
+    #[test]
+    fn the_pool_s_advertised_gpus_go_to_zero_when_nobody_offers_them() {
+        let m = Metrics::default();
+        m.pool_advertised(&[("NVIDIA A100".to_string(), 24), ("NVIDIA L40S".to_string(), 8)].into());
+        let text = m.render();
+        assert!(
+            text.contains(r#"gpupool_pool_gpus_advertised{product="NVIDIA A100"} 24"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"gpupool_pool_gpus_advertised{product="NVIDIA L40S"} 8"#),
+            "{text}"
+        );
+        m.pool_advertised(&[("NVIDIA A100".to_string(), 16)].into());
+        let text = m.render();
+        assert!(
+            text.contains(r#"gpupool_pool_gpus_advertised{product="NVIDIA A100"} 16"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"gpupool_pool_gpus_advertised{product="NVIDIA L40S"} 0"#),
+            "{text}"
+        );
     }
 }

@@ -318,9 +318,8 @@ async fn main() -> anyhow::Result<()> {
     let mut flags = vec!["--concurrency=64".to_string()];
     flags.extend(args.operator_flags.iter().cloned());
     let operator_flags = format!("defaults, {}", flags.join(" "));
+    // Returns once every member has heard the others' adverts.
     let _pool = Pool::start_with_flags(&env, "bench", &lends, &flags).await?;
-    // Let the members find each other.
-    tokio::time::sleep(Duration::from_secs(5)).await;
 
     // Namespaces to delete at the end, while the operators still run.
     let mut made = Vec::new();

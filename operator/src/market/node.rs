@@ -604,6 +604,7 @@ impl Market {
                 };
                 let info = self.p2p.info().await;
                 self.metrics.peers_connected(info.connected.len().max(n));
+                self.observe_pool_supply();
                 if connected {
                     // A new peer learns who we are now, not at our next
                     // periodic advert (5 s by default): until then a renter
@@ -717,7 +718,7 @@ impl Market {
     }
 
     async fn on_capacity(&self, sender: PeerId, c: CapacityAdvert) -> Result<(), (DropReason, String)> {
-        let (write, wake) = {
+        let (write, wake, changed) = {
             let mut st = self.lock();
             let now = now_ms();
             let peers = st.peers.len();
@@ -756,8 +757,11 @@ impl Market {
                 .take(usize::try_from(free.saturating_mul(2)).unwrap_or(usize::MAX))
                 .map(|(_, j)| j)
                 .collect();
-            (write, wake)
+            (write, wake, changed)
         };
+        if changed {
+            self.observe_pool_supply();
+        }
         if let Some(p) = write {
             self.write_poolpeer(sender, &p).await;
         }
@@ -1054,6 +1058,23 @@ impl Market {
                 })
             })
             .collect()
+    }
+
+    /// Sets the gauge of what the pool offers from the connected members'
+    /// latest adverts. Summed in place: called on every changed advert, it
+    /// must not copy every peer's offers.
+    fn observe_pool_supply(&self) {
+        let mut free: BTreeMap<String, u32> = BTreeMap::new();
+        {
+            let st = self.lock();
+            for p in st.peers.values().filter(|p| !p.org.is_empty() && p.connected) {
+                for o in &p.offers {
+                    let n = free.entry(o.product.clone()).or_default();
+                    *n = n.saturating_add(o.free);
+                }
+            }
+        }
+        self.metrics.pool_advertised(&free);
     }
 
     /// What the pool advertises, for no-bid explanations; with `changed_after`,
