@@ -172,6 +172,60 @@ async fn a_job_that_only_fits_elsewhere_runs_there_and_is_settled() {
     remove_namespace(&acme, &ns).await;
 }
 
+/// A provider does not keep every lease it ever lent: its Lease copy goes
+/// once the lease has been closed longer than the retention, while the
+/// renter's copy stays with the renter's AiJob.
+#[tokio::test]
+async fn a_provider_deletes_closed_lease_records_after_their_retention() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let bravo = admin(env.org("bravo").unwrap()).await;
+    let flags = ["--closed-lease-retention-seconds=3".to_string()];
+    let _pool = Pool::start(&env, "retention", &lends(), &flags).await.unwrap();
+    let ns = namespace(&acme, "retention").await;
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "brief",
+            1,
+            &["A100"],
+            "1s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    let done = wait_job(&acme, &ns, "brief", "Succeeded", |j| {
+        phase(j) == Some(AiJobPhase::Succeeded)
+    })
+    .await;
+    assert_eq!(done.status.as_ref().unwrap().runs_on.as_ref().unwrap().org, "bravo");
+    let renter_copy = leases_of(&acme, &ns).await.pop().expect("the renter's lease");
+    let order = renter_copy.spec.order_id.clone();
+    let provider_copy = |l: &Lease| l.spec.order_id == order && l.spec.side == LeaseSide::Provider;
+    // The provider's copy closes, then goes.
+    wait_for(WAIT, "bravo's copy closed", || async {
+        let l = leases_of(&bravo, "gpupool-system")
+            .await
+            .into_iter()
+            .find(|l| provider_copy(l))?;
+        (l.status.as_ref()?.state == Some(LeaseState::Closed)).then_some(())
+    })
+    .await
+    .unwrap();
+    wait_for(WAIT, "bravo's closed copy deleted after 3 s", || async {
+        let leases = leases_of(&bravo, "gpupool-system").await;
+        (!leases.iter().any(|l| provider_copy(l))).then_some(())
+    })
+    .await
+    .unwrap();
+    // The renter's record is the renter's to keep.
+    let kept = leases_of(&acme, &ns).await;
+    assert_eq!(kept.len(), 1, "{kept:#?}");
+    assert_eq!(kept[0].status.as_ref().unwrap().state, Some(LeaseState::Closed));
+    remove_namespace(&acme, &ns).await;
+}
+
 /// A job that outlives its lease's first deposit is not cut off when the
 /// deposit runs out: the renter's operator tops the lease up as it runs,
 /// never past what the job's maxDuration allows, and it ends Completed.

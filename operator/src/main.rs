@@ -168,6 +168,10 @@ struct PoolArgs {
     /// until the lease holds all of the job's maxDuration. At least 10.
     #[arg(long, env = "GPUPOOL_DEPOSIT_SECONDS", default_value_t = 3600)]
     deposit_seconds: u64,
+    /// How long this provider keeps the record (its Lease copy) of a lease
+    /// it lent after the lease closed; 0 keeps them for good. 30 days by default.
+    #[arg(long, env = "GPUPOOL_CLOSED_LEASE_RETENTION_SECONDS", default_value_t = 30 * 86_400)]
+    closed_lease_retention_seconds: u64,
 }
 
 /// The shortest deposit period: a lease topped up more often than this
@@ -440,6 +444,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 deposit_seconds: args.pool.deposit_seconds.max(MIN_DEPOSIT_SECONDS),
                 message_ttl: Duration::from_secs(60),
                 policy,
+                closed_lease_retention: Duration::from_secs(args.pool.closed_lease_retention_seconds),
             },
             metrics.clone(),
             wake_tx,

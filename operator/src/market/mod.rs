@@ -3,6 +3,7 @@
 
 pub mod bidengine;
 pub mod heard;
+pub mod lease_records;
 pub mod node;
 pub mod peer_writes;
 pub mod policy;

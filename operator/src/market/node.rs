@@ -58,6 +58,8 @@ pub struct MarketSettings {
     pub deposit_seconds: u64,
     pub message_ttl: Duration,
     pub policy: ProviderPolicy,
+    /// How long a closed provider Lease record stays (zero: for good).
+    pub closed_lease_retention: Duration,
 }
 
 /// What this cluster knows about another member.

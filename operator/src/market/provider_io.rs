@@ -24,10 +24,11 @@ use libp2p::PeerId;
 use tracing::{Instrument, debug, info, warn};
 
 use super::bidengine::{Ask, evaluate};
+use super::lease_records::{Closed, expired};
 use super::node::{MARKET_MANAGER, Market, Reservation, now_ms};
 use super::renter::moves_forward;
 use crate::p2p::envelope::DropReason;
-use crate::settlement_plan::{MIN_DEPOSIT_SECS, rate_per_second};
+use crate::settlement_plan::{COND_SETTLED, MIN_DEPOSIT_SECS, rate_per_second};
 
 type Handled = Result<(), (DropReason, String)>;
 
@@ -600,6 +601,7 @@ impl Market {
                 },
             };
             let mut lent = 0u32;
+            let mut closed: Vec<(String, Option<u64>, bool)> = vec![];
             for lease in leases {
                 if lease.spec.side != LeaseSide::Provider {
                     continue;
@@ -611,7 +613,7 @@ impl Market {
                 let state = lease.status.as_ref().and_then(|s| s.state);
                 if state == Some(LeaseState::Closed) {
                     finished_since.remove(&lease_id);
-                    let done = {
+                    let mut done = {
                         let mut st = self.lock();
                         st.workloads.remove(&ns);
                         st.workload_status.remove(&ns);
@@ -624,7 +626,9 @@ impl Market {
                             st.cleaned_up.clear();
                         }
                         st.cleaned_up.insert(lease_id);
+                        done = true;
                     }
+                    closed.push((lease.name_any(), closed_ms(&lease), done));
                     continue;
                 }
                 lent += u32::try_from(lease.spec.gpu_count).unwrap_or(0);
@@ -654,6 +658,7 @@ impl Market {
                 }
             }
             self.lock().lent = lent;
+            self.delete_old_records(&api, &closed).await;
             // Leases end and workloads finish between ticks; the advert loop
             // publishes only if the free GPUs actually changed.
             self.capacity_changed.notify_one();
@@ -671,7 +676,45 @@ fn wire_phase(phase: Option<AiJobPhase>) -> &'static str {
     }
 }
 
+/// When a closed lease closed: its `Settling` condition turned True then.
+fn closed_ms(lease: &Lease) -> Option<u64> {
+    let c = gpupool_crds::conditions::find(&lease.status.as_ref()?.conditions, COND_SETTLED)?;
+    (c.status == "True").then(|| u64::try_from(c.last_transition_time.0.as_millisecond()).unwrap_or(0))
+}
+
 impl Market {
+    /// Deletes the closed records past their retention (see `lease_records`);
+    /// the settlement worker's finalizer lets each go once the chain agrees
+    /// it is closed. Failures wait for the next beat.
+    async fn delete_old_records(&self, api: &Api<Lease>, closed: &[(String, Option<u64>, bool)]) {
+        let records: Vec<Closed<'_>> = closed
+            .iter()
+            .map(|(name, closed_ms, cleaned_up)| Closed {
+                name,
+                closed_ms: *closed_ms,
+                cleaned_up: *cleaned_up,
+            })
+            .collect();
+        let mut deleted = 0usize;
+        for name in expired(&records, now_ms(), self.settings.closed_lease_retention) {
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {
+                    debug!(lease = %name, "closed lease record past its retention; deleted");
+                    deleted += 1;
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    warn!(lease = %name, error = %e, "could not delete a closed lease record; retrying at the next beat");
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            let retention_s = self.settings.closed_lease_retention.as_secs();
+            info!(deleted, retention_s, "closed lease records past their retention deleted");
+        }
+    }
+
     /// The chain says the lease is over: stop the work and give the GPUs
     /// back. Returns whether the namespace is gone or going.
     async fn clean_up(&self, lease_id: &str, ns: &str) -> bool {
