@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use gpupool_crds::{AiJob, AiJobPhase, Bid, Lease, LeaseSide, LeaseState, PoolPeer};
 use gpupool_e2e::harness::{admin, aijob_json, events_about, namespace, remove_namespace, testenv, wait_for};
-use gpupool_e2e::pool::{Lends, Pool, base_units};
+use gpupool_e2e::pool::{Lends, Pool, base_units, fast_flags};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -215,7 +215,7 @@ async fn a_provider_deletes_closed_lease_records_after_their_retention() {
     .unwrap();
     wait_for(WAIT, "bravo's closed copy deleted after 3 s", || async {
         let leases = leases_of(&bravo, "gpupool-system").await;
-        (!leases.iter().any(|l| provider_copy(l))).then_some(())
+        (!leases.iter().any(&provider_copy)).then_some(())
     })
     .await
     .unwrap();
@@ -223,6 +223,57 @@ async fn a_provider_deletes_closed_lease_records_after_their_retention() {
     let kept = leases_of(&acme, &ns).await;
     assert_eq!(kept.len(), 1, "{kept:#?}");
     assert_eq!(kept[0].status.as_ref().unwrap().state, Some(LeaseState::Closed));
+    remove_namespace(&acme, &ns).await;
+}
+
+/// A member hears the others' capacity as soon as it connects to them, not
+/// at their next periodic advert: with adverts an hour apart, a renter that
+/// restarts while nothing changes at the lenders (so nothing is advertised
+/// on gossip) still hears bravo's A100s at once and places a job there.
+#[tokio::test]
+async fn a_restarted_member_hears_the_others_capacity_when_it_connects() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let flags: Vec<String> = fast_flags()
+        .into_iter()
+        .map(|f| {
+            if f.starts_with("--advert-every-ms=") {
+                "--advert-every-ms=3600000".to_string()
+            } else {
+                f
+            }
+        })
+        .collect();
+    let mut pool = Pool::start_with_flags(&env, "connect", &lends(), &flags).await.unwrap();
+    pool.kill("acme");
+    pool.restart(&env, "acme").unwrap();
+    let a100 = &env.org("bravo").unwrap().org.fleet.product;
+    let series = format!("gpupool_pool_gpus_advertised{{product=\"{a100}\"}}");
+    wait_for(
+        Duration::from_secs(30),
+        "the restarted acme to hear bravo's capacity",
+        || async { pool.operator("acme")?.metrics().await.contains(&series).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let ns = namespace(&acme, "connect").await;
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "first",
+            1,
+            &["A100"],
+            "1s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    let done = wait_job(&acme, &ns, "first", "Succeeded", |j| {
+        phase(j) == Some(AiJobPhase::Succeeded)
+    })
+    .await;
+    assert_eq!(done.status.unwrap().runs_on.unwrap().org, "bravo");
     remove_namespace(&acme, &ns).await;
 }
 

@@ -172,7 +172,17 @@ pub(crate) struct State {
     /// looked free, and a burst of orders got bids for them: 51 leases
     /// accepted for 48 A100s, three of them paid for and never run.
     pub unbound: HashMap<String, Unbound>,
+    /// The latest capacity advert of each connected peer that has not
+    /// introduced itself yet, applied when its identity arrives. A peer
+    /// sends both straight after connecting, but inbound messages are
+    /// handled concurrently, so the advert can be read first; dropped, a
+    /// restarted member heard nothing of a lender until its next periodic
+    /// advert (5 s by default). At most [`EARLY_ADVERTS`] peers.
+    pub early_adverts: HashMap<PeerId, Vec<GpuOffer>>,
 }
+
+/// Peers whose advert is kept while they have not introduced themselves.
+pub const EARLY_ADVERTS: usize = 1024;
 
 /// An accepted lease's GPUs, not yet held by a bound pod.
 #[derive(Clone, Debug)]
@@ -251,6 +261,7 @@ impl State {
             lease_refresh_ms: 0,
             reputation: None,
             closes_asked: Default::default(),
+            early_adverts: HashMap::new(),
         }
     }
 
@@ -485,12 +496,22 @@ impl Market {
     /// flight per lease. `about` names what was sent, for the log: a lost
     /// one is only logged, because the next one on the schedule follows.
     pub(crate) fn send_detached(self: &Arc<Self>, peer: PeerId, body: Body, about: &str) {
+        self.send_detached_in_order(peer, vec![body], about);
+    }
+
+    /// [`Self::send_detached`] for messages that must arrive in order: each
+    /// is sent once the one before it was answered, and the rest are left
+    /// once one is lost.
+    pub(crate) fn send_detached_in_order(self: &Arc<Self>, peer: PeerId, bodies: Vec<Body>, about: &str) {
         let me = self.clone();
         let about = about.to_string();
         tokio::spawn(
             async move {
-                if let Err(e) = me.send(peer, body).await {
-                    debug!(%peer, %about, error = %e, "message not delivered");
+                for body in bodies {
+                    if let Err(e) = me.send(peer, body).await {
+                        debug!(%peer, %about, error = %e, "message not delivered");
+                        break;
+                    }
                 }
             }
             .in_current_span(),
@@ -602,6 +623,9 @@ impl Market {
                         p.connected = connected;
                         p.pacing.write_next();
                     }
+                    if !connected {
+                        st.early_adverts.remove(&peer);
+                    }
                     st.peers.values().filter(|p| p.connected).count()
                 };
                 let info = self.p2p.info().await;
@@ -612,8 +636,17 @@ impl Market {
                     // periodic advert (5 s by default): until then a renter
                     // drops our bids, unable to name the org that sent them,
                     // and our GPUs stay reserved for bids that were lost.
-                    // Undelivered, the periodic advert carries it.
-                    self.send_detached(peer, self.identity_record(&info), "identity");
+                    // Our capacity follows the identity (a peer reads adverts
+                    // only from members it can name), so a member that has
+                    // just started can order from us at once instead of
+                    // hearing "no peer has room" until the next advert.
+                    // Undelivered, the periodic advert carries both.
+                    let mut bodies = vec![self.identity_record(&info)];
+                    let offers = self.offers();
+                    if !offers.is_empty() {
+                        bodies.push(Body::Capacity(CapacityAdvert { offers }));
+                    }
+                    self.send_detached_in_order(peer, bodies, "identity and capacity");
                 }
             }
         }
@@ -706,8 +739,13 @@ impl Market {
             p.connected = true;
             p.pacing.changed |= changed;
             p.spec_unwritten |= changed;
-            p.pacing.due(now, peers).then(|| p.clone())
+            let write = p.pacing.due(now, peers).then(|| p.clone());
+            (write, st.early_adverts.remove(&sender))
         };
+        let (write, early) = write;
+        if let Some(offers) = early {
+            self.on_capacity(sender, CapacityAdvert { offers }).await?;
+        }
         for a in &r.addresses {
             if let Ok(addr) = a.parse() {
                 self.p2p.add_peer(sender, addr).await;
@@ -725,7 +763,11 @@ impl Market {
             let now = now_ms();
             let peers = st.peers.len();
             let Some(p) = st.peers.get_mut(&sender) else {
-                // Adverts before the identity record are useless: we cannot name the org yet.
+                // Unusable before the identity record, which names the org;
+                // kept until it arrives (see `State::early_adverts`).
+                if st.early_adverts.len() < EARLY_ADVERTS || st.early_adverts.contains_key(&sender) {
+                    st.early_adverts.insert(sender, c.offers);
+                }
                 return Ok(());
             };
             let changed = p.offers != c.offers;
@@ -1140,10 +1182,10 @@ fn order_fits(order: &OpenOrder, peers: &[PeerSupply]) -> bool {
     advertises_fit(&w, peers)
 }
 
-/// Capacity and orders belong on gossip; identity goes both ways (to a peer
+/// Orders belong on gossip; identity and capacity go both ways (to a peer
 /// that has just connected, directly); everything else is direct.
 fn direct_allows(body: &Body) -> bool {
-    !matches!(body, Body::Capacity(_) | Body::Order(_))
+    !matches!(body, Body::Order(_))
 }
 
 /// Identity, capacity and orders belong on gossip; everything else is direct.
@@ -1157,6 +1199,23 @@ fn topic_allows(topic: Topic, body: &Body) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn orders_travel_only_on_gossip_and_adverts_either_way() {
+        let order = Body::Order(Default::default());
+        let capacity = Body::Capacity(CapacityAdvert::default());
+        let identity = Body::Identity(IdentityRecord::default());
+        let bid = Body::Bid(Default::default());
+        assert!(!direct_allows(&order), "orders go to the whole pool, on gossip");
+        assert!(
+            direct_allows(&capacity) && direct_allows(&identity),
+            "sent to a peer on connect"
+        );
+        assert!(direct_allows(&bid));
+        assert!(topic_allows(Topic::Orders, &order) && !topic_allows(Topic::Adverts, &order));
+        assert!(topic_allows(Topic::Adverts, &capacity) && topic_allows(Topic::Adverts, &identity));
+        assert!(!topic_allows(Topic::Adverts, &bid) && !topic_allows(Topic::Orders, &bid));
+    }
 
     #[test]
     fn accepted_gpus_count_as_taken_until_their_pod_is_bound_or_the_hold_ends() {

@@ -711,7 +711,10 @@ impl Market {
         }
         if deleted > 0 {
             let retention_s = self.settings.closed_lease_retention.as_secs();
-            info!(deleted, retention_s, "closed lease records past their retention deleted");
+            info!(
+                deleted,
+                retention_s, "closed lease records past their retention deleted"
+            );
         }
     }
 
