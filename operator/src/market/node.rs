@@ -496,20 +496,37 @@ impl Market {
     /// flight per lease. `about` names what was sent, for the log: a lost
     /// one is only logged, because the next one on the schedule follows.
     pub(crate) fn send_detached(self: &Arc<Self>, peer: PeerId, body: Body, about: &str) {
-        self.send_detached_in_order(peer, vec![body], about);
+        self.send_detached_in_order(peer, vec![body], 1, about);
     }
 
     /// [`Self::send_detached`] for messages that must arrive in order: each
-    /// is sent once the one before it was answered, and the rest are left
-    /// once one is lost.
-    pub(crate) fn send_detached_in_order(self: &Arc<Self>, peer: PeerId, bodies: Vec<Body>, about: &str) {
+    /// is sent once the one before it was answered, up to `attempts` times
+    /// (a peer's requests take turns over its connections, and one of them
+    /// may be a dead one not yet timed out), and the rest are left once one
+    /// is lost.
+    pub(crate) fn send_detached_in_order(
+        self: &Arc<Self>,
+        peer: PeerId,
+        bodies: Vec<Body>,
+        attempts: u32,
+        about: &str,
+    ) {
         let me = self.clone();
         let about = about.to_string();
         tokio::spawn(
             async move {
                 for body in bodies {
-                    if let Err(e) = me.send(peer, body).await {
-                        debug!(%peer, %about, error = %e, "message not delivered");
+                    let mut sent = false;
+                    for _ in 0..attempts.max(1) {
+                        match me.send(peer, body.clone()).await {
+                            Ok(()) => {
+                                sent = true;
+                                break;
+                            }
+                            Err(e) => debug!(%peer, %about, error = %e, "message not delivered"),
+                        }
+                    }
+                    if !sent {
                         break;
                     }
                 }
@@ -646,7 +663,7 @@ impl Market {
                     if !offers.is_empty() {
                         bodies.push(Body::Capacity(CapacityAdvert { offers }));
                     }
-                    self.send_detached_in_order(peer, bodies, "identity and capacity");
+                    self.send_detached_in_order(peer, bodies, 2, "identity and capacity");
                 }
             }
         }

@@ -615,10 +615,12 @@ impl Loop {
                 if endpoint.is_dialer() {
                     self.remember(peer_id, endpoint.get_remote_address().clone());
                 }
-                if num_established.get() == 1 {
-                    debug!(peer = %peer_id, "peer connected");
-                    self.deliver(Inbound::Connected { peer: peer_id });
-                }
+                // Every connection, not only a peer's first: a peer that
+                // restarts reconnects while its old QUIC connection still
+                // looks alive here (until the idle timeout), and what a new
+                // connection brings (identity, capacity) must go out again.
+                debug!(peer = %peer_id, connections = num_established.get(), "peer connected");
+                self.deliver(Inbound::Connected { peer: peer_id });
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
