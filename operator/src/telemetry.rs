@@ -558,25 +558,16 @@ mod tests {
     #[test]
     fn the_pool_s_advertised_gpus_go_to_zero_when_nobody_offers_them() {
         let m = Metrics::default();
+        let shows = |product: &str, n: u32| {
+            let text = m.render();
+            let line = format!("gpupool_pool_gpus_advertised{{product=\"{product}\"}} {n}");
+            assert!(text.contains(&line), "{line} not in {text}");
+        };
         m.pool_advertised(&[("NVIDIA A100".to_string(), 24), ("NVIDIA L40S".to_string(), 8)].into());
-        let text = m.render();
-        assert!(
-            text.contains(r#"gpupool_pool_gpus_advertised{product="NVIDIA A100"} 24"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"gpupool_pool_gpus_advertised{product="NVIDIA L40S"} 8"#),
-            "{text}"
-        );
+        shows("NVIDIA A100", 24);
+        shows("NVIDIA L40S", 8);
         m.pool_advertised(&[("NVIDIA A100".to_string(), 16)].into());
-        let text = m.render();
-        assert!(
-            text.contains(r#"gpupool_pool_gpus_advertised{product="NVIDIA A100"} 16"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"gpupool_pool_gpus_advertised{product="NVIDIA L40S"} 0"#),
-            "{text}"
-        );
+        shows("NVIDIA A100", 16);
+        shows("NVIDIA L40S", 0);
     }
 }
