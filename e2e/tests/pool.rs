@@ -636,22 +636,32 @@ async fn auto_selection_chooses_once_every_member_with_room_has_bid() {
     })
     .await;
     let order = leased.status.unwrap().order.unwrap().id;
-    // The winner is a bid for this order, marked Accepted. (Which member
-    // wins is not asserted: a member whose advert acme had not yet heard is
-    // not waited for, by design, and a fresh pool's adverts race the order.)
+    // The winner is a bid for this order, marked Accepted, and no bid is
+    // left Open: one recorded while acme chose (a member whose advert acme
+    // had not yet counted) lost too. Which member wins is not asserted: a
+    // member whose advert acme had not yet heard is not waited for, by
+    // design, and a fresh pool's adverts race the order.
     let bids: Api<Bid> = Api::namespaced(acme.clone(), &ns);
-    wait_for(WAIT, "the winning bid marked Accepted", || async {
+    let decided = wait_for(WAIT, "one bid Accepted and every other Lost", || async {
         let list = bids.list(&ListParams::default()).await.ok()?;
-        list.items
+        let states: Vec<_> = list
+            .items
             .iter()
-            .any(|b| {
-                b.spec.order_id == order
-                    && b.status.as_ref().and_then(|s| s.state) == Some(gpupool_crds::BidState::Accepted)
-            })
-            .then_some(())
+            .map(|b| (b.spec.order_id.clone(), b.status.as_ref().and_then(|s| s.state)))
+            .collect();
+        let accepted = states
+            .iter()
+            .filter(|(o, s)| *o == order && *s == Some(gpupool_crds::BidState::Accepted))
+            .count();
+        let lost = states
+            .iter()
+            .filter(|(_, s)| *s == Some(gpupool_crds::BidState::Lost))
+            .count();
+        (accepted == 1 && accepted + lost == states.len()).then_some(states)
     })
     .await
     .unwrap();
+    eprintln!("bids once the lease was chosen: {decided:?}");
     wait_job(&acme, &ns, "quick", "Succeeded", |j| {
         phase(j) == Some(AiJobPhase::Succeeded)
     })

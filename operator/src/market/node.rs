@@ -92,6 +92,45 @@ pub struct OpenOrder {
     /// Not before this may the order be re-published early because capacity
     /// appeared: at most one order per base window while the pool churns.
     pub repeat_after_ms: u64,
+    /// The bids this process recorded for the order.
+    pub bids: RecordedBids,
+}
+
+/// The bids recorded for one order, and the gate that keeps a recording
+/// from straddling the award.
+///
+/// The award chooses from the Bids it listed; a bid whose Bid was being
+/// created while it listed would be recorded after it and stay Open, its
+/// provider holding GPUs for a lease that went elsewhere until the bid's TTL.
+/// A recording holds the gate shared from its check that the order is open
+/// until it is written down here; the award holds it exclusively while it
+/// closes the order, so every bid recorded before the close is in `names`,
+/// and every one after it is answered as late.
+#[derive(Clone, Debug, Default)]
+pub struct RecordedBids {
+    pub gate: Arc<tokio::sync::RwLock<()>>,
+    pub recorded: Vec<RecordedBid>,
+}
+
+/// A bid recorded as a Bid resource: what its loser's message needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedBid {
+    /// The Bid resource's name.
+    pub name: String,
+    pub provider: PeerId,
+    pub order_id: String,
+    /// The provider's own id for the bid, as it sent it.
+    pub bid_id: String,
+}
+
+/// Recorded bids of `closed` orders that are not among the bids the award
+/// `decided`: nobody else will tell them they lost.
+pub fn undecided_bids(closed: Vec<OpenOrder>, decided: &HashSet<String>) -> Vec<RecordedBid> {
+    closed
+        .into_iter()
+        .flat_map(|o| o.bids.recorded)
+        .filter(|b| !decided.contains(&b.name))
+        .collect()
 }
 
 /// GPUs this provider promised in a bid, until the bid lapses or loses.
@@ -312,19 +351,24 @@ impl State {
         self.job_orders.insert(uid.to_string(), (order.clone(), now));
     }
 
-    /// Stops taking bids for the orders `drop` selects, remembering them for ten minutes.
-    pub fn close_orders(&mut self, now: u64, mut drop: impl FnMut(&OpenOrder) -> bool) {
-        let closed: Vec<String> = self
+    /// Stops taking bids for the orders `drop` selects, remembering them for
+    /// ten minutes; returns them.
+    pub fn close_orders(&mut self, now: u64, mut drop: impl FnMut(&OpenOrder) -> bool) -> Vec<OpenOrder> {
+        let ids: Vec<String> = self
             .orders
             .iter()
             .filter(|(_, o)| drop(o))
             .map(|(k, _)| k.clone())
             .collect();
-        for id in closed {
-            self.orders.remove(&id);
+        let mut closed = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(o) = self.orders.remove(&id) {
+                closed.push(o);
+            }
             self.closed_orders.insert(id, now);
         }
         self.closed_orders.retain(|_, t| now.saturating_sub(*t) < 600_000);
+        closed
     }
 }
 
@@ -1329,13 +1373,13 @@ mod tests {
         assert!(!st.released_bids.contains_key("bravo-o-2"));
     }
 
-    #[test]
-    fn an_advert_that_fits_wakes_a_waiting_order() {
-        let order = OpenOrder {
+    /// acme's order for job uid `u`: 4×A100 at most 3, corvus denied.
+    fn open_order(id: &str) -> OpenOrder {
+        OpenOrder {
             aijob: ObjectRef::new("j").within("ns"),
             uid: "u".into(),
             order: gpupool_proto::peer::v1::Order {
-                order_id: "acme-u-2".into(),
+                order_id: id.into(),
                 renter_org: "acme".into(),
                 gpus: Some(gpupool_proto::peer::v1::GpuRequirements {
                     count: 4,
@@ -1350,7 +1394,47 @@ mod tests {
             published_ms: 0,
             closes_ms: 30_000,
             repeat_after_ms: 300,
+            bids: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_award_hears_of_every_recorded_bid_it_did_not_decide() {
+        let mut st = State::new(Opener::new(60_000, 16));
+        let (bravo, corvus) = (PeerId::random(), PeerId::random());
+        let recorded = |name: &str, provider: PeerId, order_id: &str| RecordedBid {
+            name: name.into(),
+            provider,
+            order_id: order_id.into(),
+            bid_id: format!("{name}-wire"),
         };
+        // An earlier attempt still taking bids, this attempt, and another job's order.
+        let mut first = open_order("acme-u-1");
+        first.bids.recorded.push(recorded("j-bravo-1", bravo, "acme-u-1"));
+        let mut second = open_order("acme-u-2");
+        second.bids.recorded.push(recorded("j-bravo-2", bravo, "acme-u-2"));
+        second.bids.recorded.push(recorded("j-corvus-2", corvus, "acme-u-2"));
+        let mut other = open_order("acme-v-1");
+        other.uid = "v".into();
+        other.bids.recorded.push(recorded("k-bravo-1", bravo, "acme-v-1"));
+        for o in [first, second, other] {
+            st.orders.insert(o.order.order_id.clone(), o);
+        }
+        let closed = st.close_orders(1_000, |o| o.uid == "u");
+        assert_eq!(closed.len(), 2);
+        assert!(st.closed_orders.contains_key("acme-u-1") && st.closed_orders.contains_key("acme-u-2"));
+        assert!(st.orders.contains_key("acme-v-1"), "another job's order stays open");
+        // The award listed bravo's two bids; corvus's was recorded while it chose.
+        let decided = HashSet::from(["j-bravo-1".to_string(), "j-bravo-2".to_string()]);
+        assert_eq!(
+            undecided_bids(closed, &decided),
+            vec![recorded("j-corvus-2", corvus, "acme-u-2")]
+        );
+    }
+
+    #[test]
+    fn an_advert_that_fits_wakes_a_waiting_order() {
+        let order = open_order("acme-u-2");
         let peer = |org: &str, free: u32, price: &str| PeerSupply {
             org: org.into(),
             offers: vec![(

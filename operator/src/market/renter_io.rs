@@ -1,7 +1,7 @@
 //! The renter's side: publish orders, record bids, open the lease, hand the
 //! workload to the winner, mirror what it reports, close and re-auction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use kube::{Api, Resource, ResourceExt};
 use libp2p::PeerId;
 use tracing::{debug, info, warn};
 
-use super::node::{MARKET_MANAGER, Market, OpenOrder, RenterLease, now_ms};
+use super::node::{MARKET_MANAGER, Market, OpenOrder, RecordedBid, RenterLease, now_ms, undecided_bids};
 use super::renter::{LeaseView, Step, View, closing_phase, decide, exclude_after_failure, moves_forward, window_ms};
 use super::selection::{
     Candidate, Wanted, advertised_room, advertises_fit, expected_bidders, explain_no_bids, no_bids_reason,
@@ -122,17 +122,7 @@ impl Market {
         };
         let Some(order) = order.filter(|o| now <= o.closes_ms + 60_000) else {
             if late {
-                // Its GPUs are reserved for us until the bid expires: give
-                // them back now, for the next order (ours or anyone's).
-                let msg = Body::BidResult(BidResult {
-                    order_id: b.order_id.clone(),
-                    bid_id: b.bid_id.chars().take(128).collect(),
-                    won: false,
-                });
-                if let Err(e) = self.send(sender, msg).await {
-                    debug!(error = %e, "late bid's result not delivered; its reservation lapses on its own");
-                }
-                return Err((DropReason::Late, format!("bid for closed order {}", b.order_id)));
+                return self.refuse_late(sender, &b).await;
             }
             return Err((DropReason::UnknownOrder, format!("bid for order {}", b.order_id)));
         };
@@ -194,6 +184,14 @@ impl Market {
             controller: Some(true),
             block_owner_deletion: Some(false),
         }]);
+        // Shared with other recordings, exclusive with the award: from here
+        // until the bid is written down the order cannot close under it.
+        let gate = order.bids.gate.clone();
+        let _recording = gate.read().await;
+        if !self.lock().orders.contains_key(&b.order_id) {
+            // The award closed it while this bid waited at the gate.
+            return self.refuse_late(sender, &b).await;
+        }
         let bids: Api<Bid> = Api::namespaced(self.client.clone(), &ns);
         match bids.create(&PostParams::default(), &bid).await {
             Ok(_) => {
@@ -202,6 +200,14 @@ impl Market {
                     message: Some("waiting for the bid window to close".into()),
                 };
                 let _ = crate::ssa::apply_status(&bids, &name, MARKET_MANAGER, &status).await;
+                if let Some(o) = self.lock().orders.get_mut(&b.order_id) {
+                    o.bids.recorded.push(RecordedBid {
+                        name: name.clone(),
+                        provider: sender,
+                        order_id: b.order_id.clone(),
+                        bid_id: b.bid_id.clone(),
+                    });
+                }
                 self.metrics.bid_received();
                 info!(order = %b.order_id, provider = %org, price = %price, product = %b.gpu_product, "bid recorded");
             }
@@ -210,6 +216,25 @@ impl Market {
         }
         self.wake(order.aijob.clone()).await;
         Ok(())
+    }
+
+    /// Tells the provider of a bid for an order that no longer takes bids
+    /// that it lost: its GPUs are reserved for us until the bid expires, and
+    /// go back now to the next order (ours or anyone's).
+    async fn refuse_late(&self, sender: PeerId, b: &wire::Bid) -> Handled {
+        self.tell_bid_result(sender, &b.order_id, &b.bid_id, false).await;
+        Err((DropReason::Late, format!("bid for closed order {}", b.order_id)))
+    }
+
+    async fn tell_bid_result(&self, provider: PeerId, order_id: &str, bid_id: &str, won: bool) {
+        let msg = Body::BidResult(BidResult {
+            order_id: order_id.to_string(),
+            bid_id: bid_id.chars().take(128).collect(),
+            won,
+        });
+        if let Err(e) = self.send(provider, msg).await {
+            debug!(error = %e, order = %order_id, "bid result not delivered; the reservation lapses on its own");
+        }
     }
 
     /// When the provider of lease `l` was last heard from, per memory.
@@ -995,6 +1020,7 @@ impl Market {
                 published_ms: closes.saturating_sub(window).min(now),
                 closes_ms: closes,
                 repeat_after_ms: now + window,
+                bids: Default::default(),
             },
         );
     }
@@ -1035,6 +1061,7 @@ impl Market {
                     published_ms: now,
                     closes_ms: closes,
                     repeat_after_ms: now + base_window,
+                    bids: Default::default(),
                 },
             );
         }
@@ -1160,7 +1187,24 @@ impl Market {
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(e.into()),
         }
+        // No bid is recorded for the job's orders from here on: a recording
+        // under way finishes first, and a later bid is answered as late.
+        let uid = aijob.metadata.uid.clone().unwrap_or_default();
+        let gates: Vec<_> = self
+            .lock()
+            .orders
+            .values()
+            .filter(|o| o.uid == uid)
+            .map(|o| o.bids.gate.clone())
+            .collect();
+        let mut closing = Vec::with_capacity(gates.len());
+        for g in &gates {
+            closing.push(g.write().await);
+        }
+        let closed = self.lock().close_orders(now_ms(), |o| o.uid == uid);
+        drop(closing);
         let bids_api: Api<Bid> = Api::namespaced(self.client.clone(), &ns);
+        let lost = format!("{} won at {}", winner.spec.provider_org, winner.spec.price_per_gpu_hour);
         for b in bids {
             let won = b.name_any() == winner.name_any();
             let status = BidStatus {
@@ -1168,27 +1212,27 @@ impl Market {
                 message: Some(if won {
                     format!("won; lease {lease_name}")
                 } else {
-                    format!("{} won at {}", winner.spec.provider_org, winner.spec.price_per_gpu_hour)
+                    lost.clone()
                 }),
             };
             let _ = crate::ssa::apply_status(&bids_api, &b.name_any(), MARKET_MANAGER, &status).await;
             if let Ok(peer) = PeerId::from_str(&b.spec.provider_peer_id) {
                 // Each bid answers its own order: maybe an earlier attempt of this job.
-                let msg = Body::BidResult(BidResult {
-                    order_id: b.spec.order_id.clone(),
-                    bid_id: format!("{}-{}", b.spec.provider_org, b.spec.order_id)
-                        .chars()
-                        .take(128)
-                        .collect::<String>(),
-                    won,
-                });
-                if let Err(e) = self.send(peer, msg).await {
-                    debug!(error = %e, "bid result not delivered; the reservation lapses on its own");
-                }
+                let bid_id = format!("{}-{}", b.spec.provider_org, b.spec.order_id);
+                self.tell_bid_result(peer, &b.spec.order_id, &bid_id, won).await;
             }
         }
-        let uid = aijob.metadata.uid.clone().unwrap_or_default();
-        self.lock().close_orders(now_ms(), |o| o.uid == uid);
+        // Bids recorded while this award chose: not among `bids`, and lost.
+        let decided: HashSet<String> = bids.iter().map(|b| b.name_any()).collect();
+        for b in undecided_bids(closed, &decided) {
+            info!(bid = %b.name, order = %b.order_id, "a bid recorded while the award chose lost");
+            let status = BidStatus {
+                state: Some(BidState::Lost),
+                message: Some(lost.clone()),
+            };
+            let _ = crate::ssa::apply_status(&bids_api, &b.name, MARKET_MANAGER, &status).await;
+            self.tell_bid_result(b.provider, &b.order_id, &b.bid_id, false).await;
+        }
         Ok(lease_name)
     }
 
