@@ -97,7 +97,8 @@ impl Pool {
     }
 
     /// Starts the pool with the test timings, `extra(org, port)` adding flags
-    /// to each member given its org and its own p2p port.
+    /// to each member given its org and its own p2p port; one the pool sets
+    /// (`--p2p-listen=…`, `--bootstrap=…`) replaces the pool's.
     pub async fn start_with_extra(
         env: &TestEnv,
         tag: &str,
@@ -208,7 +209,13 @@ impl Pool {
                 format!("--bootstrap={}", bootstrap.join(",")),
             ];
             args.extend_from_slice(flags);
-            args.extend(extra_for(l.org, ports[i]));
+            // An extra flag the pool already sets (`--p2p-listen=`,
+            // `--bootstrap=`) replaces it: a member behind NAT listens and
+            // bootstraps elsewhere.
+            let extra = extra_for(l.org, ports[i]);
+            let name = |a: &str| a.split_once('=').map(|(n, _)| n.to_string());
+            args.retain(|a| name(a).is_none_or(|n| !extra.iter().any(|e| name(e).as_deref() == Some(n.as_str()))));
+            args.extend(extra);
             members.insert(
                 l.org.to_string(),
                 Member {

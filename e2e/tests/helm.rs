@@ -121,6 +121,7 @@ fn values(chain: &ChainConfig) -> serde_json::Value {
             "enabled": true,
             "bootstrap": ["/ip4/127.0.0.1/tcp/4001"],
             "announce": ["/dns4/pool.helm-dc.example.org/tcp/4001", "/dns4/pool.helm-dc.example.org/udp/4001/quic-v1"],
+            "relay": { "via": [RELAY], "serve": true, "maxCircuits": 64 },
             "api": { "enabled": true },
             "policy": {
                 "prices": [{ "model": "H100", "pricePerGpuHour": "2.50" }],
@@ -135,6 +136,9 @@ fn values(chain: &ChainConfig) -> serde_json::Value {
         },
     })
 }
+
+/// A member serving as a relay, as `pool.relay.via` names it.
+const RELAY: &str = "/dns4/pool.relay.example.org/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
 
 /// The policy the chart rendered, read by the operator's own loader.
 async fn rendered_policy(client: &Client, ns: &str, dir: &Path) -> ProviderPolicy {
@@ -357,6 +361,11 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
             &["--set", "pool.announce={pool.example.org:4001}"],
             &["/pool/announce/0"],
         ),
+        (
+            // A relay is asked by its peer id.
+            &["--set", "pool.relay.via={/dns4/pool.example.org/tcp/4001}"],
+            &["/pool/relay/via/0"],
+        ),
         (&["--set", "agent.backend=docker"], &["/agent/backend"]),
         (
             &["--set", "pool.heartbeatGraceMs=1000"],
@@ -447,6 +456,21 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     assert_eq!(
         env_value(&operator, "GPUPOOL_P2P_ANNOUNCE").as_deref(),
         Some("/dns4/pool.helm-dc.example.org/tcp/4001,/dns4/pool.helm-dc.example.org/udp/4001/quic-v1")
+    );
+    // It listens through the relay too, and serves as one.
+    assert_eq!(
+        env_value(&operator, "GPUPOOL_P2P_LISTEN"),
+        Some(format!(
+            "/ip4/0.0.0.0/tcp/4001,/ip4/0.0.0.0/udp/4001/quic-v1,{RELAY}/p2p-circuit"
+        ))
+    );
+    assert_eq!(
+        env_value(&operator, "GPUPOOL_P2P_RELAY_SERVICE").as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        env_value(&operator, "GPUPOOL_P2P_RELAY_MAX_CIRCUITS").as_deref(),
+        Some("64")
     );
     let agents: Api<DaemonSet> = Api::namespaced(client.clone(), &ns);
     let nodes = i32::try_from(org.nodes.len()).expect("node count");

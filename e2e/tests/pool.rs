@@ -974,6 +974,88 @@ async fn deleting_the_aijob_cancels_the_lease_on_chain_and_remotely() {
     remove_namespace(&acme, &ns).await;
 }
 
+/// Members behind NAT (`pool.relay.via`): acme and corvus listen on nothing
+/// any member can dial, only through bravo's relay (`pool.relay.serve`), and
+/// know only bravo. They find each other through the pool, and a job from
+/// acme that only fits at corvus runs there and is settled, every message
+/// between them (bids, the lease offer, status) over a circuit through bravo.
+#[tokio::test]
+async fn members_behind_nat_trade_through_a_relay() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let bravo = admin(env.org("bravo").unwrap()).await;
+    // bravo's identity, as its operator will load it (created here on a
+    // fresh cluster): the relay is named by its peer id.
+    let bravo_id = gpupool_operator::p2p::identity::load_or_create(&bravo, "gpupool-system", "gpupool-identity")
+        .await
+        .unwrap()
+        .public()
+        .to_peer_id();
+    let relay_port = gpupool_e2e::cluster::free_port().unwrap();
+    let relay = format!("/ip4/127.0.0.1/tcp/{relay_port}/p2p/{bravo_id}");
+    let pool = Pool::start_with_extra(&env, "relay", &lends(), &|org, _| {
+        if org == "bravo" {
+            vec![
+                "--p2p-relay-service".into(),
+                format!("--p2p-listen=/ip4/127.0.0.1/tcp/{relay_port}"),
+            ]
+        } else {
+            vec![
+                format!("--p2p-listen={relay}/p2p-circuit"),
+                format!("--bootstrap={relay}"),
+            ]
+        }
+    })
+    .await
+    .unwrap();
+    // acme knows corvus only by its circuit through bravo.
+    let peers: Api<PoolPeer> = Api::all(acme.clone());
+    let corvus = wait_for(WAIT, "acme's PoolPeer for corvus with its circuit", || async {
+        let list = peers.list(&ListParams::default()).await.ok()?;
+        let corvus = list.items.into_iter().find(|p| p.spec.org == "corvus")?;
+        (!corvus.spec.addresses.is_empty()).then_some(corvus.spec)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        corvus.addresses,
+        vec![format!("{relay}/p2p-circuit/p2p/{}", corvus.peer_id)]
+    );
+
+    // 2×L40S exist only at corvus.
+    let ns = namespace(&acme, "relay").await;
+    create(
+        &acme,
+        &ns,
+        aijob_json(
+            "render",
+            2,
+            &["L40S"],
+            "2s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"},
+                "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    let done = wait_job(&acme, &ns, "render", "Succeeded at corvus", |j| {
+        phase(j) == Some(AiJobPhase::Succeeded)
+    })
+    .await;
+    assert_eq!(done.status.unwrap().runs_on.unwrap().org, "corvus");
+    // bravo holds both reservations and carried the circuit between them.
+    let served = pool.operator("bravo").unwrap().metrics().await;
+    let count = |kind: &str| -> u64 {
+        served
+            .lines()
+            .find(|l| l.starts_with(&format!("gpupool_pool_relay_served_total{{kind=\"{kind}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("reservation") >= 2, "{served}");
+    assert!(count("circuit") >= 1, "{served}");
+    remove_namespace(&acme, &ns).await;
+}
+
 /// The count of drops for `reason` in the Prometheus text.
 fn dropped(metrics: &str, reason: &str) -> u64 {
     metrics

@@ -13,7 +13,7 @@ use gpupool_operator::market::node::{Market, MarketSettings};
 use gpupool_operator::market::policy::ProviderPolicy;
 use gpupool_operator::otlp_metrics;
 use gpupool_operator::p2p::identity;
-use gpupool_operator::p2p::swarm::{self, PeerLimits, SwarmConfig};
+use gpupool_operator::p2p::swarm::{self, PeerLimits, RelayService, SwarmConfig};
 use gpupool_operator::settlement::{self, SettlementSettings};
 use gpupool_operator::telemetry::{self, Metrics};
 use gpupool_operator::traces;
@@ -127,7 +127,9 @@ struct PoolArgs {
     /// Secret holding the libp2p identity (created on first start).
     #[arg(long, env = "GPUPOOL_IDENTITY_SECRET", default_value = "gpupool-identity")]
     identity_secret: String,
-    /// Multiaddresses to listen on.
+    /// Multiaddresses to listen on. A member behind NAT that no member can
+    /// dial listens through another member's relay as well:
+    /// /dns4/pool.dc1.example.org/tcp/4001/p2p/<relay peer id>/p2p-circuit.
     #[arg(
         long = "p2p-listen",
         env = "GPUPOOL_P2P_LISTEN",
@@ -141,6 +143,17 @@ struct PoolArgs {
     /// these; unset, they hear the listen addresses.
     #[arg(long = "p2p-announce", env = "GPUPOOL_P2P_ANNOUNCE", value_delimiter = ',')]
     announce: Vec<libp2p::Multiaddr>,
+    /// Serve as a circuit relay for members behind NAT. It needs an address
+    /// they can dial (--p2p-announce, or a routable listen address).
+    #[arg(long = "p2p-relay-service", env = "GPUPOOL_P2P_RELAY_SERVICE")]
+    relay_service: bool,
+    /// Relayed connections the relay service carries at once.
+    #[arg(
+        long = "p2p-relay-max-circuits",
+        env = "GPUPOOL_P2P_RELAY_MAX_CIRCUITS",
+        default_value_t = 256
+    )]
+    relay_max_circuits: usize,
     /// Connections other members may hold open to this one.
     #[arg(long = "p2p-max-incoming", env = "GPUPOOL_P2P_MAX_INCOMING", default_value_t = 512)]
     max_incoming: u32,
@@ -418,6 +431,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 listen: args.pool.listen.clone(),
                 bootstrap: args.pool.bootstrap.clone(),
                 announce: args.pool.announce.clone(),
+                relay_service: args.pool.relay_service.then(|| RelayService {
+                    max_circuits: args.pool.relay_max_circuits.max(1),
+                    ..RelayService::default()
+                }),
                 limits: PeerLimits {
                     max_incoming: args.pool.max_incoming,
                     max_per_peer: args.pool.max_per_peer,

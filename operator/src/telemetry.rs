@@ -128,6 +128,8 @@ struct PoolMetrics {
     /// more goes back to zero instead of showing its last count forever.
     advertised_products: Mutex<std::collections::BTreeSet<String>>,
     banned: Counter,
+    /// What this member's relay service did for other members.
+    relayed: Family<Kind, Counter>,
     orders: Counter,
     bids_sent: Counter,
     bids_received: Counter,
@@ -228,6 +230,7 @@ impl Default for Metrics {
             gpus_advertised: Default::default(),
             advertised_products: Mutex::default(),
             banned: Default::default(),
+            relayed: Default::default(),
             orders: Default::default(),
             bids_sent: Default::default(),
             bids_received: Default::default(),
@@ -254,6 +257,11 @@ impl Default for Metrics {
             pool.gpus_advertised.clone(),
         );
         registry.register("pool_peers_banned", "Peers banned for their score", pool.banned.clone());
+        registry.register(
+            "pool_relay_served",
+            "What this member's relay service did for members behind NAT: reservations, circuits, refusals",
+            pool.relayed.clone(),
+        );
         registry.register(
             "pool_orders_published",
             "Orders this cluster published",
@@ -463,6 +471,10 @@ impl Metrics {
 
     pub fn peer_banned(&self) {
         self.pool.banned.inc();
+    }
+
+    pub fn relay_served(&self, what: &str) {
+        self.pool.relayed.get_or_create(&Kind { kind: what.into() }).inc();
     }
 
     pub fn order_published(&self) {

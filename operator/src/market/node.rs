@@ -676,6 +676,7 @@ impl Market {
                 }
             }
             Inbound::Oversized { peer } => self.drop_message(Some(peer), DropReason::Oversized, "frame").await,
+            Inbound::Relayed(what) => self.metrics.relay_served(what.as_str()),
             Inbound::Connected { peer } | Inbound::Disconnected { peer } => {
                 let connected = matches!(msg, Inbound::Connected { .. });
                 let n = {
@@ -722,7 +723,7 @@ impl Market {
                 .advertised
                 .iter()
                 .take(16)
-                .map(|a| format!("{a}/p2p/{}", self.peer_id()))
+                .map(|a| crate::p2p::announce::with_peer(a, self.peer_id()).to_string())
                 .collect(),
         })
     }

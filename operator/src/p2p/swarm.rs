@@ -1,12 +1,14 @@
 //! The libp2p swarm: TCP + noise + yamux and QUIC, identify, Kademlia,
 //! gossipsub with strict signing and application validation, request-response
-//! for direct messages, and connection limits. It owns no market state: it
-//! moves bytes and reports what arrived.
+//! for direct messages, connection limits, and circuit relay v2 (a member
+//! behind NAT listens through a relay; any member may serve as one). It owns
+//! no market state: it moves bytes and reports what arrived.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
@@ -14,7 +16,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{ListenError, NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, identify, noise, ping, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, identify, noise, ping, relay, tcp, yamux};
 
 use crate::p2p::announce::advertised;
 use tokio::sync::{mpsc, oneshot};
@@ -60,6 +62,80 @@ pub struct SwarmConfig {
     /// identity record through `SwarmInfo::advertised`); its listen
     /// addresses, private to its own network, are kept to itself.
     pub announce: Vec<Multiaddr>,
+    /// Serve other members as a circuit relay: those behind NAT that nobody
+    /// can dial listen through it (`.../p2p/<this peer>/p2p-circuit` in their
+    /// `listen`). Off by default: a relay carries others' traffic.
+    pub relay_service: Option<RelayService>,
+}
+
+/// What a member's relay service gives the members that listen through it.
+/// libp2p's defaults (circuits of 2 minutes and 128 KiB) suit hole punching,
+/// not a member whose whole pool traffic runs over the circuit: its circuits
+/// last an hour and carry any number of bytes, then are dialled again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayService {
+    /// Members holding a reservation (listening through this relay) at once.
+    pub max_reservations: usize,
+    /// Relayed connections at once, and to or from one member.
+    pub max_circuits: usize,
+    pub max_circuits_per_peer: usize,
+    /// How long one relayed connection lasts before its ends dial it again.
+    pub max_circuit_duration: Duration,
+}
+
+impl Default for RelayService {
+    fn default() -> Self {
+        Self {
+            max_reservations: 128,
+            max_circuits: 256,
+            max_circuits_per_peer: 16,
+            max_circuit_duration: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl RelayService {
+    fn config(self) -> relay::Config {
+        relay::Config {
+            max_reservations: self.max_reservations,
+            max_reservations_per_peer: 4,
+            max_circuits: self.max_circuits,
+            max_circuits_per_peer: self.max_circuits_per_peer,
+            max_circuit_duration: self.max_circuit_duration,
+            // No cap on bytes: the circuit carries the member's pool traffic.
+            max_circuit_bytes: 0,
+            // libp2p's per-peer and per-IP rate limits on new reservations
+            // and circuits stay: a member redials an hour-long circuit once
+            // an hour, and a flood of requests is refused.
+            ..relay::Config::default()
+        }
+    }
+}
+
+/// Whether `addr` is reached through a relay (`/p2p-circuit`).
+pub fn is_circuit(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
+/// A circuit listen address must name its relay (`.../p2p/<relay>/p2p-circuit`):
+/// the relay client asks that peer, and no other, for a reservation.
+fn check_circuit(addr: &Multiaddr) -> Result<(), StartError> {
+    let mut relay_named = false;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(_) => relay_named = true,
+            Protocol::P2pCircuit => break,
+            _ => {}
+        }
+    }
+    if relay_named {
+        Ok(())
+    } else {
+        Err(StartError::Listen {
+            addr: addr.clone(),
+            reason: "a relay address names the relay: /ip4/<ip>/tcp/<port>/p2p/<relay peer id>/p2p-circuit".into(),
+        })
+    }
 }
 
 /// How many connections the swarm keeps, so a flood of dials (or one peer
@@ -97,6 +173,7 @@ impl Default for SwarmConfig {
             discovery: true,
             limits: PeerLimits::default(),
             announce: vec![],
+            relay_service: None,
         }
     }
 }
@@ -126,6 +203,29 @@ pub enum Inbound {
     Disconnected {
         peer: PeerId,
     },
+    /// This member's relay service served (or refused) another member.
+    Relayed(RelayServed),
+}
+
+/// What a relay service did, for its metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayServed {
+    /// A member now listens through us.
+    Reservation,
+    /// A connection between two members now runs through us.
+    Circuit,
+    /// A reservation or circuit was refused (limits, rate limits, no reservation).
+    Refused,
+}
+
+impl RelayServed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reservation => "reservation",
+            Self::Circuit => "circuit",
+            Self::Refused => "refused",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +344,10 @@ struct Behaviour {
     /// First, so a connection over the limits is refused before any other
     /// behaviour sets up state for it.
     limits: connection_limits::Behaviour,
+    /// Dials and listens through relays (`/p2p-circuit` addresses).
+    relay_client: relay::client::Behaviour,
+    /// Present only where this member serves as a relay.
+    relay: Toggle<relay::Behaviour>,
     gossipsub: gossipsub::Behaviour,
     /// Present only with discovery: even unused, Kademlia bootstraps on its own
     /// whenever its routing table grows, and its walks dial every member.
@@ -261,7 +365,11 @@ pub enum StartError {
     Listen { addr: Multiaddr, reason: String },
 }
 
-fn behaviour(key: &Keypair, cfg: &SwarmConfig) -> Result<Behaviour, StartError> {
+fn behaviour(
+    key: &Keypair,
+    cfg: &SwarmConfig,
+    relay_client: relay::client::Behaviour,
+) -> Result<Behaviour, StartError> {
     let local = key.public().to_peer_id();
     let gs_config = gossipsub::ConfigBuilder::default()
         .validation_mode(ValidationMode::Strict)
@@ -285,7 +393,11 @@ fn behaviour(key: &Keypair, cfg: &SwarmConfig) -> Result<Behaviour, StartError> 
         identify::Config::new("/gpupool/1.0.0".into(), key.public())
             // With announce addresses, peers hear only those (they are the
             // swarm's external addresses, which identify always sends).
-            .with_hide_listen_addrs(!cfg.announce.is_empty()),
+            .with_hide_listen_addrs(!cfg.announce.is_empty())
+            // A member behind NAT gets its address through a relay only after
+            // it has connected: peers must hear it then, not at the next
+            // identify round minutes later.
+            .with_push_listen_addr_updates(true),
     );
     let direct = request_response::Behaviour::with_codec(
         EnvelopeCodec,
@@ -298,8 +410,11 @@ fn behaviour(key: &Keypair, cfg: &SwarmConfig) -> Result<Behaviour, StartError> 
         .with_max_established_incoming(Some(cfg.limits.max_incoming))
         .with_max_pending_incoming(Some(cfg.limits.max_pending_incoming))
         .with_max_established_per_peer(Some(cfg.limits.max_per_peer));
+    let relay = cfg.relay_service.map(|r| relay::Behaviour::new(local, r.config()));
     Ok(Behaviour {
         limits: connection_limits::Behaviour::new(limits),
+        relay_client,
+        relay: Toggle::from(relay),
         gossipsub,
         kad: Toggle::from(kad),
         identify,
@@ -311,7 +426,10 @@ fn behaviour(key: &Keypair, cfg: &SwarmConfig) -> Result<Behaviour, StartError> 
 /// Starts the swarm; returns the handle and the stream of what arrives.
 pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receiver<Inbound>), StartError> {
     let local = key.public().to_peer_id();
-    let behaviour = behaviour(&key, &cfg)?;
+    let (circuits, direct): (Vec<Multiaddr>, Vec<Multiaddr>) = cfg.listen.iter().cloned().partition(is_circuit);
+    for addr in &circuits {
+        check_circuit(addr)?;
+    }
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -329,7 +447,13 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
         // lists, announce addresses) by DNS name, resolved as the system does.
         .with_dns()
         .map_err(|e| StartError::Build(format!("DNS resolver: {e}")))?
-        .with_behaviour(|_| behaviour)
+        // Relayed connections get their own noise + yamux inside the circuit:
+        // the relay carries bytes it cannot read.
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| StartError::Build(e.to_string()))?
+        .with_behaviour(|key, relay_client| {
+            behaviour(key, &cfg, relay_client).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
         .map_err(|e| StartError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(cfg.idle_timeout))
         .build();
@@ -340,14 +464,16 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
             .subscribe(&IdentTopic::new(t.name()))
             .map_err(|e| StartError::Build(e.to_string()))?;
     }
-    for addr in &cfg.listen {
+    for addr in &direct {
         swarm.listen_on(addr.clone()).map_err(|e| StartError::Listen {
             addr: addr.clone(),
             reason: format!("{e:?}"),
         })?;
     }
     // Wait for the listeners so callers (and tests) can read real ports.
-    let mut pending = cfg.listen.len();
+    // Not for relays: one that is down must not stop the member starting;
+    // the loop listens through it as soon as it answers.
+    let mut pending = direct.len();
     while pending > 0 {
         match swarm.select_next_some().await {
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -356,7 +482,7 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
             }
             SwarmEvent::ListenerError { error, .. } | SwarmEvent::ListenerClosed { reason: Err(error), .. } => {
                 return Err(StartError::Listen {
-                    addr: cfg.listen.first().cloned().unwrap_or(Multiaddr::empty()),
+                    addr: direct.first().cloned().unwrap_or(Multiaddr::empty()),
                     reason: format!("{error:?}"),
                 });
             }
@@ -367,15 +493,27 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
         info!(%addr, peer = %local, "p2p announcing");
         swarm.add_external_address(addr.clone());
     }
+    // A relay tells the members that listen through it where it is reached
+    // (their circuit addresses start with it), and libp2p's relay serves no
+    // one until it has such an address: the announce addresses, or else the
+    // listen addresses, as for `advertised`.
+    if cfg.relay_service.is_some() && cfg.announce.is_empty() {
+        let listening: Vec<Multiaddr> = swarm.listeners().cloned().collect();
+        for addr in listening {
+            swarm.add_external_address(addr);
+        }
+    }
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (in_tx, in_rx) = mpsc::channel(4096);
-    let lp = Loop {
+    let mut lp = Loop {
         swarm,
         inbound: in_tx,
         pending: HashMap::new(),
         bootstrap: cfg.bootstrap,
         announce: cfg.announce,
+        circuits: circuits.into_iter().map(|a| (a, None)).collect(),
     };
+    lp.listen_through_relays();
     tokio::spawn(lp.run(cmd_rx));
     Ok((P2p { local, cmd: cmd_tx }, in_rx))
 }
@@ -386,6 +524,10 @@ struct Loop {
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<(), SendError>>>,
     bootstrap: Vec<Multiaddr>,
     announce: Vec<Multiaddr>,
+    /// Relay addresses to listen through, each with its listener while it
+    /// is up: one that closes (the relay restarted, its reservation lapsed)
+    /// is listened on again at the next tick.
+    circuits: Vec<(Multiaddr, Option<ListenerId>)>,
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
@@ -409,6 +551,34 @@ impl Loop {
         }
     }
 
+    /// Listens through each relay we are connected to and not yet listening
+    /// through, and dials the others: their connection calls this again.
+    /// (Listening through a relay not yet dialled races that dial and fails.)
+    fn listen_through_relays(&mut self) {
+        for (addr, listener) in &mut self.circuits {
+            if listener.is_some() {
+                continue;
+            }
+            let relay: Multiaddr = addr.iter().take_while(|p| *p != Protocol::P2pCircuit).collect();
+            if peer_of(&relay).is_some_and(|p| self.swarm.is_connected(&p)) {
+                match self.swarm.listen_on(addr.clone()) {
+                    Ok(id) => *listener = Some(id),
+                    Err(e) => warn!(%addr, error = %e, "cannot listen through the relay; trying again"),
+                }
+            } else if let Err(e) = self.swarm.dial(relay.clone()) {
+                debug!(%relay, error = %e, "relay dial failed");
+            }
+        }
+    }
+
+    /// A circuit listener ended: listen through that relay again next tick.
+    fn circuit_closed(&mut self, id: ListenerId, why: &str) {
+        if let Some((addr, listener)) = self.circuits.iter_mut().find(|(_, l)| *l == Some(id)) {
+            warn!(%addr, reason = why, "no longer listening through the relay; trying again");
+            *listener = None;
+        }
+    }
+
     async fn run(mut self, mut cmds: mpsc::Receiver<Command>) {
         self.dial_bootstrap();
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -426,6 +596,7 @@ impl Loop {
                     if self.swarm.connected_peers().count() < self.bootstrap.len() {
                         self.dial_bootstrap();
                     }
+                    self.listen_through_relays();
                     // Walks every tick for the first minute (joining), then
                     // once a minute: each walk queries up to 20 members.
                     ticks += 1;
@@ -479,7 +650,7 @@ impl Loop {
             Command::Info { done } => {
                 let _ = done.send(SwarmInfo {
                     listen: self.swarm.listeners().cloned().collect(),
-                    advertised: advertised(&self.announce, self.swarm.listeners()),
+                    advertised: advertised(&self.announce, self.swarm.listeners(), is_circuit),
                     connected: self.swarm.connected_peers().copied().collect(),
                 });
             }
@@ -615,6 +786,15 @@ impl Loop {
                 if endpoint.is_dialer() {
                     self.remember(peer_id, endpoint.get_remote_address().clone());
                 }
+                // A relay we could not listen through (it was not up yet)
+                // answers now: listen through it now, not at the next tick.
+                if self
+                    .circuits
+                    .iter()
+                    .any(|(addr, l)| l.is_none() && peer_of(addr) == Some(peer_id))
+                {
+                    self.listen_through_relays();
+                }
                 // Every connection, not only a peer's first: a peer that
                 // restarts reconnects while its old QUIC connection still
                 // looks alive here (until the idle timeout), and what a new
@@ -632,6 +812,64 @@ impl Loop {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, %error, "dial failed");
+            }
+            SwarmEvent::NewListenAddr { listener_id, address }
+                if self.circuits.iter().any(|(_, l)| *l == Some(listener_id)) =>
+            {
+                // Told to peers even where announce addresses hide the
+                // listen addresses: a circuit is reachable from anywhere.
+                info!(%address, "listening through a relay");
+                self.swarm.add_external_address(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } if is_circuit(&address) => {
+                self.swarm.remove_external_address(&address);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id, reason, ..
+            } => {
+                let why = match reason {
+                    Ok(()) => "closed".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                self.circuit_closed(listener_id, &why);
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                self.circuit_closed(listener_id, &error.to_string());
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal: false,
+                ..
+            })) => {
+                info!(relay = %relay_peer_id, "the relay holds a reservation for us");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(ev)) => {
+                let served = match ev {
+                    relay::Event::ReservationReqAccepted { renewed: false, .. } => Some(RelayServed::Reservation),
+                    relay::Event::CircuitReqAccepted {
+                        src_peer_id,
+                        dst_peer_id,
+                    } => {
+                        debug!(src = %src_peer_id, dst = %dst_peer_id, "relaying a connection");
+                        Some(RelayServed::Circuit)
+                    }
+                    relay::Event::ReservationReqDenied { src_peer_id, .. } => {
+                        info!(peer = %src_peer_id, "relay reservation refused");
+                        Some(RelayServed::Refused)
+                    }
+                    relay::Event::CircuitReqDenied {
+                        src_peer_id,
+                        dst_peer_id,
+                        ..
+                    } => {
+                        info!(src = %src_peer_id, dst = %dst_peer_id, "relayed connection refused");
+                        Some(RelayServed::Refused)
+                    }
+                    _ => None,
+                };
+                if let Some(s) = served {
+                    self.deliver(Inbound::Relayed(s));
+                }
             }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
@@ -868,6 +1106,91 @@ mod tests {
             "b heard a's private address"
         );
         balancer.abort();
+    }
+
+    /// Two members behind NAT, which nobody can dial, listen through a third
+    /// member's relay; each knows only the relay, finds the other through the
+    /// pool, and their direct messages run over a circuit through it.
+    #[tokio::test]
+    async fn members_behind_nat_reach_each_other_through_a_relay() {
+        let (relay, mut relay_in, relay_addr) = listening(SwarmConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            relay_service: Some(RelayService::default()),
+            ..Default::default()
+        })
+        .await;
+        let behind_nat = || SwarmConfig {
+            listen: vec![relay_addr.clone().with(Protocol::P2pCircuit)],
+            bootstrap: vec![relay_addr.clone()],
+            request_timeout: Duration::from_secs(3),
+            ..Default::default()
+        };
+        let (a, _a_in) = start(Keypair::generate_ed25519(), behind_nat()).await.unwrap();
+        let (b, mut b_in) = start(Keypair::generate_ed25519(), behind_nat()).await.unwrap();
+        // b's only address is its circuit through the relay, and it says so.
+        let b_circuit = tokio::time::timeout(LIMIT, async {
+            loop {
+                if let Some(addr) = b.info().await.advertised.into_iter().find(is_circuit) {
+                    return addr;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("b listens through the relay");
+        assert!(
+            b_circuit.to_string().starts_with(&relay_addr.to_string()),
+            "{b_circuit}"
+        );
+        assert!(
+            b.info().await.listen.iter().all(is_circuit),
+            "b listens on nothing else"
+        );
+
+        let delivered = tokio::time::timeout(Duration::from_secs(40), async {
+            while a.send(b.local_peer_id(), b"bid".to_vec()).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+        .await;
+        assert!(delivered.is_ok(), "a never reached b");
+        assert_eq!(next_direct(&mut b_in).await, (a.local_peer_id(), b"bid".to_vec()));
+        let heard = a.addresses_of(b.local_peer_id()).await;
+        assert!(
+            !heard.is_empty() && heard.iter().all(is_circuit),
+            "a dialled b at {heard:?}"
+        );
+        // The relay served both reservations and the circuit between them.
+        let mut served = vec![];
+        tokio::time::timeout(LIMIT, async {
+            while !served.contains(&RelayServed::Circuit) {
+                if let Some(Inbound::Relayed(s)) = relay_in.recv().await {
+                    served.push(s);
+                }
+            }
+        })
+        .await
+        .expect("the relay reports the circuit");
+        assert_eq!(
+            served.iter().filter(|s| **s == RelayServed::Reservation).count(),
+            2,
+            "{served:?}"
+        );
+        drop(relay);
+    }
+
+    #[tokio::test]
+    async fn a_relay_address_must_name_the_relay() {
+        let err = start(
+            Keypair::generate_ed25519(),
+            SwarmConfig {
+                listen: vec!["/ip4/127.0.0.1/tcp/4001/p2p-circuit".parse().unwrap()],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("refused");
+        assert!(err.to_string().contains("/p2p/<relay peer id>/p2p-circuit"), "{err}");
     }
 
     #[tokio::test]
