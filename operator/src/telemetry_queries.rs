@@ -122,6 +122,7 @@ fn exported() -> BTreeMap<String, BTreeSet<String>> {
     m.placement("lease_active", 0.5);
     m.pool_api_request("Submit", tonic::Code::Unauthenticated);
     m.pool_advertised(&[("NVIDIA L40S".to_string(), 4)].into());
+    m.relay_served("circuit");
     let text = m.render();
     let mut families: BTreeMap<String, BTreeSet<String>> = text
         .lines()
