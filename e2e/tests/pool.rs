@@ -1022,26 +1022,7 @@ async fn members_behind_nat_trade_through_a_relay() {
         vec![format!("{relay}/p2p-circuit/p2p/{}", corvus.peer_id)]
     );
 
-    // 2×L40S exist only at corvus.
-    let ns = namespace(&acme, "relay").await;
-    create(
-        &acme,
-        &ns,
-        aijob_json(
-            "render",
-            2,
-            &["L40S"],
-            "2s",
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"},
-                "bidding": {"window": "1s"}}),
-        ),
-    )
-    .await;
-    let done = wait_job(&acme, &ns, "render", "Succeeded at corvus", |j| {
-        phase(j) == Some(AiJobPhase::Succeeded)
-    })
-    .await;
-    assert_eq!(done.status.unwrap().runs_on.unwrap().org, "corvus");
+    runs_only_at_corvus(&acme, "relay").await;
     // bravo holds both reservations and carried the circuit between them.
     let served = pool.operator("bravo").unwrap().metrics().await;
     let count = |kind: &str| -> u64 {
@@ -1053,7 +1034,31 @@ async fn members_behind_nat_trade_through_a_relay() {
     };
     assert!(count("reservation") >= 2, "{served}");
     assert!(count("circuit") >= 1, "{served}");
-    remove_namespace(&acme, &ns).await;
+}
+
+/// A 2×L40S job applied in acme (in a namespace named after `tag`), which
+/// only corvus has: it runs at corvus and succeeds.
+async fn runs_only_at_corvus(acme: &Client, tag: &str) {
+    let ns = namespace(acme, tag).await;
+    create(
+        acme,
+        &ns,
+        aijob_json(
+            "render",
+            2,
+            &["L40S"],
+            "2s",
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"},
+                "bidding": {"window": "1s"}}),
+        ),
+    )
+    .await;
+    let done = wait_job(acme, &ns, "render", "Succeeded at corvus", |j| {
+        phase(j) == Some(AiJobPhase::Succeeded)
+    })
+    .await;
+    assert_eq!(done.status.unwrap().runs_on.unwrap().org, "corvus");
+    remove_namespace(acme, &ns).await;
 }
 
 /// The count of drops for `reason` in the Prometheus text.
@@ -1271,24 +1276,5 @@ async fn a_member_is_known_and_reached_at_the_address_it_announces() {
         "{addresses:?}"
     );
 
-    // 2×L40S exist only at corvus.
-    let ns = namespace(&acme, "announce").await;
-    create(
-        &acme,
-        &ns,
-        aijob_json(
-            "render",
-            2,
-            &["L40S"],
-            "2s",
-            serde_json::json!({"maxPricePerGpuHour": "3", "bidding": {"window": "1s"}}),
-        ),
-    )
-    .await;
-    let done = wait_job(&acme, &ns, "render", "Succeeded at corvus", |j| {
-        phase(j) == Some(AiJobPhase::Succeeded)
-    })
-    .await;
-    assert_eq!(done.status.unwrap().runs_on.unwrap().org, "corvus");
-    remove_namespace(&acme, &ns).await;
+    runs_only_at_corvus(&acme, "announce").await;
 }
