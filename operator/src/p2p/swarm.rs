@@ -834,7 +834,9 @@ impl Loop {
                 self.circuit_closed(listener_id, &why);
             }
             SwarmEvent::ListenerError { listener_id, error } => {
-                self.circuit_closed(listener_id, &error.to_string());
+                // Non-fatal: the listener lives on, and listening again would
+                // hold a second reservation at the same relay.
+                debug!(listener = ?listener_id, %error, "listener error");
             }
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
                 relay_peer_id,
