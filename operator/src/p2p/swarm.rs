@@ -921,6 +921,18 @@ mod tests {
         .expect("a direct message within the limit")
     }
 
+    /// Sends until `to` takes a message (the first tries may find no route
+    /// yet while the DHT fills); false after 40 s.
+    async fn sends_until_taken(from: &P2p, to: PeerId) -> bool {
+        tokio::time::timeout(Duration::from_secs(40), async {
+            while from.send(to, b"bid".to_vec()).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+
     async fn connected_to(p2p: &P2p, peer: PeerId) -> bool {
         tokio::time::timeout(LIMIT, async {
             while !p2p.info().await.connected.contains(&peer) {
@@ -1094,13 +1106,7 @@ mod tests {
             ..Default::default()
         })
         .await;
-        let delivered = tokio::time::timeout(Duration::from_secs(40), async {
-            while b.send(a.local_peer_id(), b"bid".to_vec()).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-        .await;
-        assert!(delivered.is_ok(), "b never reached a");
+        assert!(sends_until_taken(&b, a.local_peer_id()).await, "b never reached a");
         assert_eq!(next_direct(&mut a_in).await, (b.local_peer_id(), b"bid".to_vec()));
         assert_eq!(
             without_id(b.addresses_of(a.local_peer_id()).await),
@@ -1149,13 +1155,7 @@ mod tests {
             "b listens on nothing else"
         );
 
-        let delivered = tokio::time::timeout(Duration::from_secs(40), async {
-            while a.send(b.local_peer_id(), b"bid".to_vec()).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-        .await;
-        assert!(delivered.is_ok(), "a never reached b");
+        assert!(sends_until_taken(&a, b.local_peer_id()).await, "a never reached b");
         assert_eq!(next_direct(&mut b_in).await, (a.local_peer_id(), b"bid".to_vec()));
         let heard = a.addresses_of(b.local_peer_id()).await;
         assert!(
