@@ -83,6 +83,11 @@ struct Kind {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PunchResult {
+    result: String,
+}
+
 /// What happened to a pool lease, the `kind` of `gpupool_pool_leases_total`.
 /// A closed set, so alert rules and dashboards can be checked against it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +135,8 @@ struct PoolMetrics {
     banned: Counter,
     /// What this member's relay service did for other members.
     relayed: Family<Kind, Counter>,
+    /// How hole punches over relayed connections ended.
+    hole_punches: Family<PunchResult, Counter>,
     orders: Counter,
     bids_sent: Counter,
     bids_received: Counter,
@@ -231,6 +238,7 @@ impl Default for Metrics {
             advertised_products: Mutex::default(),
             banned: Default::default(),
             relayed: Default::default(),
+            hole_punches: Default::default(),
             orders: Default::default(),
             bids_sent: Default::default(),
             bids_received: Default::default(),
@@ -261,6 +269,11 @@ impl Default for Metrics {
             "pool_relay_served",
             "What this member's relay service did for members behind NAT: reservations, circuits, refusals",
             pool.relayed.clone(),
+        );
+        registry.register(
+            "pool_hole_punches",
+            "Hole punches (DCUtR) over relayed connections, by result: direct (the relay no longer carries the peer's traffic) or failed (it still does)",
+            pool.hole_punches.clone(),
         );
         registry.register(
             "pool_orders_published",
@@ -475,6 +488,13 @@ impl Metrics {
 
     pub fn relay_served(&self, what: &str) {
         self.pool.relayed.get_or_create(&Kind { kind: what.into() }).inc();
+    }
+
+    pub fn hole_punched(&self, result: &str) {
+        self.pool
+            .hole_punches
+            .get_or_create(&PunchResult { result: result.into() })
+            .inc();
     }
 
     pub fn order_published(&self) {

@@ -123,6 +123,7 @@ fn exported() -> BTreeMap<String, BTreeSet<String>> {
     m.pool_api_request("Submit", tonic::Code::Unauthenticated);
     m.pool_advertised(&[("NVIDIA L40S".to_string(), 4)].into());
     m.relay_served("circuit");
+    m.hole_punched("direct");
     let text = m.render();
     let mut families: BTreeMap<String, BTreeSet<String>> = text
         .lines()

@@ -677,6 +677,7 @@ impl Market {
             }
             Inbound::Oversized { peer } => self.drop_message(Some(peer), DropReason::Oversized, "frame").await,
             Inbound::Relayed(what) => self.metrics.relay_served(what.as_str()),
+            Inbound::HolePunch(how) => self.metrics.hole_punched(how.as_str()),
             Inbound::Connected { peer } | Inbound::Disconnected { peer } => {
                 let connected = matches!(msg, Inbound::Connected { .. });
                 let n = {

@@ -1,8 +1,10 @@
 //! The libp2p swarm: TCP + noise + yamux and QUIC, identify, Kademlia,
 //! gossipsub with strict signing and application validation, request-response
-//! for direct messages, connection limits, and circuit relay v2 (a member
-//! behind NAT listens through a relay; any member may serve as one). It owns
-//! no market state: it moves bytes and reports what arrived.
+//! for direct messages, connection limits, circuit relay v2 (a member behind
+//! NAT listens through a relay; any member may serve as one) and hole punching
+//! (DCUtR), which replaces a relayed connection with a direct one where both
+//! NATs allow it. It owns no market state: it moves bytes and reports what
+//! arrived.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,8 +17,8 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{ListenError, NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, identify, noise, ping, relay, tcp, yamux};
+use libp2p::swarm::{ConnectionId, ListenError, NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, dcutr, identify, noise, ping, relay, tcp, yamux};
 
 use crate::p2p::announce::advertised;
 use tokio::sync::{mpsc, oneshot};
@@ -205,6 +207,28 @@ pub enum Inbound {
     },
     /// This member's relay service served (or refused) another member.
     Relayed(RelayServed),
+    /// An attempt to replace a relayed connection with a direct one ended.
+    HolePunch(HolePunch),
+}
+
+/// How a hole punch (DCUtR) over a relayed connection ended, for its metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HolePunch {
+    /// A direct connection now carries the peer's traffic; the relayed one
+    /// was closed.
+    Direct,
+    /// Every attempt failed (a NAT that maps each destination to a new port,
+    /// a firewall); the connection stays on the relay.
+    Failed,
+}
+
+impl HolePunch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// What a relay service did, for its metric.
@@ -270,6 +294,19 @@ enum Command {
         peer: PeerId,
         done: oneshot::Sender<Vec<Multiaddr>>,
     },
+    Links {
+        peer: PeerId,
+        done: oneshot::Sender<Vec<Link>>,
+    },
+}
+
+/// One live connection to a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// The peer's end: the address dialled, or where its dial came from.
+    pub remote: Multiaddr,
+    /// Carried by a relay (`/p2p-circuit`), not straight between the two.
+    pub relayed: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -337,6 +374,14 @@ impl P2p {
             .await
             .unwrap_or_default()
     }
+
+    /// The live connections to `peer`: whether it is reached directly or
+    /// through a relay, and at which address.
+    pub async fn links(&self, peer: PeerId) -> Vec<Link> {
+        self.call(|done| Command::Links { peer, done })
+            .await
+            .unwrap_or_default()
+    }
 }
 
 #[derive(NetworkBehaviour)]
@@ -348,6 +393,11 @@ struct Behaviour {
     relay_client: relay::client::Behaviour,
     /// Present only where this member serves as a relay.
     relay: Toggle<relay::Behaviour>,
+    /// Over each relayed connection, both ends swap the addresses their
+    /// peers observed (identify) and dial each other at once: where both
+    /// NATs keep a port's mapping whatever the destination, the dials cross
+    /// and open a direct connection, and the relay stops carrying traffic.
+    dcutr: dcutr::Behaviour,
     gossipsub: gossipsub::Behaviour,
     /// Present only with discovery: even unused, Kademlia bootstraps on its own
     /// whenever its routing table grows, and its walks dial every member.
@@ -415,6 +465,7 @@ fn behaviour(
         limits: connection_limits::Behaviour::new(limits),
         relay_client,
         relay: Toggle::from(relay),
+        dcutr: dcutr::Behaviour::new(local),
         gossipsub,
         kad: Toggle::from(kad),
         identify,
@@ -512,6 +563,7 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
         bootstrap: cfg.bootstrap,
         announce: cfg.announce,
         circuits: circuits.into_iter().map(|a| (a, None)).collect(),
+        links: HashMap::new(),
     };
     lp.listen_through_relays();
     tokio::spawn(lp.run(cmd_rx));
@@ -528,6 +580,9 @@ struct Loop {
     /// is up: one that closes (the relay restarted, its reservation lapsed)
     /// is listened on again at the next tick.
     circuits: Vec<(Multiaddr, Option<ListenerId>)>,
+    /// Every live connection by peer: which are relayed, to close them once
+    /// a hole punch has opened a direct one.
+    links: HashMap<PeerId, HashMap<ConnectionId, Link>>,
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
@@ -569,6 +624,37 @@ impl Loop {
                 debug!(%relay, error = %e, "relay dial failed");
             }
         }
+    }
+
+    /// A hole punch opened `direct` to `peer`: close the relayed connections,
+    /// or the relay would go on carrying the traffic that libp2p spreads over
+    /// every connection to a peer (gossipsub keeps to the first one). A
+    /// request in flight on one fails, as on any closed connection.
+    fn relay_no_more(&mut self, peer: PeerId, direct: ConnectionId) {
+        let relayed: Vec<ConnectionId> = self
+            .links
+            .get(&peer)
+            .map(|l| {
+                l.iter()
+                    .filter(|(id, l)| l.relayed && **id != direct)
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let remote = self
+            .links
+            .get(&peer)
+            .and_then(|l| l.get(&direct))
+            .map(|l| l.remote.to_string())
+            .unwrap_or_default();
+        info!(%peer, %remote, relayed = relayed.len(), "hole punched: a direct connection replaces the relayed one");
+        for id in relayed {
+            self.swarm.close_connection(id);
+        }
+    }
+
+    fn reached_directly(&self, peer: PeerId) -> bool {
+        self.links.get(&peer).is_some_and(|l| l.values().any(|l| !l.relayed))
     }
 
     /// A circuit listener ended: listen through that relay again next tick.
@@ -653,6 +739,14 @@ impl Loop {
                     advertised: advertised(&self.announce, self.swarm.listeners(), is_circuit),
                     connected: self.swarm.connected_peers().copied().collect(),
                 });
+            }
+            Command::Links { peer, done } => {
+                let links = self
+                    .links
+                    .get(&peer)
+                    .map(|l| l.values().cloned().collect())
+                    .unwrap_or_default();
+                let _ = done.send(links);
             }
             Command::AddressesOf { peer, done } => {
                 let addrs = self
@@ -779,6 +873,7 @@ impl Loop {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
@@ -786,6 +881,13 @@ impl Loop {
                 if endpoint.is_dialer() {
                     self.remember(peer_id, endpoint.get_remote_address().clone());
                 }
+                self.links.entry(peer_id).or_default().insert(
+                    connection_id,
+                    Link {
+                        remote: endpoint.get_remote_address().clone(),
+                        relayed: endpoint.is_relayed(),
+                    },
+                );
                 // A relay we could not listen through (it was not up yet)
                 // answers now: listen through it now, not at the next tick.
                 if self
@@ -804,11 +906,41 @@ impl Loop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                debug!(peer = %peer_id, "peer disconnected");
-                self.deliver(Inbound::Disconnected { peer: peer_id });
+                if let Some(links) = self.links.get_mut(&peer_id) {
+                    links.remove(&connection_id);
+                    if links.is_empty() {
+                        self.links.remove(&peer_id);
+                    }
+                }
+                if num_established == 0 {
+                    debug!(peer = %peer_id, "peer disconnected");
+                    self.deliver(Inbound::Disconnected { peer: peer_id });
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => {
+                let outcome = match result {
+                    Ok(direct) => {
+                        self.relay_no_more(remote_peer_id, direct);
+                        HolePunch::Direct
+                    }
+                    // Two members that dialled each other through the relay
+                    // at once punch over both circuits: the first success
+                    // closes the other circuit, and its attempt then fails
+                    // on a peer already reached directly. Not a failure.
+                    Err(error) if self.reached_directly(remote_peer_id) => {
+                        debug!(peer = %remote_peer_id, %error, "a second hole punch ended; the peer is reached directly");
+                        return;
+                    }
+                    Err(error) => {
+                        info!(peer = %remote_peer_id, %error, "hole punching failed; the connection stays on the relay");
+                        HolePunch::Failed
+                    }
+                };
+                self.deliver(Inbound::HolePunch(outcome));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, %error, "dial failed");
