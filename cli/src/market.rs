@@ -9,7 +9,7 @@
 
 use anyhow::Context as _;
 use gpupool_crds::market_view::{Offer, accept_refusal, bid_state, offers, raise_refusal, sort_bids};
-use gpupool_crds::{AiJob, Bid, LABEL_AIJOB, PoolPeer};
+use gpupool_crds::{AiJob, Bid, LABEL_AIJOB, PeerVia, PoolPeer};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 
@@ -76,6 +76,12 @@ pub async fn peers(format: Format) -> anyhow::Result<String> {
                 p.spec.peer_id.clone(),
                 dash(p.spec.wallet.clone()),
                 if s.connected { "yes" } else { "no" }.to_string(),
+                match s.via {
+                    Some(PeerVia::Direct) => "direct",
+                    Some(PeerVia::Relay) => "relay",
+                    None => "-",
+                }
+                .to_string(),
                 ago(s.last_seen.as_ref(), now),
                 s.reputation.completed.to_string(),
                 s.reputation.failed.to_string(),
@@ -83,7 +89,16 @@ pub async fn peers(format: Format) -> anyhow::Result<String> {
         })
         .collect::<Vec<_>>();
     Ok(table(
-        &["ORG", "PEER", "WALLET", "CONNECTED", "LAST-SEEN", "COMPLETED", "FAILED"],
+        &[
+            "ORG",
+            "PEER",
+            "WALLET",
+            "CONNECTED",
+            "VIA",
+            "LAST-SEEN",
+            "COMPLETED",
+            "FAILED",
+        ],
         &rows,
     ))
 }

@@ -29,7 +29,7 @@ pub use gpunode::{GpuDevice, GpuHealth, GpuNode, GpuNodeSpec, GpuNodeStatus, Mig
 pub use lease::{
     CloseReason, Escrow, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, LeaseStatus, WorkloadReport,
 };
-pub use poolpeer::{PeerCapacity, PoolPeer, PoolPeerSpec, PoolPeerStatus, Reputation};
+pub use poolpeer::{PeerCapacity, PeerVia, PoolPeer, PoolPeerSpec, PoolPeerStatus, Reputation};
 
 /// Finalizer on Leases with an escrow: the on-chain side is settled before the record goes.
 pub const LEASE_FINALIZER: &str = "gpupool.dev/settlement";

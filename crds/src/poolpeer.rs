@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Peer", type_ = "string", json_path = ".spec.peerId", priority = 1),
     printcolumn(name = "Address", type_ = "string", json_path = ".spec.addresses[0]", priority = 1),
     printcolumn(name = "Connected", type_ = "boolean", json_path = ".status.connected"),
+    printcolumn(name = "Via", type_ = "string", json_path = ".status.via"),
     printcolumn(name = "Completed", type_ = "integer", json_path = ".status.reputation.completed"),
     printcolumn(name = "Failed", type_ = "integer", json_path = ".status.reputation.failed"),
     printcolumn(name = "Last-Seen", type_ = "date", json_path = ".status.lastSeen")
@@ -51,6 +52,11 @@ pub struct PoolPeerSpec {
 pub struct PoolPeerStatus {
     #[serde(default)]
     pub connected: bool,
+    /// How this member reaches the peer while connected: `Direct`, or only
+    /// through a member's circuit relay (`Relay`), which carries every byte
+    /// between them until a hole punch opens a direct connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<PeerVia>,
     /// Free GPUs by product. Bounded so the API server can cost its CEL rules.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
@@ -62,6 +68,16 @@ pub struct PoolPeerStatus {
     pub last_seen: Option<Time>,
     #[serde(default)]
     pub reputation: Reputation,
+}
+
+/// The path to a connected peer.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerVia {
+    /// At least one connection straight between the two members (dialled,
+    /// or punched through their NATs).
+    Direct,
+    /// Only connections through a relay.
+    Relay,
 }
 
 /// Free GPUs of one product and their price, as advertised.

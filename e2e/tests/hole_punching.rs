@@ -202,7 +202,7 @@ async fn punch_outcome(m: &mut Member) -> Option<HolePunch> {
     tokio::time::timeout(LIMIT, async {
         loop {
             match m.inbound.recv().await {
-                Some(Inbound::HolePunch(h)) => return Some(h),
+                Some(Inbound::HolePunch { outcome, .. }) => return Some(outcome),
                 Some(_) => {}
                 None => return None,
             }
@@ -211,6 +211,20 @@ async fn punch_outcome(m: &mut Member) -> Option<HolePunch> {
     .await
     .ok()
     .flatten()
+}
+
+/// Whether a hole punch succeeds, past any attempt that failed.
+async fn punched(m: &mut Member) -> bool {
+    tokio::time::timeout(LIMIT, async {
+        while let Some(outcome) = punch_outcome(m).await {
+            if outcome == HolePunch::Direct {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false)
 }
 
 fn ip_of(addr: &Multiaddr) -> Option<String> {
@@ -312,8 +326,11 @@ async fn members_behind_two_nats_punch_a_direct_quic_connection() {
 async fn punches(t: Transport, tag: &str) {
     let mut p = pool(t, Nat::KeepsPorts, tag).await;
     a_reaches_b(&p).await;
-    assert_eq!(punch_outcome(&mut p.a).await, Some(HolePunch::Direct), "a's hole punch");
-    assert_eq!(punch_outcome(&mut p.b).await, Some(HolePunch::Direct), "b's hole punch");
+    // Where both ends dialled each other through the relay, each relayed
+    // connection gets its own attempt, and TCP's two attempts use the same
+    // ports: one may fail while the other succeeds.
+    assert!(punched(&mut p.a).await, "a's hole punch succeeds");
+    assert!(punched(&mut p.b).await, "b's hole punch succeeds");
 
     let (a_id, b_id) = (p.a.p2p.local_peer_id(), p.b.p2p.local_peer_id());
     let links = direct_only(&p.a, b_id)
@@ -323,13 +340,12 @@ async fn punches(t: Transport, tag: &str) {
         links.iter().all(|l| ip_of(&l.remote).as_deref() == Some("10.99.0.3")),
         "a reaches b at b's NAT's public address: {links:?}"
     );
-    let back = p.b.p2p.links(a_id).await;
+    let back = direct_only(&p.b, a_id)
+        .await
+        .expect("b's relayed connections to a are closed and a direct one remains");
     assert!(
-        !back.is_empty()
-            && back
-                .iter()
-                .all(|l| !l.relayed && ip_of(&l.remote).as_deref() == Some("10.99.0.2")),
-        "b reaches a directly at a's NAT's public address: {back:?}"
+        back.iter().all(|l| ip_of(&l.remote).as_deref() == Some("10.99.0.2")),
+        "b reaches a at a's NAT's public address: {back:?}"
     );
     // Both ways over the punched connection alone.
     p.a.p2p.send(b_id, b"lease offer".to_vec()).await.expect("a → b direct");
@@ -343,7 +359,13 @@ async fn punches(t: Transport, tag: &str) {
 async fn members_behind_nats_that_change_ports_stay_on_the_relay() {
     let mut p = pool(Transport::Quic, Nat::NewPortPerFlow, "s").await;
     a_reaches_b(&p).await;
-    assert_eq!(punch_outcome(&mut p.a).await, Some(HolePunch::Failed), "a's hole punch");
+    // Only the end that took the relayed connection counts its attempts and
+    // reports giving up: b for a's dial, a where b dialled first.
+    let outcome = tokio::select! {
+        o = punch_outcome(&mut p.a) => o,
+        o = punch_outcome(&mut p.b) => o,
+    };
+    assert_eq!(outcome, Some(HolePunch::Failed), "the hole punch");
     let (a_id, b_id) = (p.a.p2p.local_peer_id(), p.b.p2p.local_peer_id());
     let links = p.a.p2p.links(b_id).await;
     assert!(

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gpupool_crds::{AiJob, AiJobPhase, Bid, Lease, LeaseSide, LeaseState, PoolPeer};
+use gpupool_crds::{AiJob, AiJobPhase, Bid, Lease, LeaseSide, LeaseState, PeerVia, PoolPeer};
 use gpupool_e2e::harness::{admin, aijob_json, events_about, namespace, remove_namespace, testenv, wait_for};
 use gpupool_e2e::pool::{Lends, Pool, base_units, fast_flags};
 use k8s_openapi::api::core::v1::Namespace;
@@ -1034,6 +1034,18 @@ async fn members_behind_nat_trade_through_a_relay() {
     };
     assert!(count("reservation") >= 2, "{served}");
     assert!(count("circuit") >= 1, "{served}");
+    // acme's PoolPeers say how it reaches each: bravo directly, corvus
+    // only through the relay (on loopback, with no address of its own,
+    // corvus cannot be hole-punched to).
+    for (org, via) in [("bravo", PeerVia::Direct), ("corvus", PeerVia::Relay)] {
+        wait_for(WAIT, &format!("acme's PoolPeer for {org} via {via:?}"), || async {
+            let list = peers.list(&ListParams::default()).await.ok()?;
+            let p = list.items.into_iter().find(|p| p.spec.org == org)?;
+            (p.status?.via == Some(via)).then_some(())
+        })
+        .await
+        .unwrap();
+    }
 }
 
 /// A 2×L40S job applied in acme (in a namespace named after `tag`), which

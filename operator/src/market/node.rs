@@ -10,7 +10,7 @@ use std::time::Duration;
 use gpupool_chain::{Address, EscrowClient};
 use gpupool_crds::price::TokenAmount;
 use gpupool_crds::{
-    AiJob, GpuNode, Lease, PeerCapacity, PoolOrder, PoolPeer, PoolPeerSpec, PoolPeerStatus, Reputation,
+    AiJob, GpuNode, Lease, PeerCapacity, PeerVia, PoolOrder, PoolPeer, PoolPeerSpec, PoolPeerStatus, Reputation,
 };
 use gpupool_proto::peer::v1::envelope::Body;
 use gpupool_proto::peer::v1::{CapacityAdvert, GpuOffer, IdentityRecord};
@@ -35,7 +35,7 @@ use crate::cache::PodCaches;
 use crate::capacity::inventory;
 use crate::p2p::envelope::{DropReason, Opened, Opener, seal};
 use crate::p2p::score::{PeerScores, ScoreParams};
-use crate::p2p::swarm::{Inbound, P2p, SendError, Topic};
+use crate::p2p::swarm::{HolePunch, Inbound, P2p, SendError, Topic};
 use crate::promised::{self, PoolPromise, Promised};
 use crate::telemetry::Metrics;
 
@@ -677,7 +677,15 @@ impl Market {
             }
             Inbound::Oversized { peer } => self.drop_message(Some(peer), DropReason::Oversized, "frame").await,
             Inbound::Relayed(what) => self.metrics.relay_served(what.as_str()),
-            Inbound::HolePunch(how) => self.metrics.hole_punched(how.as_str()),
+            Inbound::HolePunch { peer, outcome } => {
+                self.metrics.hole_punched(outcome.as_str());
+                if outcome == HolePunch::Direct {
+                    // Its PoolPeer says Direct from the next flush on.
+                    if let Some(p) = self.lock().peers.get_mut(&peer) {
+                        p.pacing.write_next();
+                    }
+                }
+            }
             Inbound::Connected { peer } | Inbound::Disconnected { peer } => {
                 let connected = matches!(msg, Inbound::Connected { .. });
                 let n = {
@@ -918,10 +926,17 @@ impl Market {
             return;
         }
         let reputation = known.get(&p.org).cloned().unwrap_or_default();
-        self.write_poolpeer_status(&api, &name, p, reputation).await;
+        self.write_poolpeer_status(&api, &name, peer, p, reputation).await;
     }
 
-    async fn write_poolpeer_status(&self, api: &Api<PoolPeer>, name: &str, p: &PeerInfo, reputation: Reputation) {
+    async fn write_poolpeer_status(
+        &self,
+        api: &Api<PoolPeer>,
+        name: &str,
+        peer: PeerId,
+        p: &PeerInfo,
+        reputation: Reputation,
+    ) {
         let capacity: Vec<PeerCapacity> = p
             .offers
             .iter()
@@ -934,8 +949,20 @@ impl Market {
                 price_per_gpu_hour: o.price_per_gpu_hour.clone(),
             })
             .collect();
+        let via = if p.connected {
+            let links = self.p2p.links(peer).await;
+            match links.iter().any(|l| !l.relayed) {
+                true => Some(PeerVia::Direct),
+                false if !links.is_empty() => Some(PeerVia::Relay),
+                // Heard through gossip, with no connection of our own.
+                false => None,
+            }
+        } else {
+            None
+        };
         let status = PoolPeerStatus {
             connected: p.connected,
+            via,
             capacity,
             last_seen: Timestamp::from_millisecond(i64::try_from(p.last_seen_ms).unwrap_or(0))
                 .ok()

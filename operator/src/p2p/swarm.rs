@@ -207,8 +207,12 @@ pub enum Inbound {
     },
     /// This member's relay service served (or refused) another member.
     Relayed(RelayServed),
-    /// An attempt to replace a relayed connection with a direct one ended.
-    HolePunch(HolePunch),
+    /// An attempt to replace a relayed connection to `peer` with a direct
+    /// one ended.
+    HolePunch {
+        peer: PeerId,
+        outcome: HolePunch,
+    },
 }
 
 /// How a hole punch (DCUtR) over a relayed connection ended, for its metric.
@@ -217,8 +221,10 @@ pub enum HolePunch {
     /// A direct connection now carries the peer's traffic; the relayed one
     /// was closed.
     Direct,
-    /// Every attempt failed (a NAT that maps each destination to a new port,
-    /// a firewall); the connection stays on the relay.
+    /// Every dial over one relayed connection failed (a NAT that maps each
+    /// destination to a new port, a firewall, or a second attempt between
+    /// the same two ports at once); unless another attempt succeeds, the
+    /// peer stays on the relay.
     Failed,
 }
 
@@ -307,6 +313,8 @@ pub struct Link {
     pub remote: Multiaddr,
     /// Carried by a relay (`/p2p-circuit`), not straight between the two.
     pub relayed: bool,
+    /// This member dialled it (else the peer did).
+    pub dialled: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -631,23 +639,49 @@ impl Loop {
     /// every connection to a peer (gossipsub keeps to the first one). A
     /// request in flight on one fails, as on any closed connection.
     fn relay_no_more(&mut self, peer: PeerId, direct: ConnectionId) {
-        let relayed: Vec<ConnectionId> = self
+        let (remote, relayed) = self
             .links
             .get(&peer)
             .map(|l| {
-                l.iter()
-                    .filter(|(id, l)| l.relayed && **id != direct)
-                    .map(|(id, _)| *id)
-                    .collect()
+                let remote = l.get(&direct).map(|l| l.remote.to_string()).unwrap_or_default();
+                (remote, l.values().filter(|l| l.relayed).count())
             })
             .unwrap_or_default();
-        let remote = self
+        info!(%peer, %remote, relayed, "hole punched: a direct connection replaces the relayed one");
+        self.close_relayed(peer);
+    }
+
+    /// Two members that dialled each other through the relay at once hold
+    /// two relayed connections, and each gets its own hole punch: over TCP
+    /// both punches dial between the same two ports, collide, and fail
+    /// until one retries alone (20 s later, seen in the NAT test). Both ends
+    /// keep the circuit the smaller peer id dialled and close the other, so
+    /// they agree without a word and one punch runs.
+    fn uncross_circuits(&mut self, peer: PeerId) {
+        let smaller_is_us = *self.swarm.local_peer_id() < peer;
+        let Some(links) = self.links.get(&peer) else {
+            return;
+        };
+        let (kept, crossed): (Vec<_>, Vec<_>) = links
+            .iter()
+            .filter(|(_, l)| l.relayed)
+            .partition(|(_, l)| l.dialled == smaller_is_us);
+        if kept.is_empty() {
+            return;
+        }
+        let crossed: Vec<ConnectionId> = crossed.into_iter().map(|(id, _)| *id).collect();
+        for id in crossed {
+            debug!(%peer, "closing the relayed connection that crossed ours");
+            self.swarm.close_connection(id);
+        }
+    }
+
+    fn close_relayed(&mut self, peer: PeerId) {
+        let relayed: Vec<ConnectionId> = self
             .links
             .get(&peer)
-            .and_then(|l| l.get(&direct))
-            .map(|l| l.remote.to_string())
+            .map(|l| l.iter().filter(|(_, l)| l.relayed).map(|(id, _)| *id).collect())
             .unwrap_or_default();
-        info!(%peer, %remote, relayed = relayed.len(), "hole punched: a direct connection replaces the relayed one");
         for id in relayed {
             self.swarm.close_connection(id);
         }
@@ -881,13 +915,24 @@ impl Loop {
                 if endpoint.is_dialer() {
                     self.remember(peer_id, endpoint.get_remote_address().clone());
                 }
+                // A circuit dialled while a punch was under way (both ends
+                // dialled each other through the relay at once) lands after
+                // the direct connection: the relay need not carry it.
+                let late_circuit = endpoint.is_relayed() && self.reached_directly(peer_id);
                 self.links.entry(peer_id).or_default().insert(
                     connection_id,
                     Link {
                         remote: endpoint.get_remote_address().clone(),
                         relayed: endpoint.is_relayed(),
+                        dialled: endpoint.is_dialer(),
                     },
                 );
+                if late_circuit {
+                    debug!(peer = %peer_id, "closing a relayed connection to a peer reached directly");
+                    self.swarm.close_connection(connection_id);
+                } else if endpoint.is_relayed() {
+                    self.uncross_circuits(peer_id);
+                }
                 // A relay we could not listen through (it was not up yet)
                 // answers now: listen through it now, not at the next tick.
                 if self
@@ -933,14 +978,18 @@ impl Loop {
                     // on a peer already reached directly. Not a failure.
                     Err(error) if self.reached_directly(remote_peer_id) => {
                         debug!(peer = %remote_peer_id, %error, "a second hole punch ended; the peer is reached directly");
+                        self.close_relayed(remote_peer_id);
                         return;
                     }
                     Err(error) => {
-                        info!(peer = %remote_peer_id, %error, "hole punching failed; the connection stays on the relay");
+                        info!(peer = %remote_peer_id, %error, "hole punching failed; the peer stays on the relay unless another attempt succeeds");
                         HolePunch::Failed
                     }
                 };
-                self.deliver(Inbound::HolePunch(outcome));
+                self.deliver(Inbound::HolePunch {
+                    peer: remote_peer_id,
+                    outcome,
+                });
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, %error, "dial failed");
