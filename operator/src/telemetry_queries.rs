@@ -15,6 +15,7 @@ use promql_parser::parser::{self, Expr, VectorSelector};
 
 use crate::capacity::NodeGpus;
 use crate::p2p::envelope::DropReason;
+use crate::p2p::swarm::{HolePunch, RelayServed};
 use crate::telemetry::{Metrics, PoolLeaseEvent};
 
 /// Labels Prometheus puts on every series it scrapes through the chart's
@@ -196,6 +197,14 @@ fn closed_values() -> BTreeMap<(&'static str, &'static str), BTreeSet<String>> {
         (
             ("gpupool_pool_placement_duration_seconds", "kind"),
             ["lease_active", "pod_running"].map(String::from).into(),
+        ),
+        (
+            ("gpupool_pool_hole_punches", "result"),
+            HolePunch::ALL.iter().map(|h| h.as_str().to_string()).collect(),
+        ),
+        (
+            ("gpupool_pool_relay_served", "kind"),
+            RelayServed::ALL.iter().map(|k| k.as_str().to_string()).collect(),
         ),
         (
             ("gpupool_gpus", "state"),

@@ -229,6 +229,8 @@ pub enum HolePunch {
 }
 
 impl HolePunch {
+    pub const ALL: [HolePunch; 2] = [Self::Direct, Self::Failed];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Direct => "direct",
@@ -249,6 +251,8 @@ pub enum RelayServed {
 }
 
 impl RelayServed {
+    pub const ALL: [RelayServed; 3] = [Self::Reservation, Self::Circuit, Self::Refused];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Reservation => "reservation",
