@@ -319,7 +319,15 @@ pub struct Link {
     pub relayed: bool,
     /// This member dialled it (else the peer did).
     pub dialled: bool,
+    pub established: std::time::Instant,
 }
+
+/// How long after a hole punch a circuit to the same peer is taken for one
+/// dialled in the same race, and closed. Later, a peer that dials through
+/// the relay while a direct connection looks alive here has most likely
+/// restarted behind its NAT (an old QUIC connection looks alive until its
+/// idle timeout): its circuit is kept, and is all it can reach us by.
+const PUNCH_RACE: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, Default)]
 pub struct SwarmInfo {
@@ -695,6 +703,13 @@ impl Loop {
         self.links.get(&peer).is_some_and(|l| l.values().any(|l| !l.relayed))
     }
 
+    /// A direct connection to `peer` opened within [`PUNCH_RACE`].
+    fn punched_lately(&self, peer: PeerId) -> bool {
+        self.links
+            .get(&peer)
+            .is_some_and(|l| l.values().any(|l| !l.relayed && l.established.elapsed() < PUNCH_RACE))
+    }
+
     /// A circuit listener ended: listen through that relay again next tick.
     fn circuit_closed(&mut self, id: ListenerId, why: &str) {
         if let Some((addr, listener)) = self.circuits.iter_mut().find(|(_, l)| *l == Some(id)) {
@@ -920,15 +935,16 @@ impl Loop {
                     self.remember(peer_id, endpoint.get_remote_address().clone());
                 }
                 // A circuit dialled while a punch was under way (both ends
-                // dialled each other through the relay at once) lands after
-                // the direct connection: the relay need not carry it.
-                let late_circuit = endpoint.is_relayed() && self.reached_directly(peer_id);
+                // dialled each other through the relay at once) lands just
+                // after the direct connection: the relay need not carry it.
+                let late_circuit = endpoint.is_relayed() && self.punched_lately(peer_id);
                 self.links.entry(peer_id).or_default().insert(
                     connection_id,
                     Link {
                         remote: endpoint.get_remote_address().clone(),
                         relayed: endpoint.is_relayed(),
                         dialled: endpoint.is_dialer(),
+                        established: std::time::Instant::now(),
                     },
                 );
                 if late_circuit {
@@ -982,7 +998,9 @@ impl Loop {
                     // on a peer already reached directly. Not a failure.
                     Err(error) if self.reached_directly(remote_peer_id) => {
                         debug!(peer = %remote_peer_id, %error, "a second hole punch ended; the peer is reached directly");
-                        self.close_relayed(remote_peer_id);
+                        if self.punched_lately(remote_peer_id) {
+                            self.close_relayed(remote_peer_id);
+                        }
                         return;
                     }
                     Err(error) => {
