@@ -25,6 +25,15 @@ impl Figure {
     }
 }
 
+/// The `p`th percentile of `v` (nearest rank; NaN when empty). Sorts `v`.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
+}
+
 /// Writes figures as a JSON array and prints them.
 pub fn write(path: &Path, figures: &[Figure]) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod env;
 pub mod harness;
 pub mod kubeapply;
+pub mod nat;
 pub mod orgs;
 pub mod otlp;
 pub mod pool;

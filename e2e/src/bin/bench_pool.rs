@@ -88,11 +88,7 @@ fn watch(client: &Client, ns: &str, book: Book) {
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
+    gpupool_e2e::bench::percentile(v, p)
 }
 
 fn job(name: &str) -> serde_json::Value {
