@@ -62,7 +62,7 @@ for _ in $(seq 1 60); do
   [ "$(k acme get poolpeers -o jsonpath='{.items[*].status.capacity[*].gpuProduct}' 2>/dev/null | wc -w)" -ge 2 ] && break
   sleep 0.5
 done
-k acme get poolpeers -o custom-columns='ORG:.spec.org,PEER:.spec.peerId,WALLET:.spec.wallet,CONNECTED:.status.connected,GPUS:.status.capacity[*].gpuProduct,FREE:.status.capacity[*].free,PRICE:.status.capacity[*].pricePerGpuHour'
+k acme get poolpeers -o custom-columns='ORG:.spec.org,PEER:.spec.peerId,WALLET:.spec.wallet,CONNECTED:.status.connected,VIA:.status.via,GPUS:.status.capacity[*].gpuProduct,FREE:.status.capacity[*].free,PRICE:.status.capacity[*].pricePerGpuHour'
 
 say "The same market through the gpupool CLI, cheapest first (gpupool market)"
 KUBECONFIG=$state/acme/admin.kubeconfig target/debug/gpupool market | sed 's/^/  /'
