@@ -170,25 +170,25 @@ pub fn member_in(ns: String, cfg: SwarmConfig) -> anyhow::Result<Member> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop, stopped) = oneshot::channel::<()>();
     std::thread::spawn(move || {
-        let run = || -> anyhow::Result<()> {
-            enter(&ns)?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async move {
-                match swarm::start(Keypair::generate_ed25519(), cfg).await {
-                    Ok(started) => {
-                        let _ = ready_tx.send(Ok(started));
-                        let _ = stopped.await;
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow::Error::from(e)));
-                    }
-                }
-            });
-            Ok(())
+        let rt = enter(&ns).and_then(|()| Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?));
+        let rt = match rt {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
         };
-        if let Err(e) = run() {
-            tracing::error!(error = %e, "member thread");
-        }
+        rt.block_on(async move {
+            match swarm::start(Keypair::generate_ed25519(), cfg).await {
+                Ok(started) => {
+                    let _ = ready_tx.send(Ok(started));
+                    let _ = stopped.await;
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::Error::from(e)));
+                }
+            }
+        });
     });
     let (p2p, inbound) = ready_rx
         .recv_timeout(Duration::from_secs(30))

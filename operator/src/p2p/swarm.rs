@@ -319,6 +319,8 @@ pub struct Link {
     pub relayed: bool,
     /// This member dialled it (else the peer did).
     pub dialled: bool,
+    /// When it opened: a circuit that lands just after a hole punch belongs
+    /// to the same race (see [`PUNCH_RACE`]).
     pub established: std::time::Instant,
 }
 
