@@ -662,7 +662,7 @@ impl Loop {
             })
             .unwrap_or_default();
         info!(%peer, %remote, relayed, "hole punched: a direct connection replaces the relayed one");
-        self.close_relayed(peer);
+        self.close_relayed(peer, |_| true);
     }
 
     /// Two members that dialled each other through the relay at once hold
@@ -673,30 +673,29 @@ impl Loop {
     /// they agree without a word and one punch runs.
     fn uncross_circuits(&mut self, peer: PeerId) {
         let smaller_is_us = *self.swarm.local_peer_id() < peer;
-        let Some(links) = self.links.get(&peer) else {
-            return;
-        };
-        let (kept, crossed): (Vec<_>, Vec<_>) = links
-            .iter()
-            .filter(|(_, l)| l.relayed)
-            .partition(|(_, l)| l.dialled == smaller_is_us);
-        if kept.is_empty() {
-            return;
-        }
-        let crossed: Vec<ConnectionId> = crossed.into_iter().map(|(id, _)| *id).collect();
-        for id in crossed {
-            debug!(%peer, "closing the relayed connection that crossed ours");
-            self.swarm.close_connection(id);
+        let ours_kept = self
+            .links
+            .get(&peer)
+            .is_some_and(|l| l.values().any(|l| l.relayed && l.dialled == smaller_is_us));
+        if ours_kept {
+            self.close_relayed(peer, |l| l.dialled != smaller_is_us);
         }
     }
 
-    fn close_relayed(&mut self, peer: PeerId) {
-        let relayed: Vec<ConnectionId> = self
+    /// Closes the relayed connections to `peer` that `which` picks.
+    fn close_relayed(&mut self, peer: PeerId, which: impl Fn(&Link) -> bool) {
+        let ids: Vec<ConnectionId> = self
             .links
             .get(&peer)
-            .map(|l| l.iter().filter(|(_, l)| l.relayed).map(|(id, _)| *id).collect())
+            .map(|l| {
+                l.iter()
+                    .filter(|(_, l)| l.relayed && which(l))
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
             .unwrap_or_default();
-        for id in relayed {
+        for id in ids {
+            debug!(%peer, "closing a relayed connection");
             self.swarm.close_connection(id);
         }
     }
@@ -1001,7 +1000,7 @@ impl Loop {
                     Err(error) if self.reached_directly(remote_peer_id) => {
                         debug!(peer = %remote_peer_id, %error, "a second hole punch ended; the peer is reached directly");
                         if self.punched_lately(remote_peer_id) {
-                            self.close_relayed(remote_peer_id);
+                            self.close_relayed(remote_peer_id, |_| true);
                         }
                         return;
                     }
