@@ -13,7 +13,7 @@ use std::time::Duration;
 use gpupool_e2e::nat::{
     A_PUBLIC, B_LAN, B_PUBLIC, Member, Nat, Nets, Transport, behind_nat, direct_only, listening_through_relay, relay,
 };
-use gpupool_operator::p2p::swarm::{HolePunch, Inbound};
+use gpupool_operator::p2p::swarm::{HolePunch, Inbound, P2p, is_circuit};
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 
@@ -153,6 +153,72 @@ async fn punches(t: Transport, tag: &str) {
         direct_only(&p.a, b_id, LIMIT, STEP).await.is_some(),
         "still direct after traffic"
     );
+}
+
+/// A burst each way across the punch: a and b, each told the other's
+/// circuit, send at once, so their first messages dial through the relay
+/// (often both ways, crossed) and the punch and the closing of the relayed
+/// connections happen under the rest. None may be lost, and together the
+/// bursts are more than a TCP connection's 512 yamux streams: before each
+/// member kept a window of messages per peer, yamux ended the punched
+/// connection and every message on it failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_messages_each_way_across_the_punch_all_arrive() {
+    for (t, tag) in [(Transport::Tcp, "ft"), (Transport::Quic, "fq")] {
+        let mut p = pool(t, Nat::KeepsPorts, tag).await;
+        let (a_id, b_id) = (p.a.p2p.local_peer_id(), p.b.p2p.local_peer_id());
+        for (from, to, to_id) in [(&p.a, &p.b, b_id), (&p.b, &p.a, a_id)] {
+            let circuit = to.p2p.info().await.listen.into_iter().find(is_circuit);
+            from.p2p.add_peer(to_id, circuit.expect("a circuit address")).await;
+        }
+        let batch = |from: &P2p, to, side: &str| {
+            (0..IN_FLIGHT)
+                .map(|i| {
+                    let (from, body) = (from.clone(), format!("{side}:{i}").into_bytes());
+                    async move { from.send(to, body).await }
+                })
+                .collect::<Vec<_>>()
+        };
+        let (from_a, from_b) = tokio::join!(
+            futures::future::join_all(batch(&p.a.p2p, b_id, "a")),
+            futures::future::join_all(batch(&p.b.p2p, a_id, "b")),
+        );
+        let failed: Vec<_> = from_a.iter().chain(&from_b).filter_map(|r| r.as_ref().err()).collect();
+        assert!(
+            failed.is_empty(),
+            "{t:?}: every send in flight across the punch is taken: {failed:?}"
+        );
+        assert!(
+            direct_only(&p.a, b_id, LIMIT, STEP).await.is_some(),
+            "{t:?}: the punch succeeded and the relayed connection is gone"
+        );
+        for (m, side) in [(&mut p.b, "a"), (&mut p.a, "b")] {
+            let got = received(m, side).await;
+            assert_eq!(got.len(), IN_FLIGHT, "{t:?}: every message from {side} arrived");
+        }
+    }
+}
+
+/// Messages sent in each direction by `a_burst_of_messages_...`.
+const IN_FLIGHT: usize = 300;
+
+/// The distinct messages from `side` that `m` received, waiting up to
+/// [`LIMIT`] for all [`IN_FLIGHT`] of them.
+async fn received(m: &mut Member, side: &str) -> std::collections::HashSet<Vec<u8>> {
+    let mut got = std::collections::HashSet::new();
+    let _ = tokio::time::timeout(LIMIT, async {
+        while got.len() < IN_FLIGHT {
+            match m.inbound.recv().await {
+                Some(Inbound::Direct { bytes, .. }) if bytes.starts_with(format!("{side}:").as_bytes()) => {
+                    got.insert(bytes);
+                }
+                Some(_) => {}
+                None => return,
+            }
+        }
+    })
+    .await;
+    got
 }
 
 /// Behind NATs that give every flow a new port, the punch fails and says so

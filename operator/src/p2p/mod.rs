@@ -1,11 +1,13 @@
 //! The peer-to-peer layer: identity, message sealing and checks (pure), peer
-//! scores (pure) and the libp2p swarm (I/O).
+//! scores (pure), which connections to close around a hole punch (pure) and
+//! the libp2p swarm (I/O).
 
 pub mod announce;
 pub mod body;
 pub mod codec;
 pub mod envelope;
 pub mod identity;
+pub mod links;
 #[cfg(test)]
 mod property_tests;
 pub mod score;

@@ -310,26 +310,8 @@ enum Command {
     },
 }
 
-/// One live connection to a peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Link {
-    /// The peer's end: the address dialled, or where its dial came from.
-    pub remote: Multiaddr,
-    /// Carried by a relay (`/p2p-circuit`), not straight between the two.
-    pub relayed: bool,
-    /// This member dialled it (else the peer did).
-    pub dialled: bool,
-    /// When it opened: a circuit that lands just after a hole punch belongs
-    /// to the same race (see [`PUNCH_RACE`]).
-    pub established: std::time::Instant,
-}
-
-/// How long after a hole punch a circuit to the same peer is taken for one
-/// dialled in the same race, and closed. Later, a peer that dials through
-/// the relay while a direct connection looks alive here has most likely
-/// restarted behind its NAT (an old QUIC connection looks alive until its
-/// idle timeout): its circuit is kept, and is all it can reach us by.
-const PUNCH_RACE: Duration = Duration::from_secs(10);
+pub use super::links::Link;
+use super::links::Links;
 
 #[derive(Clone, Debug, Default)]
 pub struct SwarmInfo {
@@ -476,7 +458,10 @@ fn behaviour(
         [(DIRECT_PROTOCOL, ProtocolSupport::Full)],
         request_response::Config::default()
             .with_request_timeout(cfg.request_timeout)
-            .with_max_concurrent_streams(1024),
+            // Our own window, the peer's, and room for a peer that opens a
+            // few more: streams past this are refused one by one, before
+            // yamux would end the connection over them.
+            .with_max_concurrent_streams(2 * WINDOW_PER_PEER + 64),
     );
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established_incoming(Some(cfg.limits.max_incoming))
@@ -582,10 +567,12 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
         swarm,
         inbound: in_tx,
         pending: HashMap::new(),
+        in_flight: HashMap::new(),
+        queued: HashMap::new(),
         bootstrap: cfg.bootstrap,
         announce: cfg.announce,
         circuits: circuits.into_iter().map(|a| (a, None)).collect(),
-        links: HashMap::new(),
+        links: Links::default(),
     };
     lp.listen_through_relays();
     tokio::spawn(lp.run(cmd_rx));
@@ -595,7 +582,12 @@ pub async fn start(key: Keypair, cfg: SwarmConfig) -> Result<(P2p, mpsc::Receive
 struct Loop {
     swarm: Swarm<Behaviour>,
     inbound: mpsc::Sender<Inbound>,
+    /// Direct messages awaiting their peer's answer.
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<(), SendError>>>,
+    /// Direct messages sent and unanswered, by peer (at most
+    /// [`WINDOW_PER_PEER`]), and those waiting for one of them to finish.
+    in_flight: HashMap<PeerId, usize>,
+    queued: HashMap<PeerId, std::collections::VecDeque<Outbound>>,
     bootstrap: Vec<Multiaddr>,
     announce: Vec<Multiaddr>,
     /// Relay addresses to listen through, each with its listener while it
@@ -604,8 +596,26 @@ struct Loop {
     circuits: Vec<(Multiaddr, Option<ListenerId>)>,
     /// Every live connection by peer: which are relayed, to close them once
     /// a hole punch has opened a direct one.
-    links: HashMap<PeerId, HashMap<ConnectionId, Link>>,
+    links: Links,
 }
+
+/// A direct message not yet answered, or waiting for a slot in its peer's
+/// window.
+struct Outbound {
+    peer: PeerId,
+    bytes: Vec<u8>,
+    done: oneshot::Sender<Result<(), SendError>>,
+}
+
+/// Direct messages to one peer awaiting an answer at most; more wait in
+/// order for one to finish. Every request is a stream, and yamux ends the
+/// whole connection once the streams on it pass 512, both directions
+/// together: 300 messages each way at once (a provider reporting on its
+/// leases with one renter, each report sent on its own) took the
+/// connection down with every one of them (seen in the NAT test). With
+/// both ends bounded, a connection carries at most twice this. QUIC holds
+/// excess streams back by itself.
+const WINDOW_PER_PEER: usize = 128;
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     addr.iter().find_map(|p| match p {
@@ -648,67 +658,26 @@ impl Loop {
         }
     }
 
-    /// A hole punch opened `direct` to `peer`: close the relayed connections,
-    /// or the relay would go on carrying the traffic that libp2p spreads over
-    /// every connection to a peer (gossipsub keeps to the first one). A
-    /// request in flight on one fails, as on any closed connection.
+    /// A hole punch opened `direct` to `peer`: close the relayed
+    /// connections. A request in flight on one would fail, as on any closed
+    /// connection; the NAT test sends 300 messages each way across the
+    /// punch and none has been lost.
     fn relay_no_more(&mut self, peer: PeerId, direct: ConnectionId) {
-        let (remote, relayed) = self
+        let remote = self
             .links
-            .get(&peer)
-            .map(|l| {
-                let remote = l.get(&direct).map(|l| l.remote.to_string()).unwrap_or_default();
-                (remote, l.values().filter(|l| l.relayed).count())
-            })
+            .get(peer, direct)
+            .map(|l| l.remote.to_string())
             .unwrap_or_default();
-        info!(%peer, %remote, relayed, "hole punched: a direct connection replaces the relayed one");
-        self.close_relayed(peer, |_| true);
+        let relayed = self.links.relayed(peer);
+        info!(%peer, %remote, relayed = relayed.len(), "hole punched: a direct connection replaces the relayed one");
+        self.close(peer, relayed);
     }
 
-    /// Two members that dialled each other through the relay at once hold
-    /// two relayed connections, and each gets its own hole punch: over TCP
-    /// both punches dial between the same two ports, collide, and fail
-    /// until one retries alone (20 s later, seen in the NAT test). Both ends
-    /// keep the circuit the smaller peer id dialled and close the other, so
-    /// they agree without a word and one punch runs.
-    fn uncross_circuits(&mut self, peer: PeerId) {
-        let smaller_is_us = *self.swarm.local_peer_id() < peer;
-        let ours_kept = self
-            .links
-            .get(&peer)
-            .is_some_and(|l| l.values().any(|l| l.relayed && l.dialled == smaller_is_us));
-        if ours_kept {
-            self.close_relayed(peer, |l| l.dialled != smaller_is_us);
-        }
-    }
-
-    /// Closes the relayed connections to `peer` that `which` picks.
-    fn close_relayed(&mut self, peer: PeerId, which: impl Fn(&Link) -> bool) {
-        let ids: Vec<ConnectionId> = self
-            .links
-            .get(&peer)
-            .map(|l| {
-                l.iter()
-                    .filter(|(_, l)| l.relayed && which(l))
-                    .map(|(id, _)| *id)
-                    .collect()
-            })
-            .unwrap_or_default();
+    fn close(&mut self, peer: PeerId, ids: Vec<ConnectionId>) {
         for id in ids {
             debug!(%peer, "closing a relayed connection");
             self.swarm.close_connection(id);
         }
-    }
-
-    fn reached_directly(&self, peer: PeerId) -> bool {
-        self.links.get(&peer).is_some_and(|l| l.values().any(|l| !l.relayed))
-    }
-
-    /// A direct connection to `peer` opened within [`PUNCH_RACE`].
-    fn punched_lately(&self, peer: PeerId) -> bool {
-        self.links
-            .get(&peer)
-            .is_some_and(|l| l.values().any(|l| !l.relayed && l.established.elapsed() < PUNCH_RACE))
     }
 
     /// A circuit listener ended: listen through that relay again next tick.
@@ -764,14 +733,7 @@ impl Loop {
                     .map_err(|e| SendError::Publish(e.to_string()));
                 let _ = done.send(r);
             }
-            Command::Send { peer, bytes, done } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .direct
-                    .send_request(&peer, Frame::Message(bytes));
-                self.pending.insert(id, done);
-            }
+            Command::Send { peer, bytes, done } => self.send(Outbound { peer, bytes, done }),
             Command::Validated { id, source, accept } => {
                 let _ = self
                     .swarm
@@ -795,12 +757,7 @@ impl Loop {
                 });
             }
             Command::Links { peer, done } => {
-                let links = self
-                    .links
-                    .get(&peer)
-                    .map(|l| l.values().cloned().collect())
-                    .unwrap_or_default();
-                let _ = done.send(links);
+                let _ = done.send(self.links.of(peer));
             }
             Command::AddressesOf { peer, done } => {
                 let addrs = self
@@ -817,6 +774,44 @@ impl Loop {
                     })
                     .unwrap_or_default();
                 let _ = done.send(addrs);
+            }
+        }
+    }
+
+    /// Sends a new direct message, or queues it behind a full window.
+    fn send(&mut self, out: Outbound) {
+        let n = self.in_flight.entry(out.peer).or_default();
+        if *n < WINDOW_PER_PEER {
+            *n += 1;
+            self.dispatch(out);
+        } else {
+            self.queued.entry(out.peer).or_default().push_back(out);
+        }
+    }
+
+    /// Puts a message on the wire, in a window slot it already holds.
+    fn dispatch(&mut self, out: Outbound) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .direct
+            .send_request(&out.peer, Frame::Message(out.bytes));
+        self.pending.insert(id, out.done);
+    }
+
+    /// A message to `peer` was answered or given up: its slot goes to the
+    /// next one waiting.
+    fn settled(&mut self, peer: PeerId) {
+        match self.queued.get_mut(&peer).and_then(|q| q.pop_front()) {
+            Some(next) => self.dispatch(next),
+            None => {
+                self.queued.remove(&peer);
+                if let Some(n) = self.in_flight.get_mut(&peer) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.in_flight.remove(&peer);
+                    }
+                }
             }
         }
     }
@@ -897,6 +892,7 @@ impl Loop {
                             Ack::Taken => Ok(()),
                             Ack::Busy => Err(SendError::Busy(peer)),
                         });
+                        self.settled(peer);
                     }
                 }
             },
@@ -911,6 +907,7 @@ impl Loop {
                         peer,
                         reason: format!("{error:?}"),
                     }));
+                    self.settled(peer);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Direct(request_response::Event::InboundFailure {
@@ -935,24 +932,23 @@ impl Loop {
                 if endpoint.is_dialer() {
                     self.remember(peer_id, endpoint.get_remote_address().clone());
                 }
-                // A circuit dialled while a punch was under way (both ends
-                // dialled each other through the relay at once) lands just
-                // after the direct connection: the relay need not carry it.
-                let late_circuit = endpoint.is_relayed() && self.punched_lately(peer_id);
-                self.links.entry(peer_id).or_default().insert(
+                let now = std::time::Instant::now();
+                self.links.opened(
+                    peer_id,
                     connection_id,
                     Link {
                         remote: endpoint.get_remote_address().clone(),
                         relayed: endpoint.is_relayed(),
                         dialled: endpoint.is_dialer(),
-                        established: std::time::Instant::now(),
+                        established: now,
                     },
                 );
-                if late_circuit {
-                    debug!(peer = %peer_id, "closing a relayed connection to a peer reached directly");
+                if self.links.late_circuit(peer_id, connection_id, now) {
+                    debug!(peer = %peer_id, "closing a circuit that lost the race to a hole punch");
                     self.swarm.close_connection(connection_id);
                 } else if endpoint.is_relayed() {
-                    self.uncross_circuits(peer_id);
+                    let crossed = self.links.crossed(*self.swarm.local_peer_id(), peer_id);
+                    self.close(peer_id, crossed);
                 }
                 // A relay we could not listen through (it was not up yet)
                 // answers now: listen through it now, not at the next tick.
@@ -974,14 +970,13 @@ impl Loop {
                 peer_id,
                 connection_id,
                 num_established,
+                cause,
                 ..
             } => {
-                if let Some(links) = self.links.get_mut(&peer_id) {
-                    links.remove(&connection_id);
-                    if links.is_empty() {
-                        self.links.remove(&peer_id);
-                    }
+                if let Some(link) = self.links.get(peer_id, connection_id) {
+                    debug!(peer = %peer_id, remote = %link.remote, relayed = link.relayed, cause = ?cause, "connection closed");
                 }
+                self.links.closed(peer_id, connection_id);
                 if num_established == 0 {
                     debug!(peer = %peer_id, "peer disconnected");
                     self.deliver(Inbound::Disconnected { peer: peer_id });
@@ -997,10 +992,11 @@ impl Loop {
                     // at once punch over both circuits: the first success
                     // closes the other circuit, and its attempt then fails
                     // on a peer already reached directly. Not a failure.
-                    Err(error) if self.reached_directly(remote_peer_id) => {
+                    Err(error) if self.links.reached_directly(remote_peer_id) => {
                         debug!(peer = %remote_peer_id, %error, "a second hole punch ended; the peer is reached directly");
-                        if self.punched_lately(remote_peer_id) {
-                            self.close_relayed(remote_peer_id, |_| true);
+                        if self.links.punched_lately(remote_peer_id, std::time::Instant::now()) {
+                            let relayed = self.links.relayed(remote_peer_id);
+                            self.close(remote_peer_id, relayed);
                         }
                         return;
                     }
@@ -1191,6 +1187,67 @@ mod tests {
 
     /// Members name each other by DNS name in bootstrap lists and announce
     /// addresses, over TCP and QUIC alike.
+    /// Distinct direct messages `rx` receives, up to `n`, within the limit.
+    async fn directs(rx: &mut mpsc::Receiver<Inbound>, n: usize) -> std::collections::HashSet<Vec<u8>> {
+        let mut got = std::collections::HashSet::new();
+        let _ = tokio::time::timeout(LIMIT, async {
+            while got.len() < n {
+                match rx.recv().await {
+                    Some(Inbound::Direct { bytes, .. }) => {
+                        got.insert(bytes);
+                    }
+                    Some(_) => {}
+                    None => return,
+                }
+            }
+        })
+        .await;
+        got
+    }
+
+    /// More messages at once than a connection has streams for: every
+    /// message is a yamux stream, and yamux ends a TCP connection past 512
+    /// of them, both directions together (with every message on it, before
+    /// the window). Each end's window keeps the connection under that.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn more_messages_at_once_than_a_connection_has_streams_all_arrive() {
+        const N: usize = 2_000;
+        let tcp: Multiaddr = "/ip4/127.0.0.1/tcp/0".parse().unwrap();
+        let (a, mut a_in, a_addr) = listening(SwarmConfig {
+            listen: vec![tcp.clone()],
+            ..Default::default()
+        })
+        .await;
+        let (b, mut b_in, _) = listening(SwarmConfig {
+            listen: vec![tcp],
+            bootstrap: vec![a_addr],
+            ..Default::default()
+        })
+        .await;
+        assert!(connected_to(&b, a.local_peer_id()).await, "b dials a");
+        let batch = |from: &P2p, to: PeerId| {
+            futures::future::join_all((0..N).map(|i| {
+                let from = from.clone();
+                async move { from.send(to, i.to_le_bytes().to_vec()).await }
+            }))
+        };
+        let (from_a, from_b) = tokio::join!(batch(&a, b.local_peer_id()), batch(&b, a.local_peer_id()));
+        let failed: Vec<_> = from_a.iter().chain(&from_b).filter_map(|r| r.as_ref().err()).collect();
+        assert!(
+            failed.is_empty(),
+            "every message is taken: {} failed, first {:?}",
+            failed.len(),
+            failed.first()
+        );
+        assert_eq!(directs(&mut b_in, N).await.len(), N, "a's messages all arrived");
+        assert_eq!(directs(&mut a_in, N).await.len(), N, "b's messages all arrived");
+        assert_eq!(
+            a.info().await.connected,
+            vec![b.local_peer_id()],
+            "the connection is still up"
+        );
+    }
+
     #[tokio::test]
     async fn members_dial_each_other_by_dns_name() {
         for listen in ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"] {
