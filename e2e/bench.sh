@@ -15,7 +15,7 @@ trap '$testenv down >/dev/null' EXIT
 # No cluster: the bid engine, and 200 real swarms in one process.
 target/release/examples/bench_market --peers "${PEERS:-200}" --orders "${ORDERS:-40}" --out target/bench/market.json
 # Hole punching through two real NATs (network namespaces; needs root and nft).
-target/release/bench-hole-punch --rounds "${PUNCH_ROUNDS:-20}" --out target/bench/hole_punch.json
+target/release/bench-hole-punch --rounds "${PUNCH_ROUNDS:-40}" --out target/bench/hole_punch.json
 
 $testenv up --orgs 1 --agent target/release/gpupool-agent
 target/debug/bench-agent --agent target/release/gpupool-agent --seconds "${AGENT_SECONDS:-120}"

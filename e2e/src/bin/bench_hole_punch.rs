@@ -1,10 +1,13 @@
 //! Hole-punching benchmark behind real NATs (`gpupool_e2e::nat`): for each
-//! round, two fresh members behind their NATs listen through the relay; a,
-//! told b's circuit address, sends to b over a circuit, and both punch.
+//! round, a fresh relay and two fresh members behind their NATs that listen
+//! through it; a, told b's circuit address, sends to b over a circuit, and
+//! both punch.
 //! Measured from a's first send: when the message is taken (through the
-//! relay), and when a's only connections to b are direct. Over TCP and QUIC. The veths add no delay, so the figures are
-//! the protocol's own work, not a WAN's round trips. Needs root and nft.
-//! JSON in target/bench/hole_punch.json.
+//! relay), and when a's only connections to b are direct. Over TCP and QUIC.
+//! The veths add no delay, so the figures are the protocol's own work, not a
+//! WAN's round trips. Needs root and nft. JSON in
+//! target/bench/hole_punch.json; `BENCH_TRACE=1` prints each round and each
+//! of a's sends, `RUST_LOG` the swarms' logs.
 
 use std::time::{Duration, Instant};
 
@@ -50,7 +53,14 @@ async fn round(nets: &Nets, t: Transport, port: u16, relay_addr: &libp2p::Multia
     a.p2p.add_peer(b_id, circuit).await;
     let start = Instant::now();
     tokio::time::timeout(LIMIT, async {
-        while a.p2p.send(b_id, b"order".to_vec()).await.is_err() {
+        loop {
+            let sent = a.p2p.send(b_id, b"order".to_vec()).await;
+            if std::env::var_os("BENCH_TRACE").is_some() {
+                eprintln!("send after {:?}: {sent:?}", start.elapsed());
+            }
+            if sent.is_ok() {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
@@ -65,15 +75,32 @@ async fn round(nets: &Nets, t: Transport, port: u16, relay_addr: &libp2p::Multia
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // RUST_LOG=gpupool_operator=debug,libp2p_dcutr=debug shows each punch.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let mut figures = vec![];
     for (t, name) in [(Transport::Tcp, "tcp"), (Transport::Quic, "quic")] {
         let nets = Nets::build(&format!("b{name}"), Nat::KeepsPorts)?;
-        let (_relay, relay_addr) = relay(&nets, t, 4001)?;
         let (mut relayed, mut direct, mut failed) = (vec![], vec![], 0u32);
         for r in 0..args.rounds {
-            // A new port each round: the routers' conntrack still holds the
-            // last round's mappings.
-            let got = round(&nets, t, 5000 + r, &relay_addr).await?;
+            // A new relay each round: one kept across rounds has every past
+            // member in its DHT, each new member dials up to 20 of them
+            // through it, and the relay's per-IP circuit limit (the members
+            // of a side share their NAT's address) then refused a's circuit
+            // to b from about the 15th round on. New ports each round: the
+            // routers' conntrack still holds the last round's mappings.
+            let (_relay, relay_addr) = relay(&nets, t, 4001 + r)?;
+            let got = round(&nets, t, 5000 + r, &relay_addr)
+                .await
+                .with_context(|| format!("{name}, round {} of {}", r + 1, args.rounds))?;
+            if std::env::var_os("BENCH_TRACE").is_some() {
+                eprintln!(
+                    "{name} round {r}: relayed {:.1} ms, direct {:?} ms",
+                    got.relayed_ms, got.direct_ms
+                );
+            }
             relayed.push(got.relayed_ms);
             match got.direct_ms {
                 Some(ms) => direct.push(ms),
