@@ -813,7 +813,10 @@ impl Loop {
     /// hangs. A first message to such a member waited 0.5 s, or 5 to 7 s,
     /// in about one punch-benchmark round in ten; with this dial, which
     /// includes the circuit address, p99 is ~6 ms. One such dial per peer
-    /// at a time.
+    /// at a time, started before the request is handed to request-response,
+    /// so that its own dial finds this one running and stands down: a
+    /// second dial would open a second circuit, and two circuits punch
+    /// twice.
     fn dial_for_message(&mut self, peer: PeerId) {
         if self.swarm.is_connected(&peer) || !self.dialling.insert(peer) {
             return;
