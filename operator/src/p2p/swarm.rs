@@ -673,9 +673,16 @@ impl Loop {
             .get(peer, direct)
             .map(|l| l.remote.to_string())
             .unwrap_or_default();
+        let relayed = self.close_relayed(peer);
+        info!(%peer, %remote, relayed, "hole punched: a direct connection replaces the relayed one");
+    }
+
+    /// Closes every relayed connection to `peer`; returns how many.
+    fn close_relayed(&mut self, peer: PeerId) -> usize {
         let relayed = self.links.relayed(peer);
-        info!(%peer, %remote, relayed = relayed.len(), "hole punched: a direct connection replaces the relayed one");
+        let n = relayed.len();
         self.close(peer, relayed);
+        n
     }
 
     fn close(&mut self, peer: PeerId, ids: Vec<ConnectionId>) {
@@ -1025,8 +1032,7 @@ impl Loop {
                     Err(error) if self.links.reached_directly(remote_peer_id) => {
                         debug!(peer = %remote_peer_id, %error, "a second hole punch ended; the peer is reached directly");
                         if self.links.punched_lately(remote_peer_id, std::time::Instant::now()) {
-                            let relayed = self.links.relayed(remote_peer_id);
-                            self.close(remote_peer_id, relayed);
+                            self.close_relayed(remote_peer_id);
                         }
                         return;
                     }
