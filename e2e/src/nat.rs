@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use gpupool_operator::p2p::swarm::{self, Inbound, Link, P2p, SwarmConfig};
+use gpupool_operator::p2p::swarm::{self, Inbound, Link, P2p, PingTimes, SwarmConfig};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
@@ -123,6 +123,22 @@ impl Nets {
         format!("{}-{name}", self.prefix)
     }
 
+    /// Makes `port` on member `side`'s host go silent both ways, as when its
+    /// pod is killed or its node loses power: nothing sent from it leaves
+    /// (no FIN, no RST, no QUIC close), nothing sent to it arrives, and its
+    /// peers hear nothing more.
+    pub fn silence(&self, side: &str, port: u16) -> anyhow::Result<()> {
+        let host = self.ns(side);
+        sh(&format!(
+            "ip netns exec {host} nft -f - <<'NFT'\n\
+             table inet vanished {{\n\
+               chain out {{ type filter hook output priority 0; tcp sport {port} drop; udp sport {port} drop; }};\n\
+               chain in {{ type filter hook input priority 0; tcp dport {port} drop; udp dport {port} drop; }};\n\
+             }}\n\
+             NFT"
+        ))
+    }
+
     /// Whether a fresh TCP connection from the public network reaches `to`
     /// within 2 s.
     pub fn dialable_from_public(&self, to: SocketAddr) -> anyhow::Result<bool> {
@@ -165,8 +181,8 @@ pub struct Member {
     _stop: oneshot::Sender<()>,
 }
 
-/// Starts a swarm with a new identity in namespace `ns`.
-pub fn member_in(ns: String, cfg: SwarmConfig) -> anyhow::Result<Member> {
+/// Starts a swarm with identity `key` in namespace `ns`.
+pub fn member_in(ns: String, key: Keypair, cfg: SwarmConfig) -> anyhow::Result<Member> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop, stopped) = oneshot::channel::<()>();
     std::thread::spawn(move || {
@@ -179,7 +195,7 @@ pub fn member_in(ns: String, cfg: SwarmConfig) -> anyhow::Result<Member> {
             }
         };
         rt.block_on(async move {
-            match swarm::start(Keypair::generate_ed25519(), cfg).await {
+            match swarm::start(key, cfg).await {
                 Ok(started) => {
                     let _ = ready_tx.send(Ok(started));
                     let _ = stopped.await;
@@ -233,6 +249,7 @@ pub fn relay(nets: &Nets, t: Transport, port: u16) -> anyhow::Result<(Member, Mu
     let addr = at(t, PUBLIC_RELAY, port)?;
     let relay = member_in(
         nets.ns("pub"),
+        Keypair::generate_ed25519(),
         SwarmConfig {
             listen: vec![addr.clone()],
             relay_service: Some(gpupool_operator::p2p::swarm::RelayService::default()),
@@ -243,9 +260,25 @@ pub fn relay(nets: &Nets, t: Transport, port: u16) -> anyhow::Result<(Member, Mu
     Ok((relay, named))
 }
 
-/// Member `side` ("a" or "b") behind its NAT, listening on its private
-/// address at `port` and through `relay`, which it knows and nothing else.
+/// Member `side` ("a" or "b") behind its NAT, with a new identity, listening
+/// on its private address at `port` and through `relay`, which it knows and
+/// nothing else.
 pub fn behind_nat(nets: &Nets, side: &str, t: Transport, port: u16, relay: &Multiaddr) -> anyhow::Result<Member> {
+    let key = Keypair::generate_ed25519();
+    behind_nat_as(nets, side, key, t, port, relay, PingTimes::default())
+}
+
+/// As [`behind_nat`], with identity `key` (a member started again keeps its
+/// identity, as an operator's comes from its Secret) and its pings' timing.
+pub fn behind_nat_as(
+    nets: &Nets,
+    side: &str,
+    key: Keypair,
+    t: Transport,
+    port: u16,
+    relay: &Multiaddr,
+    ping: PingTimes,
+) -> anyhow::Result<Member> {
     let lan = match side {
         "a" => A_LAN,
         "b" => B_LAN,
@@ -253,12 +286,14 @@ pub fn behind_nat(nets: &Nets, side: &str, t: Transport, port: u16, relay: &Mult
     };
     member_in(
         nets.ns(side),
+        key,
         SwarmConfig {
             listen: vec![
                 at(t, lan, port)?,
                 relay.clone().with(libp2p::multiaddr::Protocol::P2pCircuit),
             ],
             bootstrap: vec![relay.clone()],
+            ping,
             ..Default::default()
         },
     )

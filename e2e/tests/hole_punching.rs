@@ -11,11 +11,14 @@
 use std::time::Duration;
 
 use gpupool_e2e::nat::{
-    A_PUBLIC, B_LAN, B_PUBLIC, Member, Nat, Nets, Transport, behind_nat, direct_only, listening_through_relay, relay,
+    A_PUBLIC, B_LAN, B_PUBLIC, Member, Nat, Nets, Transport, behind_nat_as, direct_only, listening_through_relay, relay,
 };
-use gpupool_operator::p2p::swarm::{HolePunch, Inbound, P2p, is_circuit};
-use libp2p::Multiaddr;
+use gpupool_operator::p2p::links::PUNCH_RACE;
+use gpupool_operator::p2p::resend::resent_once;
+use gpupool_operator::p2p::swarm::{HolePunch, Inbound, P2p, PingTimes, is_circuit};
+use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
 
 const LIMIT: Duration = Duration::from_secs(30);
 const PORT: u16 = 4001;
@@ -57,16 +60,30 @@ fn ip_of(addr: &Multiaddr) -> Option<String> {
     })
 }
 
+fn port_of(addr: &Multiaddr) -> Option<u16> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Tcp(port) | Protocol::Udp(port) => Some(port),
+        _ => None,
+    })
+}
+
 /// The relay, and members a and b behind their NATs, each listening
 /// through the relay. Held to the test's end: dropped, they stop.
 struct Pool {
-    _nets: Nets,
-    _relay: Member,
+    nets: Nets,
+    relay: Member,
+    relay_addr: Multiaddr,
     a: Member,
     b: Member,
+    /// b's identity, for starting b again.
+    b_key: Keypair,
 }
 
 async fn pool(t: Transport, nat: Nat, tag: &str) -> Pool {
+    pool_pinging(t, nat, tag, PingTimes::default()).await
+}
+
+async fn pool_pinging(t: Transport, nat: Nat, tag: &str, ping: PingTimes) -> Pool {
     // RUST_LOG=gpupool_operator=debug,libp2p_dcutr=debug shows the punch.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -74,8 +91,9 @@ async fn pool(t: Transport, nat: Nat, tag: &str) -> Pool {
         .try_init();
     let nets = Nets::build(tag, nat).expect("the namespaces and NATs");
     let (relay, relay_addr) = relay(&nets, t, PORT).expect("the relay starts");
-    let a = behind_nat(&nets, "a", t, PORT, &relay_addr).expect("a starts");
-    let b = behind_nat(&nets, "b", t, PORT, &relay_addr).expect("b starts");
+    let b_key = Keypair::generate_ed25519();
+    let a = behind_nat_as(&nets, "a", Keypair::generate_ed25519(), t, PORT, &relay_addr, ping).expect("a starts");
+    let b = behind_nat_as(&nets, "b", b_key.clone(), t, PORT, &relay_addr, ping).expect("b starts");
     assert!(listening_through_relay(&a, LIMIT).await, "a listens through the relay");
     assert!(listening_through_relay(&b, LIMIT).await, "b listens through the relay");
     // The NATs are real: nothing from outside gets to b unasked, at its
@@ -88,11 +106,38 @@ async fn pool(t: Transport, nat: Nat, tag: &str) -> Pool {
         );
     }
     Pool {
-        _nets: nets,
-        _relay: relay,
+        nets,
+        relay,
+        relay_addr,
         a,
         b,
+        b_key,
     }
+}
+
+/// `m`'s address through the relay.
+async fn circuit_of(m: &Member) -> Multiaddr {
+    m.p2p
+        .info()
+        .await
+        .listen
+        .into_iter()
+        .find(is_circuit)
+        .expect("a circuit address")
+}
+
+/// a's connections to b once it holds none, or what it still holds after
+/// [`LIMIT`].
+async fn let_go(a: &Member, b: PeerId) -> Vec<gpupool_operator::p2p::swarm::Link> {
+    let mut links = a.p2p.links(b).await;
+    let _ = tokio::time::timeout(LIMIT, async {
+        while !links.is_empty() {
+            tokio::time::sleep(STEP).await;
+            links = a.p2p.links(b).await;
+        }
+    })
+    .await;
+    links
 }
 
 /// a finds b (the relay's DHT knows b's circuit) and sends to it: the first
@@ -168,8 +213,7 @@ async fn a_burst_of_messages_each_way_across_the_punch_all_arrive() {
         let mut p = pool(t, Nat::KeepsPorts, tag).await;
         let (a_id, b_id) = (p.a.p2p.local_peer_id(), p.b.p2p.local_peer_id());
         for (from, to, to_id) in [(&p.a, &p.b, b_id), (&p.b, &p.a, a_id)] {
-            let circuit = to.p2p.info().await.listen.into_iter().find(is_circuit);
-            from.p2p.add_peer(to_id, circuit.expect("a circuit address")).await;
+            from.p2p.add_peer(to_id, circuit_of(to).await).await;
         }
         let batch = |from: &P2p, to, side: &str| {
             (0..IN_FLIGHT)
@@ -246,4 +290,108 @@ async fn members_behind_nats_that_change_ports_stay_on_the_relay() {
         .await
         .expect("a → b relayed");
     p.b.p2p.send(a_id, b"status".to_vec()).await.expect("b → a relayed");
+}
+
+/// b is punched through to a, then its host goes silent and b starts again
+/// behind its NAT, with its identity, on another port (a new pod). The new
+/// b finds a (the relay's DHT) and dials it through the relay while a's
+/// direct connection to the old b still looks alive (a TCP connection until
+/// a ping fails, a QUIC one until its idle timeout). a keeps that circuit,
+/// since it is all the new b can reach it by, and closes the dead
+/// connection, on which every other message would have waited out its
+/// timeout. Then the two punch again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_starts_again_behind_its_nat_is_reached_at_once() {
+    for (t, tag) in [(Transport::Tcp, "rt"), (Transport::Quic, "rq")] {
+        let mut p = pool(t, Nat::KeepsPorts, tag).await;
+        a_reaches_b(&p).await;
+        assert!(punched(&mut p.a).await, "{t:?}: a's hole punch succeeds");
+        let (a_id, b_id) = (p.a.p2p.local_peer_id(), p.b.p2p.local_peer_id());
+        let old = direct_only(&p.a, b_id, LIMIT, STEP)
+            .await
+            .expect("a reaches b directly");
+        assert!(old.iter().all(|l| port_of(&l.remote) == Some(PORT)), "{old:?}");
+        // Past the punch's race: a circuit from b now is not one of its.
+        tokio::time::sleep(PUNCH_RACE + Duration::from_secs(1)).await;
+
+        p.nets.silence("b", PORT).expect("b's host goes silent");
+        let again = behind_nat_as(
+            &p.nets,
+            "b",
+            p.b_key.clone(),
+            t,
+            PORT + 1,
+            &p.relay_addr,
+            PingTimes::default(),
+        )
+        .expect("b starts again");
+        drop(std::mem::replace(&mut p.b, again));
+        assert!(
+            listening_through_relay(&p.b, LIMIT).await,
+            "{t:?}: the new b listens through the relay"
+        );
+        // One connection to the relay: it allows a member 4, and the old b's
+        // silent ones count until they time out there. Before the bootstrap,
+        // relay and DHT dials were coalesced, each member opened 3 or 4, and
+        // the new b was refused until the old ones timed out (QUIC: ~13 s).
+        let to_relay = p.b.p2p.links(p.relay.p2p.local_peer_id()).await;
+        assert_eq!(
+            to_relay.len(),
+            1,
+            "{t:?}: the new b's connections to the relay: {to_relay:?}"
+        );
+        p.b.p2p.add_peer(a_id, circuit_of(&p.a).await).await;
+        p.b.p2p
+            .send(a_id, b"back again".to_vec())
+            .await
+            .expect("the new b reaches a through the relay at its first try");
+        // Sent at once while a and the new b punch again: the punch closes
+        // the circuit under some of them, which are sent once more, as the
+        // market sends every direct message (`resent_once`).
+        let a = &p.a.p2p;
+        let sends = (0..20).map(|i| {
+            let body = format!("to the new b {i}").into_bytes();
+            resent_once(move || a.send(b_id, body.clone()))
+        });
+        let failed: Vec<_> = futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{t:?}: every message from a reaches the new b: {failed:?}"
+        );
+        // Once a reaches the new b directly, nothing is left of the old one:
+        // its connection was closed when the new b dialled through the
+        // relay, not when a ping (35 s) or QUIC's idle timeout (10 s) gave up.
+        let links = direct_only(&p.a, b_id, LIMIT, STEP)
+            .await
+            .expect("a and the new b punch again and the relay carries nothing");
+        assert!(
+            links.iter().all(|l| port_of(&l.remote) == Some(PORT + 1)),
+            "{t:?}: a holds no connection to the old b: {links:?}"
+        );
+    }
+}
+
+/// b's host goes silent for good, with no FIN or RST: over TCP a would hold
+/// the connection for as long as the kernel retries (many minutes) and keep
+/// sending on it. The first ping that goes unanswered closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_vanishes_without_a_word_is_let_go() {
+    let quick = PingTimes {
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(2),
+    };
+    let mut p = pool_pinging(Transport::Tcp, Nat::KeepsPorts, "v", quick).await;
+    a_reaches_b(&p).await;
+    assert!(punched(&mut p.a).await, "a's hole punch succeeds");
+    let b_id = p.b.p2p.local_peer_id();
+    direct_only(&p.a, b_id, LIMIT, STEP)
+        .await
+        .expect("a reaches b directly");
+    p.nets.silence("b", PORT).expect("b's host goes silent");
+    let left = let_go(&p.a, b_id).await;
+    assert!(left.is_empty(), "a closes its connections to the silent b: {left:?}");
 }

@@ -527,8 +527,10 @@ impl Market {
         seal(&self.key, body, now_ms(), ttl, crate::tracecontext::current_headers())
     }
 
+    /// Sends `body` sealed, and sealed anew once more if the connection it
+    /// went out on closed under it (`p2p::resend`).
     pub(crate) async fn send(&self, peer: PeerId, body: Body) -> Result<(), SendError> {
-        self.p2p.send(peer, self.seal(body)).await
+        crate::p2p::resend::resent_once(|| self.p2p.send(peer, self.seal(body.clone()))).await
     }
 
     /// Sends without waiting for the answer. Heartbeats and status reports go

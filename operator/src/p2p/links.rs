@@ -31,7 +31,9 @@ pub struct Link {
 /// dialled in the same race, and closed. Later, a peer that dials through
 /// the relay while a direct connection looks alive here has most likely
 /// restarted behind its NAT (an old QUIC connection looks alive until its
-/// idle timeout): its circuit is kept, and is all it can reach us by.
+/// idle timeout, a TCP one until a ping fails): its circuit is kept, and is
+/// all it can reach us by, and the direct connection is closed
+/// ([`Links::outlived`]).
 pub const PUNCH_RACE: Duration = Duration::from_secs(10);
 
 /// Every live connection, by peer.
@@ -88,6 +90,24 @@ impl Links {
     /// the direct connection landed first), so the relay need not carry it.
     pub fn late_circuit(&self, peer: PeerId, id: ConnectionId, now: Instant) -> bool {
         self.get(peer, id).is_some_and(|l| l.relayed) && self.punched_lately(peer, now)
+    }
+
+    /// A circuit `id` that `peer` dialled to us, outside a punch race, while
+    /// we hold direct connections to it: the direct ones to close. A member
+    /// dials only a peer it holds no connection to, so the peer has lost its
+    /// end of them: it restarted behind its NAT, or its NAT forgot the
+    /// mapping. Ours look alive until a ping or QUIC's idle timeout says
+    /// otherwise, and libp2p spreads requests over every connection to a
+    /// peer: until then every other message to it would wait out its timeout.
+    pub fn outlived(&self, peer: PeerId, id: ConnectionId, now: Instant) -> Vec<ConnectionId> {
+        let theirs = self.get(peer, id).is_some_and(|l| l.relayed && !l.dialled);
+        if !theirs || self.punched_lately(peer, now) {
+            return vec![];
+        }
+        self.by_peer
+            .get(&peer)
+            .map(|l| l.iter().filter(|(_, l)| !l.relayed).map(|(c, _)| *c).collect())
+            .unwrap_or_default()
     }
 
     /// Two members that dialled each other through the relay at once hold
@@ -179,6 +199,34 @@ mod tests {
         // A direct connection is never "late", nor an unknown one.
         assert!(!links.late_circuit(peer, id(1), t0));
         assert!(!links.late_circuit(peer, id(9), t0));
+    }
+
+    #[test]
+    fn a_circuit_the_peer_dials_after_the_race_outlives_the_direct_connection() {
+        let (peer, t0) = (PeerId::random(), Instant::now());
+        let late = t0 + PUNCH_RACE + Duration::from_secs(1);
+        let mut links = Links::default();
+        links.opened(peer, id(1), link(false, true, t0));
+        links.opened(peer, id(2), link(false, false, t0));
+        // The peer restarted and dialled us through the relay.
+        links.opened(peer, id(3), link(true, false, late));
+        assert_eq!(sorted(links.outlived(peer, id(3), late)), vec![id(1), id(2)]);
+        assert!(!links.late_circuit(peer, id(3), late));
+        // Within the race the circuit is the late one, not the direct ones.
+        assert!(links.outlived(peer, id(3), t0 + Duration::from_secs(1)).is_empty());
+    }
+
+    #[test]
+    fn a_circuit_we_dialled_or_a_direct_connection_outlives_nothing() {
+        let (peer, t0) = (PeerId::random(), Instant::now());
+        let late = t0 + PUNCH_RACE + Duration::from_secs(1);
+        let mut links = Links::default();
+        links.opened(peer, id(1), link(false, true, t0));
+        links.opened(peer, id(2), link(true, true, late));
+        links.opened(peer, id(3), link(false, false, late));
+        assert!(links.outlived(peer, id(2), late).is_empty());
+        assert!(links.outlived(peer, id(3), late).is_empty());
+        assert!(links.outlived(peer, id(9), late).is_empty());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The peer-to-peer layer: identity, message sealing and checks (pure), peer
-//! scores (pure), which connections to close around a hole punch (pure) and
-//! the libp2p swarm (I/O).
+//! scores (pure), which connections to close around a hole punch (pure),
+//! when a message is sent again (pure) and the libp2p swarm (I/O).
 
 pub mod announce;
 pub mod body;
@@ -10,5 +10,6 @@ pub mod identity;
 pub mod links;
 #[cfg(test)]
 mod property_tests;
+pub mod resend;
 pub mod score;
 pub mod swarm;
