@@ -364,7 +364,7 @@ async fn a_member_that_starts_again_behind_its_nat_is_reached_at_once() {
         );
         // Once a reaches the new b directly, nothing is left of the old one:
         // its connection was closed when the new b dialled through the
-        // relay, not when a ping (35 s) or QUIC's idle timeout (10 s) gave up.
+        // relay, not when pings (about a minute) or QUIC's idle timeout (10 s) gave up.
         let links = direct_only(&p.a, b_id, LIMIT, STEP)
             .await
             .expect("a and the new b punch again and the relay carries nothing");

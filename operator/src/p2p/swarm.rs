@@ -78,8 +78,10 @@ pub struct SwarmConfig {
     pub ping: PingTimes,
 }
 
-/// See [`SwarmConfig::ping`]. The defaults are libp2p's: a dead connection
-/// is closed within 35 s, well inside a lease's heartbeat grace.
+/// See [`SwarmConfig::ping`]. The defaults are libp2p's, and libp2p reports
+/// only the second unanswered ping in a row: a dead connection is closed
+/// within about 70 s. Failover does not wait on it (a lease's heartbeat
+/// grace decides that); closing only stops messages going onto it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PingTimes {
     pub interval: Duration,
