@@ -364,7 +364,8 @@ async fn a_member_that_starts_again_behind_its_nat_is_reached_at_once() {
         );
         // Once a reaches the new b directly, nothing is left of the old one:
         // its connection was closed when the new b dialled through the
-        // relay, not when pings (about a minute) or QUIC's idle timeout (10 s) gave up.
+        // relay, not when pings (about a minute) or QUIC's idle timeout
+        // (10 s) gave up.
         let links = direct_only(&p.a, b_id, LIMIT, STEP)
             .await
             .expect("a and the new b punch again and the relay carries nothing");
@@ -377,7 +378,7 @@ async fn a_member_that_starts_again_behind_its_nat_is_reached_at_once() {
 
 /// b's host goes silent for good, with no FIN or RST: over TCP a would hold
 /// the connection for as long as the kernel retries (many minutes) and keep
-/// sending on it. The first ping that goes unanswered closes it.
+/// sending on it. Two pings in a row that go unanswered close it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_vanishes_without_a_word_is_let_go() {
     let quick = PingTimes {
