@@ -739,7 +739,7 @@ impl Loop {
 
     fn close(&mut self, peer: PeerId, ids: Vec<ConnectionId>) {
         for id in ids {
-            debug!(%peer, "closing a relayed connection");
+            debug!(%peer, "closing a connection");
             self.swarm.close_connection(id);
         }
     }
@@ -1044,9 +1044,7 @@ impl Loop {
                     let outlived = self.links.outlived(peer_id, connection_id, now);
                     if !outlived.is_empty() {
                         info!(peer = %peer_id, closed = outlived.len(), "the peer dialled through the relay, so it lost our direct connection (a restart behind its NAT?): closing ours");
-                        for id in outlived {
-                            self.swarm.close_connection(id);
-                        }
+                        self.close(peer_id, outlived);
                     }
                 }
                 // A relay we could not listen through (it was not up yet)
