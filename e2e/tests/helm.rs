@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use gpupool_chain::ChainConfig;
 use gpupool_e2e::cluster::ClusterInfo;
-use gpupool_e2e::harness::{admin, namespace, remove_namespace, testenv, wait_for, workspace};
+use gpupool_e2e::harness::{admin, namespace, remove_namespace, testenv, wait_for, workspace, workspace_bin};
 use gpupool_operator::market::policy::ProviderPolicy;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
@@ -123,6 +123,7 @@ fn values(chain: &ChainConfig) -> serde_json::Value {
             "announce": ["/dns4/pool.helm-dc.example.org/tcp/4001", "/dns4/pool.helm-dc.example.org/udp/4001/quic-v1"],
             "relay": { "via": [RELAY], "serve": true, "maxCircuits": 64 },
             "api": { "enabled": true },
+            "ping": { "everySeconds": 5, "timeoutSeconds": 10 },
             "policy": {
                 "prices": [{ "model": "H100", "pricePerGpuHour": "2.50" }],
                 "maxLentGpus": 8,
@@ -368,6 +369,10 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         ),
         (&["--set", "agent.backend=docker"], &["/agent/backend"]),
         (
+            &["--set", "pool.ping.everySeconds=0"],
+            &["/pool/ping/everySeconds", "minimum"],
+        ),
+        (
             &["--set", "pool.heartbeatGraceMs=1000"],
             &["pool.heartbeatGraceMs (1000) must be longer than pool.heartbeatEveryMs (2000)"],
         ),
@@ -472,7 +477,61 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         env_value(&operator, "GPUPOOL_P2P_RELAY_MAX_CIRCUITS").as_deref(),
         Some("64")
     );
+    assert_eq!(
+        (
+            env_value(&operator, "GPUPOOL_P2P_PING_EVERY_SECONDS").as_deref(),
+            env_value(&operator, "GPUPOOL_P2P_PING_TIMEOUT_SECONDS").as_deref()
+        ),
+        (Some("5"), Some("10"))
+    );
     let agents: Api<DaemonSet> = Api::namespaced(client.clone(), &ns);
+    // Every flag and GPUPOOL_ variable the chart sets is one its binary
+    // reads: a flag renamed in one place only would leave a value silently
+    // ignored (a variable) or the pods crash-looping (a flag).
+    let agent_set = agents.get("gpupool-agent").await.expect("the agent DaemonSet");
+    for (template, bin) in [
+        (operator.spec.as_ref().map(|s| &s.template), "gpupool-operator"),
+        (agent_set.spec.as_ref().map(|s| &s.template), "gpupool-agent"),
+    ] {
+        let help = Command::new(workspace_bin(bin)).arg("--help").output().expect("--help");
+        let help = String::from_utf8_lossy(&help.stdout);
+        let flags: Vec<&str> = help
+            .lines()
+            .flat_map(|l| l.split([' ', ',']))
+            .filter(|w| w.starts_with("--"))
+            .collect();
+        let containers = template
+            .and_then(|t| t.spec.as_ref())
+            .map(|s| s.containers.clone())
+            .unwrap_or_default();
+        let mut set = 0;
+        for c in &containers {
+            for name in c
+                .env
+                .iter()
+                .flatten()
+                .map(|e| &e.name)
+                .filter(|n| n.starts_with("GPUPOOL_"))
+            {
+                // `[env: NAME]` where the value is hidden (a URL with a key in it).
+                let read = [format!("[env: {name}="), format!("[env: {name}]")];
+                assert!(
+                    read.iter().any(|r| help.contains(r)),
+                    "the chart sets {name}, which {bin} does not read"
+                );
+                set += 1;
+            }
+            for arg in c.args.iter().flatten().filter(|a| a.starts_with("--")) {
+                let flag = arg.split('=').next().unwrap_or_default();
+                assert!(
+                    flags.contains(&flag),
+                    "the chart passes {flag}, which {bin} does not take"
+                );
+                set += 1;
+            }
+        }
+        assert!(set >= 3, "{bin}: nothing set in {containers:#?}");
+    }
     let nodes = i32::try_from(org.nodes.len()).expect("node count");
     wait_for(Duration::from_secs(60), "an agent ready on every GPU node", || async {
         let s = agents.get("gpupool-agent").await.ok()?.status?;

@@ -1073,13 +1073,29 @@ async fn runs_only_at_corvus(acme: &Client, tag: &str) {
     remove_namespace(acme, &ns).await;
 }
 
-/// The count of drops for `reason` in the Prometheus text.
-fn dropped(metrics: &str, reason: &str) -> u64 {
+/// The value of one series (`name{label="value"}`) in the Prometheus text; 0 when absent.
+fn sample(metrics: &str, series: &str) -> u64 {
     metrics
         .lines()
-        .find(|l| l.starts_with(&format!("gpupool_pool_messages_dropped_total{{reason=\"{reason}\"}}")))
+        .find(|l| l.split_once(' ').is_some_and(|(name, _)| name == series))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// The count of drops for `reason` in the Prometheus text.
+fn dropped(metrics: &str, reason: &str) -> u64 {
+    sample(
+        metrics,
+        &format!("gpupool_pool_messages_dropped_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// The count of messages of `kind` that passed every check.
+fn received(metrics: &str, kind: &str) -> u64 {
+    sample(
+        metrics,
+        &format!("gpupool_pool_messages_received_total{{kind=\"{kind}\"}}"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1289,4 +1305,175 @@ async fn a_member_is_known_and_reached_at_the_address_it_announces() {
     );
 
     runs_only_at_corvus(&acme, "announce").await;
+}
+
+/// Every direct message arrives twice (`--fault-deliver-twice`: each copy
+/// sealed anew and both sent at once), as when a resend follows a connection
+/// that closed under a message that had in fact arrived (`p2p::resend`).
+/// Bids, lease offers, status reports, heartbeats and the cancel all land
+/// twice, and nothing happens twice: one lease on each side, one payment,
+/// one reputation point, each Event once, and no honest member penalised.
+#[tokio::test]
+async fn every_direct_message_arriving_twice_changes_nothing() {
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let bravo = admin(env.org("bravo").unwrap()).await;
+    let pool = Pool::start(&env, "twice", &lends(), &["--fault-deliver-twice".into()])
+        .await
+        .unwrap();
+    let ns = namespace(&acme, "twice").await;
+    let before = (
+        pool.balance("acme").await.unwrap(),
+        pool.balance("bravo").await.unwrap(),
+    );
+    let reputation_before = reputation(&acme, "bravo").await;
+    let job = |name: &str, duration: &str| {
+        aijob_json(
+            name,
+            4,
+            &["A100"],
+            duration,
+            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"},
+                "bidding": {"window": "1s"}}),
+        )
+    };
+
+    // One job runs to the end at bravo.
+    create(&acme, &ns, job("train", "3s")).await;
+    let done = wait_job(&acme, &ns, "train", "Succeeded", |j| {
+        phase(j) == Some(AiJobPhase::Succeeded)
+    })
+    .await;
+    let status = done.status.clone().unwrap();
+    let runs_on = status.runs_on.clone().unwrap();
+    assert_eq!(runs_on.org, "bravo");
+    assert_eq!(status.exit_code, Some(0));
+    let order = status.order.clone().unwrap().id;
+    let renter_leases = leases_of(&acme, &ns).await;
+    assert_eq!(renter_leases.len(), 1, "one lease: {renter_leases:#?}");
+    let (paid, _) = check_settled(&renter_leases[0]);
+    let provider_copy = |order: String, reason: &'static str| {
+        let bravo = bravo.clone();
+        async move {
+            wait_for(WAIT, &format!("bravo's one copy closed as {reason}"), || async {
+                let copies: Vec<Lease> = leases_of(&bravo, "gpupool-system")
+                    .await
+                    .into_iter()
+                    .filter(|l| l.spec.order_id == order)
+                    .collect();
+                assert!(copies.len() <= 1, "two provider copies of one lease: {copies:#?}");
+                let l = copies.into_iter().next()?;
+                (l.status.as_ref()?.close_reason.as_deref() == Some(reason)).then_some(l)
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let lent = provider_copy(order.clone(), "Completed").await;
+    assert_eq!(
+        lent.status.as_ref().unwrap().paid,
+        renter_leases[0].status.as_ref().unwrap().paid
+    );
+    wait_for(WAIT, "reputation recorded once", || async {
+        let now = reputation(&acme, "bravo").await;
+        assert!(
+            now.0 <= reputation_before.0 + 1,
+            "one completion counted twice: {now:?}"
+        );
+        (now == (reputation_before.0 + 1, reputation_before.1)).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Each Event once: a second copy of a status report repeats nothing.
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(acme.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    let about_train: Vec<_> = events
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("train"))
+        .collect();
+    let mut reasons: Vec<&str> = about_train.iter().filter_map(|e| e.reason.as_deref()).collect();
+    reasons.sort_unstable();
+    let n = reasons.len();
+    reasons.dedup();
+    assert_eq!(reasons.len(), n, "an Event repeated: {about_train:#?}");
+    assert!(
+        about_train.iter().all(|e| e.series.is_none()),
+        "an Event counted twice: {about_train:#?}"
+    );
+    assert!(reasons.contains(&"Succeeded"), "{reasons:?}");
+
+    // Another is cancelled while it runs: the cancel arrives twice too.
+    create(&acme, &ns, job("doomed", "10m")).await;
+    let running = wait_job(&acme, &ns, "doomed", "Running", |j| {
+        phase(j) == Some(AiJobPhase::Running)
+    })
+    .await;
+    let status = running.status.unwrap();
+    let (doomed_ns, doomed_order) = (status.runs_on.unwrap().namespace, status.order.unwrap().id);
+    // Counted before the cancel takes the doomed job's Bids with it.
+    let bids = Api::<Bid>::namespaced(acme.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len() as u64;
+    Api::<AiJob>::namespaced(acme.clone(), &ns)
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    let cancelled = provider_copy(doomed_order, "RenterCancelled").await;
+    let (paid_cancelled, _) = check_settled(&cancelled);
+    for gone in [&runs_on.namespace, &doomed_ns] {
+        wait_for(WAIT, "bravo deleted the lease's namespace", || async {
+            matches!(Api::<Namespace>::all(bravo.clone()).get_opt(gone).await, Ok(None)).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+
+    // Tokens moved once per lease.
+    let after = (
+        pool.balance("acme").await.unwrap(),
+        pool.balance("bravo").await.unwrap(),
+    );
+    assert_eq!(before.0 - after.0, paid + paid_cancelled, "renter paid each lease once");
+    assert_eq!(
+        after.1 - before.1,
+        paid + paid_cancelled,
+        "provider was paid each lease once"
+    );
+
+    // The copies did arrive, and no member counted them against another.
+    let (at_acme, at_bravo) = (
+        pool.operator("acme").unwrap().metrics().await,
+        pool.operator("bravo").unwrap().metrics().await,
+    );
+    // Without the fault each Bid is one bid and one result; with it, two of each.
+    assert!(bids >= 2, "a Bid for each job: {bids}");
+    assert!(
+        received(&at_acme, "bid") >= 2 * bids,
+        "every bid arrived twice ({bids} Bids): {at_acme}"
+    );
+    assert!(
+        received(&at_bravo, "bid_result") >= 2 * bids,
+        "every bid's result arrived twice ({bids} Bids): {at_bravo}"
+    );
+    for org in ["acme", "bravo", "corvus"] {
+        let m = pool.operator(org).unwrap().metrics().await;
+        for reason in gpupool_operator::p2p::envelope::DropReason::ALL {
+            if reason.penalty() > 0.0 {
+                assert_eq!(
+                    dropped(&m, reason.as_str()),
+                    0,
+                    "{org} dropped {}: {m}",
+                    reason.as_str()
+                );
+            }
+        }
+    }
+    remove_namespace(&acme, &ns).await;
 }

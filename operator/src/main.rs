@@ -13,7 +13,7 @@ use gpupool_operator::market::node::{Market, MarketSettings};
 use gpupool_operator::market::policy::ProviderPolicy;
 use gpupool_operator::otlp_metrics;
 use gpupool_operator::p2p::identity;
-use gpupool_operator::p2p::swarm::{self, PeerLimits, RelayService, SwarmConfig};
+use gpupool_operator::p2p::swarm::{self, PeerLimits, PingTimes, RelayService, SwarmConfig};
 use gpupool_operator::settlement::{self, SettlementSettings};
 use gpupool_operator::telemetry::{self, Metrics};
 use gpupool_operator::traces;
@@ -160,6 +160,27 @@ struct PoolArgs {
     /// Connections to any one peer.
     #[arg(long = "p2p-max-per-peer", env = "GPUPOOL_P2P_MAX_PER_PEER", default_value_t = 4)]
     max_per_peer: u32,
+    /// How often each connection to a member is pinged. Two unanswered
+    /// pings in a row close it, so a member that vanished without closing
+    /// its connections (a host gone, a NAT mapping dropped) is let go within
+    /// about twice (this + the timeout): 70 s by default. Lower both on
+    /// links that drop mappings sooner. Failover never waits on this: a
+    /// lease's heartbeat grace decides it.
+    #[arg(
+        long = "p2p-ping-every-seconds",
+        env = "GPUPOOL_P2P_PING_EVERY_SECONDS",
+        default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    ping_every_seconds: u64,
+    /// How long a ping waits for its answer.
+    #[arg(
+        long = "p2p-ping-timeout-seconds",
+        env = "GPUPOOL_P2P_PING_TIMEOUT_SECONDS",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    ping_timeout_seconds: u64,
     /// Bootstrap peers (multiaddresses; /p2p/<peer id> optional).
     #[arg(long = "bootstrap", env = "GPUPOOL_BOOTSTRAP", value_delimiter = ',')]
     bootstrap: Vec<libp2p::Multiaddr>,
@@ -185,6 +206,13 @@ struct PoolArgs {
     /// it lent after the lease closed; 0 keeps them for good. 30 days by default.
     #[arg(long, env = "GPUPOOL_CLOSED_LEASE_RETENTION_SECONDS", default_value_t = 30 * 86_400)]
     closed_lease_retention_seconds: u64,
+    /// Fault injection, for tests: every direct message to a member goes
+    /// out twice at once, each copy sealed anew, as a resend does when the
+    /// connection closed under a message that had in fact arrived. The
+    /// end-to-end suite runs a whole placement so, to show that a second
+    /// copy of any message changes nothing. Hidden: no pool wants it.
+    #[arg(long = "fault-deliver-twice", hide = true)]
+    fault_deliver_twice: bool,
 }
 
 /// The shortest deposit period: a lease topped up more often than this
@@ -440,6 +468,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     max_per_peer: args.pool.max_per_peer,
                     ..PeerLimits::default()
                 },
+                ping: PingTimes {
+                    interval: Duration::from_secs(args.pool.ping_every_seconds),
+                    timeout: Duration::from_secs(args.pool.ping_timeout_seconds),
+                },
                 ..Default::default()
             },
         )
@@ -462,6 +494,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 message_ttl: Duration::from_secs(60),
                 policy,
                 closed_lease_retention: Duration::from_secs(args.pool.closed_lease_retention_seconds),
+                deliver_twice: args.pool.fault_deliver_twice,
             },
             metrics.clone(),
             wake_tx,

@@ -60,6 +60,9 @@ pub struct MarketSettings {
     pub policy: ProviderPolicy,
     /// How long a closed provider Lease record stays (zero: for good).
     pub closed_lease_retention: Duration,
+    /// Fault injection for tests: every direct message goes out twice
+    /// (`--fault-deliver-twice`).
+    pub deliver_twice: bool,
 }
 
 /// What this cluster knows about another member.
@@ -530,7 +533,14 @@ impl Market {
     /// Sends `body` sealed, and sealed anew once more if the connection it
     /// went out on closed under it (`p2p::resend`).
     pub(crate) async fn send(&self, peer: PeerId, body: Body) -> Result<(), SendError> {
-        crate::p2p::resend::resent_once(|| self.p2p.send(peer, self.seal(body.clone()))).await
+        let once = || crate::p2p::resend::resent_once(|| self.p2p.send(peer, self.seal(body.clone())));
+        if !self.settings.deliver_twice {
+            return once().await;
+        }
+        // Both at once: the receiver may still be handling the first copy
+        // when the second arrives, as after a real resend.
+        let (first, second) = tokio::join!(once(), once());
+        first.or(second)
     }
 
     /// Sends without waiting for the answer. Heartbeats and status reports go
