@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use anyhow::Context as _;
 use gpupool_chain::{Address, B256, ChainConfig, ClientOptions, EscrowClient, LeaseOnChain, Wallet};
-use gpupool_crds::price::TokenAmount;
+use gpupool_crds::price::{TokenAmount, shown};
 use serde::Serialize;
 
 use crate::output::{Format, structured, table};
@@ -172,10 +172,10 @@ pub async fn escrow(format: Format, opts: &ChainOpts, cmd: EscrowCmd) -> anyhow:
                 ],
                 &[vec![
                     b.address,
-                    b.wallet,
-                    b.account,
-                    b.in_leases_as_renter,
-                    b.owed_as_provider,
+                    shown(&b.wallet),
+                    shown(&b.account),
+                    shown(&b.in_leases_as_renter),
+                    shown(&b.owed_as_provider),
                     b.open_leases.to_string(),
                 ]],
             ))
@@ -199,7 +199,7 @@ pub async fn escrow(format: Format, opts: &ChainOpts, cmd: EscrowCmd) -> anyhow:
             let got = client.withdraw(id).await?;
             Ok(format!(
                 "withdrew {} tokens from lease {id} into your escrow account\n",
-                tokens(got)
+                TokenAmount(got).shown()
             ))
         }
         EscrowCmd::Withdraw {
@@ -222,8 +222,8 @@ pub async fn escrow(format: Format, opts: &ChainOpts, cmd: EscrowCmd) -> anyhow:
             let left = client.agent_allowance(me, agent).await?;
             Ok(format!(
                 "agent {agent} may commit {} more tokens from your escrow account (it holds {})\n",
-                tokens(left),
-                tokens(client.account(me).await?)
+                TokenAmount(left).shown(),
+                TokenAmount(client.account(me).await?).shown()
             ))
         }
     }
@@ -311,8 +311,8 @@ pub async fn leases(format: Format, opts: &ChainOpts, address: Option<Address>) 
                     r.state,
                     short(&r.renter),
                     short(&r.provider),
-                    r.paid,
-                    r.remaining,
+                    shown(&r.paid),
+                    shown(&r.remaining),
                     r.close_reason.unwrap_or_else(|| "-".into()),
                 ]
             })

@@ -11,6 +11,7 @@ use futures::StreamExt as _;
 use gpupool_chain::Wallet;
 use gpupool_crds::AiJobPhase;
 use gpupool_crds::market_view::Offer;
+use gpupool_crds::price::shown;
 use gpupool_proto::pool::v1 as api;
 use gpupool_proto::pool::v1::pool_client::PoolClient;
 use prost::Message;
@@ -167,7 +168,7 @@ impl Pool {
                     dash(Some(j.phase.clone())),
                     dash(Some(j.runs_on_org.clone())),
                     j.max_price_per_gpu_hour.clone(),
-                    dash(Some(j.cost_so_far.clone())),
+                    dash(Some(shown(&j.cost_so_far))),
                     dash(Some(j.message.clone())),
                 ]
             })
@@ -250,9 +251,9 @@ impl Pool {
                     l.provider_org.clone(),
                     format!("{}×{}", l.gpu_count, l.gpu_product),
                     lease_state(l),
-                    dash(Some(l.deposited.clone())),
-                    dash(Some(l.paid.clone())),
-                    dash(Some(l.refunded.clone())),
+                    dash(Some(shown(&l.deposited))),
+                    dash(Some(shown(&l.paid))),
+                    dash(Some(shown(&l.refunded))),
                     dash(Some(l.message.clone())),
                 ]
             })
@@ -307,9 +308,9 @@ impl Pool {
             "lease {} {}: paid {}, refunded {} of {} deposited\n",
             closed.name,
             lease_state(&closed),
-            dash(Some(closed.paid.clone())),
-            dash(Some(closed.refunded.clone())),
-            dash(Some(closed.deposited.clone()))
+            dash(Some(shown(&closed.paid))),
+            dash(Some(shown(&closed.refunded))),
+            dash(Some(shown(&closed.deposited)))
         ))
     }
 
@@ -331,10 +332,10 @@ impl Pool {
             ],
             &[vec![
                 e.wallet,
-                e.wallet_balance,
-                e.account,
-                e.agent_allowance,
-                e.in_leases,
+                shown(&e.wallet_balance),
+                shown(&e.account),
+                shown(&e.agent_allowance),
+                shown(&e.in_leases),
                 e.open_leases.to_string(),
             ]],
         ))
@@ -437,7 +438,7 @@ fn lease_state(l: &api::LeaseView) -> String {
 fn lease_progress(l: &api::LeaseView) -> String {
     let mut s = format!("{} in {}", lease_state(l), l.provider_org);
     if !l.deposited.is_empty() {
-        s.push_str(&format!(", {} deposited", l.deposited));
+        s.push_str(&format!(", {} deposited", shown(&l.deposited)));
     }
     if !l.workload_phase.is_empty() {
         s.push_str(&format!(", workload {}", l.workload_phase));
@@ -462,7 +463,7 @@ fn summary(j: &api::Job) -> String {
         s.push_str(&format!(", exit code {code}"));
     }
     if !j.cost_so_far.is_empty() {
-        s.push_str(&format!(", cost {} tokens", j.cost_so_far));
+        s.push_str(&format!(", cost {} tokens", shown(&j.cost_so_far)));
     }
     if !j.message.is_empty() {
         s.push_str(&format!(": {}", j.message));
@@ -484,12 +485,12 @@ mod tests {
             phase: "Succeeded".into(),
             runs_on_org: "bravo".into(),
             exit_code: Some(0),
-            cost_so_far: "0.01".into(),
+            cost_so_far: "0.004888888888888888".into(),
             ..Default::default()
         };
         assert_eq!(
             summary(&j),
-            "aijob/eval Succeeded in bravo, exit code 0, cost 0.01 tokens\n"
+            "aijob/eval Succeeded in bravo, exit code 0, cost 0.004889 tokens\n"
         );
     }
 
@@ -501,9 +502,9 @@ mod tests {
         };
         assert_eq!(lease_state(&l), "Pending");
         l.state = "Active".into();
-        l.deposited = "0.5".into();
+        l.deposited = "4.3999999999999992".into();
         l.message = "adding 0.1 tokens".into();
-        assert_eq!(lease_progress(&l), "Active in bravo, 0.5 deposited: adding 0.1 tokens");
+        assert_eq!(lease_progress(&l), "Active in bravo, 4.4 deposited: adding 0.1 tokens");
         l.state = "Closed".into();
         l.close_reason = "InsufficientFunds".into();
         assert_eq!(lease_state(&l), "Closed (InsufficientFunds)");

@@ -289,7 +289,7 @@ fn summary(job: &AiJob) -> String {
         s.push_str(&format!(", exit code {code}"));
     }
     if let Some(cost) = &st.cost_so_far {
-        s.push_str(&format!(", cost {cost} tokens"));
+        s.push_str(&format!(", cost {} tokens", gpupool_crds::price::shown(cost)));
     }
     if let Some(m) = st.message.filter(|m| !m.is_empty()) {
         s.push_str(&format!(": {m}"));

@@ -79,7 +79,26 @@ impl fmt::Display for TokenAmount {
     }
 }
 
+/// Decimal places shown to people: tables, progress lines, status messages.
+pub const SHOWN_DECIMALS: u32 = 6;
+
 impl TokenAmount {
+    /// The amount rounded (half up) to [`SHOWN_DECIMALS`] places, for
+    /// people. A lease's rate is a whole number of base units per second, so
+    /// its deposit and payments come out as 4.3999999999999992 where the
+    /// renter thinks 4.4, and a refund as 4.395111111111110312. A positive
+    /// amount below the last place shows as `<0.000001`, never as nothing.
+    /// What machines read (`-o json|yaml`, resource fields, the Pool API)
+    /// stays exact.
+    pub fn shown(self) -> String {
+        let unit = 10u128.pow(DECIMALS - SHOWN_DECIMALS);
+        let rounded = self.0.saturating_add(unit / 2) / unit * unit;
+        if rounded == 0 && self.0 > 0 {
+            return format!("<{}", TokenAmount(unit));
+        }
+        TokenAmount(rounded).to_string()
+    }
+
     /// The cost of `gpus` GPUs at this hourly price for `seconds`, rounded down
     /// to a base unit: the renter is never charged for a fraction it did not use.
     pub fn for_gpu_seconds(self, gpus: u32, seconds: u64) -> Option<TokenAmount> {
@@ -90,9 +109,37 @@ impl TokenAmount {
     }
 }
 
+/// A decimal amount from a resource or the Pool API, for people
+/// ([`TokenAmount::shown`]); one that does not parse is shown as it is.
+pub fn shown(amount: &str) -> String {
+    amount
+        .parse::<TokenAmount>()
+        .map_or_else(|_| amount.to_string(), TokenAmount::shown)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_are_shown_to_six_places_rounded_half_up() {
+        for (exact, shown) in [
+            ("4.3999999999999992", "4.4"),
+            ("4.395111111111110312", "4.395111"),
+            ("0.004888888888888888", "0.004889"),
+            ("0.0000005", "0.000001"),
+            ("0.000000499999999999", "<0.000001"),
+            ("0.000000000000000001", "<0.000001"),
+            ("0.9999995", "1"),
+            ("0", "0"),
+            ("2.5", "2.5"),
+            ("999999999999.9999999", "1000000000000"),
+        ] {
+            assert_eq!(super::shown(exact), shown, "{exact}");
+        }
+        assert_eq!(super::shown("-"), "-");
+        assert_eq!(super::shown(""), "");
+    }
 
     #[test]
     fn parses_and_prints_round_trip() {

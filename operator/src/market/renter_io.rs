@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use gpupool_chain::Address;
 use gpupool_crds::conditions::find;
-use gpupool_crds::price::TokenAmount;
+use gpupool_crds::price::{TokenAmount, shown};
 use gpupool_crds::{
     AiJob, AiJobPhase, Bid, BidSpec, BidState, BidStatus, CloseReason, Escrow, LABEL_AIJOB, LABEL_ORDER,
     LEASE_FINALIZER, Lease, LeaseParty, LeaseSide, LeaseSpec, LeaseState, PoolOrder, RunsOn, WorkloadReport,
@@ -910,8 +910,8 @@ impl Market {
                     w.phase,
                     l.spec.provider.org,
                     st.close_reason.unwrap_or_default(),
-                    st.paid.clone().unwrap_or_default(),
-                    st.refunded.unwrap_or_default()
+                    shown(st.paid.as_deref().unwrap_or_default()),
+                    shown(st.refunded.as_deref().unwrap_or_default())
                 );
                 out.requeue = None;
                 if !status.phase.is_some_and(AiJobPhase::is_terminal) {
@@ -933,8 +933,8 @@ impl Market {
                     "lease {} in {} ran out of funds before the workload ended: paid {} of {} tokens deposited",
                     l.name_any(),
                     l.spec.provider.org,
-                    st.paid.clone().unwrap_or_default(),
-                    st.deposited.clone().unwrap_or_default()
+                    shown(st.paid.as_deref().unwrap_or_default()),
+                    shown(st.deposited.as_deref().unwrap_or_default())
                 );
                 if let Some(why) = find(&st.conditions, COND_FUNDS_LOW).filter(|c| c.status == "True") {
                     out.message.push_str(&format!("; {}", why.message));
