@@ -724,11 +724,24 @@ async fn live_leases(client: &Client, ns: &str) -> usize {
 
 #[tokio::test]
 async fn a_lost_provider_is_replaced_with_one_live_lease_and_a_refund() {
+    lost_provider_replaced("failover", &[]).await;
+}
+
+/// The failover again, every direct message arriving twice (see
+/// `every_direct_message_arriving_twice_changes_nothing`): the renter's
+/// close, its re-auction and the new provider's reports, each twice, still
+/// make one live lease at a time and one refund.
+#[tokio::test]
+async fn a_lost_provider_is_replaced_once_when_every_message_arrives_twice() {
+    lost_provider_replaced("failover-twice", &["--fault-deliver-twice".into()]).await;
+}
+
+async fn lost_provider_replaced(tag: &str, extra: &[String]) {
     let env = testenv();
     let acme = admin(env.org("acme").unwrap()).await;
     let bravo = admin(env.org("bravo").unwrap()).await;
-    let mut pool = Pool::start(&env, "failover", &lends(), &[]).await.unwrap();
-    let ns = namespace(&acme, "failover").await;
+    let mut pool = Pool::start(&env, tag, &lends(), extra).await.unwrap();
+    let ns = namespace(&acme, tag).await;
     create(
         &acme,
         &ns,

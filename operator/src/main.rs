@@ -477,6 +477,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
         .await?;
         let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(4096);
+        if args.pool.fault_deliver_twice {
+            tracing::warn!("--fault-deliver-twice is on: every direct message goes out twice; it is for tests");
+        }
         let market = Market::new(
             p2p,
             identity,
