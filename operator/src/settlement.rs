@@ -396,7 +396,10 @@ async fn apply(lease: Arc<Lease>, ctx: &Context, api: &Api<Lease>) -> Result<Act
                     &lease,
                     EventType::Normal,
                     "Withdrawn",
-                    &format!("withdrew {} tokens accrued to this provider", TokenAmount(amount)),
+                    &format!(
+                        "withdrew {} tokens accrued to this provider",
+                        TokenAmount(amount).shown()
+                    ),
                 )
                 .await;
                 Ok(true)
@@ -530,9 +533,9 @@ async fn top_up(lease: &Lease, ctx: &Context, id: B256, amount: u128, seen: &Obs
     };
     let cap = seen
         .top_up_to
-        .map_or_else(String::new, |c| format!(" of at most {}", TokenAmount(c)));
+        .map_or_else(String::new, |c| format!(" of at most {}", TokenAmount(c).shown()));
     let deposited = match &seen.onchain {
-        LeaseOnChain::Open { deposited, .. } => TokenAmount(deposited.saturating_add(amount)).to_string(),
+        LeaseOnChain::Open { deposited, .. } => TokenAmount(deposited.saturating_add(amount)).shown(),
         _ => "?".into(),
     };
     ctx.event(
@@ -541,7 +544,7 @@ async fn top_up(lease: &Lease, ctx: &Context, id: B256, amount: u128, seen: &Obs
         "ToppedUp",
         &format!(
             "added {} tokens{from} so the job runs on: {deposited}{cap} deposited ({gas} gas)",
-            TokenAmount(amount)
+            TokenAmount(amount).shown()
         ),
     )
     .await;
@@ -589,7 +592,7 @@ async fn open(lease: &Lease, ctx: &Context, id: B256, provider: Address) -> Resu
                 "Opened",
                 &format!(
                     "opened on chain in block {block} with a deposit of {} tokens{from} ({gas_used} gas)",
-                    escrow.deposit
+                    gpupool_crds::price::shown(&escrow.deposit)
                 ),
             )
             .await;

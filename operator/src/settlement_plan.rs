@@ -114,8 +114,10 @@ pub fn rate_per_second(price_per_gpu_hour: TokenAmount, gpus: u32) -> Option<u12
     (rate > 0).then_some(rate)
 }
 
+/// An amount in a sentence for people; the figures stay exact in the
+/// Lease's fields.
 fn tokens(v: u128) -> String {
-    TokenAmount(v).to_string()
+    TokenAmount(v).shown()
 }
 
 /// A chain time (unix seconds) as people read it.
@@ -600,7 +602,8 @@ mod tests {
         assert_eq!(r.step, Step::TopUp(3_600_000), "an hour at 1,000/s");
         let c = cond(&r, COND_FUNDS_LOW);
         assert_eq!((c.status, c.reason.as_str()), (false, "ToppingUp"));
-        assert!(c.message.contains("adding 0.0000000000036 tokens"), "{}", c.message);
+        // 3,600,000 base units: far below the six places people are shown.
+        assert!(c.message.contains("adding <0.000001 tokens"), "{}", c.message);
 
         // Never past topUpTo: 1,500,000 of room is what it adds.
         low.top_up_to = Some(2_500_000);
