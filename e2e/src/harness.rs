@@ -26,6 +26,16 @@ pub async fn events_about(client: &Client, ns: &str, name: &str) -> Vec<(String,
         .collect()
 }
 
+/// The value of one series (`name` or `name{label="value"}`) in an
+/// operator's Prometheus text; 0 when it is absent.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The environment `make testenv-up` started. Tests fail, loudly, without one.
 pub fn testenv() -> TestEnv {
     match TestEnv::load(&default_root()) {

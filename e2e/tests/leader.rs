@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use gpupool_crds::{AiJob, AiJobPhase, LABEL_AIJOB};
-use gpupool_e2e::harness::{Operator, admin, aijob_json, namespace, remove_namespace, testenv, wait_for};
+use gpupool_e2e::harness::{Operator, admin, aijob_json, namespace, remove_namespace, sample, testenv, wait_for};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Client;
@@ -53,14 +53,6 @@ async fn run_to_success(client: &Client, ns: &str, name: &str) {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-}
-
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn reconciles(metrics: &str) -> f64 {

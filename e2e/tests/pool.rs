@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use gpupool_crds::{AiJob, AiJobPhase, Bid, Lease, LeaseSide, LeaseState, PeerVia, PoolPeer};
-use gpupool_e2e::harness::{admin, aijob_json, events_about, namespace, remove_namespace, testenv, wait_for};
+use gpupool_e2e::harness::{admin, aijob_json, events_about, namespace, remove_namespace, sample, testenv, wait_for};
 use gpupool_e2e::pool::{Lends, Pool, base_units, fast_flags};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -1086,21 +1086,12 @@ async fn runs_only_at_corvus(acme: &Client, tag: &str) {
     remove_namespace(acme, &ns).await;
 }
 
-/// The value of one series (`name{label="value"}`) in the Prometheus text; 0 when absent.
-fn sample(metrics: &str, series: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|l| l.split_once(' ').is_some_and(|(name, _)| name == series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// The count of drops for `reason` in the Prometheus text.
 fn dropped(metrics: &str, reason: &str) -> u64 {
     sample(
         metrics,
         &format!("gpupool_pool_messages_dropped_total{{reason=\"{reason}\"}}"),
-    )
+    ) as u64
 }
 
 /// The count of messages of `kind` that passed every check.
@@ -1108,7 +1099,7 @@ fn received(metrics: &str, kind: &str) -> u64 {
     sample(
         metrics,
         &format!("gpupool_pool_messages_received_total{{kind=\"{kind}\"}}"),
-    )
+    ) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
