@@ -1319,13 +1319,102 @@ async fn a_member_is_known_and_reached_at_the_address_it_announces() {
 /// one reputation point, each Event once, and no honest member penalised.
 #[tokio::test]
 async fn every_direct_message_arriving_twice_changes_nothing() {
+    arriving_twice_changes_nothing("twice", Duration::ZERO, "3s").await;
+}
+
+/// As above, but each second copy goes out 2.5 s after the first was
+/// answered (`--fault-second-copy-after-ms`), behind everything sent since,
+/// as a resend that waited on a new connection arrives. The job runs 1 s, so
+/// the copy of the lease offer reaches bravo after the lease closed and its
+/// namespace went, the copy of "Running" reaches acme after "Succeeded",
+/// and the copies of bids after the auction ended. None of them starts,
+/// reopens or moves anything back.
+#[tokio::test]
+async fn every_direct_message_arriving_again_seconds_later_changes_nothing() {
+    arriving_twice_changes_nothing("late-twice", Duration::from_millis(2500), "1s").await;
+}
+
+/// What a test can see of one run, compared before and after the late
+/// copies land.
+#[derive(Debug, PartialEq)]
+struct Settled {
+    /// Each Lease's order, state, close reason, paid and refunded.
+    renter_leases: Vec<String>,
+    provider_copies: Vec<String>,
+    train: Option<AiJobPhase>,
+    doomed_exists: bool,
+    namespaces_left: Vec<String>,
+    balances: (u128, u128),
+    event_reasons: Vec<String>,
+    bids: usize,
+}
+
+async fn settled(
+    pool: &Pool,
+    acme: &Client,
+    bravo: &Client,
+    ns: &str,
+    orders: &[&String],
+    lease_namespaces: &[&String],
+) -> Settled {
+    let summary = |ls: Vec<Lease>| {
+        let mut v: Vec<_> = ls
+            .into_iter()
+            .filter(|l| orders.contains(&&l.spec.order_id))
+            .map(|l| {
+                let st = l.status.unwrap_or_default();
+                format!(
+                    "{} {:?} {:?} paid {:?} refunded {:?}",
+                    l.spec.order_id, st.state, st.close_reason, st.paid, st.refunded
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let jobs = Api::<AiJob>::namespaced(acme.clone(), ns);
+    let mut namespaces_left = Vec::new();
+    for n in lease_namespaces {
+        if !matches!(Api::<Namespace>::all(bravo.clone()).get_opt(n).await, Ok(None)) {
+            namespaces_left.push(n.to_string());
+        }
+    }
+    let mut event_reasons: Vec<String> = events_about(acme, ns, "train")
+        .await
+        .into_iter()
+        .map(|(reason, note)| format!("{reason}: {note}"))
+        .collect();
+    event_reasons.sort();
+    Settled {
+        renter_leases: summary(leases_of(acme, ns).await),
+        provider_copies: summary(leases_of(bravo, "gpupool-system").await),
+        train: jobs.get_opt("train").await.unwrap().as_ref().and_then(phase),
+        doomed_exists: jobs.get_opt("doomed").await.unwrap().is_some(),
+        namespaces_left,
+        balances: (
+            pool.balance("acme").await.unwrap(),
+            pool.balance("bravo").await.unwrap(),
+        ),
+        event_reasons,
+        bids: Api::<Bid>::namespaced(acme.clone(), ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+    }
+}
+
+async fn arriving_twice_changes_nothing(tag: &str, late: Duration, train_runs: &str) {
     let env = testenv();
     let acme = admin(env.org("acme").unwrap()).await;
     let bravo = admin(env.org("bravo").unwrap()).await;
-    let pool = Pool::start(&env, "twice", &lends(), &["--fault-deliver-twice".into()])
-        .await
-        .unwrap();
-    let ns = namespace(&acme, "twice").await;
+    let flags = [
+        "--fault-deliver-twice".to_string(),
+        format!("--fault-second-copy-after-ms={}", late.as_millis()),
+    ];
+    let pool = Pool::start(&env, tag, &lends(), &flags).await.unwrap();
+    let ns = namespace(&acme, tag).await;
     let before = (
         pool.balance("acme").await.unwrap(),
         pool.balance("bravo").await.unwrap(),
@@ -1343,7 +1432,7 @@ async fn every_direct_message_arriving_twice_changes_nothing() {
     };
 
     // One job runs to the end at bravo.
-    create(&acme, &ns, job("train", "3s")).await;
+    create(&acme, &ns, job("train", train_runs)).await;
     let done = wait_job(&acme, &ns, "train", "Succeeded", |j| {
         phase(j) == Some(AiJobPhase::Succeeded)
     })
@@ -1429,7 +1518,7 @@ async fn every_direct_message_arriving_twice_changes_nothing() {
         .delete("doomed", &DeleteParams::default())
         .await
         .unwrap();
-    let cancelled = provider_copy(doomed_order, "RenterCancelled").await;
+    let cancelled = provider_copy(doomed_order.clone(), "RenterCancelled").await;
     let (paid_cancelled, _) = check_settled(&cancelled);
     for gone in [&runs_on.namespace, &doomed_ns] {
         wait_for(WAIT, "bravo deleted the lease's namespace", || async {
@@ -1450,6 +1539,16 @@ async fn every_direct_message_arriving_twice_changes_nothing() {
         paid + paid_cancelled,
         "provider was paid each lease once"
     );
+
+    // Late copies still in flight land now, on a settled pool, and move
+    // nothing: no lease reopened or recreated, no namespace back, no job
+    // moved back from Succeeded, no token moved, no Event added.
+    let (orders, lease_namespaces) = ([&order, &doomed_order], [&runs_on.namespace, &doomed_ns]);
+    let before_late = settled(&pool, &acme, &bravo, &ns, &orders, &lease_namespaces).await;
+    assert_eq!(before_late.provider_copies.len(), 2, "{before_late:#?}");
+    tokio::time::sleep(late + Duration::from_secs(2)).await;
+    let after_late = settled(&pool, &acme, &bravo, &ns, &orders, &lease_namespaces).await;
+    assert_eq!(before_late, after_late, "a late copy changed something");
 
     // The copies did arrive, and no member counted them against another.
     let (at_acme, at_bravo) = (

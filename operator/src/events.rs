@@ -190,7 +190,18 @@ impl EventPublisher {
         let namespace = event.metadata.namespace.clone().unwrap_or_default();
         let name = event.metadata.name.clone().unwrap_or_default();
         let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &namespace);
-        api.create(&PostParams::default(), &event).await?;
+        match api.create(&PostParams::default(), &event).await {
+            Ok(_) => {}
+            // Its namespace is being deleted, Events and all, so nobody could
+            // read this one. A provider that deletes a lease's namespace sees
+            // the workload's last transitions there: an expected refusal, not
+            // a failure worth a warning on every cancel.
+            Err(kube::Error::Api(s)) if namespace_terminating(&s) => {
+                tracing::debug!(%namespace, reason = %ev.reason, "event not published: its namespace is being deleted");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
         self.recent().created(key, namespace, name, now);
         Ok(())
     }
@@ -227,6 +238,15 @@ impl EventPublisher {
     }
 }
 
+/// The API server's refusal to create anything in a namespace that is being
+/// deleted (its NamespaceLifecycle admission names this cause).
+fn namespace_terminating(s: &kube::core::Status) -> bool {
+    s.code == 403
+        && s.details
+            .as_ref()
+            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +280,30 @@ mod tests {
             controller: "gpupool-settlement".into(),
             instance: None,
         }
+    }
+
+    #[test]
+    fn only_a_namespace_being_deleted_lets_an_event_go() {
+        let refused = |reason: &str, causes: serde_json::Value| -> kube::core::Status {
+            serde_json::from_value(serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+                "reason": reason, "message": "events.events.k8s.io \"x\" is forbidden",
+                "details": {"name": "x", "group": "events.k8s.io", "kind": "events", "causes": causes},
+            }))
+            .unwrap()
+        };
+        // As the API server answers a create in a namespace being deleted.
+        let terminating = refused(
+            "Forbidden",
+            serde_json::json!([{"reason": "NamespaceTerminating", "field": "metadata.namespace",
+                "message": "namespace lease-1 is being terminated"}]),
+        );
+        assert!(namespace_terminating(&terminating));
+        // RBAC's refusal is a real failure, and so is any other code.
+        assert!(!namespace_terminating(&refused("Forbidden", serde_json::json!([]))));
+        let mut not_403 = terminating.clone();
+        not_403.code = 422;
+        assert!(!namespace_terminating(&not_403));
     }
 
     #[test]

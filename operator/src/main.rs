@@ -213,6 +213,17 @@ struct PoolArgs {
     /// copy of any message changes nothing. Hidden: no pool wants it.
     #[arg(long = "fault-deliver-twice", hide = true)]
     fault_deliver_twice: bool,
+    /// With --fault-deliver-twice: the second copy goes out this many
+    /// milliseconds after the first was answered, behind the messages sent
+    /// since, as a resend that waited on a new connection arrives. 0: both
+    /// at once.
+    #[arg(
+        long = "fault-second-copy-after-ms",
+        hide = true,
+        default_value_t = 0,
+        requires = "fault_deliver_twice"
+    )]
+    fault_second_copy_after_ms: u64,
 }
 
 /// The shortest deposit period: a lease topped up more often than this
@@ -477,8 +488,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
         .await?;
         let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(4096);
-        if args.pool.fault_deliver_twice {
-            tracing::warn!("--fault-deliver-twice is on: every direct message goes out twice; it is for tests");
+        let deliver_twice = args
+            .pool
+            .fault_deliver_twice
+            .then_some(Duration::from_millis(args.pool.fault_second_copy_after_ms));
+        if let Some(after) = deliver_twice {
+            tracing::warn!(
+                second_copy_after_ms = after.as_millis() as u64,
+                "--fault-deliver-twice is on: every direct message goes out twice; it is for tests"
+            );
         }
         let market = Market::new(
             p2p,
@@ -497,7 +515,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 message_ttl: Duration::from_secs(60),
                 policy,
                 closed_lease_retention: Duration::from_secs(args.pool.closed_lease_retention_seconds),
-                deliver_twice: args.pool.fault_deliver_twice,
+                deliver_twice,
             },
             metrics.clone(),
             wake_tx,

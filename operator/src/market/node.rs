@@ -61,8 +61,9 @@ pub struct MarketSettings {
     /// How long a closed provider Lease record stays (zero: for good).
     pub closed_lease_retention: Duration,
     /// Fault injection for tests: every direct message goes out twice
-    /// (`--fault-deliver-twice`).
-    pub deliver_twice: bool,
+    /// (`--fault-deliver-twice`), the second copy this long after the first
+    /// was answered (`--fault-second-copy-after-ms`; zero: both at once).
+    pub deliver_twice: Option<Duration>,
 }
 
 /// What this cluster knows about another member.
@@ -534,13 +535,37 @@ impl Market {
     /// went out on closed under it (`p2p::resend`).
     pub(crate) async fn send(&self, peer: PeerId, body: Body) -> Result<(), SendError> {
         let once = || crate::p2p::resend::resent_once(|| self.p2p.send(peer, self.seal(body.clone())));
-        if !self.settings.deliver_twice {
-            return once().await;
+        match self.settings.deliver_twice {
+            None => once().await,
+            // Both at once: the receiver may still be handling the first copy
+            // when the second arrives, as after a real resend.
+            Some(after) if after.is_zero() => {
+                let (first, second) = tokio::join!(once(), once());
+                first.or(second)
+            }
+            Some(after) => {
+                let first = once().await;
+                self.send_copy_later(peer, body, after);
+                first
+            }
         }
-        // Both at once: the receiver may still be handling the first copy
-        // when the second arrives, as after a real resend.
-        let (first, second) = tokio::join!(once(), once());
-        first.or(second)
+    }
+
+    /// Fault injection: a second copy of `body`, sealed anew, `after` the
+    /// first was answered, as a resend that waited on a new connection
+    /// delivers it, by then behind whatever was sent since. Not awaited: the
+    /// caller goes on, and sends its next messages, meanwhile.
+    fn send_copy_later(&self, peer: PeerId, body: Body, after: Duration) {
+        let (p2p, key) = (self.p2p.clone(), self.key.clone());
+        let ttl = u64::try_from(self.settings.message_ttl.as_millis()).unwrap_or(60_000);
+        let headers = crate::tracecontext::current_headers();
+        let kind = kind_of(&body);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Err(e) = p2p.send(peer, seal(&key, body, now_ms(), ttl, headers)).await {
+                debug!(%peer, kind, error = %e, "the late copy of a message was not delivered");
+            }
+        });
     }
 
     /// Sends without waiting for the answer. Heartbeats and status reports go
