@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod certs;
 pub mod chain;
+pub mod chart_settings;
 pub mod cluster;
 pub mod env;
 pub mod harness;

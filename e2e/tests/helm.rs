@@ -495,40 +495,15 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     ] {
         let help = Command::new(workspace_bin(bin)).arg("--help").output().expect("--help");
         let help = String::from_utf8_lossy(&help.stdout);
-        let flags: Vec<&str> = help
-            .lines()
-            .flat_map(|l| l.split([' ', ',']))
-            .filter(|w| w.starts_with("--"))
-            .collect();
         let containers = template
             .and_then(|t| t.spec.as_ref())
             .map(|s| s.containers.clone())
             .unwrap_or_default();
         let mut set = 0;
         for c in &containers {
-            for name in c
-                .env
-                .iter()
-                .flatten()
-                .map(|e| &e.name)
-                .filter(|n| n.starts_with("GPUPOOL_"))
-            {
-                // `[env: NAME]` where the value is hidden (a URL with a key in it).
-                let read = [format!("[env: {name}="), format!("[env: {name}]")];
-                assert!(
-                    read.iter().any(|r| help.contains(r)),
-                    "the chart sets {name}, which {bin} does not read"
-                );
-                set += 1;
-            }
-            for arg in c.args.iter().flatten().filter(|a| a.starts_with("--")) {
-                let flag = arg.split('=').next().unwrap_or_default();
-                assert!(
-                    flags.contains(&flag),
-                    "the chart passes {flag}, which {bin} does not take"
-                );
-                set += 1;
-            }
+            let checked = gpupool_e2e::chart_settings::check(bin, &help, c);
+            assert!(checked.unread.is_empty(), "{}", checked.unread.join("; "));
+            set += checked.settings;
         }
         assert!(set >= 3, "{bin}: nothing set in {containers:#?}");
     }
