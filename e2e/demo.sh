@@ -68,13 +68,21 @@ say "The same market through the gpupool CLI, cheapest first (gpupool market)"
 KUBECONFIG=$state/acme/admin.kubeconfig target/debug/gpupool market | sed 's/^/  /'
 
 chaincfg=$state/chain/chain.json
+# Aligns whitespace-separated columns (no cell holds a space), for rows
+# gathered from several one-row tables.
+align() {
+  awk '{ for (i = 1; i <= NF; i++) { c[NR, i] = $i; if (length($i) > w[i]) w[i] = length($i) } if (NF > n) n = NF }
+    END { for (r = 1; r <= NR; r++) { line = ""
+      for (i = 1; i <= n; i++) line = line sprintf("%-" (w[i] + 2) "s", c[r, i])
+      sub(/ +$/, "", line); print "  " line } }'
+}
 balances() {
   local first=1 out
   for org in "${orgs[@]}"; do
     out=$(target/debug/gpupool escrow balance --chain-config "$chaincfg" --wallet-key-file "$state/chain/$org.key")
-    if [ "$first" = 1 ]; then printf '  %-7s %s\n' ORG "$(head -n 1 <<<"$out")"; first=0; fi
-    printf '  %-7s %s\n' "$org" "$(tail -n 1 <<<"$out")"
-  done
+    if [ "$first" = 1 ]; then echo "ORG $(head -n 1 <<<"$out")"; first=0; fi
+    echo "$org $(tail -n 1 <<<"$out")"
+  done | align
 }
 say "Token balances before"
 balances
@@ -132,19 +140,23 @@ agent=$(target/debug/gpupool "${renter[@]}" pool-info -o json | sed -n 's/.*"age
 say "It funds its escrow account and lets acme's operator open leases from it, up to 5 tokens (gpupool escrow deposit / agent)"
 target/debug/gpupool "${renter[@]}" escrow deposit --amount 10 | sed 's/^/  /'
 target/debug/gpupool "${renter[@]}" escrow agent --agent "$agent" --amount 5 | sed 's/^/  /'
-renter_before=$(target/debug/gpupool "${renter[@]}" escrow balance | tail -n 1)
+renter_before=$(target/debug/gpupool "${renter[@]}" escrow balance)
 say "It submits through acme and waits (gpupool --pool-api … submit --wait): acme places it and opens the lease as the renter's agent"
 target/debug/gpupool "${renter[@]}" submit sweep-remote --image ghcr.io/example/eval:1 --gpus 2 --model L40S --max-price 3 \
   --window 1s --pod-annotation sim.gpupool.dev/duration=3s --wait --timeout 120s 2>&1 | sed 's/^/  /'
 for _ in $(seq 1 40); do
-  [ "$(target/debug/gpupool "${renter[@]}" escrow balance | tail -n 1)" != "$renter_before" ] \
+  [ "$(target/debug/gpupool "${renter[@]}" escrow balance)" != "$renter_before" ] \
     && [ "$(target/debug/gpupool "${renter[@]}" leases -o json | grep -c '"state": "Open"')" = 0 ] && break
   sleep 0.5
 done
 say "The renter's leases and balance: it paid from its own account; acme's balance did not move"
 target/debug/gpupool "${renter[@]}" leases | sed 's/^/  /'
-echo "  before: $renter_before"
-echo "  after:  $(target/debug/gpupool "${renter[@]}" escrow balance | tail -n 1)"
+{
+  echo "WHEN $(head -n 1 <<<"$renter_before")"
+  echo "before $(tail -n 1 <<<"$renter_before")"
+  echo "after $(target/debug/gpupool "${renter[@]}" escrow balance | tail -n 1)"
+} | align
+echo
 balances
 
 say "Done: jobs placed across organisations and settled on chain, one of them for a renter without a cluster."

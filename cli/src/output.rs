@@ -44,9 +44,38 @@ pub fn structured<T: Serialize>(format: Format, value: &T) -> anyhow::Result<Str
     })
 }
 
+/// One line of a waiting command's progress: the job's phase and what its
+/// status says. A job the operator has not picked up yet has neither, and
+/// says so rather than print "Pending: " with nothing after it.
+pub fn progress_line(phase: Option<&str>, message: &str) -> String {
+    match (phase.filter(|p| !p.is_empty()), message.trim()) {
+        (None, "") => "Pending: submitted; the operator has not picked it up yet".into(),
+        (Some(p), "") => p.into(),
+        (p, m) => format!("{}: {m}", p.unwrap_or("Pending")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_never_ends_in_an_empty_message() {
+        assert_eq!(
+            progress_line(None, ""),
+            "Pending: submitted; the operator has not picked it up yet"
+        );
+        assert_eq!(
+            progress_line(Some(""), " "),
+            "Pending: submitted; the operator has not picked it up yet"
+        );
+        assert_eq!(progress_line(Some("Running"), ""), "Running");
+        assert_eq!(progress_line(None, "order published"), "Pending: order published");
+        assert_eq!(
+            progress_line(Some("Bidding"), "0 bid(s) so far"),
+            "Bidding: 0 bid(s) so far"
+        );
+    }
 
     #[test]
     fn aligns_columns() {

@@ -423,7 +423,7 @@ fn shown_phase(j: &api::Job) -> &str {
 }
 
 fn progress(j: &api::Job) -> String {
-    format!("{}: {}", shown_phase(j), j.message)
+    crate::output::progress_line(Some(&j.phase), &j.message)
 }
 
 /// A lease's state, with how it closed once it has.

@@ -233,10 +233,9 @@ pub async fn wait(ns: &NamespaceOpt, name: &str, want: WaitFor, timeout: Duratio
                 }
             };
             let st = job.status.clone().unwrap_or_default();
-            let line = format!(
-                "{}: {}",
-                st.phase.map_or_else(|| "Pending".into(), |p| format!("{p:?}")),
-                st.message.clone().unwrap_or_default()
+            let line = crate::output::progress_line(
+                st.phase.map(|p| format!("{p:?}")).as_deref(),
+                st.message.as_deref().unwrap_or_default(),
             );
             if line != last {
                 eprintln!("[{:>6.1}s] {line}", start.elapsed().as_secs_f64());
