@@ -525,10 +525,19 @@ impl Market {
     }
 
     pub(crate) fn seal(&self, body: Body) -> Vec<u8> {
-        let ttl = u64::try_from(self.settings.message_ttl.as_millis()).unwrap_or(60_000);
         // Whatever span sends it (a job's reconcile, the handling of a peer's
         // message) continues on the receiving side.
-        seal(&self.key, body, now_ms(), ttl, crate::tracecontext::current_headers())
+        seal(
+            &self.key,
+            body,
+            now_ms(),
+            self.message_ttl_ms(),
+            crate::tracecontext::current_headers(),
+        )
+    }
+
+    fn message_ttl_ms(&self) -> u64 {
+        u64::try_from(self.settings.message_ttl.as_millis()).unwrap_or(60_000)
     }
 
     /// Sends `body` sealed, and sealed anew once more if the connection it
@@ -556,8 +565,7 @@ impl Market {
     /// delivers it, by then behind whatever was sent since. Not awaited: the
     /// caller goes on, and sends its next messages, meanwhile.
     fn send_copy_later(&self, peer: PeerId, body: Body, after: Duration) {
-        let (p2p, key) = (self.p2p.clone(), self.key.clone());
-        let ttl = u64::try_from(self.settings.message_ttl.as_millis()).unwrap_or(60_000);
+        let (p2p, key, ttl) = (self.p2p.clone(), self.key.clone(), self.message_ttl_ms());
         let headers = crate::tracecontext::current_headers();
         let kind = kind_of(&body);
         tokio::spawn(async move {
