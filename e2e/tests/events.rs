@@ -4,12 +4,11 @@
 //! that is gone is published anew, and an event in a namespace that is being
 //! deleted is let go without an error.
 
-use gpupool_e2e::cluster::client_for;
-use gpupool_e2e::harness::{admin, namespace, testenv};
-use gpupool_operator::events::EventPublisher;
 use std::time::Duration;
 
-use gpupool_e2e::harness::wait_for;
+use gpupool_e2e::cluster::{ClusterInfo, client_for};
+use gpupool_e2e::harness::{admin, namespace, testenv, wait_for};
+use gpupool_operator::events::EventPublisher;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ObjectReference};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -41,7 +40,7 @@ async fn seen(api: &Api<K8sEvent>) -> Vec<(String, i32)> {
 
 /// A publisher under the operator's RBAC identity, and a ConfigMap in `ns`
 /// for its events to be about.
-async fn publisher_in(org: &gpupool_e2e::cluster::ClusterInfo, ns: &str) -> (EventPublisher, ObjectReference) {
+async fn publisher_in(org: &ClusterInfo, ns: &str) -> (EventPublisher, ObjectReference) {
     let operator = client_for(&org.operator_kubeconfig).await.expect("operator client");
     let publisher = EventPublisher::new(
         operator,
