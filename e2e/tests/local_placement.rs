@@ -368,3 +368,72 @@ async fn jobs_applied_while_the_operator_is_down_all_start_when_it_comes_up() {
     }
     cleanup(&client, &ns).await;
 }
+
+/// Deleting a namespace deletes its pods and Jobs before the AiJobs in it
+/// (discovery order), so for a moment the operator sees a Running AiJob with
+/// no pod, or with no Job at all. That says nothing about the workload; the
+/// status must not go back to Pending or call the Job lost on its way out.
+/// This is also how a provider ends a lease: it deletes the lease namespace.
+#[tokio::test]
+async fn deleting_the_namespace_of_a_running_aijob_never_takes_its_status_back() {
+    let env = testenv();
+    let org = env.org(ORG).unwrap();
+    let client = admin(org).await;
+    let ns = namespace(&client, "ns-gone").await;
+    let _op = Operator::start(org, "ns-gone");
+    create(
+        &client,
+        &ns,
+        aijob_json("leaving", 1, &[], "600s", serde_json::json!({})),
+    )
+    .await;
+    wait_phase(&client, &ns, "leaving", AiJobPhase::Running).await;
+
+    // Every status the API server holds from here on, in order.
+    let api = Api::<AiJob>::namespaced(client.clone(), &ns);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let record = seen.clone();
+    let watch = tokio::spawn(async move {
+        use futures::StreamExt;
+        let cfg = kube::runtime::watcher::Config::default().fields("metadata.name=leaving");
+        let mut events = std::pin::pin!(kube::runtime::watcher(api, cfg));
+        while let Some(Ok(ev)) = events.next().await {
+            if let kube::runtime::watcher::Event::Apply(j) | kube::runtime::watcher::Event::InitApply(j) = ev {
+                let s = j.status.unwrap_or_default();
+                let phase = s.phase.map(|p| format!("{p:?}")).unwrap_or_default();
+                let reason = s
+                    .conditions
+                    .iter()
+                    .map(|c| c.reason.clone())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                record.lock().unwrap().push((phase, reason));
+            }
+        }
+    });
+    // Let the watch list once before the deletion starts.
+    wait_for(LONG, "the watch to see the running AiJob", || async {
+        (!seen.lock().unwrap().is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+
+    Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .unwrap();
+    let namespaces = Api::<Namespace>::all(client.clone());
+    wait_for(LONG, "the namespace to be gone", || async {
+        namespaces.get_opt(&ns).await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+    watch.abort();
+
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .all(|(phase, reasons)| phase == "Running" && !reasons.contains("JobLost")),
+        "the status went back or called the Job lost while the namespace was deleted: {seen:?}"
+    );
+}

@@ -38,7 +38,7 @@ use crate::listed::Listed;
 use crate::placement::{Decision, Need, decide};
 use crate::pod_index::PodIndex;
 use crate::promised::{self, LOCAL_TTL, LocalPromise, PoolPromise, Promised};
-use crate::status::{COND_PLACED, Outcome, plan};
+use crate::status::{COND_PLACED, Outcome, goes_back, plan};
 use crate::status_memo::StatusMemo;
 use crate::telemetry::Metrics;
 use crate::tracecontext;
@@ -364,6 +364,13 @@ fn pods_of(ctx: &Context, ns: &str, name: &str) -> Vec<Arc<PodView>> {
     ctx.pods.of_aijob(ns, name)
 }
 
+/// Whether the namespace is being deleted (or already is). One GET, asked
+/// only when a status would go back, so a steady job costs nothing.
+async fn namespace_is_going(ctx: &Context, ns: &str) -> Result<bool, Error> {
+    let namespace = Api::<Namespace>::all(ctx.client.clone()).get_opt(ns).await?;
+    Ok(namespace.is_none_or(|n| n.metadata.deletion_timestamp.is_some()))
+}
+
 async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Action, Error> {
     // The newest status known: the cache's, or the one this process wrote
     // last when the cache has not caught up with it.
@@ -438,6 +445,12 @@ async fn apply(aijob: Arc<AiJob>, ctx: &Context, api: &Api<AiJob>) -> Result<Act
             },
         },
     };
+    if goes_back(&old, &outcome) && namespace_is_going(ctx, &ns).await? {
+        // Its pods and Job went first; the AiJob's own deletion comes next and
+        // wakes this controller again, so there is nothing to write.
+        debug!(namespace = %ns, aijob = %name, "the namespace is being deleted; keeping the last status");
+        return Ok(Action::await_change());
+    }
     observe_placement(&aijob, &old, &outcome, ctx);
 
     // Update status, only when something changed: a steady job costs no writes.

@@ -44,6 +44,22 @@ pub struct PlannedEvent {
     pub note: String,
 }
 
+/// Whether the outcome would take a running job's status back: its pod gone
+/// and the Job starting again, or the Job itself gone. Both are true stories
+/// in a live namespace (an evicted pod, a Job deleted by hand), but a
+/// namespace being deleted removes pods and Jobs before the AiJobs in it, and
+/// there they are only the deletion's order. The caller asks the namespace
+/// before it believes them.
+pub fn goes_back(old: &AiJobStatus, outcome: &Outcome) -> bool {
+    match outcome {
+        Outcome::JobLost { .. } => true,
+        Outcome::Local { observed, .. } => {
+            old.phase == Some(AiJobPhase::Running) && observed.phase == AiJobPhase::Pending
+        }
+        _ => false,
+    }
+}
+
 /// Computes the next status and the Events for what changed.
 pub fn plan(
     old: &AiJobStatus,
@@ -282,6 +298,36 @@ mod tests {
             start_time: None,
             completion_time: None,
         }
+    }
+
+    #[test]
+    fn only_a_running_job_losing_its_pod_or_its_job_goes_back() {
+        let running = AiJobStatus {
+            phase: Some(AiJobPhase::Running),
+            ..Default::default()
+        };
+        let pending = AiJobStatus {
+            phase: Some(AiJobPhase::Pending),
+            ..Default::default()
+        };
+        let local = |phase| Outcome::Local {
+            runs_on: runs_on(),
+            observed: obs(phase, "PodStarting"),
+            created_now: false,
+        };
+        let lost = Outcome::JobLost { job: "ml/train".into() };
+        assert!(goes_back(&running, &local(AiJobPhase::Pending)));
+        assert!(goes_back(&running, &lost));
+        assert!(goes_back(&pending, &lost), "a lost Job is always worth a second look");
+        assert!(!goes_back(&pending, &local(AiJobPhase::Pending)), "still starting");
+        assert!(!goes_back(&pending, &local(AiJobPhase::Running)));
+        assert!(!goes_back(&running, &local(AiJobPhase::Running)));
+        assert!(!goes_back(&running, &local(AiJobPhase::Succeeded)));
+        let waiting = Outcome::Waiting {
+            reason: "InsufficientFreeGpus",
+            message: "waiting".into(),
+        };
+        assert!(!goes_back(&running, &waiting));
     }
 
     #[test]
