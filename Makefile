@@ -55,10 +55,12 @@ fmt: ## format the code
 lint: testenv-binaries ## rustfmt, clippy (warnings are errors) and helm lint
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p gpupool-operator --all-targets -- -D warnings # as `make image` builds it: no fault flags
 	$(HELM) lint --strict charts/gpupool
 
 unit: ## unit tests: no server needed
 	$(CARGO) test --workspace --exclude gpupool-e2e
+	$(CARGO) test -p gpupool-operator --features fault-injection --bin gpupool-operator
 
 testenv-binaries: ## build (or reuse cached) etcd, kube-apiserver, controller-manager, scheduler, kwok, helm
 	bash e2e/testenv/build.sh

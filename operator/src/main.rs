@@ -206,11 +206,23 @@ struct PoolArgs {
     /// it lent after the lease closed; 0 keeps them for good. 30 days by default.
     #[arg(long, env = "GPUPOOL_CLOSED_LEASE_RETENTION_SECONDS", default_value_t = 30 * 86_400)]
     closed_lease_retention_seconds: u64,
-    /// Fault injection, for tests: every direct message to a member goes
-    /// out twice at once, each copy sealed anew, as a resend does when the
-    /// connection closed under a message that had in fact arrived. The
-    /// end-to-end suite runs a whole placement so, to show that a second
-    /// copy of any message changes nothing. Hidden: no pool wants it.
+    #[command(flatten)]
+    faults: Faults,
+}
+
+/// Fault injection, for the end-to-end suite only. Built in with the
+/// `fault-injection` feature, which the e2e crate turns on for the binaries
+/// `cargo build --workspace` builds; `make image` builds the operator alone,
+/// so the binary the chart runs has no such flags and no pool can be run
+/// with them by mistake.
+#[cfg(feature = "fault-injection")]
+#[derive(clap::Args, Debug)]
+struct Faults {
+    /// Every direct message to a member goes out twice at once, each copy
+    /// sealed anew, as a resend does when the connection closed under a
+    /// message that had in fact arrived. The end-to-end suite runs a whole
+    /// placement so, to show that a second copy of any message changes
+    /// nothing. Hidden: no pool wants it.
     #[arg(long = "fault-deliver-twice", hide = true)]
     fault_deliver_twice: bool,
     /// With --fault-deliver-twice: the second copy goes out this many
@@ -224,6 +236,27 @@ struct PoolArgs {
         requires = "fault_deliver_twice"
     )]
     fault_second_copy_after_ms: u64,
+}
+
+#[cfg(feature = "fault-injection")]
+impl Faults {
+    /// When the second copy of every direct message goes out, if at all.
+    fn deliver_twice(&self) -> Option<Duration> {
+        self.fault_deliver_twice
+            .then_some(Duration::from_millis(self.fault_second_copy_after_ms))
+    }
+}
+
+/// Without the `fault-injection` feature: no flags, no faults.
+#[cfg(not(feature = "fault-injection"))]
+#[derive(clap::Args, Debug)]
+struct Faults {}
+
+#[cfg(not(feature = "fault-injection"))]
+impl Faults {
+    fn deliver_twice(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// The shortest deposit period: a lease topped up more often than this
@@ -488,10 +521,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
         .await?;
         let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(4096);
-        let deliver_twice = args
-            .pool
-            .fault_deliver_twice
-            .then_some(Duration::from_millis(args.pool.fault_second_copy_after_ms));
+        let deliver_twice = args.pool.faults.deliver_twice();
         if let Some(after) = deliver_twice {
             tracing::warn!(
                 second_copy_after_ms = after.as_millis() as u64,
@@ -549,5 +579,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
             metrics_on_exit.leading(false);
             Err(anyhow::Error::new(lost))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Args;
+
+    /// The binary `make image` builds, and the chart runs, refuses the
+    /// fault flags as it refuses any unknown flag.
+    #[cfg(not(feature = "fault-injection"))]
+    #[test]
+    fn without_the_feature_the_fault_flags_are_unknown() {
+        for flag in ["--fault-deliver-twice", "--fault-second-copy-after-ms=10"] {
+            let err = Args::try_parse_from(["gpupool-operator", flag]).expect_err(flag);
+            assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument, "{flag}: {err}");
+        }
+    }
+
+    #[cfg(feature = "fault-injection")]
+    #[test]
+    fn with_the_feature_a_late_second_copy_needs_the_first() {
+        let args = Args::try_parse_from([
+            "gpupool-operator",
+            "--fault-deliver-twice",
+            "--fault-second-copy-after-ms=250",
+        ])
+        .expect("both flags");
+        assert_eq!(
+            args.pool.faults.deliver_twice(),
+            Some(std::time::Duration::from_millis(250))
+        );
+        let err = Args::try_parse_from(["gpupool-operator", "--fault-second-copy-after-ms=250"]).expect_err("alone");
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument, "{err}");
+        let plain = Args::try_parse_from(["gpupool-operator"]).expect("no flags");
+        assert_eq!(plain.pool.faults.deliver_twice(), None);
     }
 }
