@@ -26,6 +26,26 @@ async fn create(client: &Client, ns: &str, job: serde_json::Value) -> AiJob {
         .unwrap()
 }
 
+/// The spec most jobs here have: `PoolOnly`, up to 3 tokens per GPU-hour, a
+/// 1 s bid window. `more` changes it key by key, one level down, so
+/// `{"placement": {"deniedOrgs": ["bravo"]}}` keeps `PoolOnly`.
+fn pool_job(name: &str, gpus: i32, models: &[&str], runs: &str, more: serde_json::Value) -> serde_json::Value {
+    let mut spec = serde_json::json!({
+        "maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}
+    });
+    if let (Some(spec), Some(more)) = (spec.as_object_mut(), more.as_object()) {
+        for (key, value) in more {
+            match (spec.get_mut(key).and_then(|s| s.as_object_mut()), value.as_object()) {
+                (Some(inner), Some(value)) => inner.extend(value.clone()),
+                _ => {
+                    spec.insert(key.clone(), value.clone());
+                }
+            }
+        }
+    }
+    aijob_json(name, gpus, models, runs, spec)
+}
+
 async fn wait_job(client: &Client, ns: &str, name: &str, what: &str, f: impl Fn(&AiJob) -> bool) -> AiJob {
     let api: Api<AiJob> = Api::namespaced(client.clone(), ns);
     match wait_for(WAIT, what, || async {
@@ -37,6 +57,11 @@ async fn wait_job(client: &Client, ns: &str, name: &str, what: &str, f: impl Fn(
         Ok(j) => j,
         Err(e) => panic!("{e}: last seen {:#?}", api.get(name).await.ok().and_then(|j| j.status)),
     }
+}
+
+/// Waits for the job to reach `want`; `what` says where, for the failure.
+async fn wait_phase(client: &Client, ns: &str, name: &str, want: AiJobPhase, what: &str) -> AiJob {
+    wait_job(client, ns, name, what, |j| phase(j) == Some(want)).await
 }
 
 fn phase(j: &AiJob) -> Option<AiJobPhase> {
@@ -90,10 +115,7 @@ async fn a_job_that_only_fits_elsewhere_runs_there_and_is_settled() {
         ),
     )
     .await;
-    let done = wait_job(&acme, &ns, "train", "Succeeded in the pool", |j| {
-        phase(j) == Some(AiJobPhase::Succeeded)
-    })
-    .await;
+    let done = wait_phase(&acme, &ns, "train", AiJobPhase::Succeeded, "Succeeded in the pool").await;
     let status = done.status.unwrap();
     let runs_on = status.runs_on.clone().unwrap();
     assert_eq!(runs_on.org, "bravo");
@@ -183,22 +205,8 @@ async fn a_provider_deletes_closed_lease_records_after_their_retention() {
     let flags = ["--closed-lease-retention-seconds=3".to_string()];
     let _pool = Pool::start(&env, "retention", &lends(), &flags).await.unwrap();
     let ns = namespace(&acme, "retention").await;
-    create(
-        &acme,
-        &ns,
-        aijob_json(
-            "brief",
-            1,
-            &["A100"],
-            "1s",
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
-        ),
-    )
-    .await;
-    let done = wait_job(&acme, &ns, "brief", "Succeeded", |j| {
-        phase(j) == Some(AiJobPhase::Succeeded)
-    })
-    .await;
+    create(&acme, &ns, pool_job("brief", 1, &["A100"], "1s", serde_json::json!({}))).await;
+    let done = wait_phase(&acme, &ns, "brief", AiJobPhase::Succeeded, "Succeeded").await;
     assert_eq!(done.status.as_ref().unwrap().runs_on.as_ref().unwrap().org, "bravo");
     let renter_copy = leases_of(&acme, &ns).await.pop().expect("the renter's lease");
     let order = renter_copy.spec.order_id.clone();
@@ -257,22 +265,8 @@ async fn a_restarted_member_hears_the_others_capacity_when_it_connects() {
     .await
     .unwrap();
     let ns = namespace(&acme, "connect").await;
-    create(
-        &acme,
-        &ns,
-        aijob_json(
-            "first",
-            1,
-            &["A100"],
-            "1s",
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
-        ),
-    )
-    .await;
-    let done = wait_job(&acme, &ns, "first", "Succeeded", |j| {
-        phase(j) == Some(AiJobPhase::Succeeded)
-    })
-    .await;
+    create(&acme, &ns, pool_job("first", 1, &["A100"], "1s", serde_json::json!({}))).await;
+    let done = wait_phase(&acme, &ns, "first", AiJobPhase::Succeeded, "Succeeded").await;
     assert_eq!(done.status.unwrap().runs_on.unwrap().org, "bravo");
     remove_namespace(&acme, &ns).await;
 }
@@ -435,13 +429,12 @@ async fn manual_selection_waits_for_accepted_bid() {
     create(
         &acme,
         &ns,
-        aijob_json(
+        pool_job(
             "pick",
             4,
             &["A100", "L40S"],
             "2s",
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"},
-                "bidding": {"window": "1s", "selection": "Manual"}}),
+            serde_json::json!({"bidding": {"selection": "Manual"}}),
         ),
     )
     .await;
@@ -454,9 +447,13 @@ async fn manual_selection_waits_for_accepted_bid() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(leases_of(&acme, &ns).await.is_empty(), "no lease before a choice");
     accept_bid_from(&acme, &waiting, "corvus").await;
-    let done = wait_job(&acme, &ns, "pick", "Succeeded at the chosen provider", |j| {
-        phase(j) == Some(AiJobPhase::Succeeded)
-    })
+    let done = wait_phase(
+        &acme,
+        &ns,
+        "pick",
+        AiJobPhase::Succeeded,
+        "Succeeded at the chosen provider",
+    )
     .await;
     assert_eq!(
         done.status.unwrap().runs_on.unwrap().org,
@@ -481,13 +478,12 @@ async fn a_provider_keeps_the_gpus_it_bid_from_its_own_local_jobs() {
     create(
         &acme,
         &ns,
-        aijob_json(
+        pool_job(
             "whole-node",
             8,
             &["A100"],
             "2s",
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"},
-                "bidding": {"window": "1s", "selection": "Manual"}}),
+            serde_json::json!({"bidding": {"selection": "Manual"}}),
         ),
     )
     .await;
@@ -539,10 +535,7 @@ async fn a_provider_keeps_the_gpus_it_bid_from_its_own_local_jobs() {
 
     // The renter accepts: the lease's workload gets the node the bid held.
     accept_bid_from(&acme, &bidding, "bravo").await;
-    let done = wait_job(&acme, &ns, "whole-node", "Succeeded at bravo", |j| {
-        phase(j) == Some(AiJobPhase::Succeeded)
-    })
-    .await;
+    let done = wait_phase(&acme, &ns, "whole-node", AiJobPhase::Succeeded, "Succeeded at bravo").await;
     assert_eq!(done.status.unwrap().runs_on.unwrap().org, "bravo");
     remove_namespace(&bravo, &local).await;
     remove_namespace(&acme, &ns).await;
@@ -569,12 +562,12 @@ async fn no_bids_say_why_and_the_order_is_published_again() {
     create(
         &bravo,
         &ns,
-        aijob_json(
+        pool_job(
             "cheap",
             8,
             &["H100"],
             "2s",
-            serde_json::json!({"maxPricePerGpuHour": "0.5", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
+            serde_json::json!({"maxPricePerGpuHour": "0.5"}),
         ),
     )
     .await;
@@ -621,13 +614,12 @@ async fn auto_selection_chooses_once_every_member_with_room_has_bid() {
     create(
         &acme,
         &ns,
-        aijob_json(
+        pool_job(
             "quick",
             1,
             &["A100", "L40S"],
             "1s",
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"},
-                "bidding": {"window": "10m"}}),
+            serde_json::json!({"bidding": {"window": "10m"}}),
         ),
     )
     .await;
@@ -662,10 +654,7 @@ async fn auto_selection_chooses_once_every_member_with_room_has_bid() {
     .await
     .unwrap();
     eprintln!("bids once the lease was chosen: {decided:?}");
-    wait_job(&acme, &ns, "quick", "Succeeded", |j| {
-        phase(j) == Some(AiJobPhase::Succeeded)
-    })
-    .await;
+    wait_phase(&acme, &ns, "quick", AiJobPhase::Succeeded, "Succeeded").await;
     remove_namespace(&acme, &ns).await;
 }
 
@@ -680,20 +669,16 @@ async fn a_denied_organisation_never_receives_the_job() {
     create(
         &acme,
         &ns,
-        aijob_json(
+        pool_job(
             "private",
             4,
             &["A100", "L40S"],
             "2s",
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly", "deniedOrgs": ["bravo"]},
-                "bidding": {"window": "1s"}}),
+            serde_json::json!({"placement": {"deniedOrgs": ["bravo"]}}),
         ),
     )
     .await;
-    let done = wait_job(&acme, &ns, "private", "Succeeded", |j| {
-        phase(j) == Some(AiJobPhase::Succeeded)
-    })
-    .await;
+    let done = wait_phase(&acme, &ns, "private", AiJobPhase::Succeeded, "Succeeded").await;
     let status = done.status.unwrap();
     assert_eq!(status.runs_on.unwrap().org, "corvus");
     let order = status.order.unwrap().id;
@@ -745,13 +730,7 @@ async fn lost_provider_replaced(tag: &str, extra: &[String]) {
     create(
         &acme,
         &ns,
-        aijob_json(
-            "long",
-            4,
-            &["A100", "L40S"],
-            "12s",
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
-        ),
+        pool_job("long", 4, &["A100", "L40S"], "12s", serde_json::json!({})),
     )
     .await;
     let running = wait_job(&acme, &ns, "long", "Running at bravo", |j| {
@@ -852,19 +831,10 @@ async fn restart_mid_lease(org: &str, down: Duration) {
     create(
         &acme,
         &ns,
-        aijob_json(
-            "steady",
-            4,
-            &["A100"],
-            "12s",
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
-        ),
+        pool_job("steady", 4, &["A100"], "12s", serde_json::json!({})),
     )
     .await;
-    let running = wait_job(&acme, &ns, "steady", "Running at bravo", |j| {
-        phase(j) == Some(AiJobPhase::Running)
-    })
-    .await;
+    let running = wait_phase(&acme, &ns, "steady", AiJobPhase::Running, "Running at bravo").await;
     let remote_ns = running.status.unwrap().runs_on.unwrap().namespace;
     let jobs: Api<Job> = Api::namespaced(bravo.clone(), &remote_ns);
     let workload = jobs.list(&ListParams::default()).await.unwrap().items;
@@ -940,19 +910,10 @@ async fn deleting_the_aijob_cancels_the_lease_on_chain_and_remotely() {
     create(
         &acme,
         &ns,
-        aijob_json(
-            "doomed",
-            4,
-            &["A100"],
-            "10m",
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"}, "bidding": {"window": "1s"}}),
-        ),
+        pool_job("doomed", 4, &["A100"], "10m", serde_json::json!({})),
     )
     .await;
-    let running = wait_job(&acme, &ns, "doomed", "Running", |j| {
-        phase(j) == Some(AiJobPhase::Running)
-    })
-    .await;
+    let running = wait_phase(&acme, &ns, "doomed", AiJobPhase::Running, "Running").await;
     let status = running.status.unwrap();
     let remote_ns = status.runs_on.unwrap().namespace;
     let order = status.order.unwrap().id;
@@ -1065,23 +1026,8 @@ async fn members_behind_nat_trade_through_a_relay() {
 /// only corvus has: it runs at corvus and succeeds.
 async fn runs_only_at_corvus(acme: &Client, tag: &str) {
     let ns = namespace(acme, tag).await;
-    create(
-        acme,
-        &ns,
-        aijob_json(
-            "render",
-            2,
-            &["L40S"],
-            "2s",
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"},
-                "bidding": {"window": "1s"}}),
-        ),
-    )
-    .await;
-    let done = wait_job(acme, &ns, "render", "Succeeded at corvus", |j| {
-        phase(j) == Some(AiJobPhase::Succeeded)
-    })
-    .await;
+    create(acme, &ns, pool_job("render", 2, &["L40S"], "2s", serde_json::json!({}))).await;
+    let done = wait_phase(acme, &ns, "render", AiJobPhase::Succeeded, "Succeeded at corvus").await;
     assert_eq!(done.status.unwrap().runs_on.unwrap().org, "corvus");
     remove_namespace(acme, &ns).await;
 }
@@ -1420,23 +1366,11 @@ async fn arriving_twice_changes_nothing(tag: &str, late: Duration, train_runs: &
         pool.balance("bravo").await.unwrap(),
     );
     let reputation_before = reputation(&acme, "bravo").await;
-    let job = |name: &str, duration: &str| {
-        aijob_json(
-            name,
-            4,
-            &["A100"],
-            duration,
-            serde_json::json!({"maxPricePerGpuHour": "3", "placement": {"mode": "PoolOnly"},
-                "bidding": {"window": "1s"}}),
-        )
-    };
+    let job = |name: &str, duration: &str| pool_job(name, 4, &["A100"], duration, serde_json::json!({}));
 
     // One job runs to the end at bravo.
     create(&acme, &ns, job("train", train_runs)).await;
-    let done = wait_job(&acme, &ns, "train", "Succeeded", |j| {
-        phase(j) == Some(AiJobPhase::Succeeded)
-    })
-    .await;
+    let done = wait_phase(&acme, &ns, "train", AiJobPhase::Succeeded, "Succeeded").await;
     let status = done.status.clone().unwrap();
     let runs_on = status.runs_on.clone().unwrap();
     assert_eq!(runs_on.org, "bravo");
@@ -1501,10 +1435,7 @@ async fn arriving_twice_changes_nothing(tag: &str, late: Duration, train_runs: &
 
     // Another is cancelled while it runs: the cancel arrives twice too.
     create(&acme, &ns, job("doomed", "10m")).await;
-    let running = wait_job(&acme, &ns, "doomed", "Running", |j| {
-        phase(j) == Some(AiJobPhase::Running)
-    })
-    .await;
+    let running = wait_phase(&acme, &ns, "doomed", AiJobPhase::Running, "Running").await;
     let status = running.status.unwrap();
     let (doomed_ns, doomed_order) = (status.runs_on.unwrap().namespace, status.order.unwrap().id);
     // Counted before the cancel takes the doomed job's Bids with it.
