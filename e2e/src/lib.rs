@@ -11,6 +11,7 @@ pub mod env;
 pub mod harness;
 pub mod kubeapply;
 pub mod nat;
+pub mod network_policy;
 pub mod orgs;
 pub mod otlp;
 pub mod pool;

@@ -24,10 +24,12 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, ResourceExt};
 use kube::core::ApiResource;
@@ -109,6 +111,7 @@ fn values(chain: &ChainConfig) -> serde_json::Value {
         "image": { "tag": "e2e" },
         "operator": {
             "tolerations": [{ "key": gpupool_crds::GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule" }],
+            "networkPolicy": { "enabled": true, "poolApiFrom": [{ "ipBlock": { "cidr": RENTERS } }] },
         },
         "chain": {
             "rpcUrl": chain.rpc_url,
@@ -137,6 +140,9 @@ fn values(chain: &ChainConfig) -> serde_json::Value {
         },
     })
 }
+
+/// Where this data centre's renters call its Pool API from.
+const RENTERS: &str = "203.0.113.0/24";
 
 /// A member serving as a relay, as `pool.relay.via` names it.
 const RELAY: &str = "/dns4/pool.relay.example.org/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
@@ -385,6 +391,15 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
             &["organisation \"evil\" is in both allowedOrgs and deniedOrgs"],
         ),
         (&["--set", "chain.rpcUrl="], &["pool.enabled needs chain.rpcUrl"]),
+        (
+            // An empty peer would let everyone in, which an empty list says plainly.
+            &["--set-json", "operator.networkPolicy.metricsFrom=[{}]"],
+            &["/operator/networkPolicy/metricsFrom/0", "minProperties"],
+        ),
+        (
+            &["--set-json", "operator.networkPolicy.poolApiFrom=[{\"ipBlock\":{}}]"],
+            &["/operator/networkPolicy/poolApiFrom/0/ipBlock", "cidr"],
+        ),
     ];
     for (flags, expected) in mistakes {
         let out = helm.deploy("install", flags);
@@ -507,6 +522,39 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         }
         assert!(set >= 3, "{bin}: nothing set in {containers:#?}");
     }
+    // The NetworkPolicy lets in exactly the ports the operator opens: the
+    // pool's from anyone, the Pool API from the renters' network only.
+    let policy = Api::<NetworkPolicy>::namespaced(client.clone(), &ns)
+        .get("gpupool-operator")
+        .await
+        .expect("the operator's NetworkPolicy");
+    let template = &operator.spec.as_ref().expect("a Deployment spec").template;
+    let gaps = gpupool_e2e::network_policy::gaps(&policy, template);
+    assert!(gaps.is_empty(), "{}", gaps.join("; "));
+    let rules = policy.spec.as_ref().and_then(|s| s.ingress.clone()).unwrap_or_default();
+    let from_for = |port: &str| {
+        rules
+            .iter()
+            .find(|r| {
+                r.ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.port == Some(IntOrString::String(port.into())))
+            })
+            .map(|r| serde_json::to_value(&r.from).expect("peers as JSON"))
+            .unwrap_or_else(|| panic!("no rule for {port}"))
+    };
+    assert_eq!(
+        from_for("pool-api"),
+        serde_json::json!([{ "ipBlock": { "cidr": RENTERS } }])
+    );
+    assert_eq!(
+        from_for("p2p"),
+        serde_json::Value::Null,
+        "members dial in from anywhere"
+    );
+    assert_eq!(from_for("metrics"), serde_json::json!([{ "namespaceSelector": {} }]));
+
     let nodes = i32::try_from(org.nodes.len()).expect("node count");
     wait_for(Duration::from_secs(60), "an agent ready on every GPU node", || async {
         let s = agents.get("gpupool-agent").await.ok()?.status?;
