@@ -2,14 +2,17 @@
 //! API server, controller-manager, scheduler and kwok, and the operator as a
 //! real process under its own RBAC identity.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use gpupool_crds::{AiJob, AiJobPhase, LABEL_AIJOB};
 use gpupool_e2e::harness::{Operator, admin, aijob_json, namespace, testenv, wait_for};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::watcher;
 
 const ORG: &str = "acme";
 const LONG: Duration = Duration::from_secs(90);
@@ -391,14 +394,13 @@ async fn deleting_the_namespace_of_a_running_aijob_never_takes_its_status_back()
 
     // Every status the API server holds from here on, in order.
     let api = Api::<AiJob>::namespaced(client.clone(), &ns);
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let seen = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
     let record = seen.clone();
     let watch = tokio::spawn(async move {
-        use futures::StreamExt;
-        let cfg = kube::runtime::watcher::Config::default().fields("metadata.name=leaving");
-        let mut events = std::pin::pin!(kube::runtime::watcher(api, cfg));
+        let cfg = watcher::Config::default().fields("metadata.name=leaving");
+        let mut events = std::pin::pin!(watcher(api, cfg));
         while let Some(Ok(ev)) = events.next().await {
-            if let kube::runtime::watcher::Event::Apply(j) | kube::runtime::watcher::Event::InitApply(j) = ev {
+            if let watcher::Event::Apply(j) | watcher::Event::InitApply(j) = ev {
                 let s = j.status.unwrap_or_default();
                 let phase = s.phase.map(|p| format!("{p:?}")).unwrap_or_default();
                 let reason = s
