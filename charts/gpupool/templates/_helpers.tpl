@@ -6,6 +6,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
+{{- /* What selects the operator's pods: its Deployment, Services, PDB and NetworkPolicy. */ -}}
+{{- define "gpupool.operatorSelector" -}}
+app.kubernetes.io/name: gpupool
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
 {{- define "gpupool.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
