@@ -1,29 +1,27 @@
-//! This cluster as a member of the pool: the message loop, identity and
-//! capacity adverts, and the tables the renter and provider sides share.
-//! Everything here is I/O; decisions come from the pure modules.
+//! This cluster as a member of the pool: the message loop that opens,
+//! checks and dispatches every peer message, and the tables the renter and
+//! provider sides share. What it knows of the other members is in `peers`,
+//! what it lends and advertises in `supply`. Everything here is I/O;
+//! decisions come from the pure modules.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use gpupool_chain::{Address, EscrowClient};
 use gpupool_crds::price::TokenAmount;
-use gpupool_crds::{
-    AiJob, GpuNode, Lease, PeerCapacity, PeerVia, PoolOrder, PoolPeer, PoolPeerSpec, PoolPeerStatus, Reputation,
-};
+use gpupool_crds::{AiJob, GpuNode, Lease, PoolOrder, Reputation};
 use gpupool_proto::peer::v1::envelope::Body;
-use gpupool_proto::peer::v1::{CapacityAdvert, GpuOffer, IdentityRecord};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use gpupool_proto::peer::v1::{CapacityAdvert, GpuOffer};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::Client;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client};
 use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
 use libp2p::identity::Keypair;
 use tokio::sync::mpsc;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::bidengine::Supply;
@@ -32,11 +30,10 @@ use super::peer_writes::Pacing;
 use super::policy::ProviderPolicy;
 use super::selection::{PeerSupply, Wanted, advertises_fit};
 use crate::cache::PodCaches;
-use crate::capacity::inventory;
 use crate::p2p::envelope::{DropReason, Opened, Opener, seal};
 use crate::p2p::score::{PeerScores, ScoreParams};
 use crate::p2p::swarm::{HolePunch, Inbound, P2p, SendError, Topic};
-use crate::promised::{self, PoolPromise, Promised};
+use crate::promised::{PoolPromise, Promised};
 use crate::telemetry::Metrics;
 
 pub const MARKET_MANAGER: &str = "gpupool-market";
@@ -768,20 +765,6 @@ impl Market {
         }
     }
 
-    /// Our signed identity: the org and wallet this peer id answers for.
-    fn identity_record(&self, info: &crate::p2p::swarm::SwarmInfo) -> Body {
-        Body::Identity(IdentityRecord {
-            org: self.settings.org.clone(),
-            wallet: self.wallet.to_string(),
-            addresses: info
-                .advertised
-                .iter()
-                .take(16)
-                .map(|a| crate::p2p::announce::with_peer(a, self.peer_id()).to_string())
-                .collect(),
-        })
-    }
-
     /// Handles one opened message. One that carries a trace context (sent
     /// on behalf of a job) is handled in a span of that trace; adverts and
     /// heartbeats carry none and get no span, or every beat would be a trace.
@@ -828,446 +811,6 @@ impl Market {
             .filter(|o| !o.is_empty())
     }
 
-    async fn on_identity(&self, sender: PeerId, r: IdentityRecord) -> Result<(), (DropReason, String)> {
-        if r.org != self.settings.org && !self.settings.policy.serves(&r.org) {
-            return Err((DropReason::DeniedOrg, r.org));
-        }
-        let wallet = Address::from_str(&r.wallet).map_err(|_| (DropReason::Malformed, "wallet".to_string()))?;
-        let write = {
-            let mut st = self.lock();
-            if let Some(bound) = st.orgs.get(&r.org)
-                && *bound != sender
-            {
-                return Err((DropReason::Impersonation, format!("{} is bound to {bound}", r.org)));
-            }
-            if r.org == self.settings.org && sender != self.peer_id() {
-                return Err((DropReason::Impersonation, "claims our own organisation".into()));
-            }
-            st.orgs.insert(r.org.clone(), sender);
-            let now = now_ms();
-            let peers = st.peers.len();
-            let p = st.peers.entry(sender).or_default();
-            let changed = p.org != r.org || p.wallet != Some(wallet) || p.addresses != r.addresses;
-            p.org = r.org.clone();
-            p.wallet = Some(wallet);
-            p.addresses = r.addresses.clone();
-            p.last_seen_ms = now;
-            p.connected = true;
-            p.pacing.changed |= changed;
-            p.spec_unwritten |= changed;
-            let write = p.pacing.due(now, peers).then(|| p.clone());
-            (write, st.early_adverts.remove(&sender))
-        };
-        let (write, early) = write;
-        if let Some(offers) = early {
-            self.on_capacity(sender, CapacityAdvert { offers }).await?;
-        }
-        for a in &r.addresses {
-            if let Ok(addr) = a.parse() {
-                self.p2p.add_peer(sender, addr).await;
-            }
-        }
-        if let Some(p) = write {
-            self.write_poolpeer(sender, &p).await;
-        }
-        Ok(())
-    }
-
-    async fn on_capacity(&self, sender: PeerId, c: CapacityAdvert) -> Result<(), (DropReason, String)> {
-        let (write, wake, changed) = {
-            let mut st = self.lock();
-            let now = now_ms();
-            let peers = st.peers.len();
-            let Some(p) = st.peers.get_mut(&sender) else {
-                // Unusable before the identity record, which names the org;
-                // kept until it arrives (see `State::early_adverts`).
-                if st.early_adverts.len() < EARLY_ADVERTS || st.early_adverts.contains_key(&sender) {
-                    st.early_adverts.insert(sender, c.offers);
-                }
-                return Ok(());
-            };
-            let changed = p.offers != c.offers;
-            p.offers = c.offers;
-            p.last_seen_ms = now;
-            if changed {
-                p.offers_changed_ms = now;
-            }
-            p.pacing.capacity_changed |= changed;
-            let write = p.pacing.due(now, peers).then(|| p.clone());
-            // Jobs waiting out a backoff that this peer could serve: on a
-            // change in its offers, and while room stands for a job that has
-            // waited ROOM_RETRY_MS. The oldest first, a few per advert: the
-            // renter lets only as many ask as the room fits.
-            let supply = [peer_supply(p)];
-            let mut waiting: Vec<(u64, ObjectRef<AiJob>)> = st
-                .orders
-                .values()
-                .filter(|o| {
-                    o.closes_ms > now
-                        && o.repeat_after_ms <= now
-                        && (changed || now.saturating_sub(o.published_ms) >= super::renter::ROOM_RETRY_MS)
-                        && order_fits(o, &supply)
-                })
-                .map(|o| (o.published_ms, o.aijob.clone()))
-                .collect();
-            waiting.sort_by_key(|(t, _)| *t);
-            let free: u32 = supply[0].offers.iter().map(|(s, _)| s.free).sum();
-            let wake: Vec<ObjectRef<AiJob>> = waiting
-                .into_iter()
-                .take(usize::try_from(free.saturating_mul(2)).unwrap_or(usize::MAX))
-                .map(|(_, j)| j)
-                .collect();
-            (write, wake, changed)
-        };
-        if changed {
-            self.observe_pool_supply();
-        }
-        if let Some(p) = write {
-            self.write_poolpeer(sender, &p).await;
-        }
-        // Jobs waiting out a backoff that this peer could now serve look again.
-        for aijob in wake {
-            self.wake(aijob).await;
-        }
-        Ok(())
-    }
-
-    /// Keeps the peer's PoolPeer current. Failures are logged: the next advert retries.
-    async fn write_poolpeer(&self, peer: PeerId, p: &PeerInfo) {
-        let api: Api<PoolPeer> = Api::all(self.client.clone());
-        let name = poolpeer_name(&p.org);
-        if p.spec_unwritten {
-            let spec = PoolPeerSpec {
-                peer_id: peer.to_string(),
-                org: p.org.clone(),
-                wallet: p.wallet.map(|w| w.to_string()),
-                addresses: p.addresses.iter().take(32).cloned().collect(),
-            };
-            let patch = serde_json::json!({
-                "apiVersion": "gpupool.dev/v1alpha1",
-                "kind": "PoolPeer",
-                "metadata": {"name": name},
-                "spec": spec,
-            });
-            if let Err(e) = api
-                .patch(
-                    &name,
-                    &PatchParams::apply(MARKET_MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
-            {
-                warn!(peer = %p.org, error = %e, "could not write PoolPeer");
-                return;
-            }
-            if let Some(info) = self.lock().peers.get_mut(&peer) {
-                info.spec_unwritten = false;
-            }
-        }
-        let known = self.reputations().await;
-        if self.lock().reputation.is_none() {
-            // Unread reputations must not be written over with zeros.
-            self.mark_dirty(&peer);
-            return;
-        }
-        let reputation = known.get(&p.org).cloned().unwrap_or_default();
-        self.write_poolpeer_status(&api, &name, peer, p, reputation).await;
-    }
-
-    async fn write_poolpeer_status(
-        &self,
-        api: &Api<PoolPeer>,
-        name: &str,
-        peer: PeerId,
-        p: &PeerInfo,
-        reputation: Reputation,
-    ) {
-        let capacity: Vec<PeerCapacity> = p
-            .offers
-            .iter()
-            .take(64)
-            .map(|o| PeerCapacity {
-                gpu_product: o.product.clone(),
-                memory_mib: o.memory_mib,
-                free: i32::try_from(o.free).unwrap_or(i32::MAX),
-                max_per_node: i32::try_from(o.max_per_node).unwrap_or(i32::MAX),
-                price_per_gpu_hour: o.price_per_gpu_hour.clone(),
-            })
-            .collect();
-        let via = if p.connected {
-            let links = self.p2p.links(peer).await;
-            match links.iter().any(|l| !l.relayed) {
-                true => Some(PeerVia::Direct),
-                false if !links.is_empty() => Some(PeerVia::Relay),
-                // Heard through gossip, with no connection of our own.
-                false => None,
-            }
-        } else {
-            None
-        };
-        let status = PoolPeerStatus {
-            connected: p.connected,
-            via,
-            capacity,
-            last_seen: Timestamp::from_millisecond(i64::try_from(p.last_seen_ms).unwrap_or(0))
-                .ok()
-                .map(Time),
-            reputation,
-        };
-        if let Err(e) = crate::ssa::apply_status(api, name, MARKET_MANAGER, &status).await {
-            warn!(peer = %p.org, error = %e, "could not write PoolPeer status");
-        }
-    }
-
-    /// Has a peer's PoolPeer written again at its next advert.
-    fn mark_dirty(&self, peer: &PeerId) {
-        if let Some(info) = self.lock().peers.get_mut(peer) {
-            info.pacing.changed = true;
-        }
-    }
-
-    /// Adds one completed or failed lease to a peer's reputation; its
-    /// PoolPeer gets it with the peer's next advert.
-    pub(crate) async fn record_outcome(&self, org: &str, completed: bool) {
-        if self.lock().reputation.is_none() {
-            self.reputations().await;
-        }
-        let unheard = {
-            let mut st = self.lock();
-            let Some(all) = st.reputation.as_mut() else {
-                warn!(peer = %org, completed, "reputations unreadable; this outcome is not counted");
-                return;
-            };
-            let r = all.entry(org.to_string()).or_default();
-            if completed {
-                r.completed += 1;
-            } else {
-                r.failed += 1;
-            }
-            let reputation = r.clone();
-            let peer = st.orgs.get(org).copied();
-            match peer.and_then(|peer| st.peers.get_mut(&peer)) {
-                // Written with the peer's next advert, or the next periodic
-                // flush if it has gone quiet (a failed provider usually has).
-                Some(info) => {
-                    info.pacing.changed = true;
-                    None
-                }
-                None => Some(reputation),
-            }
-        };
-        // A peer this process has not heard from since it started: nothing
-        // else will write its PoolPeer, so the count goes now.
-        if let Some(reputation) = unheard {
-            let api: Api<PoolPeer> = Api::all(self.client.clone());
-            let patch = serde_json::json!({"status": {"reputation": reputation}});
-            if let Err(e) = api
-                .patch_status(&poolpeer_name(org), &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                warn!(peer = %org, error = %e, "could not record reputation");
-            }
-        }
-    }
-
-    /// Writes the PoolPeers whose changes no advert has carried: peers that
-    /// went quiet after a change (a lost connection, a failed lease).
-    async fn flush_poolpeers(&self) {
-        let due: Vec<(PeerId, PeerInfo)> = {
-            let mut st = self.lock();
-            let now = now_ms();
-            let peers = st.peers.len();
-            st.peers
-                .iter_mut()
-                .filter(|(_, p)| p.pacing.pending() && !p.org.is_empty())
-                .filter_map(|(id, p)| p.pacing.due(now, peers).then(|| (*id, p.clone())))
-                .collect()
-        };
-        for (peer, p) in due {
-            self.write_poolpeer(peer, &p).await;
-        }
-    }
-
-    /// Reputation by org: from memory, read from the PoolPeers the first time.
-    pub(crate) async fn reputations(&self) -> HashMap<String, Reputation> {
-        if let Some(r) = &self.lock().reputation {
-            return r.clone();
-        }
-        let api: Api<PoolPeer> = Api::all(self.client.clone());
-        let read: HashMap<String, Reputation> = match api.list(&Default::default()).await {
-            Ok(l) => l
-                .items
-                .into_iter()
-                .map(|p| (p.spec.org, p.status.map(|s| s.reputation).unwrap_or_default()))
-                .collect(),
-            Err(e) => {
-                warn!(error = %e, "could not read peer reputations; ranking bids without them");
-                return HashMap::new();
-            }
-        };
-        // Outcomes recorded while the list was in flight are not lost: the
-        // first reader installs the map, later ones find it there.
-        self.lock().reputation.get_or_insert(read).clone()
-    }
-
-    /// Free GPUs per product here, after every promise (bids, accepted
-    /// leases, local placements in flight), capped by what the policy still
-    /// lets this cluster lend.
-    pub(crate) fn supply(&self) -> (Vec<Supply>, u32) {
-        let Some(stores) = self.stores.get() else {
-            return (vec![], 0);
-        };
-        let local = stores.promised.decide();
-        self.supply_given(stores, &local)
-    }
-
-    /// [`Self::supply`] for a caller that holds the decision lock.
-    pub(crate) fn supply_given(&self, stores: &Stores, local: &promised::Local) -> (Vec<Supply>, u32) {
-        // Nothing to lend until every pod is counted.
-        let Some(pods) = stores.pods.live() else {
-            return (vec![], 0);
-        };
-        let nodes = inventory(
-            &stores.gpunodes.state(),
-            &pods,
-            &promised::by_node(local),
-            Timestamp::now(),
-        );
-        let bound = promised::bound_namespaces(&pods);
-        let mut st = self.lock();
-        let now = now_ms();
-        // Accepted leases count against what is free until their pods do (or
-        // the controller's promise for their workload does), but not against
-        // the lending limit: `lent` counts their Leases.
-        let mut reserved: HashMap<String, u32> = HashMap::new();
-        for p in st.held_unbound(now, &bound, &promised::namespaces(local)) {
-            *reserved.entry(p.product).or_default() += p.count;
-        }
-        let mut reserved_total = 0;
-        for p in st.held_by_bids(now) {
-            reserved_total += p.count;
-            *reserved.entry(p.product).or_default() += p.count;
-        }
-        let lent = st.lent + reserved_total;
-        let mut by_product: BTreeMap<String, Supply> = BTreeMap::new();
-        for n in &nodes {
-            let s = by_product.entry(n.product.clone()).or_insert(Supply {
-                product: n.product.clone(),
-                memory_mib: n.memory_mib,
-                free: 0,
-                max_per_node: 0,
-            });
-            s.free += n.free();
-            s.max_per_node = s.max_per_node.max(n.free());
-            s.memory_mib = s.memory_mib.min(n.memory_mib);
-        }
-        let room = self.settings.policy.max_lent_gpus.saturating_sub(lent);
-        let out = by_product
-            .into_values()
-            .map(|mut s| {
-                let held = reserved.get(s.product.as_str()).copied().unwrap_or(0);
-                s.free = s.free.saturating_sub(held).min(room);
-                s.max_per_node = s.max_per_node.min(s.free);
-                s
-            })
-            .collect();
-        (out, lent)
-    }
-
-    /// The GPUs the market holds here (open bids, accepted leases not yet
-    /// bound), for the controller's decisions; `bound` and `skip` as in
-    /// [`State::held_unbound`]. The caller holds the decision lock.
-    pub fn pool_promises(&self, bound: &HashSet<&str>, skip: &HashSet<&str>) -> Vec<PoolPromise> {
-        let mut st = self.lock();
-        let now = now_ms();
-        let mut held = st.held_by_bids(now);
-        held.extend(st.held_unbound(now, bound, skip));
-        held
-    }
-
-    /// Publishes identity and capacity every `advert_every`, and capacity alone
-    /// soon after it changes (reservations, leases), at most five times a second:
-    /// renters waiting out a backoff learn of freed GPUs within a fraction of a second.
-    async fn advertise_forever(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.settings.advert_every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last: Option<Vec<GpuOffer>> = None;
-        loop {
-            let periodic = tokio::select! {
-                _ = tick.tick() => true,
-                () = self.capacity_changed.notified() => false,
-            };
-            let offers = self.offers();
-            if !periodic && last.as_ref() == Some(&offers) {
-                continue;
-            }
-            let mut bodies = vec![];
-            if periodic {
-                self.flush_poolpeers().await;
-                let info = self.p2p.info().await;
-                self.metrics.peers_connected(info.connected.len());
-                bodies.push(self.identity_record(&info));
-            }
-            last = Some(offers.clone());
-            bodies.push(Body::Capacity(CapacityAdvert { offers }));
-            for body in bodies {
-                if let Err(e) = self.p2p.publish(Topic::Adverts, self.seal(body)).await {
-                    debug!(error = %e, "advert not published (no peers yet?)");
-                }
-            }
-            if !periodic {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-
-    /// This cluster's free GPUs as advertised: products the policy prices.
-    fn offers(&self) -> Vec<GpuOffer> {
-        let (supply, _) = self.supply();
-        supply
-            .into_iter()
-            .filter_map(|s| {
-                let price = self.settings.policy.price_of(&s.product)?;
-                Some(GpuOffer {
-                    product: s.product,
-                    memory_mib: s.memory_mib,
-                    free: s.free,
-                    max_per_node: s.max_per_node,
-                    price_per_gpu_hour: price.to_string(),
-                })
-            })
-            .collect()
-    }
-
-    /// Sets the gauge of what the pool offers from the connected members'
-    /// latest adverts. Summed in place: called on every changed advert, it
-    /// must not copy every peer's offers.
-    fn observe_pool_supply(&self) {
-        let mut free: BTreeMap<String, u32> = BTreeMap::new();
-        {
-            let st = self.lock();
-            for p in st.peers.values().filter(|p| !p.org.is_empty() && p.connected) {
-                for o in &p.offers {
-                    let n = free.entry(o.product.clone()).or_default();
-                    *n = n.saturating_add(o.free);
-                }
-            }
-        }
-        self.metrics.pool_advertised(&free);
-    }
-
-    /// What the pool advertises, for no-bid explanations; with `changed_after`,
-    /// only peers whose offers changed since then.
-    pub(crate) fn pool_supply(&self, changed_after: Option<u64>) -> Vec<PeerSupply> {
-        let st = self.lock();
-        st.peers
-            .values()
-            .filter(|p| !p.org.is_empty() && p.connected)
-            .filter(|p| changed_after.is_none_or(|t| p.offers_changed_ms > t))
-            .map(peer_supply)
-            .collect()
-    }
-
     pub(crate) async fn wake(&self, aijob: ObjectRef<AiJob>) {
         if self.wake.try_send(aijob).is_err() {
             debug!("reconcile trigger queue full");
@@ -1279,7 +822,7 @@ impl Market {
     }
 }
 
-fn peer_supply(p: &PeerInfo) -> PeerSupply {
+pub(super) fn peer_supply(p: &PeerInfo) -> PeerSupply {
     PeerSupply {
         org: p.org.clone(),
         offers: p
@@ -1301,7 +844,7 @@ fn peer_supply(p: &PeerInfo) -> PeerSupply {
 }
 
 /// Whether one of `peers` advertises what `order` asks, at its price.
-fn order_fits(order: &OpenOrder, peers: &[PeerSupply]) -> bool {
+pub(super) fn order_fits(order: &OpenOrder, peers: &[PeerSupply]) -> bool {
     let Some(gpus) = order.order.gpus.as_ref() else {
         return false;
     };
@@ -1334,6 +877,7 @@ fn topic_allows(topic: Topic, body: &Body) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gpupool_proto::peer::v1::IdentityRecord;
 
     #[test]
     fn orders_travel_only_on_gossip_and_adverts_either_way() {
