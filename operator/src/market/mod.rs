@@ -1,11 +1,14 @@
 //! The pool market. Pure decisions (`policy`, `bidengine`, `selection`,
-//! `renter`, `renter_says`, `peer_writes`, `heard`) are apart from the I/O
-//! that carries them out: `node` (the message loop) with `peers` and
-//! `supply`; `provider_io`; and the renter's `renter_io` with the steps it
-//! takes (`renter_orders`, `renter_bids`, `renter_award`, `renter_reports`).
+//! `renter`, `renter_says`, `lease_check`, `lease_objects`, `peer_writes`,
+//! `heard`) are apart from the I/O that carries them out: `node` (the
+//! message loop) with `peers` and `supply`; `provider_io`; and the renter's
+//! `renter_io` with the steps it takes (`renter_orders`, `renter_bids`,
+//! `renter_award`, `renter_reports`).
 
 pub mod bidengine;
 pub mod heard;
+pub mod lease_check;
+pub mod lease_objects;
 pub mod lease_records;
 pub mod node;
 pub mod peer_writes;

@@ -5,47 +5,31 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use gpupool_chain::{Address, B256, LeaseOnChain};
 use gpupool_crds::price::TokenAmount;
 use gpupool_crds::{
-    AIJOB_FINALIZER, ANNOTATION_TRACEPARENT, AiJob, AiJobPhase, AiJobSpec, AiJobStatus, Bidding, CloseReason, Escrow,
-    GpuRequirements, LABEL_LEASE, LABEL_LEASE_NAMESPACE, LABEL_ORDER, LEASE_FINALIZER, Lease, LeaseParty, LeaseSide,
-    LeaseSpec, LeaseState, Placement, PlacementMode,
+    AiJob, AiJobPhase, AiJobStatus, CloseReason, LABEL_LEASE, Lease, LeaseParty, LeaseSide, LeaseState,
 };
 use gpupool_proto::peer::v1::envelope::Body;
 use gpupool_proto::peer::v1::{Bid, BidResult, Heartbeat, LeaseOffer, LeaseStatus, Order};
 use k8s_openapi::api::core::v1::{Namespace, PodTemplateSpec};
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use libp2p::PeerId;
 use tracing::{Instrument, debug, info, warn};
 
 use super::bidengine::{Ask, evaluate};
+use super::lease_check::{Refusal, Terms, check_offer, check_on_chain};
+use super::lease_objects::{Accepted, DEFAULT_DENY, lease_objects, provider_lease_name};
+pub use super::lease_objects::{WORKLOAD, lease_namespace, lease_short};
 use super::lease_records::{Closed, expired};
 use super::node::{MARKET_MANAGER, Market, Reservation, now_ms};
 use super::renter::moves_forward;
 use crate::p2p::envelope::DropReason;
-use crate::settlement_plan::{COND_SETTLED, MIN_DEPOSIT_SECS, rate_per_second};
+use crate::settlement_plan::COND_SETTLED;
 
 type Handled = Result<(), (DropReason, String)>;
-
-/// The namespace that runs one lease's workload.
-pub fn lease_namespace(lease_id: &str) -> String {
-    format!("gpupool-lease-{}", lease_short(lease_id))
-}
-
-/// The first 12 hex digits of a lease id: unique enough among one provider's leases.
-pub fn lease_short(lease_id: &str) -> String {
-    lease_id
-        .trim_start_matches("0x")
-        .chars()
-        .take(12)
-        .collect::<String>()
-        .to_ascii_lowercase()
-}
 
 /// How long an order that arrives before this cluster's GPUs are counted
 /// waits for the count (the first lists of GpuNodes and pods, at start-up).
@@ -53,9 +37,6 @@ const COUNT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a won bid's GPUs stay promised while the renter opens the lease.
 const WON_HOLD_MS: u64 = 5 * 60 * 1000;
-
-/// The AiJob name of a leased workload inside its namespace.
-pub const WORKLOAD: &str = "workload";
 
 impl Market {
     pub(crate) async fn on_order(self: Arc<Self>, sender: PeerId, order: Order) -> Handled {
@@ -283,199 +264,75 @@ impl Market {
 
     async fn provider_lease_exists(&self, lease_id: &str) -> bool {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.settings.namespace);
-        matches!(
-            api.get_opt(&format!("lease-{}", lease_short(lease_id))).await,
-            Ok(Some(_))
-        )
+        matches!(api.get_opt(&provider_lease_name(lease_id)).await, Ok(Some(_)))
     }
 
-    /// Checks the lease on chain, then creates the namespace, its network
-    /// policy, our Lease copy and the workload.
+    /// Checks the offer and the lease on chain (`lease_check`), then
+    /// creates what the lease runs in (`lease_objects`): the namespace, its
+    /// network policy, our Lease copy and the workload. Each create is
+    /// idempotent, so an offer resent after a failure part-way finishes it.
     async fn accept_lease(self: &Arc<Self>, renter: PeerId, res: &Reservation, l: &LeaseOffer) -> Result<(), Refusal> {
-        let id = B256::from_str(&l.lease_id).map_err(|_| Refusal::Refuse("lease id".into()))?;
-        let renter_wallet = self.lock().peers.get(&renter).and_then(|p| p.wallet);
-        let offered_wallet =
-            Address::from_str(&l.renter_wallet).map_err(|_| Refusal::Refuse("renter wallet".into()))?;
-        if renter_wallet != Some(offered_wallet) {
-            return Err(Refusal::Refuse(
-                "the renter wallet is not the one its identity record names".into(),
-            ));
-        }
-        if l.chain_id != self.chain.config().chain_id
-            || Address::from_str(&l.escrow_contract).ok() != Some(self.chain.config().escrow)
-        {
-            return Err(Refusal::Refuse(
-                "the lease is on another chain or escrow than ours".into(),
-            ));
-        }
-        let rate = rate_per_second(res.price, res.count).ok_or(Refusal::Refuse("price rounds to zero".into()))?;
-        // The renter's wallet, when the sender opened the lease as its agent.
-        let funded_by = match self.chain.lease(id).await {
-            Ok(LeaseOnChain::Open { lease, .. }) => {
-                if lease.provider != self.wallet {
-                    return Err(Refusal::Refuse(format!(
-                        "the lease pays {}, not our wallet",
-                        lease.provider
-                    )));
-                }
-                // A Pool API job: the sender opened it for a renter without a
-                // cluster, funded from that renter's escrow account; the sender
-                // can still close it, and answers for it as the renter would.
-                let as_agent = lease.agent == offered_wallet && lease.agent != Address::ZERO;
-                if lease.renter != offered_wallet && !as_agent {
-                    return Err(Refusal::Refuse(
-                        "the lease's renter is not the sender, nor did the sender open it as an agent".into(),
-                    ));
-                }
-                if lease.rate_per_second != rate {
-                    return Err(Refusal::Refuse(format!(
-                        "the lease pays {} per second, the bid asked {rate}",
-                        lease.rate_per_second
-                    )));
-                }
-                if lease.balance < rate.saturating_mul(MIN_DEPOSIT_SECS.into()) {
-                    return Err(Refusal::Refuse("the deposit covers less than a minute".into()));
-                }
-                as_agent.then(|| lease.renter.to_string())
-            }
-            Ok(LeaseOnChain::Unknown) => return Err(Refusal::Retry("not on chain yet".into())),
-            Ok(LeaseOnChain::Closed { .. }) => return Err(Refusal::Refuse("the lease is already closed".into())),
-            Err(e) => return Err(Refusal::Retry(e.to_string())),
+        let terms = Terms {
+            our_wallet: self.wallet,
+            chain_id: self.chain.config().chain_id,
+            escrow: self.chain.config().escrow,
+            sender_wallet: self.lock().peers.get(&renter).and_then(|p| p.wallet),
+            price_per_gpu_hour: res.price,
+            gpus: res.count,
         };
+        let offered = check_offer(l, &terms)?;
+        let on_chain = self
+            .chain
+            .lease(offered.lease_id)
+            .await
+            .map_err(|e| Refusal::Retry(e.to_string()))?;
+        let funded_by = check_on_chain(&on_chain, &offered, self.wallet)?;
         let template: PodTemplateSpec =
             serde_json::from_slice(&l.workload).map_err(|e| Refusal::Refuse(format!("workload: {e}")))?;
-        let ns = lease_namespace(&l.lease_id);
-        let short = lease_short(&l.lease_id);
-        let labels = BTreeMap::from([
-            (LABEL_LEASE.to_string(), short.clone()),
-            (LABEL_LEASE_NAMESPACE.to_string(), "true".to_string()),
-            (
-                "app.kubernetes.io/managed-by".to_string(),
-                "gpupool-operator".to_string(),
-            ),
-        ]);
+        let renter_org = res.order.renter_org.clone();
+        let o = lease_objects(Accepted {
+            offer: l,
+            renter: LeaseParty {
+                org: renter_org.clone(),
+                peer_id: Some(renter.to_string()),
+                wallet: Some(offered.renter_wallet.to_string()),
+            },
+            provider: LeaseParty {
+                org: self.settings.org.clone(),
+                peer_id: Some(self.peer_id().to_string()),
+                wallet: Some(self.wallet.to_string()),
+            },
+            funded_by,
+            gpu_product: &res.product,
+            gpu_count: res.count,
+            price_per_gpu_hour: res.price,
+            template,
+            operator_namespace: &self.settings.namespace,
+            traceparent: crate::tracecontext::current_traceparent(),
+        });
+        let ns = o.namespace.name_any();
         let pp = PatchParams::apply(MARKET_MANAGER).force();
         let k = |e: kube::Error| Refusal::Retry(e.to_string());
-        let namespace = Namespace {
-            metadata: ObjectMeta {
-                name: Some(ns.clone()),
-                labels: Some(labels.clone()),
-                annotations: Some(BTreeMap::from([
-                    ("gpupool.dev/renter-org".to_string(), res.order.renter_org.clone()),
-                    ("gpupool.dev/lease-id".to_string(), l.lease_id.clone()),
-                ])),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let ns_api: Api<Namespace> = Api::all(self.client.clone());
-        ns_api
-            .patch(&ns, &pp, &Patch::Apply(&apply_of(&namespace, "v1", "Namespace")))
+        Api::<Namespace>::all(self.client.clone())
+            .patch(&ns, &pp, &Patch::Apply(&apply_of(&o.namespace, "v1", "Namespace")))
             .await
             .map_err(k)?;
-        // Default deny: the renter's workload may not reach this cluster's
-        // services, and nothing in the cluster may reach it.
-        let deny = NetworkPolicy {
-            metadata: ObjectMeta {
-                name: Some("default-deny".into()),
-                namespace: Some(ns.clone()),
-                labels: Some(labels.clone()),
-                ..Default::default()
-            },
-            spec: Some(NetworkPolicySpec {
-                pod_selector: Some(LabelSelector::default()),
-                policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
-                ..Default::default()
-            }),
-        };
         Api::<NetworkPolicy>::namespaced(self.client.clone(), &ns)
             .patch(
-                "default-deny",
+                DEFAULT_DENY,
                 &pp,
-                &Patch::Apply(&apply_of(&deny, "networking.k8s.io/v1", "NetworkPolicy")),
+                &Patch::Apply(&apply_of(&o.deny, "networking.k8s.io/v1", "NetworkPolicy")),
             )
             .await
             .map_err(k)?;
-        let renter_org = res.order.renter_org.clone();
-        let lease = Lease::new(
-            &format!("lease-{short}"),
-            LeaseSpec {
-                side: LeaseSide::Provider,
-                order_id: l.order_id.clone(),
-                bid: l.bid_id.clone(),
-                ai_job: Some(format!("{ns}/{WORKLOAD}")),
-                renter: LeaseParty {
-                    org: renter_org.clone(),
-                    peer_id: Some(renter.to_string()),
-                    wallet: Some(offered_wallet.to_string()),
-                },
-                provider: LeaseParty {
-                    org: self.settings.org.clone(),
-                    peer_id: Some(self.peer_id().to_string()),
-                    wallet: Some(self.wallet.to_string()),
-                },
-                price_per_gpu_hour: res.price.to_string(),
-                gpu_count: i32::try_from(res.count).unwrap_or(1),
-                gpu_product: res.product.clone(),
-                escrow: Some(Escrow {
-                    chain_id: l.chain_id,
-                    contract: l.escrow_contract.clone(),
-                    lease_id: Some(l.lease_id.clone()),
-                    deposit: l.deposit.clone(),
-                    // Top-ups are the renter's to make.
-                    top_up_to: None,
-                    funded_by,
-                }),
-                close_reason: None,
-            },
-        );
-        let mut lease = lease;
-        lease.metadata.namespace = Some(self.settings.namespace.clone());
-        lease.metadata.labels = Some(BTreeMap::from([
-            (LABEL_LEASE.to_string(), short.clone()),
-            (LABEL_ORDER.to_string(), l.order_id.clone()),
-        ]));
-        // Born with the finalizers of the workers that own them, which would
-        // each add theirs in a write of its own.
-        lease.metadata.finalizers = Some(vec![LEASE_FINALIZER.to_string()]);
-        // The lease's settlement and the workload continue the renter's trace.
-        let traced = crate::tracecontext::current_traceparent()
-            .map(|tp| BTreeMap::from([(ANNOTATION_TRACEPARENT.to_string(), tp)]));
-        lease.metadata.annotations = traced.clone();
         let lease_api: Api<Lease> = Api::namespaced(self.client.clone(), &self.settings.namespace);
-        match lease_api.create(&PostParams::default(), &lease).await {
+        match lease_api.create(&PostParams::default(), &o.lease).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(k(e)),
         }
-        let mut aijob = AiJob::new(
-            WORKLOAD,
-            AiJobSpec {
-                template,
-                gpus: GpuRequirements {
-                    count: i32::try_from(res.count).unwrap_or(1),
-                    models: vec![res.product.clone()],
-                    min_memory: None,
-                    interconnect: Default::default(),
-                },
-                max_price_per_gpu_hour: res.price.to_string(),
-                max_duration: std::time::Duration::from_secs(l.max_duration_seconds).into(),
-                placement: Placement {
-                    mode: PlacementMode::LocalOnly,
-                    allowed_orgs: vec![],
-                    denied_orgs: vec![],
-                },
-                bidding: Bidding::default(),
-                // The lease pays for it; the workload itself pays nothing.
-                payer: None,
-            },
-        );
-        aijob.metadata.namespace = Some(ns.clone());
-        aijob.metadata.labels = Some(BTreeMap::from([(LABEL_LEASE.to_string(), short)]));
-        aijob.metadata.finalizers = Some(vec![AIJOB_FINALIZER.to_string()]);
-        aijob.metadata.annotations = traced;
         let jobs: Api<AiJob> = Api::namespaced(self.client.clone(), &ns);
-        match jobs.create(&PostParams::default(), &aijob).await {
+        match jobs.create(&PostParams::default(), &o.workload).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(k(e)),
@@ -745,13 +602,6 @@ impl Market {
             }
         }
     }
-}
-
-enum Refusal {
-    /// Try again when the renter resends.
-    Retry(String),
-    /// Tell the renter no.
-    Refuse(String),
 }
 
 /// The object as a server-side-apply body.
