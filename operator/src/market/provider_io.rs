@@ -21,8 +21,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::bidengine::{Ask, evaluate};
 use super::lease_check::{Refusal, Terms, check_offer, check_on_chain};
-use super::lease_objects::{Accepted, DEFAULT_DENY, lease_objects, provider_lease_name};
-pub use super::lease_objects::{WORKLOAD, lease_namespace, lease_short};
+use super::lease_objects::{Accepted, DEFAULT_DENY, WORKLOAD, lease_namespace, lease_objects, provider_lease_name};
 use super::lease_records::{Closed, expired};
 use super::node::{MARKET_MANAGER, Market, Reservation, now_ms};
 use super::renter::moves_forward;

@@ -1,5 +1,8 @@
-//! The renter's side: publish orders, record bids, open the lease, hand the
-//! workload to the winner, mirror what it reports, close and re-auction.
+//! The renter's side of one pool job, a step at a time: read its bids and
+//! its lease, ask `renter::decide` for the next step, and carry it out:
+//! publish an order (`renter_orders`), award a bid (`renter_award`), offer,
+//! mirror what the provider reports (`renter_reports`), close and
+//! re-auction. What the job's status says comes from `renter_says`.
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -37,7 +37,7 @@ pub(super) fn runs_on(l: &Lease) -> RunsOn {
         org: l.spec.provider.org.clone(),
         peer_id: l.spec.provider.peer_id.clone(),
         namespace: w.namespace,
-        job: super::provider_io::WORKLOAD.into(),
+        job: super::lease_objects::WORKLOAD.into(),
         gpu_product: Some(l.spec.gpu_product.clone()),
     }
 }
