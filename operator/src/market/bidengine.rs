@@ -7,6 +7,13 @@ use gpupool_crds::price::TokenAmount;
 use super::policy::ProviderPolicy;
 use crate::matching::product_matches;
 
+/// The id a provider gives its bid for an order. The renter names the bid
+/// the same way when it answers (bid results, the lease offer), and the
+/// provider finds its reservation by it, so both build it here.
+pub fn bid_id(provider_org: &str, order_id: &str) -> String {
+    format!("{provider_org}-{order_id}")
+}
+
 /// Free GPUs of one product here, after reservations.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Supply {

@@ -1,6 +1,6 @@
 //! The pool market. Pure decisions (`policy`, `bidengine`, `selection`,
-//! `renter`, `renter_says`, `lease_check`, `lease_objects`, `peer_writes`,
-//! `heard`) are apart from the I/O that carries them out: `node` (the
+//! `renter`, `renter_says`, `renter_lease`, `lease_check`, `lease_objects`,
+//! `peer_writes`, `heard`) are apart from the I/O that carries them out: `node` (the
 //! message loop) with `peers` and `supply`; `provider_io`; and the renter's
 //! `renter_io` with the steps it takes (`renter_orders`, `renter_bids`,
 //! `renter_award`, `renter_reports`).
@@ -19,6 +19,7 @@ pub mod renter;
 pub mod renter_award;
 pub mod renter_bids;
 pub mod renter_io;
+pub mod renter_lease;
 pub mod renter_orders;
 pub mod renter_reports;
 pub mod renter_says;

@@ -19,7 +19,7 @@ use kube::{Api, ResourceExt};
 use libp2p::PeerId;
 use tracing::{Instrument, debug, info, warn};
 
-use super::bidengine::{Ask, evaluate};
+use super::bidengine::{Ask, bid_id, evaluate};
 use super::lease_check::{Refusal, Terms, check_offer, check_on_chain};
 use super::lease_objects::{Accepted, DEFAULT_DENY, WORKLOAD, lease_namespace, lease_objects, provider_lease_name};
 use super::lease_records::{Closed, expired};
@@ -75,7 +75,7 @@ impl Market {
             return Ok(());
         }
         let now = now_ms();
-        let bid_id = format!("{}-{}", self.settings.org, &order.order_id);
+        let bid_id = bid_id(&self.settings.org, &order.order_id);
         let offer = {
             // Counted and promised under the decision lock, which the
             // controller places local jobs under too.
@@ -430,31 +430,11 @@ impl Market {
     pub(crate) async fn provider_forever(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.settings.heartbeat_every);
         let mut finished_since: BTreeMap<String, u64> = BTreeMap::new();
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.settings.namespace);
         loop {
             tick.tick().await;
-            let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.settings.namespace);
-            // From the watch cache once it is in: a list every beat read every
-            // Lease this cluster ever lent (the records stay as history), and
-            // under a burst that list was a share of the API server's work.
-            let cached = self.ready_lease_cache().map(|c| {
-                c.state()
-                    .iter()
-                    .filter(|l| {
-                        l.namespace().as_deref() == Some(self.settings.namespace.as_str())
-                            && l.labels().contains_key(LABEL_LEASE)
-                    })
-                    .cloned()
-                    .collect::<Vec<Arc<Lease>>>()
-            });
-            let leases = match cached {
-                Some(l) => l,
-                None => match api.list(&ListParams::default().labels(LABEL_LEASE)).await {
-                    Ok(l) => l.items.into_iter().map(Arc::new).collect(),
-                    Err(e) => {
-                        debug!(error = %e, "listing provider leases");
-                        continue;
-                    }
-                },
+            let Some(leases) = self.provider_leases(&api).await else {
+                continue;
             };
             let mut lent = 0u32;
             let mut closed: Vec<(String, Option<u64>, bool)> = vec![];
@@ -465,59 +445,110 @@ impl Market {
                 let Some(lease_id) = lease.spec.escrow.as_ref().and_then(|e| e.lease_id.clone()) else {
                     continue;
                 };
-                let ns = lease_namespace(&lease_id);
-                let state = lease.status.as_ref().and_then(|s| s.state);
-                if state == Some(LeaseState::Closed) {
+                if lease.status.as_ref().and_then(|s| s.state) == Some(LeaseState::Closed) {
                     finished_since.remove(&lease_id);
-                    let mut done = {
-                        let mut st = self.lock();
-                        st.workloads.remove(&ns);
-                        st.workload_status.remove(&ns);
-                        st.cleaned_up.contains(&lease_id)
-                    };
-                    if !done && self.clean_up(&lease_id, &ns).await {
-                        let mut st = self.lock();
-                        if st.cleaned_up.len() > 100_000 {
-                            // Forgetting only costs one more look each.
-                            st.cleaned_up.clear();
-                        }
-                        st.cleaned_up.insert(lease_id);
-                        done = true;
-                    }
+                    let done = self.closed_lease(&lease_id).await;
                     closed.push((lease.name_any(), closed_ms(&lease), done));
                     continue;
                 }
                 lent += u32::try_from(lease.spec.gpu_count).unwrap_or(0);
-                let Some(renter) = lease
-                    .spec
-                    .renter
-                    .peer_id
-                    .as_deref()
-                    .and_then(|p| PeerId::from_str(p).ok())
-                else {
-                    continue;
-                };
-                self.lock().workloads.insert(ns.clone(), (renter, lease_id.clone()));
-                let phase = self.report(renter, &lease_id, &ns, None).await;
-                if phase.is_some_and(AiJobPhase::is_terminal) {
-                    // The renter closes finished leases; if it does not (it is
-                    // gone), close it ourselves so the work done is paid.
-                    let since = *finished_since.entry(lease_id.clone()).or_insert_with(now_ms);
-                    let wait = u64::try_from(self.settings.heartbeat_grace.as_millis()).unwrap_or(10_000) * 3;
-                    if now_ms().saturating_sub(since) > wait && lease.spec.close_reason.is_none() {
-                        info!(lease = %lease_id, "the renter did not close a finished lease; closing it as Completed");
-                        let patch = serde_json::json!({"spec": {"closeReason": CloseReason::Completed}});
-                        let _ = api
-                            .patch(&lease.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-                            .await;
-                    }
-                }
+                self.open_lease(&api, &lease, &lease_id, &mut finished_since).await;
             }
             self.lock().lent = lent;
             self.delete_old_records(&api, &closed).await;
             // Leases end and workloads finish between ticks; the advert loop
             // publishes only if the free GPUs actually changed.
             self.capacity_changed.notify_one();
+        }
+    }
+
+    /// This cluster's provider Lease copies, from the watch cache once it is
+    /// in: a list every beat read every Lease this cluster ever lent (the
+    /// records stay as history), and under a burst that list was a share of
+    /// the API server's work. None when neither answers; the next beat asks
+    /// again.
+    async fn provider_leases(&self, api: &Api<Lease>) -> Option<Vec<Arc<Lease>>> {
+        let cached = self.ready_lease_cache().map(|c| {
+            c.state()
+                .iter()
+                .filter(|l| {
+                    l.namespace().as_deref() == Some(self.settings.namespace.as_str())
+                        && l.labels().contains_key(LABEL_LEASE)
+                })
+                .cloned()
+                .collect::<Vec<Arc<Lease>>>()
+        });
+        if cached.is_some() {
+            return cached;
+        }
+        match api.list(&ListParams::default().labels(LABEL_LEASE)).await {
+            Ok(l) => Some(l.items.into_iter().map(Arc::new).collect()),
+            Err(e) => {
+                debug!(error = %e, "listing provider leases");
+                None
+            }
+        }
+    }
+
+    /// A closed lease: stop reporting on it and make sure its namespace is
+    /// gone. True once it is (remembered, so a cleaned-up lease costs no
+    /// more requests).
+    async fn closed_lease(&self, lease_id: &str) -> bool {
+        let ns = lease_namespace(lease_id);
+        {
+            let mut st = self.lock();
+            st.workloads.remove(&ns);
+            st.workload_status.remove(&ns);
+            if st.cleaned_up.contains(lease_id) {
+                return true;
+            }
+        }
+        if !self.clean_up(lease_id, &ns).await {
+            return false;
+        }
+        let mut st = self.lock();
+        if st.cleaned_up.len() > 100_000 {
+            // Forgetting only costs one more look each.
+            st.cleaned_up.clear();
+        }
+        st.cleaned_up.insert(lease_id.to_string());
+        true
+    }
+
+    /// A lease still open: report the workload to its renter, and close the
+    /// lease ourselves when the workload finished and the renter has not
+    /// closed it for three grace windows (it is gone), so the work done is
+    /// paid.
+    async fn open_lease(
+        self: &Arc<Self>,
+        api: &Api<Lease>,
+        lease: &Lease,
+        lease_id: &str,
+        finished_since: &mut BTreeMap<String, u64>,
+    ) {
+        let Some(renter) = lease
+            .spec
+            .renter
+            .peer_id
+            .as_deref()
+            .and_then(|p| PeerId::from_str(p).ok())
+        else {
+            return;
+        };
+        let ns = lease_namespace(lease_id);
+        self.lock().workloads.insert(ns.clone(), (renter, lease_id.to_string()));
+        let phase = self.report(renter, lease_id, &ns, None).await;
+        if !phase.is_some_and(AiJobPhase::is_terminal) {
+            return;
+        }
+        let since = *finished_since.entry(lease_id.to_string()).or_insert_with(now_ms);
+        let wait = u64::try_from(self.settings.heartbeat_grace.as_millis()).unwrap_or(10_000) * 3;
+        if now_ms().saturating_sub(since) > wait && lease.spec.close_reason.is_none() {
+            info!(lease = %lease_id, "the renter did not close a finished lease; closing it as Completed");
+            let patch = serde_json::json!({"spec": {"closeReason": CloseReason::Completed}});
+            let _ = api
+                .patch(&lease.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
         }
     }
 }
