@@ -192,6 +192,10 @@ mod tests {
         let price = &schema["properties"]["pool"]["properties"]["policy"]["properties"]["prices"]["items"]["properties"]
             ["pricePerGpuHour"];
         assert_eq!(price["pattern"], DECIMAL_PATTERN);
+        assert_eq!(
+            schema["$defs"]["tokenAmount"]["pattern"], DECIMAL_PATTERN,
+            "the sweep's amounts"
+        );
     }
 
     #[test]

@@ -105,6 +105,9 @@ impl Helm {
 /// The values a data centre writes: its org, the chain, its wallet Secret,
 /// bootstrap peers and a price list. The simulated agent backend and the
 /// tolerations are there because kwok's nodes stand in for GPU nodes.
+/// A cold wallet the chart sweeps earnings to.
+const SWEEP_TO: &str = "0x00000000000000000000000000000000000c01d5";
+
 fn values(chain: &ChainConfig) -> serde_json::Value {
     serde_json::json!({
         "org": "helm-dc",
@@ -119,6 +122,7 @@ fn values(chain: &ChainConfig) -> serde_json::Value {
             "escrowAddress": chain.escrow.to_string(),
             "tokenAddress": chain.token.to_string(),
             "walletSecret": { "name": "gpupool-wallet", "key": "key" },
+            "sweep": { "to": SWEEP_TO, "keep": "50" },
         },
         "pool": {
             "enabled": true,
@@ -392,6 +396,14 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         ),
         (&["--set", "chain.rpcUrl="], &["pool.enabled needs chain.rpcUrl"]),
         (
+            &["--set", "chain.sweep.keep=lots"],
+            &["/chain/sweep/keep", "does not match pattern"],
+        ),
+        (
+            &["--set", "chain.sweep.to=0x0000000000000000000000000000000000000000"],
+            &["chain.sweep.to is the zero address"],
+        ),
+        (
             // An empty peer would let everyone in, which an empty list says plainly.
             &["--set-json", "operator.networkPolicy.metricsFrom=[{}]"],
             &["/operator/networkPolicy/metricsFrom/0", "minProperties"],
@@ -464,6 +476,14 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     assert_eq!(
         env_value(&operator, "GPUPOOL_BOOTSTRAP").as_deref(),
         Some("/ip4/127.0.0.1/tcp/4001")
+    );
+    assert_eq!(
+        (
+            env_value(&operator, "GPUPOOL_SWEEP_TO").as_deref(),
+            env_value(&operator, "GPUPOOL_SWEEP_KEEP").as_deref()
+        ),
+        (Some(SWEEP_TO), Some("50")),
+        "earnings beyond 50 tokens go to the cold wallet"
     );
     assert_eq!(
         env_value(&operator, "GPUPOOL_ESCROW_ADDRESS"),

@@ -5,15 +5,17 @@
 //! leave both copies agreeing with the chain.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use alloy::providers::ext::AnvilApi;
-use gpupool_chain::{ChainConfig, ClientOptions, CloseReason, EscrowClient, LeaseOnChain, lease_id};
+use gpupool_chain::{Address, ChainConfig, ClientOptions, CloseReason, EscrowClient, LeaseOnChain, lease_id};
 use gpupool_crds::conditions::find;
+use gpupool_crds::price::TokenAmount;
 use gpupool_crds::{Lease, LeaseState};
 use gpupool_e2e::chain::{Anvil, deploy_and_fund};
 use gpupool_e2e::env::TestEnv;
-use gpupool_e2e::harness::{Operator, admin, events_about, namespace, remove_namespace, testenv, wait_for};
+use gpupool_e2e::harness::{Operator, admin, events_about, namespace, remove_namespace, sample, testenv, wait_for};
 use gpupool_e2e::rpcproxy::RpcProxy;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -496,6 +498,146 @@ async fn the_provider_hears_a_close_from_the_chain_at_once() {
         p.status.as_ref().and_then(|s| s.close_reason.as_deref()),
         Some("Completed")
     );
+    remove_namespace(&acme_client, &rns).await;
+    remove_namespace(&bravo_client, &pns).await;
+}
+
+/// A provider that names a sweep address gets its earnings there, beyond
+/// what it keeps in its escrow account: exactly, and only once, after an
+/// RPC outage the sweep waits out without losing a token.
+#[tokio::test]
+async fn a_provider_sweeps_its_earnings_beyond_what_it_keeps_to_a_cold_wallet() {
+    let env = testenv();
+    let (acme, bravo) = (env.org("acme").expect("acme"), env.org("bravo").expect("bravo"));
+    let (dir, anvil, config) = fresh_chain(&env, "settlement-sweep", &[RENTER, PROVIDER]).await;
+    let provider_wallet = anvil.wallet(PROVIDER).unwrap().address();
+    let (rw, pw) = (
+        anvil.wallet(RENTER).unwrap().address().to_string(),
+        provider_wallet.to_string(),
+    );
+    // A wallet whose key is nowhere near the cluster.
+    let cold = Address::from_str("0x00000000000000000000000000000000000c01d5").unwrap();
+    let keep = TokenAmount::from_str("0.01").unwrap();
+    // The provider reaches the chain through a proxy the test can break.
+    let proxy = RpcProxy::start(&anvil.url).await.unwrap();
+    let provider_config = ChainConfig {
+        rpc_url: proxy.url.clone(),
+        ..config.clone()
+    };
+    let (rcfg, rkey) = write_chain_files(&dir, &config, &anvil.keys[RENTER], "acme");
+    let (pcfg, pkey) = write_chain_files(&dir, &provider_config, &anvil.keys[PROVIDER], "bravo");
+    let common = |cfg: &str, key: &str| {
+        vec![
+            format!("--chain-config={cfg}"),
+            format!("--wallet-key-file={key}"),
+            "--withdraw-every-seconds=6000".into(),
+            "--funds-warning-seconds=0".into(),
+            "--chain-poll-ms=200".into(),
+        ]
+    };
+    let mut sweeping = common(&pcfg, &pkey);
+    sweeping.extend([
+        format!("--sweep-to={cold}"),
+        format!("--sweep-keep={keep}"),
+        "--sweep-minimum=0.000001".into(),
+        "--sweep-every-seconds=1".into(),
+    ]);
+    let _renter_op = Operator::start_with(acme, "settlement-sweep", &common(&rcfg, &rkey));
+    let provider_op = Operator::start_with(bravo, "settlement-sweep", &sweeping);
+    let reader = EscrowClient::connect(config.clone(), None, ClientOptions::default()).unwrap();
+    let acme_client = admin(acme).await;
+    let bravo_client = admin(bravo).await;
+    let rns = namespace(&acme_client, "lease-sw").await;
+    let pns = namespace(&bravo_client, "lease-sw").await;
+    let renter_leases: Api<Lease> = Api::namespaced(acme_client.clone(), &rns);
+    let provider_leases: Api<Lease> = Api::namespaced(bravo_client.clone(), &pns);
+
+    renter_leases
+        .create(
+            &PostParams::default(),
+            &lease_json("job-s", "Renter", "order-s", &rw, &pw, &config, "50", None),
+        )
+        .await
+        .unwrap();
+    let l = wait_lease(&renter_leases, "job-s", "the lease to be Active", |l| {
+        state(l) == Some(LeaseState::Active)
+    })
+    .await;
+    let id = l.status.as_ref().and_then(|s| s.lease_id.clone()).unwrap();
+    provider_leases
+        .create(
+            &PostParams::default(),
+            &lease_json("order-s", "Provider", "order-s", &rw, &pw, &config, "50", Some(id)),
+        )
+        .await
+        .unwrap();
+    wait_lease(&provider_leases, "order-s", "the provider's copy to be Active", |l| {
+        state(l) == Some(LeaseState::Active)
+    })
+    .await;
+    // At 0.01 a second, a few seconds earn more than the provider keeps.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        reader.token_balance(cold).await.unwrap(),
+        0,
+        "nothing earned yet, nothing swept"
+    );
+
+    // The provider loses the chain; the renter closes, paying into the
+    // provider's account, which the sweep cannot reach.
+    proxy.down();
+    renter_leases
+        .patch(
+            "job-s",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"closeReason": "Completed"}})),
+        )
+        .await
+        .unwrap();
+    let closed = wait_lease(&renter_leases, "job-s", "the renter's copy to be Closed", |l| {
+        state(l) == Some(LeaseState::Closed)
+    })
+    .await;
+    let paid = TokenAmount::from_str(closed.status.as_ref().and_then(|s| s.paid.as_deref()).unwrap()).unwrap();
+    assert!(paid.0 > keep.0, "the lease paid {paid}, no more than the {keep} kept");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        reader.token_balance(cold).await.unwrap(),
+        0,
+        "no sweep through a dead RPC"
+    );
+    assert_eq!(
+        reader.account(provider_wallet).await.unwrap(),
+        paid.0,
+        "the earnings wait in the account"
+    );
+    assert!(
+        sample(
+            &provider_op.metrics().await,
+            "gpupool_chain_errors_total{reason=\"ChainUnreachable\"}"
+        ) > 0.0,
+        "the outage is counted"
+    );
+
+    // The chain comes back: everything beyond `keep` goes, once.
+    proxy.pass();
+    wait_for(WAIT, "the sweep to reach the cold wallet", || async {
+        (reader.token_balance(cold).await.ok()? > 0).then_some(())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(reader.token_balance(cold).await.unwrap(), paid.0 - keep.0);
+    assert_eq!(reader.account(provider_wallet).await.unwrap(), keep.0);
+    let swept = sample(&provider_op.metrics().await, "gpupool_tokens_swept_total");
+    assert!(
+        (swept - (paid.0 - keep.0) as f64 / 1e18).abs() < 1e-9,
+        "gpupool_tokens_swept_total is {swept}"
+    );
+    wait_lease(&provider_leases, "order-s", "the provider's copy to be Closed", |l| {
+        state(l) == Some(LeaseState::Closed)
+    })
+    .await;
     remove_namespace(&acme_client, &rns).await;
     remove_namespace(&bravo_client, &pns).await;
 }

@@ -27,6 +27,7 @@ pub mod settlement_plan;
 pub mod ssa;
 pub mod status;
 pub mod status_memo;
+pub mod sweep;
 pub mod telemetry;
 #[cfg(test)]
 mod telemetry_queries;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use gpupool_chain::{Address, ChainConfig, ClientOptions, EscrowClient, Wallet};
+use gpupool_crds::price::TokenAmount;
 use gpupool_operator::controller::{self, Settings};
 use gpupool_operator::leader::{Elector, Timing};
 use gpupool_operator::market::node::{Market, MarketSettings};
@@ -15,6 +16,7 @@ use gpupool_operator::otlp_metrics;
 use gpupool_operator::p2p::identity;
 use gpupool_operator::p2p::swarm::{self, PeerLimits, PingTimes, RelayService, SwarmConfig};
 use gpupool_operator::settlement::{self, SettlementSettings};
+use gpupool_operator::sweep::SweepPolicy;
 use gpupool_operator::telemetry::{self, Metrics};
 use gpupool_operator::traces;
 use tracing_subscriber::layer::SubscriberExt;
@@ -299,9 +301,41 @@ struct ChainArgs {
     /// the chain's clock) changed is read now rather than at its resync.
     #[arg(long, env = "GPUPOOL_CHAIN_POLL_MS", default_value_t = 1000)]
     chain_poll_ms: u64,
+    /// Sweep earnings out of the escrow account to this address: a cold
+    /// wallet whose key is not in the cluster, or this wallet's own. What
+    /// the account holds beyond --sweep-keep goes, once it is at least
+    /// --sweep-minimum. Without it earnings stay in the account.
+    #[arg(long, env = "GPUPOOL_SWEEP_TO")]
+    sweep_to: Option<Address>,
+    /// Tokens the sweep leaves in the escrow account: they fund this
+    /// member's own leases as a renter, before its wallet does.
+    #[arg(long, env = "GPUPOOL_SWEEP_KEEP", default_value = "0")]
+    sweep_keep: TokenAmount,
+    /// The least one sweep sends: smaller excesses wait, so gas is not spent on dust.
+    #[arg(long, env = "GPUPOOL_SWEEP_MINIMUM", default_value = "1")]
+    sweep_minimum: TokenAmount,
+    /// How often the sweep reads the escrow account.
+    #[arg(long, env = "GPUPOOL_SWEEP_EVERY_SECONDS", default_value_t = 300)]
+    sweep_every_seconds: u64,
 }
 
 impl ChainArgs {
+    fn sweep(&self) -> anyhow::Result<Option<SweepPolicy>> {
+        let Some(to) = self.sweep_to else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            to != Address::ZERO,
+            "--sweep-to is the zero address: tokens swept there would be lost; name a wallet you hold the key to"
+        );
+        Ok(Some(SweepPolicy {
+            to,
+            keep: self.sweep_keep,
+            minimum: self.sweep_minimum,
+            every: Duration::from_secs(self.sweep_every_seconds.max(1)),
+        }))
+    }
+
     fn config(&self) -> anyhow::Result<Option<ChainConfig>> {
         let mut config = match &self.chain_config {
             Some(p) => Some(ChainConfig::load(p)?),
@@ -472,10 +506,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 top_up_for: Duration::from_secs(args.pool.deposit_seconds.max(MIN_DEPOSIT_SECONDS)),
                 resync: Duration::from_secs(args.chain.chain_resync_seconds.max(1)),
                 poll: Duration::from_millis(args.chain.chain_poll_ms.max(50)),
+                sweep: args.chain.sweep()?,
             };
             Some(settlement::run(client.clone(), Arc::new(chain), s, metrics.clone()))
         }
         None => {
+            anyhow::ensure!(
+                args.chain.sweep_to.is_none(),
+                "--sweep-to needs the chain settings (--chain-config or --chain-rpc-url): the sweep is a transaction on chain"
+            );
             tracing::info!("no chain configured (--chain-config or --chain-rpc-url): settlement is off");
             None
         }
@@ -616,5 +655,37 @@ mod tests {
         assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument, "{err}");
         let plain = Args::try_parse_from(["gpupool-operator"]).expect("no flags");
         assert_eq!(plain.pool.faults.deliver_twice(), None);
+    }
+
+    #[test]
+    fn a_sweep_names_a_real_address_and_amounts_in_tokens() {
+        let args = Args::try_parse_from([
+            "gpupool-operator",
+            "--sweep-to=0x00000000000000000000000000000000000c01d5",
+            "--sweep-keep=2.5",
+        ])
+        .expect("a sweep");
+        let p = args.chain.sweep().expect("valid").expect("on");
+        assert_eq!(p.keep, gpupool_crds::price::TokenAmount(2_500_000_000_000_000_000));
+        assert_eq!(
+            p.minimum,
+            gpupool_crds::price::TokenAmount(1_000_000_000_000_000_000),
+            "one token by default"
+        );
+        assert_eq!(p.every, std::time::Duration::from_secs(300));
+
+        let none = Args::try_parse_from(["gpupool-operator", "--sweep-keep=2.5"]).expect("no sweep");
+        assert_eq!(none.chain.sweep().expect("valid"), None, "no address, no sweep");
+
+        let zero = Args::try_parse_from([
+            "gpupool-operator",
+            "--sweep-to=0x0000000000000000000000000000000000000000",
+        ])
+        .expect("parses");
+        let err = zero.chain.sweep().expect_err("the zero address");
+        assert!(err.to_string().contains("zero address"), "{err}");
+
+        let err = Args::try_parse_from(["gpupool-operator", "--sweep-keep=lots"]).expect_err("not an amount");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{err}");
     }
 }

@@ -61,6 +61,8 @@ pub struct SettlementSettings {
     /// How often the escrow's events are polled for leases to read at once
     /// (`chain_watch`), instead of at their next resync.
     pub poll: Duration,
+    /// Earnings out of the escrow account (`crate::sweep`); None: they stay.
+    pub sweep: Option<crate::sweep::SweepPolicy>,
 }
 
 struct Context {
@@ -192,6 +194,13 @@ pub async fn run(
         )
         .applied_objects()
         .predicate_filter(crate::triggers::settlement, Default::default());
+    if let Some(policy) = ctx.settings.sweep.clone() {
+        tokio::spawn(crate::sweep::sweep_forever(
+            ctx.chain.clone(),
+            policy,
+            ctx.metrics.clone(),
+        ));
+    }
     tokio::spawn(watch_gauges(
         ctx.chain.clone(),
         store.clone(),

@@ -62,6 +62,7 @@ pub struct Metrics {
     chain_errors: Family<Reason, Counter>,
     tokens_received: Counter<f64, std::sync::atomic::AtomicU64>,
     tokens_deposited: Counter<f64, std::sync::atomic::AtomicU64>,
+    tokens_swept: Counter<f64, std::sync::atomic::AtomicU64>,
     balance: Family<HeldIn, Gauge<f64, std::sync::atomic::AtomicU64>>,
     leases: Family<SideState, Gauge>,
     leader: Gauge,
@@ -180,6 +181,7 @@ impl Default for Metrics {
         let chain_errors = Family::<Reason, Counter>::default();
         let tokens_received = Counter::<f64, std::sync::atomic::AtomicU64>::default();
         let tokens_deposited = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        let tokens_swept = Counter::<f64, std::sync::atomic::AtomicU64>::default();
         let balance = Family::<HeldIn, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let leader = Gauge::default();
         registry.register(
@@ -228,6 +230,11 @@ impl Default for Metrics {
             "tokens_deposited",
             "Tokens this operator's wallet deposited into leases as a renter",
             tokens_deposited.clone(),
+        );
+        registry.register(
+            "tokens_swept",
+            "Tokens the sweep sent out of this operator's escrow account to the address it names",
+            tokens_swept.clone(),
         );
         let pool = PoolMetrics {
             placement_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.05, 2.0, 14))),
@@ -307,6 +314,7 @@ impl Default for Metrics {
             chain_errors,
             tokens_received,
             tokens_deposited,
+            tokens_swept,
             balance,
             leases,
             leader,
@@ -422,6 +430,10 @@ impl Metrics {
                 })
                 .set(v as f64 / 1e18);
         }
+    }
+
+    pub fn tokens_swept(&self, base_units: u128) {
+        self.tokens_swept.inc_by(base_units as f64 / 1e18);
     }
 
     pub fn tokens_deposited(&self, base_units: u128) {

@@ -43,6 +43,12 @@ stops the install or upgrade with what to change.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if and .Values.chain.sweep.to (not .Values.chain.rpcUrl) }}
+{{- fail "chain.sweep.to needs chain.rpcUrl: the sweep is a transaction on chain" }}
+{{- end }}
+{{- if eq (lower .Values.chain.sweep.to) "0x0000000000000000000000000000000000000000" }}
+{{- fail "chain.sweep.to is the zero address: tokens swept there would be lost; name a wallet you hold the key to, or leave it empty for no sweep" }}
+{{- end }}
 {{- if and .Values.agent.enabled (eq .Values.agent.backend "simulated") (not .Values.agent.simulatedInventory) }}
 {{- fail "agent.backend simulated needs agent.simulatedInventory (product, memoryMib, count): the GPUs each node reports" }}
 {{- end }}

@@ -1,0 +1,105 @@
+//! Moves a member's earnings out of its escrow account on a schedule.
+//!
+//! A provider is paid into its escrow account, under the wallet whose key
+//! the operator holds in a Kubernetes Secret: a hot key. Left there,
+//! earnings grow with every lease and all of them are one leaked Secret
+//! away from gone. The sweep sends what the account holds beyond `keep` to
+//! an address the member names (a cold wallet whose key is not in the
+//! cluster, or the operator's own wallet), in transactions of at least
+//! `minimum`, so dust does not cost more in gas than it is worth. `keep`
+//! stays because the account also funds the member's own leases as a
+//! renter, before its wallet does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpupool_chain::{Address, EscrowClient};
+use gpupool_crds::price::TokenAmount;
+use tracing::{debug, info, warn};
+
+use crate::telemetry::Metrics;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SweepPolicy {
+    pub to: Address,
+    pub keep: TokenAmount,
+    pub minimum: TokenAmount,
+    pub every: Duration,
+}
+
+/// What to send out of an account holding `account`, if anything.
+pub fn to_sweep(account: u128, keep: TokenAmount, minimum: TokenAmount) -> Option<u128> {
+    let excess = account.checked_sub(keep.0)?;
+    (excess > 0 && excess >= minimum.0).then_some(excess)
+}
+
+/// Reads the account every `policy.every` and sweeps the excess. A failed
+/// read or a refused transfer (a lease opened from the account in between)
+/// is logged, counted by reason, and tried again at the next interval with
+/// a fresh read: nothing is lost, the tokens stay in the account.
+pub async fn sweep_forever(chain: Arc<EscrowClient>, policy: SweepPolicy, metrics: Arc<Metrics>) {
+    let Some(me) = chain.wallet() else {
+        return;
+    };
+    info!(to = %policy.to, keep = %policy.keep.shown(), minimum = %policy.minimum.shown(),
+        every_seconds = policy.every.as_secs(), "sweeping the escrow account's earnings");
+    let mut every = tokio::time::interval(policy.every);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let account = match chain.account(me).await {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "could not read the escrow account to sweep it");
+                metrics.chain_error(e.reason());
+                continue;
+            }
+        };
+        let Some(amount) = to_sweep(account, policy.keep, policy.minimum) else {
+            continue;
+        };
+        match chain.withdraw_funds(amount, policy.to).await {
+            Ok(()) => {
+                info!(amount = %TokenAmount(amount).shown(), to = %policy.to, "swept earnings out of the escrow account");
+                metrics.tokens_swept(amount);
+            }
+            Err(e) => {
+                warn!(amount = %TokenAmount(amount).shown(), to = %policy.to, error = %e,
+                    "could not sweep the escrow account; trying again at the next interval");
+                metrics.chain_error(e.reason());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: u128 = 1_000_000_000_000_000_000;
+
+    #[test]
+    fn what_the_account_holds_beyond_keep_goes_once_it_is_worth_a_transaction() {
+        let (keep, minimum) = (TokenAmount(5 * TOKEN), TokenAmount(TOKEN));
+        assert_eq!(to_sweep(12 * TOKEN, keep, minimum), Some(7 * TOKEN));
+        assert_eq!(
+            to_sweep(6 * TOKEN, keep, minimum),
+            Some(TOKEN),
+            "exactly the minimum goes"
+        );
+        assert_eq!(to_sweep(6 * TOKEN - 1, keep, minimum), None, "under the minimum waits");
+        assert_eq!(to_sweep(5 * TOKEN, keep, minimum), None);
+        assert_eq!(
+            to_sweep(2 * TOKEN, keep, minimum),
+            None,
+            "below keep: nothing, never a negative"
+        );
+    }
+
+    #[test]
+    fn with_nothing_kept_and_no_minimum_every_base_unit_goes_and_an_empty_account_sends_nothing() {
+        let zero = TokenAmount(0);
+        assert_eq!(to_sweep(1, zero, zero), Some(1));
+        assert_eq!(to_sweep(0, zero, zero), None, "no transaction for nothing");
+    }
+}
