@@ -93,43 +93,32 @@ pub struct Context {
     statuses: StatusMemo<AiJobStatus>,
 }
 
-/// Runs the controller until shutdown.
-pub async fn run(
-    client: Client,
-    settings: Settings,
-    metrics: Arc<Metrics>,
-    market: Option<(Arc<Market>, mpsc::Receiver<ObjectRef<AiJob>>)>,
-) -> anyhow::Result<()> {
-    let aijobs: Api<AiJob> = Api::all(client.clone());
-    let jobs_api: Api<JobView> = Api::all(client.clone());
-    let pods_api: Api<PodView> = Api::all(client.clone());
-    let gpunodes_api: Api<GpuNode> = Api::all(client.clone());
-
-    let (jobs, jobs_writer) = reflector::store();
-    let job_stream = watcher(
-        jobs_api,
-        watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}")),
-    )
-    .default_backoff()
-    .reflect(jobs_writer)
-    .applied_objects();
-
-    let (our_pods, our_pods_writer) = reflector::store();
+/// The pod caches: this operator's own pods (which wake their AiJob, and
+/// are indexed by it) and everyone else's live pods, which hold GPUs too.
+/// Returns the caches, the stream of our pods for the controller to watch,
+/// and the task that keeps the other pods' cache current.
+fn watch_pods(
+    pods_api: Api<PodView>,
+) -> (
+    PodCaches,
+    impl futures::Stream<Item = Result<PodView, watcher::Error>>,
+    impl std::future::Future<Output = ()>,
+) {
+    let (ours, ours_writer) = reflector::store();
     let by_aijob = PodIndex::default();
     let index = by_aijob.clone();
     let ours_listed = Listed::default();
-    let our_pod_stream = ours_listed
+    let our_pods = ours_listed
         .follow(
             watcher(pods_api.clone(), watcher::Config::default().labels(LABEL_AIJOB))
                 .default_backoff()
-                .reflect(our_pods_writer)
+                .reflect(ours_writer)
                 .inspect_ok(move |ev| index.apply(ev)),
         )
         .applied_objects();
-
     let (others_live, live_writer) = reflector::store();
     let others_listed = Listed::default();
-    let live_stream = others_listed
+    let others = others_listed
         .follow(
             watcher(
                 pods_api,
@@ -141,29 +130,79 @@ pub async fn run(
             .reflect(live_writer),
         )
         .for_each(|_| futures::future::ready(()));
-    let (gpunodes, gpunodes_writer) = reflector::store();
-    let gpunodes_listed = Listed::default();
-    let gpunode_stream = gpunodes_listed
+    let caches = PodCaches {
+        ours,
+        others_live,
+        by_aijob,
+        ours_listed,
+        others_listed,
+    };
+    (caches, our_pods, others)
+}
+
+/// The GpuNode cache (managed fields dropped: no reconcile reads them),
+/// whether it has listed, and the task that keeps it current.
+fn watch_gpunodes(api: Api<GpuNode>) -> (Store<GpuNode>, Listed, impl std::future::Future<Output = ()>) {
+    let (gpunodes, writer) = reflector::store();
+    let listed = Listed::default();
+    let task = listed
         .follow(
-            watcher(gpunodes_api, watcher::Config::default())
+            watcher(api, watcher::Config::default())
                 .default_backoff()
                 .modify(|g: &mut GpuNode| g.meta_mut().managed_fields = None)
-                .reflect(gpunodes_writer),
+                .reflect(writer),
         )
         .for_each(|_| futures::future::ready(()));
-    tokio::spawn(live_stream);
-    tokio::spawn(gpunode_stream);
+    (gpunodes, listed, task)
+}
+
+/// The renter's Leases: what wakes a pool job, and the cache the market
+/// reads them from on every step (it asks the API server until the first
+/// list is in).
+fn renter_lease_changes(
+    client: Client,
+    market: &Market,
+) -> impl futures::Stream<Item = Result<Lease, watcher::Error>> + use<> {
+    let (leases, writer) = reflector::store();
+    let listed = Listed::default();
+    market.attach_lease_cache(leases, listed.clone());
+    listed
+        .follow(
+            watcher(
+                Api::<Lease>::all(client),
+                watcher::Config::default().labels(LABEL_ORDER),
+            )
+            .default_backoff()
+            .modify(|l: &mut Lease| l.meta_mut().managed_fields = None)
+            .reflect(writer),
+        )
+        .touched_objects()
+        .predicate_filter(crate::triggers::renter, Default::default())
+}
+
+/// Runs the controller until shutdown.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    market: Option<(Arc<Market>, mpsc::Receiver<ObjectRef<AiJob>>)>,
+) -> anyhow::Result<()> {
+    let (jobs, jobs_writer) = reflector::store();
+    let job_stream = watcher(
+        Api::<JobView>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}")),
+    )
+    .default_backoff()
+    .reflect(jobs_writer)
+    .applied_objects();
+    let (pods, our_pod_stream, others_task) = watch_pods(Api::all(client.clone()));
+    let (gpunodes, gpunodes_listed, gpunodes_task) = watch_gpunodes(Api::all(client.clone()));
+    tokio::spawn(others_task);
+    tokio::spawn(gpunodes_task);
 
     let reporter = Reporter {
         controller: FIELD_MANAGER.into(),
         instance: std::env::var("POD_NAME").ok(),
-    };
-    let pods = PodCaches {
-        ours: our_pods,
-        others_live: others_live.clone(),
-        by_aijob,
-        ours_listed,
-        others_listed: others_listed.clone(),
     };
     let promised = Arc::new(Promised::default());
     let (market, wake) = match market {
@@ -178,14 +217,15 @@ pub async fn run(
         }
         None => (None, None),
     };
+    let others_listed = pods.others_listed.clone();
     let ctx = Arc::new(Context {
         market,
         recorder: EventPublisher::new(client.clone(), reporter),
         client,
         settings: settings.clone(),
         jobs,
-        pods: pods.clone(),
-        gpunodes: gpunodes.clone(),
+        pods,
+        gpunodes,
         promised,
         metrics,
         statuses: StatusMemo::default(),
@@ -205,11 +245,10 @@ pub async fn run(
             None => futures::future::pending().await,
         }
     });
-    let pool = ctx.market.is_some();
     // The controller's own cache holds every AiJob; managed fields and the
     // templates of started jobs are most of it, and are rarely read.
     let (aijob_store, aijob_writer) = reflector::store();
-    let aijob_stream = watcher(aijobs, watcher::Config::default())
+    let aijob_stream = watcher(Api::<AiJob>::all(ctx.client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(slim_aijob)
         .reflect(aijob_writer)
@@ -217,30 +256,10 @@ pub async fn run(
     let mut controller = Controller::for_stream(aijob_stream, aijob_store)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .owns_stream(job_stream);
-    if pool {
-        // The renter's Leases: what wakes a job, and the cache the market
-        // reads them from on every step (it asks the API server until the
-        // first list is in).
-        let (leases, lease_writer) = reflector::store();
-        let leases_listed = Listed::default();
-        if let Some(m) = &ctx.market {
-            m.attach_lease_cache(leases, leases_listed.clone());
-        }
-        let lease_changes = leases_listed
-            .follow(
-                watcher(
-                    Api::<Lease>::all(ctx.client.clone()),
-                    watcher::Config::default().labels(LABEL_ORDER),
-                )
-                .default_backoff()
-                .modify(|l: &mut Lease| l.meta_mut().managed_fields = None)
-                .reflect(lease_writer),
-            )
-            .touched_objects()
-            .predicate_filter(crate::triggers::renter, Default::default());
-        controller = controller.owns_stream(lease_changes).reconcile_on(wake);
-    }
     if let Some(m) = &ctx.market {
+        controller = controller
+            .owns_stream(renter_lease_changes(ctx.client.clone(), m))
+            .reconcile_on(wake);
         m.attach_aijob_cache(controller.store());
     }
     controller
