@@ -91,14 +91,15 @@ impl Market {
             Err(e) => return Err(e.into()),
         }
         let uid = aijob.metadata.uid.clone().unwrap_or_default();
-        let late = self.close_bidding(&uid).await;
-        self.tell_bidders(&ns, winner, bids, late, &lease_name).await;
+        let closed = self.close_bidding(&uid).await;
+        self.tell_bidders(&ns, winner, bids, closed, &lease_name).await;
         Ok(lease_name)
     }
 
     /// Closes every order of the job (`uid`) to bids: a recording under way
-    /// finishes first, and a later bid is answered as late. Returns the bids
-    /// recorded while the award chose, which its list of bids lacks.
+    /// finishes first, and a later bid is answered as late. Returns the
+    /// orders closed: their recorded bids include any written down while the
+    /// award chose, which its own list of bids lacks.
     async fn close_bidding(&self, uid: &str) -> Vec<OpenOrder> {
         let gates: Vec<_> = self
             .lock()
