@@ -100,6 +100,39 @@ fn state(l: &Lease) -> Option<LeaseState> {
     l.status.as_ref().and_then(|s| s.state)
 }
 
+/// A 50-token lease opened by the renter's operator, and the provider's
+/// copy of it, both Active.
+async fn open_on_both_sides(
+    (renter_leases, job): (&Api<Lease>, &str),
+    (provider_leases, order): (&Api<Lease>, &str),
+    (rw, pw): (&str, &str),
+    config: &ChainConfig,
+) {
+    renter_leases
+        .create(
+            &PostParams::default(),
+            &lease_json(job, "Renter", order, rw, pw, config, "50", None),
+        )
+        .await
+        .unwrap();
+    let l = wait_lease(renter_leases, job, "the lease to be Active", |l| {
+        state(l) == Some(LeaseState::Active)
+    })
+    .await;
+    let id = l.status.as_ref().and_then(|s| s.lease_id.clone()).unwrap();
+    provider_leases
+        .create(
+            &PostParams::default(),
+            &lease_json(order, "Provider", order, rw, pw, config, "50", Some(id)),
+        )
+        .await
+        .unwrap();
+    wait_lease(provider_leases, order, "the provider's copy to be Active", |l| {
+        state(l) == Some(LeaseState::Active)
+    })
+    .await;
+}
+
 fn cond_is(l: &Lease, type_: &str, status: &str) -> bool {
     l.status
         .as_ref()
@@ -458,28 +491,12 @@ async fn the_provider_hears_a_close_from_the_chain_at_once() {
     let renter_leases: Api<Lease> = Api::namespaced(acme_client.clone(), &rns);
     let provider_leases: Api<Lease> = Api::namespaced(bravo_client.clone(), &pns);
 
-    renter_leases
-        .create(
-            &PostParams::default(),
-            &lease_json("job-e", "Renter", "order-e", &rw, &pw, &config, "50", None),
-        )
-        .await
-        .unwrap();
-    let l = wait_lease(&renter_leases, "job-e", "the lease to be Active", |l| {
-        state(l) == Some(LeaseState::Active)
-    })
-    .await;
-    let id = l.status.as_ref().and_then(|s| s.lease_id.clone()).unwrap();
-    provider_leases
-        .create(
-            &PostParams::default(),
-            &lease_json("order-e", "Provider", "order-e", &rw, &pw, &config, "50", Some(id)),
-        )
-        .await
-        .unwrap();
-    wait_lease(&provider_leases, "order-e", "the provider's copy to be Active", |l| {
-        state(l) == Some(LeaseState::Active)
-    })
+    open_on_both_sides(
+        (&renter_leases, "job-e"),
+        (&provider_leases, "order-e"),
+        (rw.as_str(), pw.as_str()),
+        &config,
+    )
     .await;
 
     renter_leases
@@ -552,28 +569,12 @@ async fn a_provider_sweeps_its_earnings_beyond_what_it_keeps_to_a_cold_wallet() 
     let renter_leases: Api<Lease> = Api::namespaced(acme_client.clone(), &rns);
     let provider_leases: Api<Lease> = Api::namespaced(bravo_client.clone(), &pns);
 
-    renter_leases
-        .create(
-            &PostParams::default(),
-            &lease_json("job-s", "Renter", "order-s", &rw, &pw, &config, "50", None),
-        )
-        .await
-        .unwrap();
-    let l = wait_lease(&renter_leases, "job-s", "the lease to be Active", |l| {
-        state(l) == Some(LeaseState::Active)
-    })
-    .await;
-    let id = l.status.as_ref().and_then(|s| s.lease_id.clone()).unwrap();
-    provider_leases
-        .create(
-            &PostParams::default(),
-            &lease_json("order-s", "Provider", "order-s", &rw, &pw, &config, "50", Some(id)),
-        )
-        .await
-        .unwrap();
-    wait_lease(&provider_leases, "order-s", "the provider's copy to be Active", |l| {
-        state(l) == Some(LeaseState::Active)
-    })
+    open_on_both_sides(
+        (&renter_leases, "job-s"),
+        (&provider_leases, "order-s"),
+        (rw.as_str(), pw.as_str()),
+        &config,
+    )
     .await;
     // At 0.01 a second, a few seconds earn more than the provider keeps.
     tokio::time::sleep(Duration::from_secs(4)).await;
