@@ -320,14 +320,13 @@ struct ChainArgs {
 }
 
 impl ChainArgs {
-    fn sweep(&self) -> anyhow::Result<Option<SweepPolicy>> {
+    fn sweep(&self, chain: &ChainConfig) -> anyhow::Result<Option<SweepPolicy>> {
         let Some(to) = self.sweep_to else {
             return Ok(None);
         };
-        anyhow::ensure!(
-            to != Address::ZERO,
-            "--sweep-to is the zero address: tokens swept there would be lost; name a wallet you hold the key to"
-        );
+        if let Some(what) = gpupool_operator::sweep::lost_at(to, chain.escrow, chain.token) {
+            anyhow::bail!("--sweep-to is {what}: tokens swept there would be lost; name a wallet you hold the key to");
+        }
         Ok(Some(SweepPolicy {
             to,
             keep: self.sweep_keep,
@@ -485,6 +484,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let settlement = match args.chain.config()? {
         Some(config) => {
+            let sweep = args.chain.sweep(&config)?;
             let key = args
                 .chain
                 .wallet_key_file
@@ -506,7 +506,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 top_up_for: Duration::from_secs(args.pool.deposit_seconds.max(MIN_DEPOSIT_SECONDS)),
                 resync: Duration::from_secs(args.chain.chain_resync_seconds.max(1)),
                 poll: Duration::from_millis(args.chain.chain_poll_ms.max(50)),
-                sweep: args.chain.sweep()?,
+                sweep,
             };
             Some(settlement::run(client.clone(), Arc::new(chain), s, metrics.clone()))
         }
@@ -665,7 +665,14 @@ mod tests {
             "--sweep-keep=2.5",
         ])
         .expect("a sweep");
-        let p = args.chain.sweep().expect("valid").expect("on");
+        let chain = gpupool_chain::ChainConfig {
+            rpc_url: "http://127.0.0.1:8545".into(),
+            chain_id: 31337,
+            escrow: gpupool_chain::Address::repeat_byte(0xe5),
+            token: gpupool_chain::Address::repeat_byte(0x70),
+            from_block: 0,
+        };
+        let p = args.chain.sweep(&chain).expect("valid").expect("on");
         assert_eq!(p.keep, gpupool_crds::price::TokenAmount(2_500_000_000_000_000_000));
         assert_eq!(
             p.minimum,
@@ -675,15 +682,22 @@ mod tests {
         assert_eq!(p.every, std::time::Duration::from_secs(300));
 
         let none = Args::try_parse_from(["gpupool-operator", "--sweep-keep=2.5"]).expect("no sweep");
-        assert_eq!(none.chain.sweep().expect("valid"), None, "no address, no sweep");
+        assert_eq!(none.chain.sweep(&chain).expect("valid"), None, "no address, no sweep");
 
         let zero = Args::try_parse_from([
             "gpupool-operator",
             "--sweep-to=0x0000000000000000000000000000000000000000",
         ])
         .expect("parses");
-        let err = zero.chain.sweep().expect_err("the zero address");
+        let err = zero.chain.sweep(&chain).expect_err("the zero address");
         assert!(err.to_string().contains("zero address"), "{err}");
+        let escrow = Args::try_parse_from([
+            "gpupool-operator",
+            "--sweep-to=0xe5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5",
+        ])
+        .expect("parses");
+        let err = escrow.chain.sweep(&chain).expect_err("the escrow");
+        assert!(err.to_string().contains("the escrow contract"), "{err}");
 
         let err = Args::try_parse_from(["gpupool-operator", "--sweep-keep=lots"]).expect_err("not an amount");
         assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{err}");

@@ -27,6 +27,22 @@ pub struct SweepPolicy {
     pub every: Duration,
 }
 
+/// Why tokens sent to `to` would be lost, if they would: no key holds the
+/// zero address, and the escrow and the token contract cannot send on what
+/// they are sent (tokens the escrow holds beyond its leases and accounts
+/// belong to nobody).
+pub fn lost_at(to: Address, escrow: Address, token: Address) -> Option<&'static str> {
+    if to == Address::ZERO {
+        Some("the zero address")
+    } else if to == escrow {
+        Some("the escrow contract")
+    } else if to == token {
+        Some("the token contract")
+    } else {
+        None
+    }
+}
+
 /// What to send out of an account holding `account`, if anything.
 pub fn to_sweep(account: u128, keep: TokenAmount, minimum: TokenAmount) -> Option<u128> {
     let excess = account.checked_sub(keep.0)?;
@@ -94,6 +110,15 @@ mod tests {
             None,
             "below keep: nothing, never a negative"
         );
+    }
+
+    #[test]
+    fn tokens_are_never_swept_where_no_one_can_take_them_out() {
+        let (escrow, token) = (Address::repeat_byte(0xe5), Address::repeat_byte(0x70));
+        assert_eq!(lost_at(Address::ZERO, escrow, token), Some("the zero address"));
+        assert_eq!(lost_at(escrow, escrow, token), Some("the escrow contract"));
+        assert_eq!(lost_at(token, escrow, token), Some("the token contract"));
+        assert_eq!(lost_at(Address::repeat_byte(0xc0), escrow, token), None);
     }
 
     #[test]

@@ -46,8 +46,14 @@ stops the install or upgrade with what to change.
 {{- if and .Values.chain.sweep.to (not .Values.chain.rpcUrl) }}
 {{- fail "chain.sweep.to needs chain.rpcUrl: the sweep is a transaction on chain" }}
 {{- end }}
-{{- if eq (lower .Values.chain.sweep.to) "0x0000000000000000000000000000000000000000" }}
+{{- with .Values.chain }}
+{{- $to := lower .sweep.to }}
+{{- if eq $to "0x0000000000000000000000000000000000000000" }}
 {{- fail "chain.sweep.to is the zero address: tokens swept there would be lost; name a wallet you hold the key to, or leave it empty for no sweep" }}
+{{- end }}
+{{- if and $to (or (eq $to (lower .escrowAddress)) (eq $to (lower .tokenAddress))) }}
+{{- fail "chain.sweep.to is the escrow or the token contract: tokens swept there would be lost; name a wallet you hold the key to" }}
+{{- end }}
 {{- end }}
 {{- if and .Values.agent.enabled (eq .Values.agent.backend "simulated") (not .Values.agent.simulatedInventory) }}
 {{- fail "agent.backend simulated needs agent.simulatedInventory (product, memoryMib, count): the GPUs each node reports" }}
