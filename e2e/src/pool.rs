@@ -20,6 +20,8 @@ pub struct Lends {
     pub prices: Vec<(&'static str, &'static str)>,
     /// Organisations this one refuses to deal with.
     pub denied: Vec<&'static str>,
+    /// `maxHeldGpusPerRenter`; 0: no limit.
+    pub max_held_per_renter: u32,
 }
 
 impl Lends {
@@ -36,6 +38,7 @@ impl Lends {
             org,
             prices: vec![(model, price)],
             denied: vec![],
+            max_held_per_renter: 0,
         })
         .collect()
     }
@@ -181,6 +184,9 @@ impl Pool {
             }
             if !l.denied.is_empty() {
                 yaml.push_str(&format!("deniedOrgs: {:?}\n", l.denied));
+            }
+            if l.max_held_per_renter > 0 {
+                yaml.push_str(&format!("maxHeldGpusPerRenter: {}\n", l.max_held_per_renter));
             }
             std::fs::write(&policy, yaml)?;
             // Every member listens on TCP and QUIC; every other one dials over

@@ -134,6 +134,7 @@ fn values(chain: &ChainConfig) -> serde_json::Value {
             "policy": {
                 "prices": [{ "model": "H100", "pricePerGpuHour": "2.50" }],
                 "maxLentGpus": 8,
+                "maxHeldGpusPerRenter": 4,
                 "deniedOrgs": ["evil"],
             },
         },
@@ -365,6 +366,10 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
             &["--set", "pool.policy.maxLentGpus=-1"],
             &["/pool/policy/maxLentGpus", "minimum"],
         ),
+        (
+            &["--set", "pool.policy.maxHeldGpusPerRenter=-4"],
+            &["/pool/policy/maxHeldGpusPerRenter", "minimum"],
+        ),
         (&["--set", "chain.escrowAddress=0x12"], &["/chain/escrowAddress"]),
         (&["--set", "org=Acme Corp"], &["/org", "does not match pattern"]),
         (&["--set", "pool.bootstrap={10.0.0.1:4001}"], &["/pool/bootstrap/0"]),
@@ -402,6 +407,22 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         (
             &["--set", "chain.sweep.to=0x0000000000000000000000000000000000000000"],
             &["chain.sweep.to is the zero address"],
+        ),
+        (
+            // The chain's own addresses come later; any address will do, as
+            // long as the sweep names the escrow's, in another case.
+            &[
+                "--set",
+                "chain.escrowAddress=0x00000000000000000000000000000000000E5C40,chain.sweep.to=0x00000000000000000000000000000000000e5c40",
+            ],
+            &["chain.sweep.to is the escrow or the token contract"],
+        ),
+        (
+            &[
+                "--set",
+                "chain.tokenAddress=0x0000000000000000000000000000000000070CE4,chain.sweep.to=0x0000000000000000000000000000000000070ce4",
+            ],
+            &["chain.sweep.to is the escrow or the token contract"],
         ),
         (
             // An empty peer would let everyone in, which an empty list says plainly.
@@ -610,6 +631,7 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     let policy = rendered_policy(&client, &ns, &home).await;
     assert_eq!(policy.price_of(H100), Some("2.5".parse().expect("price")));
     assert_eq!(policy.max_lent_gpus, 8);
+    assert_eq!(policy.max_held_gpus_per_renter, 4);
     assert!(policy.serves("acme") && !policy.serves("evil"));
 
     // The release's RBAC binds its own ServiceAccount, in its own namespace.

@@ -1211,6 +1211,158 @@ async fn forged_and_hostile_messages_from_a_rogue_peer_change_nothing() {
     remove_namespace(&acme, &ns).await;
 }
 
+/// Bids cost a renter nothing and hold GPUs for their lifetime. A member
+/// that publishes order after order and leases none must not hold every GPU
+/// a provider has: bravo (3 nodes of 8 A100s) lets one renter hold 8 in
+/// bids, so of a hoarder's four 8-GPU orders it bids on one, says why it
+/// declined the others, and acme's 8-GPU job is placed there while the
+/// hoarder's bid still stands. Without the limit bravo bid on three, and
+/// acme waited for them to lapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_renters_open_bids_hold_no_more_gpus_than_the_provider_allows() {
+    use gpupool_operator::p2p::envelope::{seal, verify};
+    use gpupool_operator::p2p::swarm::{self, Inbound, SwarmConfig, Topic};
+    use gpupool_proto::peer::v1::envelope::Body;
+    use gpupool_proto::peer::v1::{self as wire};
+    use libp2p::identity::Keypair;
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let mut lends = lends();
+    assert_eq!(lends[1].org, "bravo");
+    lends[1].max_held_per_renter = 8;
+    let pool = Pool::start(&env, "hoard", &lends, &[]).await.unwrap();
+
+    // The hoarder: a real libp2p peer with an honest identity, dialling bravo.
+    let hoarder = Keypair::generate_ed25519();
+    let (p2p, mut inbound) = swarm::start(
+        hoarder.clone(),
+        SwarmConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            bootstrap: vec![
+                format!("/ip4/127.0.0.1/tcp/{}", pool.members["bravo"].port)
+                    .parse()
+                    .unwrap(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (connected_tx, connected) = tokio::sync::oneshot::channel();
+    let bids: Arc<Mutex<Vec<(libp2p::PeerId, wire::Bid)>>> = Arc::default();
+    let heard = bids.clone();
+    // Read everything that arrives, so bravo's bids are taken (a full inbox
+    // would answer "busy", and bravo would release its reservation).
+    let reader = tokio::spawn(async move {
+        let mut connected_tx = Some(connected_tx);
+        while let Some(msg) = inbound.recv().await {
+            match msg {
+                Inbound::Connected { peer } => {
+                    if let Some(tx) = connected_tx.take() {
+                        let _ = tx.send(peer);
+                    }
+                }
+                Inbound::Direct { peer, bytes } => {
+                    let now = gpupool_operator::market::node::now_ms();
+                    if let Ok((opened, _)) = verify(&bytes, Some(peer), now, 600_000)
+                        && let Body::Bid(b) = opened.body
+                    {
+                        heard.lock().unwrap().push((peer, b));
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    let bravo_peer = tokio::time::timeout(Duration::from_secs(30), connected)
+        .await
+        .expect("connected to bravo")
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let now = gpupool_operator::market::node::now_ms();
+    let introduce = seal(
+        &hoarder,
+        Body::Identity(wire::IdentityRecord {
+            org: "hoarder".into(),
+            wallet: format!("0x{}", "cd".repeat(20)),
+            addresses: vec![],
+        }),
+        now,
+        30_000,
+        BTreeMap::new(),
+    );
+    p2p.publish(Topic::Adverts, introduce).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..4 {
+        let order = Body::Order(wire::Order {
+            order_id: format!("hoarder-{i}"),
+            renter_org: "hoarder".into(),
+            gpus: Some(wire::GpuRequirements {
+                count: 8,
+                models: vec!["A100".into()],
+                min_memory_mib: 0,
+                interconnect: "Any".into(),
+            }),
+            max_price_per_gpu_hour: "3".into(),
+            max_duration_seconds: 3600,
+            allowed_orgs: vec![],
+            denied_orgs: vec![],
+        });
+        let now = gpupool_operator::market::node::now_ms();
+        p2p.publish(Topic::Orders, seal(&hoarder, order, now, 30_000, BTreeMap::new()))
+            .await
+            .unwrap();
+    }
+
+    let bravo = pool.operator("bravo").unwrap();
+    let declined =
+        |m: &str, reason: &str| sample(m, &format!("gpupool_pool_orders_declined_total{{reason=\"{reason}\"}}")) as u64;
+    // Decided: bid on, or declined for any reason.
+    let decided = |m: &str| {
+        let declined: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("gpupool_pool_orders_declined_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        declined as u64 + sample(m, "gpupool_pool_bids_sent_total") as u64
+    };
+    let metrics = wait_for(WAIT, "bravo decided all four orders", || async {
+        let m = bravo.metrics().await;
+        (decided(&m) >= 4).then_some(m)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", futures::executor::block_on(bravo.metrics())));
+    assert_eq!(declined(&metrics, "renter_hold_limit"), 3, "{metrics}");
+    let first = wait_for(WAIT, "bravo's one bid at the hoarder", || async {
+        bids.lock().unwrap().first().cloned()
+    })
+    .await
+    .unwrap();
+    assert_eq!(first.0, bravo_peer);
+    assert_eq!((first.1.provider_org.as_str(), first.1.gpu_count), ("bravo", 8));
+
+    // bravo's other 16 A100s are still anyone else's to rent.
+    let ns = namespace(&acme, "hoard").await;
+    create(&acme, &ns, pool_job("fits", 8, &["A100"], "1s", serde_json::json!({}))).await;
+    let leased = wait_job(&acme, &ns, "fits", "leased at bravo", |j| {
+        j.status.as_ref().and_then(|s| s.runs_on.as_ref()).is_some()
+    })
+    .await;
+    assert!(
+        gpupool_operator::market::node::now_ms() < first.1.bid_expires_at_unix_ms,
+        "acme was placed only after the hoarder's bid lapsed"
+    );
+    assert_eq!(leased.status.unwrap().runs_on.unwrap().org, "bravo");
+    let heard: Vec<String> = bids.lock().unwrap().iter().map(|(_, b)| b.order_id.clone()).collect();
+    assert_eq!(heard.len(), 1, "one bid for the hoarder in all: {heard:?}");
+    wait_phase(&acme, &ns, "fits", AiJobPhase::Succeeded, "Succeeded at bravo").await;
+    reader.abort();
+    remove_namespace(&acme, &ns).await;
+}
+
 /// A member behind a balancer or NAT announces where it is reached
 /// (`--p2p-announce`): the other members' PoolPeers show that address and
 /// not the one it listens on, they dial it there, by DNS name, and a job

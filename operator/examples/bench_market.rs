@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpupool_crds::price::TokenAmount;
-use gpupool_operator::market::bidengine::{Ask, Supply, evaluate};
+use gpupool_operator::market::bidengine::{Ask, Held, Supply, evaluate};
 use gpupool_operator::market::policy::{PriceRule, ProviderPolicy};
 use gpupool_operator::p2p::envelope::{Opener, seal};
 use gpupool_operator::p2p::swarm::{self, Inbound, P2p, SwarmConfig, Topic};
@@ -70,6 +70,7 @@ fn policy() -> ProviderPolicy {
             })
             .collect(),
         max_lent_gpus: 64,
+        max_held_gpus_per_renter: 32,
         allowed_orgs: vec![],
         denied_orgs: vec!["evil".into()],
     }
@@ -114,7 +115,15 @@ fn bid_engine(n: u64) -> serde_json::Value {
     let start = Instant::now();
     for i in 0..n {
         let ask = &asks[(i % 1024) as usize];
-        if black_box(evaluate("me", &policy, &supply, black_box(3), ask)).is_ok() {
+        if black_box(evaluate(
+            "me",
+            &policy,
+            &supply,
+            black_box(Held { lent: 3, by_renter: 1 }),
+            ask,
+        ))
+        .is_ok()
+        {
             bids += 1;
         }
     }
@@ -219,7 +228,7 @@ fn full_path(n: u64) -> serde_json::Value {
             allowed_orgs: vec![],
             denied_orgs: vec![],
         };
-        if let Ok(offer) = evaluate("me", &policy, &supply, 0, &ask) {
+        if let Ok(offer) = evaluate("me", &policy, &supply, Held::default(), &ask) {
             let bid = seal(
                 &me,
                 Body::Bid(Bid {
@@ -350,7 +359,7 @@ async fn fan_out(peers: usize, orders: usize) -> anyhow::Result<Vec<serde_json::
                     allowed_orgs: vec![],
                     denied_orgs: vec![],
                 };
-                if let Ok(offer) = evaluate(&format!("p{i}"), &policy, &supply, 0, &ask) {
+                if let Ok(offer) = evaluate(&format!("p{i}"), &policy, &supply, Held::default(), &ask) {
                     let bid = seal(
                         &key,
                         Body::Bid(Bid {

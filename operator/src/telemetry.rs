@@ -140,6 +140,8 @@ struct PoolMetrics {
     hole_punches: Family<PunchResult, Counter>,
     orders: Counter,
     bids_sent: Counter,
+    /// Orders heard and not bid on, by the bid engine's reason.
+    orders_declined: Family<Reason, Counter>,
     bids_received: Counter,
     leases: Family<Kind, Counter>,
     placement_seconds: Family<Kind, Histogram>,
@@ -248,6 +250,7 @@ impl Default for Metrics {
             hole_punches: Default::default(),
             orders: Default::default(),
             bids_sent: Default::default(),
+            orders_declined: Default::default(),
             bids_received: Default::default(),
             leases: Default::default(),
         };
@@ -291,6 +294,11 @@ impl Default for Metrics {
             "pool_bids_sent",
             "Bids this cluster sent as a provider",
             pool.bids_sent.clone(),
+        );
+        registry.register(
+            "pool_orders_declined",
+            "Other members' orders this cluster did not bid on, by reason (no matching product, not enough free, too expensive, lending limit, renter hold limit, renter not served, excluded by the order)",
+            pool.orders_declined.clone(),
         );
         registry.register(
             "pool_bids_received",
@@ -515,6 +523,13 @@ impl Metrics {
 
     pub fn bid_sent(&self) {
         self.pool.bids_sent.inc();
+    }
+
+    pub fn order_declined(&self, reason: &'static str) {
+        self.pool
+            .orders_declined
+            .get_or_create(&Reason { reason: reason.into() })
+            .inc();
     }
 
     pub fn bid_received(&self) {

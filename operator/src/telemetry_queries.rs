@@ -14,6 +14,7 @@ use promql_parser::label::{MatchOp, Matcher};
 use promql_parser::parser::{self, Expr, VectorSelector};
 
 use crate::capacity::NodeGpus;
+use crate::market::bidengine::NoBid;
 use crate::p2p::envelope::DropReason;
 use crate::p2p::swarm::{HolePunch, RelayServed};
 use crate::telemetry::{Metrics, PoolLeaseEvent};
@@ -119,6 +120,7 @@ fn exported() -> BTreeMap<String, BTreeSet<String>> {
     m.observe_leases(&crate::lease_gauges::tally(&[]));
     m.message_received("bid");
     m.message_dropped("replayed");
+    m.order_declined("renter_hold_limit");
     m.pool_lease(PoolLeaseEvent::RenterOpened);
     m.placement("lease_active", 0.5);
     m.pool_api_request("Submit", tonic::Code::Unauthenticated);
@@ -188,6 +190,10 @@ fn closed_values() -> BTreeMap<(&'static str, &'static str), BTreeSet<String>> {
         (
             ("gpupool_pool_messages_dropped", "reason"),
             DropReason::ALL.iter().map(|r| r.as_str().to_string()).collect(),
+        ),
+        (
+            ("gpupool_pool_orders_declined", "reason"),
+            NoBid::REASONS.map(String::from).into(),
         ),
         (
             ("gpupool_pool_leases", "kind"),

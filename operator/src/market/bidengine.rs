@@ -43,7 +43,23 @@ pub struct Offer {
     pub price: TokenAmount,
 }
 
-/// Why this provider does not bid; logged at debug, never sent.
+/// GPUs already spoken for here when an order arrives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Lent in leases or reserved by bids, for every renter.
+    pub lent: u32,
+    /// Reserved by this order's renter's open and won bids, not yet leases.
+    pub by_renter: u32,
+}
+
+impl Held {
+    pub fn lent(lent: u32) -> Self {
+        Self { lent, by_renter: 0 }
+    }
+}
+
+/// Why this provider does not bid; logged at debug and counted by
+/// [`NoBid::reason`], never sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NoBid {
     /// The order excludes this organisation.
@@ -52,6 +68,9 @@ pub enum NoBid {
     RenterNotServed,
     /// Lending would pass the policy's limit.
     LendingLimit { lent: u32, limit: u32 },
+    /// The renter's bids not yet turned into leases would hold more GPUs
+    /// here than the policy lets one renter hold.
+    RenterHoldLimit { held: u32, limit: u32 },
     /// No product here matches models and memory.
     NoMatchingProduct,
     /// Matching products, but not enough free on one node.
@@ -62,9 +81,38 @@ pub enum NoBid {
     OwnOrder,
 }
 
-/// Decides the bid for `ask` from organisation `me`, with `lent` GPUs already
-/// lent or reserved. Picks the cheapest matching product that fits.
-pub fn evaluate(me: &str, policy: &ProviderPolicy, supply: &[Supply], lent: u32, ask: &Ask) -> Result<Offer, NoBid> {
+impl NoBid {
+    /// Every [`NoBid::reason`], so dashboards and alerts can be checked
+    /// against the set.
+    pub const REASONS: [&'static str; 8] = [
+        "excluded_by_order",
+        "renter_not_served",
+        "lending_limit",
+        "renter_hold_limit",
+        "no_matching_product",
+        "not_enough_free",
+        "too_expensive",
+        "own_order",
+    ];
+
+    /// A short label for metrics: a closed set, one per variant.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::ExcludedByOrder => "excluded_by_order",
+            Self::RenterNotServed => "renter_not_served",
+            Self::LendingLimit { .. } => "lending_limit",
+            Self::RenterHoldLimit { .. } => "renter_hold_limit",
+            Self::NoMatchingProduct => "no_matching_product",
+            Self::NotEnoughFree { .. } => "not_enough_free",
+            Self::TooExpensive { .. } => "too_expensive",
+            Self::OwnOrder => "own_order",
+        }
+    }
+}
+
+/// Decides the bid for `ask` from organisation `me`, with `held` GPUs already
+/// spoken for. Picks the cheapest matching product that fits.
+pub fn evaluate(me: &str, policy: &ProviderPolicy, supply: &[Supply], held: Held, ask: &Ask) -> Result<Offer, NoBid> {
     if ask.renter_org == me {
         return Err(NoBid::OwnOrder);
     }
@@ -76,10 +124,20 @@ pub fn evaluate(me: &str, policy: &ProviderPolicy, supply: &[Supply], lent: u32,
     if !policy.serves(&ask.renter_org) {
         return Err(NoBid::RenterNotServed);
     }
-    if lent.saturating_add(ask.count) > policy.max_lent_gpus {
+    if held.lent.saturating_add(ask.count) > policy.max_lent_gpus {
         return Err(NoBid::LendingLimit {
-            lent,
+            lent: held.lent,
             limit: policy.max_lent_gpus,
+        });
+    }
+    // Bids cost a renter nothing, and each holds GPUs for its lifetime: with
+    // no limit, one renter's stream of orders it never leases holds every
+    // GPU here against the others.
+    if policy.max_held_gpus_per_renter > 0 && held.by_renter.saturating_add(ask.count) > policy.max_held_gpus_per_renter
+    {
+        return Err(NoBid::RenterHoldLimit {
+            held: held.by_renter,
+            limit: policy.max_held_gpus_per_renter,
         });
     }
     let mut matching = false;
@@ -136,6 +194,7 @@ mod tests {
                 },
             ],
             max_lent_gpus: 16,
+            max_held_gpus_per_renter: 0,
             allowed_orgs: vec![],
             denied_orgs: vec!["evil".into()],
         }
@@ -172,9 +231,9 @@ mod tests {
 
     #[test]
     fn cheapest_fitting_product_wins() {
-        let o = evaluate("globex", &policy(), &supply(), 0, &ask(4, &[], "3")).unwrap();
+        let o = evaluate("globex", &policy(), &supply(), Held::lent(0), &ask(4, &[], "3")).unwrap();
         assert_eq!((o.product.as_str(), o.price), (A100, "1.5".parse().unwrap()));
-        let o = evaluate("globex", &policy(), &supply(), 0, &ask(8, &[], "3")).unwrap();
+        let o = evaluate("globex", &policy(), &supply(), Held::lent(0), &ask(8, &[], "3")).unwrap();
         assert_eq!(o.product, H100, "A100 has only 4 on one node");
     }
 
@@ -182,36 +241,94 @@ mod tests {
     fn every_refusal_says_why() {
         let p = policy();
         let s = supply();
-        assert_eq!(evaluate("acme", &p, &s, 0, &ask(1, &[], "9")), Err(NoBid::OwnOrder));
         assert_eq!(
-            evaluate("globex", &p, &s, 0, &ask(8, &["H100"], "2")),
+            evaluate("acme", &p, &s, Held::lent(0), &ask(1, &[], "9")),
+            Err(NoBid::OwnOrder)
+        );
+        assert_eq!(
+            evaluate("globex", &p, &s, Held::lent(0), &ask(8, &["H100"], "2")),
             Err(NoBid::TooExpensive {
                 cheapest: Some("2.5".parse().unwrap())
             })
         );
         assert_eq!(
-            evaluate("globex", &p, &s, 0, &ask(1, &["B200"], "9")),
+            evaluate("globex", &p, &s, Held::lent(0), &ask(1, &["B200"], "9")),
             Err(NoBid::NoMatchingProduct)
         );
         assert_eq!(
-            evaluate("globex", &p, &s, 0, &ask(12, &["H100"], "9")),
+            evaluate("globex", &p, &s, Held::lent(0), &ask(12, &["H100"], "9")),
             Err(NoBid::NotEnoughFree { most: 8 })
         );
         assert_eq!(
-            evaluate("globex", &p, &s, 12, &ask(8, &[], "9")),
+            evaluate("globex", &p, &s, Held::lent(12), &ask(8, &[], "9")),
             Err(NoBid::LendingLimit { lent: 12, limit: 16 })
         );
         let mut a = ask(1, &[], "9");
         a.denied_orgs = vec!["globex".into()];
-        assert_eq!(evaluate("globex", &p, &s, 0, &a), Err(NoBid::ExcludedByOrder));
+        assert_eq!(
+            evaluate("globex", &p, &s, Held::lent(0), &a),
+            Err(NoBid::ExcludedByOrder)
+        );
         let mut a = ask(1, &[], "9");
         a.allowed_orgs = vec!["initech".into()];
-        assert_eq!(evaluate("globex", &p, &s, 0, &a), Err(NoBid::ExcludedByOrder));
+        assert_eq!(
+            evaluate("globex", &p, &s, Held::lent(0), &a),
+            Err(NoBid::ExcludedByOrder)
+        );
         let mut a = ask(1, &[], "9");
         a.renter_org = "evil".into();
-        assert_eq!(evaluate("globex", &p, &s, 0, &a), Err(NoBid::RenterNotServed));
+        assert_eq!(
+            evaluate("globex", &p, &s, Held::lent(0), &a),
+            Err(NoBid::RenterNotServed)
+        );
         let mut a = ask(1, &[], "9");
         a.min_memory_mib = 100_000;
-        assert_eq!(evaluate("globex", &p, &s, 0, &a), Err(NoBid::NoMatchingProduct));
+        assert_eq!(
+            evaluate("globex", &p, &s, Held::lent(0), &a),
+            Err(NoBid::NoMatchingProduct)
+        );
+    }
+
+    #[test]
+    fn every_reason_is_listed_once() {
+        let all = [
+            NoBid::ExcludedByOrder,
+            NoBid::RenterNotServed,
+            NoBid::LendingLimit { lent: 0, limit: 0 },
+            NoBid::RenterHoldLimit { held: 0, limit: 0 },
+            NoBid::NoMatchingProduct,
+            NoBid::NotEnoughFree { most: 0 },
+            NoBid::TooExpensive { cheapest: None },
+            NoBid::OwnOrder,
+        ];
+        let reasons: Vec<&str> = all.iter().map(NoBid::reason).collect();
+        assert_eq!(reasons, NoBid::REASONS);
+    }
+
+    #[test]
+    fn one_renter_holds_no_more_than_the_policy_lets_it() {
+        let mut p = policy();
+        let s = supply();
+        let held = |lent, by_renter| Held { lent, by_renter };
+        // No limit: a renter's open bids count only toward maxLentGpus.
+        assert!(evaluate("globex", &p, &s, held(12, 12), &ask(4, &[], "9")).is_ok());
+        p.max_held_gpus_per_renter = 4;
+        assert!(evaluate("globex", &p, &s, held(3, 3), &ask(1, &[], "9")).is_ok());
+        assert_eq!(
+            evaluate("globex", &p, &s, held(3, 3), &ask(2, &[], "9")),
+            Err(NoBid::RenterHoldLimit { held: 3, limit: 4 })
+        );
+        assert_eq!(
+            evaluate("globex", &p, &s, held(0, 0), &ask(8, &[], "9")),
+            Err(NoBid::RenterHoldLimit { held: 0, limit: 4 }),
+            "one order bigger than the limit is refused too"
+        );
+        // Other renters' bids leave this one's share alone.
+        assert!(evaluate("globex", &p, &s, held(10, 0), &ask(4, &[], "9")).is_ok());
+        // The lending limit is checked first: it says more about this provider.
+        assert_eq!(
+            evaluate("globex", &p, &s, held(16, 4), &ask(1, &[], "9")),
+            Err(NoBid::LendingLimit { lent: 16, limit: 16 })
+        );
     }
 }

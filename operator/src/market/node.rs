@@ -266,6 +266,15 @@ impl State {
             .collect()
     }
 
+    /// GPUs `renter_org`'s open and won bids hold here, not yet leases.
+    pub fn held_for_renter(&self, renter_org: &str, now: u64) -> u32 {
+        self.reservations
+            .values()
+            .filter(|r| r.until_ms > now && r.order.renter_org == renter_org)
+            .map(|r| r.count)
+            .sum()
+    }
+
     /// Claims one of `room` orders' worth of advertised capacity for `hold_ms`;
     /// false when earlier claims still hold all of it.
     pub fn claim_room(&mut self, now: u64, hold_ms: u64, room: u32) -> bool {

@@ -20,6 +20,8 @@ pub struct PolicyFile {
     #[serde(default)]
     pub max_lent_gpus: u32,
     #[serde(default)]
+    pub max_held_gpus_per_renter: u32,
+    #[serde(default)]
     pub allowed_orgs: Vec<String>,
     #[serde(default)]
     pub denied_orgs: Vec<String>,
@@ -44,6 +46,9 @@ pub struct PriceRule {
 pub struct ProviderPolicy {
     pub prices: Vec<PriceRule>,
     pub max_lent_gpus: u32,
+    /// GPUs one renter organisation may hold here at a time in bids it has
+    /// not turned into leases; 0: no limit.
+    pub max_held_gpus_per_renter: u32,
     pub allowed_orgs: Vec<String>,
     pub denied_orgs: Vec<String>,
 }
@@ -127,6 +132,7 @@ impl ProviderPolicy {
         Ok(Self {
             prices,
             max_lent_gpus: file.max_lent_gpus,
+            max_held_gpus_per_renter: file.max_held_gpus_per_renter,
             allowed_orgs: file.allowed_orgs,
             denied_orgs: file.denied_orgs,
         })
@@ -165,6 +171,13 @@ mod tests {
         assert_eq!(p.price_of("NVIDIA H100 80GB HBM3"), Some("2.5".parse().unwrap()));
         assert_eq!(p.price_of("NVIDIA L40"), None);
         assert!(p.serves("acme") && !p.serves("evil"));
+        assert_eq!(p.max_held_gpus_per_renter, 0, "no limit unless one is set");
+
+        std::fs::write(&path, "maxLentGpus: 16\nmaxHeldGpusPerRenter: 4\n").unwrap();
+        assert_eq!(ProviderPolicy::load(&path).unwrap().max_held_gpus_per_renter, 4);
+        std::fs::write(&path, "maxHeldGpusPerRenter: -1\n").unwrap();
+        let e = ProviderPolicy::load(&path).unwrap_err().to_string();
+        assert!(e.contains("maxHeldGpusPerRenter"), "{e}");
 
         std::fs::write(&path, "prices:\n- model: H100\n  pricePerGpuHour: \"two\"\n").unwrap();
         let e = ProviderPolicy::load(&path).unwrap_err().to_string();

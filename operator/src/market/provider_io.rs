@@ -19,7 +19,7 @@ use kube::{Api, ResourceExt};
 use libp2p::PeerId;
 use tracing::{Instrument, debug, info, warn};
 
-use super::bidengine::{Ask, bid_id, evaluate};
+use super::bidengine::{Ask, Held, bid_id, evaluate};
 use super::lease_check::{Refusal, Terms, check_offer, check_on_chain};
 use super::lease_objects::{Accepted, DEFAULT_DENY, WORKLOAD, lease_namespace, lease_objects, provider_lease_name};
 use super::lease_records::{Closed, expired};
@@ -89,7 +89,11 @@ impl Market {
             if st.reservations.contains_key(&bid_id) {
                 return Ok(()); // the same order again (re-published): our bid stands
             }
-            match evaluate(&self.settings.org, &self.settings.policy, &supply, lent, &ask) {
+            let held = Held {
+                lent,
+                by_renter: st.held_for_renter(&ask.renter_org, now),
+            };
+            match evaluate(&self.settings.org, &self.settings.policy, &supply, held, &ask) {
                 Ok(offer) => {
                     let ttl = u64::try_from(self.settings.bid_ttl.as_millis()).unwrap_or(60_000);
                     st.reservations.insert(
@@ -106,6 +110,7 @@ impl Market {
                     Some((offer, now + ttl))
                 }
                 Err(why) => {
+                    self.metrics.order_declined(why.reason());
                     debug!(order = %order.order_id, renter = %org, ?why, "not bidding");
                     None
                 }
