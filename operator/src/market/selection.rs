@@ -189,7 +189,8 @@ pub fn explain_no_bids(w: &Wanted<'_>, peers: &[PeerSupply]) -> (&'static str, S
         _ => (
             "NoBids",
             format!(
-                "peers advertise {} free but none bid in the window; asking again",
+                "peers advertise {} free but none bid in the window (a provider can refuse past its lending \
+                 limit, or past what its policy lets one renter hold in open bids); asking again",
                 w.describe()
             ),
         ),
