@@ -533,6 +533,29 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
         env_value(&operator, "GPUPOOL_P2P_RELAY_MAX_CIRCUITS").as_deref(),
         Some("64")
     );
+    // Helm reads a YAML integer as a float: a million rendered as "1e+06",
+    // which the operator's integer flags refuse.
+    assert_eq!(
+        env_value(&operator, "GPUPOOL_P2P_REPLAY_CAPACITY").as_deref(),
+        Some("1000000")
+    );
+    let env = operator
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.env.clone())
+        .unwrap_or_default();
+    for e in &env {
+        let v = e.value.as_deref().unwrap_or_default();
+        assert!(
+            !(v.contains("e+")
+                && v.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.')
+                    .starts_with("e+")),
+            "{} is rendered in exponent form: {v}",
+            e.name
+        );
+    }
     assert_eq!(
         (
             env_value(&operator, "GPUPOOL_P2P_PING_EVERY_SECONDS").as_deref(),

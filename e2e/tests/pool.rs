@@ -1363,6 +1363,93 @@ async fn one_renters_open_bids_hold_no_more_gpus_than_the_provider_allows() {
     remove_namespace(&acme, &ns).await;
 }
 
+/// A valid member sending messages as fast as it can fills no more than its
+/// sixteenth of the nonces a member remembers against replays. With one pool
+/// for all senders, such a flood filled it, and then every other member's
+/// messages were dropped as overloaded and held against them. Here acme
+/// remembers 16,000 (1,000 per sender); a peer sends it 1,100 valid
+/// capacity adverts straight: the excess is dropped as flooding, the flooder
+/// is banned for it, no honest message is dropped as overloaded, and acme
+/// still places a job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_peer_fills_only_its_share_of_the_replay_guard() {
+    use gpupool_operator::p2p::envelope::seal;
+    use gpupool_operator::p2p::swarm::{self, Inbound, SwarmConfig};
+    use gpupool_proto::peer::v1::envelope::Body;
+    use gpupool_proto::peer::v1::{self as wire};
+    use libp2p::identity::Keypair;
+    use std::collections::BTreeMap;
+
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let pool = Pool::start(&env, "flood", &lends(), &["--p2p-replay-capacity=16000".to_string()])
+        .await
+        .unwrap();
+    let flooder = Keypair::generate_ed25519();
+    let (p2p, mut inbound) = swarm::start(
+        flooder.clone(),
+        SwarmConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            bootstrap: vec![
+                format!("/ip4/127.0.0.1/tcp/{}", pool.members["acme"].port)
+                    .parse()
+                    .unwrap(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let acme_peer = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(Inbound::Connected { peer }) = inbound.recv().await {
+                return peer;
+            }
+        }
+    })
+    .await
+    .expect("connected to acme");
+    let drain = tokio::spawn(async move { while inbound.recv().await.is_some() {} });
+
+    let advert = Body::Capacity(wire::CapacityAdvert {
+        offers: vec![wire::GpuOffer {
+            product: "NVIDIA B200".into(),
+            memory_mib: 183_359,
+            free: 8,
+            max_per_node: 8,
+            price_per_gpu_hour: "9".into(),
+        }],
+    });
+    let mut delivered = 0;
+    for _ in 0..1_100 {
+        let now = gpupool_operator::market::node::now_ms();
+        // Living the longest the protocol allows, as a flood would.
+        let bytes = seal(&flooder, advert.clone(), now, 14 * 60 * 1000, BTreeMap::new());
+        // Refused once acme bans the flooder; that is the point.
+        if p2p.send(acme_peer, bytes).await.is_ok() {
+            delivered += 1;
+        }
+    }
+    assert!(delivered > 1_000, "only {delivered} adverts reached acme");
+
+    let op = pool.operator("acme").unwrap();
+    let metrics = wait_for(WAIT, "acme dropped the flood's excess", || async {
+        let m = op.metrics().await;
+        (dropped(&m, "flooding") >= 1 && received(&m, "capacity") >= 1_000).then_some(m)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", futures::executor::block_on(op.metrics())));
+    assert!(
+        metrics.contains("gpupool_pool_peers_banned_total 1"),
+        "the flooder is banned for its excess: {metrics}"
+    );
+    // Honest members kept their room.
+    runs_only_at_corvus(&acme, "flood").await;
+    let metrics = op.metrics().await;
+    assert_eq!(dropped(&metrics, "overloaded"), 0, "{metrics}");
+    drain.abort();
+}
+
 /// A member behind a balancer or NAT announces where it is reached
 /// (`--p2p-announce`): the other members' PoolPeers show that address and
 /// not the one it listens on, they dial it there, by DNS name, and a job

@@ -162,6 +162,18 @@ struct PoolArgs {
     /// Connections to any one peer.
     #[arg(long = "p2p-max-per-peer", env = "GPUPOOL_P2P_MAX_PER_PEER", default_value_t = 4)]
     max_per_peer: u32,
+    /// Peer messages whose nonces are remembered until they expire, so a
+    /// copy is refused as a replay: about 100 bytes each. A message beyond
+    /// it is dropped as overloaded, and one sender beyond a sixteenth of it
+    /// as flooding (which counts against its score): with messages living
+    /// 60 s, the default lets one member send about 1,000 a second.
+    #[arg(
+        long = "p2p-replay-capacity",
+        env = "GPUPOOL_P2P_REPLAY_CAPACITY",
+        default_value_t = 1_000_000,
+        value_parser = clap::value_parser!(u64).range(1_600..=100_000_000)
+    )]
+    replay_capacity: u64,
     /// How often each connection to a member is pinged. Two unanswered
     /// pings in a row close it, so a member that vanished without closing
     /// its connections (a host gone, a NAT mapping dropped) is let go within
@@ -582,6 +594,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 bid_ttl: Duration::from_secs(args.pool.bid_ttl_seconds.max(1)),
                 deposit_seconds: args.pool.deposit_seconds.max(MIN_DEPOSIT_SECONDS),
                 message_ttl: Duration::from_secs(60),
+                // Checked by clap to be at most 100 million.
+                replay_capacity: usize::try_from(args.pool.replay_capacity).unwrap_or(usize::MAX),
                 policy,
                 closed_lease_retention: Duration::from_secs(args.pool.closed_lease_retention_seconds),
                 deliver_twice,

@@ -54,6 +54,9 @@ pub struct MarketSettings {
     /// The deposit covers this much of the job's time (at most its maxDuration).
     pub deposit_seconds: u64,
     pub message_ttl: Duration,
+    /// Message nonces remembered against replays; one sender may fill a
+    /// sixteenth of it.
+    pub replay_capacity: usize,
     pub policy: ProviderPolicy,
     /// How long a closed provider Lease record stays (zero: for good).
     pub closed_lease_retention: Duration,
@@ -480,7 +483,10 @@ impl Market {
             wallet,
             metrics,
             // Nonces are remembered for at most 15 minutes of messages.
-            state: Mutex::new(State::new(Opener::new(ttl.max(15 * 60 * 1000), 1_000_000))),
+            state: Mutex::new(State::new(Opener::new(
+                ttl.max(15 * 60 * 1000),
+                settings.replay_capacity,
+            ))),
             settings,
             stores: OnceLock::new(),
             lease_cache: OnceLock::new(),
@@ -635,14 +641,20 @@ impl Market {
         self.metrics.message_dropped(reason.as_str());
         let Some(peer) = peer else { return };
         let now = now_ms();
-        let (score, banned) = {
+        let (score, was_banned, banned) = {
             let mut st = self.lock();
+            let was_banned = st.scores.is_banned(&peer, now);
             let score = st.scores.penalise(peer, reason, now);
-            (score, st.scores.is_banned(&peer, now))
+            (score, was_banned, st.scores.is_banned(&peer, now))
         };
         debug!(%peer, reason = reason.as_str(), score, detail, "dropped peer message");
         if banned {
-            self.metrics.peer_banned();
+            // Counted once per ban: a flood's messages still in flight when
+            // the ban falls are dropped as banned, and each of them counted
+            // as another ban.
+            if !was_banned {
+                self.metrics.peer_banned();
+            }
             self.p2p.ban(peer).await;
         }
     }
@@ -700,7 +712,9 @@ impl Market {
                             .await;
                     }
                     Err(reason) => {
-                        let accept = if reason == DropReason::Replayed {
+                        // Neither a copy we have seen nor a flooder's excess
+                        // is the forwarder's fault; neither travels on.
+                        let accept = if matches!(reason, DropReason::Replayed | DropReason::Flooding) {
                             MessageAcceptance::Ignore
                         } else {
                             MessageAcceptance::Reject

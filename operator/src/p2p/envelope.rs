@@ -48,13 +48,16 @@ pub enum DropReason {
     Banned,
     /// Too many messages in flight to remember their nonces.
     Overloaded,
+    /// The sender has more messages in flight than its share of the replay
+    /// guard: a valid member flooding the pool.
+    Flooding,
     /// For an order or lease this cluster closed a moment ago: honest peers
     /// race with closes, so this costs no score.
     Late,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         Self::Oversized,
         Self::Malformed,
         Self::Unsigned,
@@ -68,6 +71,7 @@ impl DropReason {
         Self::Impersonation,
         Self::Banned,
         Self::Overloaded,
+        Self::Flooding,
         Self::Late,
     ];
 
@@ -86,6 +90,7 @@ impl DropReason {
             Self::Impersonation => "impersonation",
             Self::Banned => "banned",
             Self::Overloaded => "overloaded",
+            Self::Flooding => "flooding",
             Self::Late => "late",
         }
     }
@@ -96,7 +101,7 @@ impl DropReason {
         match self {
             Self::Late => 0.0,
             Self::Expired | Self::Overloaded | Self::UnknownOrder => 1.0,
-            Self::Replayed | Self::UnsupportedVersion | Self::Banned => 2.0,
+            Self::Replayed | Self::UnsupportedVersion | Self::Banned | Self::Flooding => 2.0,
             Self::Oversized | Self::Malformed | Self::DeniedOrg => 5.0,
             Self::Unsigned | Self::BadSignature | Self::WrongSender | Self::Impersonation => 20.0,
         }
@@ -157,19 +162,42 @@ pub fn sign_envelope(key: &Keypair, envelope: Vec<u8>) -> Vec<u8> {
 }
 
 /// Remembers (sender, nonce) pairs until their messages expire.
+///
+/// Its room is shared: one sender may hold at most a [`SHARE_DIVISOR`]th of
+/// it. With one pool for all, a single member sending valid messages fast
+/// enough filled it within a minute, and then every other member's messages
+/// were dropped as overloaded (and held against them) for as long as the
+/// flood's expiries, up to the TTL cap.
 #[derive(Debug)]
 pub struct ReplayGuard {
     seen: HashMap<(PeerId, [u8; NONCE_BYTES]), u64>,
+    /// Entries in `seen` by sender.
+    per_sender: HashMap<PeerId, usize>,
     capacity: usize,
+    sender_share: usize,
+    /// When expired entries were last swept out. A sweep walks every entry,
+    /// so a sender at its share does not get one per message: at most one
+    /// a second.
+    swept_ms: Option<u64>,
 }
+
+/// One sender may fill at most 1/16 of the replay guard.
+pub const SHARE_DIVISOR: usize = 16;
+
+/// Expired entries are swept at most this often.
+const SWEEP_EVERY_MS: u64 = 1_000;
 
 impl ReplayGuard {
     /// `capacity` bounds memory; with the TTL cap it bounds the message rate
-    /// the guard can vouch for.
+    /// the guard can vouch for, and a sixteenth of it one sender's rate.
     pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         Self {
             seen: HashMap::new(),
-            capacity: capacity.max(1),
+            per_sender: HashMap::new(),
+            capacity,
+            sender_share: (capacity / SHARE_DIVISOR).max(1),
+            swept_ms: None,
         }
     }
 
@@ -179,6 +207,23 @@ impl ReplayGuard {
 
     pub fn is_empty(&self) -> bool {
         self.seen.is_empty()
+    }
+
+    /// Forgets expired entries, unless a sweep ran within the last second.
+    fn sweep(&mut self, now_ms: u64) {
+        if self.swept_ms.is_some_and(|t| now_ms.saturating_sub(t) < SWEEP_EVERY_MS) {
+            return;
+        }
+        self.swept_ms = Some(now_ms);
+        let per_sender = &mut self.per_sender;
+        self.seen.retain(|(sender, _), exp| {
+            let keep = *exp >= now_ms;
+            if !keep && let Some(n) = per_sender.get_mut(sender) {
+                *n = n.saturating_sub(1);
+            }
+            keep
+        });
+        per_sender.retain(|_, n| *n > 0);
     }
 
     fn admit(
@@ -191,13 +236,21 @@ impl ReplayGuard {
         if self.seen.contains_key(&(sender, nonce)) {
             return Err(DropReason::Replayed);
         }
+        let held = |g: &Self| g.per_sender.get(&sender).copied().unwrap_or(0);
+        if held(self) >= self.sender_share {
+            self.sweep(now_ms);
+            if held(self) >= self.sender_share {
+                return Err(DropReason::Flooding);
+            }
+        }
         if self.seen.len() >= self.capacity {
-            self.seen.retain(|_, exp| *exp >= now_ms);
+            self.sweep(now_ms);
             if self.seen.len() >= self.capacity {
                 return Err(DropReason::Overloaded);
             }
         }
         self.seen.insert((sender, nonce), expires_at_ms);
+        *self.per_sender.entry(sender).or_default() += 1;
         Ok(())
     }
 }
@@ -389,18 +442,47 @@ mod tests {
 
     #[test]
     fn replay_guard_forgets_expired_and_stays_bounded() {
-        let k = Keypair::generate_ed25519();
+        let keys: Vec<Keypair> = (0..3).map(|_| Keypair::generate_ed25519()).collect();
         let mut o = Opener::new(TTL, 2);
-        let a = seal(&k, hb(), NOW, 10, BTreeMap::new());
-        let b = seal(&k, hb(), NOW, 10, BTreeMap::new());
-        let c = seal(&k, hb(), NOW, 10, BTreeMap::new());
+        let a = seal(&keys[0], hb(), NOW, 10, BTreeMap::new());
+        let b = seal(&keys[1], hb(), NOW, 10, BTreeMap::new());
+        let c = seal(&keys[2], hb(), NOW, 10, BTreeMap::new());
+        let k = &keys[2];
         o.open(&a, None, NOW).unwrap();
         o.open(&b, None, NOW).unwrap();
         assert_eq!(o.open(&c, None, NOW), Err(DropReason::Overloaded));
-        // Once a and b have expired the guard has room again, and a is refused as expired.
-        let d = seal(&k, hb(), NOW + 100, 10, BTreeMap::new());
-        o.open(&d, None, NOW + 100).unwrap();
-        assert_eq!(o.open(&a, None, NOW + 100), Err(DropReason::Expired));
+        // Once a and b have expired, and a second has passed since the last
+        // sweep, the guard has room again; a is refused as expired.
+        let d = seal(k, hb(), NOW + 1_000, 10, BTreeMap::new());
+        o.open(&d, None, NOW + 1_000).unwrap();
+        assert_eq!(o.open(&a, None, NOW + 1_000), Err(DropReason::Expired));
         assert!(o.remembered() <= 2);
+    }
+
+    #[test]
+    fn one_sender_fills_no_more_than_its_share() {
+        let flooder = Keypair::generate_ed25519();
+        let honest = Keypair::generate_ed25519();
+        // Room for 64: a sender may hold 4.
+        let mut o = Opener::new(TTL, 64);
+        for _ in 0..4 {
+            o.open(&seal(&flooder, hb(), NOW, 5_000, BTreeMap::new()), None, NOW)
+                .unwrap();
+        }
+        let fifth = seal(&flooder, hb(), NOW, 5_000, BTreeMap::new());
+        assert_eq!(o.open(&fifth, None, NOW), Err(DropReason::Flooding));
+        assert_eq!(o.remembered(), 4, "a refused message is not remembered");
+        // Everyone else still has room.
+        for _ in 0..4 {
+            o.open(&seal(&honest, hb(), NOW, 5_000, BTreeMap::new()), None, NOW)
+                .unwrap();
+        }
+        // Within the second after a sweep, a sender at its share gets no
+        // other: each sweep walks every entry.
+        let later = seal(&flooder, hb(), NOW + 6_000, 5_000, BTreeMap::new());
+        assert_eq!(o.open(&later, None, NOW + 500), Err(DropReason::Flooding));
+        // Once its messages have expired, and a second has passed, it has room again.
+        o.open(&later, None, NOW + 6_000).unwrap();
+        assert_eq!(o.remembered(), 1, "the expired entries are gone: {}", o.remembered());
     }
 }
