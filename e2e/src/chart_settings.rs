@@ -52,6 +52,56 @@ pub fn check(bin: &str, help: &str, container: &Container) -> Checked {
     checked
 }
 
+/// Whether `bin` accepts the values `container` gives it, not only their
+/// names: runs it with exactly the container's literal variables and
+/// arguments, nothing else in its environment (no cluster to reach), and
+/// says what it refused if it stopped with clap's usage error (exit code
+/// 2) within a few seconds. Anything else (stopping later for want of a
+/// cluster, a file or a Secret, or still running) means the values parsed.
+/// Helm rendered a YAML integer of a million or more as "1e+06", which the
+/// names-only check passed and the operator refused at start.
+pub fn refused_values(bin: &std::path::Path, container: &Container) -> Option<String> {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
+        .env("KUBECONFIG", "/nonexistent/gpupool-chart-settings")
+        .args(container.args.iter().flatten())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for e in container.env.iter().flatten() {
+        if let Some(v) = &e.value {
+            cmd.env(&e.name, v);
+        } else if e.value_from.as_ref().is_some_and(|f| f.field_ref.is_some()) {
+            // The downward API's node or pod name: any name will do here.
+            cmd.env(&e.name, "from-the-downward-api");
+        }
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Some(format!("{} did not start: {e}", bin.display())),
+    };
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        match child.try_wait() {
+            Ok(Some(status)) if status.code() == Some(2) => {
+                let mut stderr = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+                }
+                return Some(stderr.lines().next().unwrap_or_default().to_string());
+            }
+            Ok(Some(_)) => return None,
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Some(format!("waiting for {}: {e}", bin.display())),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +164,30 @@ Options:
         // A prefix of a real name is not that name.
         let c = container(&["GPUPOOL_CHAIN_RPC"], &["--bid-ttl"]);
         assert_eq!(check("gpupool-operator", HELP, &c).unread.len(), 2);
+    }
+
+    fn shell(script: &str, env: &[(&str, &str)]) -> Container {
+        serde_json::from_value(serde_json::json!({
+            "name": "sh",
+            "env": env.iter().map(|(n, v)| serde_json::json!({"name": n, "value": v})).collect::<Vec<_>>(),
+            "args": ["-c", script],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_usage_error_is_reported_and_anything_else_is_not() {
+        let sh = std::path::Path::new("/bin/sh");
+        let refuses = "echo \"error: invalid value '1e+06' for '--x'\" >&2; exit 2";
+        assert_eq!(
+            refused_values(sh, &shell(refuses, &[])).as_deref(),
+            Some("error: invalid value '1e+06' for '--x'")
+        );
+        // Stopping later, for want of a cluster, is not the values' fault.
+        assert_eq!(refused_values(sh, &shell("exit 1", &[])), None);
+        // Exactly the container's variables, and none of ours.
+        let reads = "test \"$GPUPOOL_X\" = 7 && test -z \"$HOME\" || exit 2";
+        assert_eq!(refused_values(sh, &shell(reads, &[("GPUPOOL_X", "7")])), None);
+        assert!(refused_values(sh, &shell(reads, &[("GPUPOOL_X", "8")])).is_some());
     }
 }

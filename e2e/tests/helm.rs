@@ -583,6 +583,10 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
             let checked = gpupool_e2e::chart_settings::check(bin, &help, c);
             assert!(checked.unread.is_empty(), "{}", checked.unread.join("; "));
             set += checked.settings;
+            // And the values themselves parse, as the binary reads them.
+            if let Some(refused) = gpupool_e2e::chart_settings::refused_values(&workspace_bin(bin), c) {
+                panic!("{bin} refuses what the chart gives it: {refused}");
+            }
         }
         assert!(set >= 3, "{bin}: nothing set in {containers:#?}");
     }
