@@ -485,7 +485,8 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     // The notes tell the data centre what it lends, at what price.
     let notes = String::from_utf8_lossy(&out.stdout);
     assert!(
-        notes.contains("It lends up to 8 GPUs at H100 2.50/GPU-hour."),
+        notes.contains("It lends up to 8 GPUs at H100 2.50/GPU-hour.")
+            && notes.contains("One renter's bids not yet leased hold at most 4 of them at a time."),
         "{notes}"
     );
     assert_eq!(helm.revision(), 1);
