@@ -639,6 +639,93 @@ async fn a_provider_sweeps_its_earnings_beyond_what_it_keeps_to_a_cold_wallet() 
         state(l) == Some(LeaseState::Closed)
     })
     .await;
+
+    // A sweep whose answer is lost: the transfer reaches the chain, the
+    // RPC goes away before the operator hears back. It tries again with a
+    // fresh read once the chain is back, finds only what it keeps, and
+    // sends nothing twice.
+    open_on_both_sides(
+        (&renter_leases, "job-s2"),
+        (&provider_leases, "order-s2"),
+        (rw.as_str(), pw.as_str()),
+        &config,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let errors_before = sample(
+        &provider_op.metrics().await,
+        "gpupool_chain_errors_total{reason=\"ChainUnreachable\"}",
+    );
+    proxy.cut_after_next_send();
+    renter_leases
+        .patch(
+            "job-s2",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"closeReason": "Completed"}})),
+        )
+        .await
+        .unwrap();
+    let closed = wait_lease(&renter_leases, "job-s2", "the second lease to be Closed", |l| {
+        state(l) == Some(LeaseState::Closed)
+    })
+    .await;
+    let paid2 = TokenAmount::from_str(closed.status.as_ref().and_then(|s| s.paid.as_deref()).unwrap()).unwrap();
+    let both = paid.0 - keep.0 + paid2.0;
+    wait_for(WAIT, "the second sweep to reach the cold wallet", || async {
+        (reader.token_balance(cold).await.ok()? == both).then_some(())
+    })
+    .await
+    .unwrap();
+    // The proxy drops the line a moment after the transfer reaches the node.
+    wait_for(
+        Duration::from_secs(5),
+        "the sweep's transfer to be the send whose answer is lost",
+        || async { proxy.is_down().then_some(()) },
+    )
+    .await
+    .unwrap();
+    wait_for(WAIT, "the lost answer counted as an outage", || async {
+        let m = provider_op.metrics().await;
+        (sample(&m, "gpupool_chain_errors_total{reason=\"ChainUnreachable\"}") > errors_before).then_some(())
+    })
+    .await
+    .unwrap();
+    proxy.pass();
+    // Several sweep periods with the chain back: each reads the account
+    // afresh and finds only what is kept.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(reader.token_balance(cold).await.unwrap(), both, "swept once");
+    assert_eq!(reader.account(provider_wallet).await.unwrap(), keep.0);
+
+    // And the wallet still sends after the lost answer: the next earnings
+    // are swept too (a nonce left behind would stall every later transfer).
+    open_on_both_sides(
+        (&renter_leases, "job-s3"),
+        (&provider_leases, "order-s3"),
+        (rw.as_str(), pw.as_str()),
+        &config,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    renter_leases
+        .patch(
+            "job-s3",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"closeReason": "Completed"}})),
+        )
+        .await
+        .unwrap();
+    let closed = wait_lease(&renter_leases, "job-s3", "the third lease to be Closed", |l| {
+        state(l) == Some(LeaseState::Closed)
+    })
+    .await;
+    let paid3 = TokenAmount::from_str(closed.status.as_ref().and_then(|s| s.paid.as_deref()).unwrap()).unwrap();
+    wait_for(WAIT, "the third lease's earnings swept", || async {
+        (reader.token_balance(cold).await.ok()? == both + paid3.0).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(reader.account(provider_wallet).await.unwrap(), keep.0);
     remove_namespace(&acme_client, &rns).await;
     remove_namespace(&bravo_client, &pns).await;
 }
