@@ -1048,10 +1048,53 @@ fn received(metrics: &str, kind: &str) -> u64 {
     ) as u64
 }
 
+/// A real libp2p peer that is no member's operator: a fresh key, a swarm
+/// that dials `member` only, and `member`'s peer id once they are connected.
+struct Outsider {
+    key: libp2p::identity::Keypair,
+    p2p: gpupool_operator::p2p::swarm::P2p,
+    inbound: tokio::sync::mpsc::Receiver<gpupool_operator::p2p::swarm::Inbound>,
+    member: libp2p::PeerId,
+}
+
+async fn outsider(pool: &Pool, member: &str) -> Outsider {
+    use gpupool_operator::p2p::swarm::{self, Inbound, SwarmConfig};
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let (p2p, mut inbound) = swarm::start(
+        key.clone(),
+        SwarmConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            bootstrap: vec![
+                format!("/ip4/127.0.0.1/tcp/{}", pool.members[member].port)
+                    .parse()
+                    .unwrap(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let peer = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(Inbound::Connected { peer }) = inbound.recv().await {
+                return peer;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("connected to {member}"));
+    Outsider {
+        key,
+        p2p,
+        inbound,
+        member: peer,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_hostile_messages_from_a_rogue_peer_change_nothing() {
     use gpupool_operator::p2p::envelope::{seal, seal_with_nonce, sign_envelope};
-    use gpupool_operator::p2p::swarm::{self, Inbound, SwarmConfig, Topic};
+    use gpupool_operator::p2p::swarm::Topic;
     use gpupool_proto::peer::v1::envelope::Body;
     use gpupool_proto::peer::v1::{self as wire, Envelope};
     use libp2p::identity::Keypair;
@@ -1082,30 +1125,12 @@ async fn forged_and_hostile_messages_from_a_rogue_peer_change_nothing() {
     let order_id = j.status.unwrap().order.unwrap().id;
 
     // The rogue: a real libp2p peer, bootstrapped to acme only.
-    let rogue = Keypair::generate_ed25519();
-    let (p2p, mut inbound) = swarm::start(
-        rogue.clone(),
-        SwarmConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            bootstrap: vec![
-                format!("/ip4/127.0.0.1/tcp/{}", pool.members["acme"].port)
-                    .parse()
-                    .unwrap(),
-            ],
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let acme_peer = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Some(Inbound::Connected { peer }) = inbound.recv().await {
-                return peer;
-            }
-        }
-    })
-    .await
-    .expect("connected to acme");
+    let Outsider {
+        key: rogue,
+        p2p,
+        member: acme_peer,
+        ..
+    } = outsider(&pool, "acme").await;
 
     // Introduces itself honestly as "rogue", so its bids are judged on content.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1221,10 +1246,9 @@ async fn forged_and_hostile_messages_from_a_rogue_peer_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_renters_open_bids_hold_no_more_gpus_than_the_provider_allows() {
     use gpupool_operator::p2p::envelope::{seal, verify};
-    use gpupool_operator::p2p::swarm::{self, Inbound, SwarmConfig, Topic};
+    use gpupool_operator::p2p::swarm::{Inbound, Topic};
     use gpupool_proto::peer::v1::envelope::Body;
     use gpupool_proto::peer::v1::{self as wire};
-    use libp2p::identity::Keypair;
     use std::collections::BTreeMap;
     use std::sync::{Arc, Mutex};
 
@@ -1236,51 +1260,28 @@ async fn one_renters_open_bids_hold_no_more_gpus_than_the_provider_allows() {
     let pool = Pool::start(&env, "hoard", &lends, &[]).await.unwrap();
 
     // The hoarder: a real libp2p peer with an honest identity, dialling bravo.
-    let hoarder = Keypair::generate_ed25519();
-    let (p2p, mut inbound) = swarm::start(
-        hoarder.clone(),
-        SwarmConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            bootstrap: vec![
-                format!("/ip4/127.0.0.1/tcp/{}", pool.members["bravo"].port)
-                    .parse()
-                    .unwrap(),
-            ],
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let (connected_tx, connected) = tokio::sync::oneshot::channel();
+    let Outsider {
+        key: hoarder,
+        p2p,
+        mut inbound,
+        member: bravo_peer,
+    } = outsider(&pool, "bravo").await;
     let bids: Arc<Mutex<Vec<(libp2p::PeerId, wire::Bid)>>> = Arc::default();
     let heard = bids.clone();
     // Read everything that arrives, so bravo's bids are taken (a full inbox
     // would answer "busy", and bravo would release its reservation).
     let reader = tokio::spawn(async move {
-        let mut connected_tx = Some(connected_tx);
         while let Some(msg) = inbound.recv().await {
-            match msg {
-                Inbound::Connected { peer } => {
-                    if let Some(tx) = connected_tx.take() {
-                        let _ = tx.send(peer);
-                    }
+            if let Inbound::Direct { peer, bytes } = msg {
+                let now = gpupool_operator::market::node::now_ms();
+                if let Ok((opened, _)) = verify(&bytes, Some(peer), now, 600_000)
+                    && let Body::Bid(b) = opened.body
+                {
+                    heard.lock().unwrap().push((peer, b));
                 }
-                Inbound::Direct { peer, bytes } => {
-                    let now = gpupool_operator::market::node::now_ms();
-                    if let Ok((opened, _)) = verify(&bytes, Some(peer), now, 600_000)
-                        && let Body::Bid(b) = opened.body
-                    {
-                        heard.lock().unwrap().push((peer, b));
-                    }
-                }
-                _ => {}
             }
         }
     });
-    let bravo_peer = tokio::time::timeout(Duration::from_secs(30), connected)
-        .await
-        .expect("connected to bravo")
-        .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let now = gpupool_operator::market::node::now_ms();
     let introduce = seal(
@@ -1374,10 +1375,8 @@ async fn one_renters_open_bids_hold_no_more_gpus_than_the_provider_allows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_peer_fills_only_its_share_of_the_replay_guard() {
     use gpupool_operator::p2p::envelope::seal;
-    use gpupool_operator::p2p::swarm::{self, Inbound, SwarmConfig};
     use gpupool_proto::peer::v1::envelope::Body;
     use gpupool_proto::peer::v1::{self as wire};
-    use libp2p::identity::Keypair;
     use std::collections::BTreeMap;
 
     let env = testenv();
@@ -1385,30 +1384,12 @@ async fn a_flooding_peer_fills_only_its_share_of_the_replay_guard() {
     let pool = Pool::start(&env, "flood", &lends(), &["--p2p-replay-capacity=16000".to_string()])
         .await
         .unwrap();
-    let flooder = Keypair::generate_ed25519();
-    let (p2p, mut inbound) = swarm::start(
-        flooder.clone(),
-        SwarmConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            bootstrap: vec![
-                format!("/ip4/127.0.0.1/tcp/{}", pool.members["acme"].port)
-                    .parse()
-                    .unwrap(),
-            ],
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let acme_peer = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Some(Inbound::Connected { peer }) = inbound.recv().await {
-                return peer;
-            }
-        }
-    })
-    .await
-    .expect("connected to acme");
+    let Outsider {
+        key: flooder,
+        p2p,
+        mut inbound,
+        member: acme_peer,
+    } = outsider(&pool, "acme").await;
     let drain = tokio::spawn(async move { while inbound.recv().await.is_some() {} });
 
     let advert = Body::Capacity(wire::CapacityAdvert {
