@@ -97,10 +97,14 @@ impl DropReason {
 
     /// How much a drop lowers the sender's score. Honest peers can send a
     /// stale message (clock skew, a restart); they cannot forge a signature.
+    /// A full replay guard is this member's limit, not the sender's doing:
+    /// only many senders at their share fill it, and each of them is scored
+    /// for `Flooding`. Scoring it too would ban honest members one by one
+    /// while a flood lasted.
     pub fn penalty(self) -> f64 {
         match self {
-            Self::Late => 0.0,
-            Self::Expired | Self::Overloaded | Self::UnknownOrder => 1.0,
+            Self::Late | Self::Overloaded => 0.0,
+            Self::Expired | Self::UnknownOrder => 1.0,
             Self::Replayed | Self::UnsupportedVersion | Self::Banned | Self::Flooding => 2.0,
             Self::Oversized | Self::Malformed | Self::DeniedOrg => 5.0,
             Self::Unsigned | Self::BadSignature | Self::WrongSender | Self::Impersonation => 20.0,

@@ -101,11 +101,19 @@ mod tests {
         assert!(s.is_banned(&forger, 60_000), "a minute later still banned");
         assert!(!s.is_banned(&forger, 200_000_000));
         assert_eq!(s.score(&PeerId::random(), 0), 0.0);
-        // Racing a close is not misbehaviour.
+        // Racing a close is not misbehaviour, nor is reaching a member
+        // whose replay guard others have filled.
         let late = PeerId::random();
         for _ in 0..1000 {
             s.penalise(late, DropReason::Late, 0);
+            s.penalise(late, DropReason::Overloaded, 0);
         }
         assert_eq!(s.score(&late, 0), 0.0);
+        // A flooder's excess counts against it.
+        let flooder = PeerId::random();
+        for _ in 0..25 {
+            s.penalise(flooder, DropReason::Flooding, 0);
+        }
+        assert!(s.is_banned(&flooder, 0));
     }
 }
