@@ -133,6 +133,28 @@ async fn open_on_both_sides(
     .await;
 }
 
+/// The renter completes its lease `job`.
+async fn complete(renter_leases: &Api<Lease>, job: &str) {
+    renter_leases
+        .patch(
+            job,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"closeReason": "Completed"}})),
+        )
+        .await
+        .unwrap();
+}
+
+/// The renter completes its lease `job`; what the close paid the provider.
+async fn complete_and_read_paid(renter_leases: &Api<Lease>, job: &str) -> TokenAmount {
+    complete(renter_leases, job).await;
+    let closed = wait_lease(renter_leases, job, "the renter's copy to be Closed", |l| {
+        state(l) == Some(LeaseState::Closed)
+    })
+    .await;
+    TokenAmount::from_str(closed.status.as_ref().and_then(|s| s.paid.as_deref()).unwrap()).unwrap()
+}
+
 fn cond_is(l: &Lease, type_: &str, status: &str) -> bool {
     l.status
         .as_ref()
@@ -294,14 +316,7 @@ async fn leases_settle_on_chain_from_both_sides() {
     .await;
 
     // 5. The renter completes it: both copies record the same close, paid and refund.
-    renter_leases
-        .patch(
-            "job-a",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"closeReason": "Completed"}})),
-        )
-        .await
-        .unwrap();
+    complete(&renter_leases, "job-a").await;
     let r = wait_lease(&renter_leases, "job-a", "renter copy Closed", |l| {
         state(l) == Some(LeaseState::Closed)
     })
@@ -499,14 +514,7 @@ async fn the_provider_hears_a_close_from_the_chain_at_once() {
     )
     .await;
 
-    renter_leases
-        .patch(
-            "job-e",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"closeReason": "Completed"}})),
-        )
-        .await
-        .unwrap();
+    complete(&renter_leases, "job-e").await;
     let p = wait_lease(&provider_leases, "order-e", "the provider's copy to be Closed", |l| {
         state(l) == Some(LeaseState::Closed)
     })
@@ -587,19 +595,7 @@ async fn a_provider_sweeps_its_earnings_beyond_what_it_keeps_to_a_cold_wallet() 
     // The provider loses the chain; the renter closes, paying into the
     // provider's account, which the sweep cannot reach.
     proxy.down();
-    renter_leases
-        .patch(
-            "job-s",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"closeReason": "Completed"}})),
-        )
-        .await
-        .unwrap();
-    let closed = wait_lease(&renter_leases, "job-s", "the renter's copy to be Closed", |l| {
-        state(l) == Some(LeaseState::Closed)
-    })
-    .await;
-    let paid = TokenAmount::from_str(closed.status.as_ref().and_then(|s| s.paid.as_deref()).unwrap()).unwrap();
+    let paid = complete_and_read_paid(&renter_leases, "job-s").await;
     assert!(paid.0 > keep.0, "the lease paid {paid}, no more than the {keep} kept");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -657,19 +653,7 @@ async fn a_provider_sweeps_its_earnings_beyond_what_it_keeps_to_a_cold_wallet() 
         "gpupool_chain_errors_total{reason=\"ChainUnreachable\"}",
     );
     proxy.cut_after_next_send();
-    renter_leases
-        .patch(
-            "job-s2",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"closeReason": "Completed"}})),
-        )
-        .await
-        .unwrap();
-    let closed = wait_lease(&renter_leases, "job-s2", "the second lease to be Closed", |l| {
-        state(l) == Some(LeaseState::Closed)
-    })
-    .await;
-    let paid2 = TokenAmount::from_str(closed.status.as_ref().and_then(|s| s.paid.as_deref()).unwrap()).unwrap();
+    let paid2 = complete_and_read_paid(&renter_leases, "job-s2").await;
     let both = paid.0 - keep.0 + paid2.0;
     wait_for(WAIT, "the second sweep to reach the cold wallet", || async {
         (reader.token_balance(cold).await.ok()? == both).then_some(())
@@ -707,19 +691,7 @@ async fn a_provider_sweeps_its_earnings_beyond_what_it_keeps_to_a_cold_wallet() 
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    renter_leases
-        .patch(
-            "job-s3",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"closeReason": "Completed"}})),
-        )
-        .await
-        .unwrap();
-    let closed = wait_lease(&renter_leases, "job-s3", "the third lease to be Closed", |l| {
-        state(l) == Some(LeaseState::Closed)
-    })
-    .await;
-    let paid3 = TokenAmount::from_str(closed.status.as_ref().and_then(|s| s.paid.as_deref()).unwrap()).unwrap();
+    let paid3 = complete_and_read_paid(&renter_leases, "job-s3").await;
     wait_for(WAIT, "the third lease's earnings swept", || async {
         (reader.token_balance(cold).await.ok()? == both + paid3.0).then_some(())
     })
