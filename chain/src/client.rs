@@ -80,6 +80,15 @@ pub struct Tip {
     pub timestamp: u64,
 }
 
+/// One transfer out of an escrow account, from its `FundsWithdrawn` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Withdrawal {
+    pub to: Address,
+    pub amount: u128,
+    pub block: u64,
+    pub tx: B256,
+}
+
 /// What `open` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpenOutcome {
@@ -353,6 +362,45 @@ impl EscrowClient {
             .await
             .map_err(|e| rpc("eth_getLogs", e))?;
         Ok(lease_ids(&logs))
+    }
+
+    /// What `owner`'s escrow account sent out in blocks `from..=to`, oldest
+    /// first, as the chain recorded it: a transfer counts here whether or not
+    /// its sender heard the receipt.
+    pub async fn funds_withdrawn(&self, owner: Address, from: u64, to: u64) -> Result<Vec<Withdrawal>, ChainError> {
+        let filter = Filter::new()
+            .address(self.config.escrow)
+            .from_block(from)
+            .to_block(to)
+            .event_signature(LeaseEscrow::FundsWithdrawn::SIGNATURE_HASH)
+            .topic1(owner)
+            .topic2(self.config.token);
+        let mut logs = self
+            .provider
+            .get_logs(&filter)
+            .await
+            .map_err(|e| rpc("eth_getLogs", e))?;
+        logs.sort_by_key(|l| (l.block_number, l.log_index));
+        let mut out = Vec::with_capacity(logs.len());
+        for log in logs {
+            // A log without a block is not final; a later read finds it mined.
+            let (Some(block), Some(tx)) = (log.block_number, log.transaction_hash) else {
+                continue;
+            };
+            let e = log
+                .log_decode::<LeaseEscrow::FundsWithdrawn>()
+                .map_err(|e| garbage("eth_getLogs", e))?
+                .inner
+                .data;
+            let amount = u128::try_from(e.amount).map_err(|_| garbage("eth_getLogs", "withdrawal above 2^128"))?;
+            out.push(Withdrawal {
+                to: e.to,
+                amount,
+                block,
+                tx,
+            });
+        }
+        Ok(out)
     }
 
     /// Lease ids where `party` is renter or provider, oldest first.

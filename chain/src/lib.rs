@@ -15,11 +15,12 @@ pub mod client;
 pub mod config;
 pub mod deploy;
 pub mod error;
+pub mod identity_proof;
 pub mod request_auth;
 pub mod wallet;
 
 pub use accounting::{CloseReason, LeaseOnChain, OpenLease, lease_id};
-pub use client::{ClientOptions, EscrowClient, OpenOutcome, Tip, TxRecord};
+pub use client::{ClientOptions, EscrowClient, OpenOutcome, Tip, TxRecord, Withdrawal};
 pub use config::ChainConfig;
 pub use error::ChainError;
 pub use wallet::Wallet;

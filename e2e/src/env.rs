@@ -26,7 +26,8 @@ pub struct ChainInfo {
     pub url: String,
     /// `ChainConfig` JSON: RPC URL, chain id, escrow and token addresses.
     pub config: PathBuf,
-    /// Wallet key file per organisation, and "renter" for a renter without a cluster.
+    /// Wallet key file per organisation, "renter" and "provider" for members
+    /// without a cluster, and "deployer", the token's owner, who mints.
     pub wallets: std::collections::BTreeMap<String, PathBuf>,
 }
 

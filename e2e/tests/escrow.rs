@@ -263,6 +263,32 @@ async fn escrow_accounts_fund_leases_and_hold_payments() {
         stranger.token_balance(c.address(STRANGER)).await.unwrap(),
         FUNDING_TOKENS * ONE_TOKEN + paid
     );
+    // The chain's record of what left each account (the sweep counts from
+    // it): the one transfer that went, none of the refused ones, nothing
+    // of anyone else's.
+    let head = provider.head().await.unwrap();
+    let out = provider
+        .funds_withdrawn(c.address(PROVIDER), before + 1, head)
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!((out[0].to, out[0].amount), (c.address(STRANGER), paid));
+    assert!(out[0].block > before && out[0].block <= head);
+    assert!(
+        renter
+            .funds_withdrawn(c.address(RENTER), before + 1, head)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        provider
+            .funds_withdrawn(c.address(PROVIDER), before + 1, out[0].block - 1)
+            .await
+            .unwrap()
+            .is_empty(),
+        "blocks before the transfer hold none"
+    );
 
     // A refund funds the next top-up before the wallet does.
     let closed = renter.close(b, CloseReason::RenterCancelled).await.unwrap();

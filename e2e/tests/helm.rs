@@ -370,6 +370,10 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
             &["--set", "pool.policy.maxHeldGpusPerRenter=-4"],
             &["/pool/policy/maxHeldGpusPerRenter", "minimum"],
         ),
+        (
+            &["--set", "pool.policy.requireRenterFunds=maybe"],
+            &["/pool/policy/requireRenterFunds", "boolean"],
+        ),
         (&["--set", "chain.escrowAddress=0x12"], &["/chain/escrowAddress"]),
         (&["--set", "org=Acme Corp"], &["/org", "does not match pattern"]),
         (&["--set", "pool.bootstrap={10.0.0.1:4001}"], &["/pool/bootstrap/0"]),
@@ -660,6 +664,7 @@ async fn a_data_centre_installs_upgrades_and_removes_the_chart_with_helm() {
     assert_eq!(policy.price_of(H100), Some("2.5".parse().expect("price")));
     assert_eq!(policy.max_lent_gpus, 8);
     assert_eq!(policy.max_held_gpus_per_renter, 4);
+    assert!(policy.require_renter_funds, "the chart's default checks payers' funds");
     assert!(policy.serves("acme") && !policy.serves("evil"));
 
     // The release's RBAC binds its own ServiceAccount, in its own namespace.

@@ -1091,6 +1091,120 @@ async fn outsider(pool: &Pool, member: &str) -> Outsider {
     }
 }
 
+/// A wallet no earlier run has used: its key from the clock.
+fn fresh_wallet() -> gpupool_chain::Wallet {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    gpupool_chain::Wallet::from_hex(&format!("{nanos:064x}")).unwrap()
+}
+
+/// `key`'s identity record as `org`, naming `wallet` with the proof that
+/// `signer` gives for it: the wallet's own, or a forger's.
+fn introduction(
+    key: &libp2p::identity::Keypair,
+    org: &str,
+    wallet: gpupool_chain::Address,
+    signer: &gpupool_chain::Wallet,
+) -> Vec<u8> {
+    use gpupool_operator::p2p::envelope::seal;
+    use gpupool_proto::peer::v1::{IdentityRecord, envelope::Body};
+    let peer = key.public().to_peer_id().to_string();
+    seal(
+        key,
+        Body::Identity(IdentityRecord {
+            org: org.into(),
+            wallet: wallet.to_string(),
+            addresses: vec![],
+            wallet_proof: signer.prove_identity(&peer, org),
+        }),
+        gpupool_operator::market::node::now_ms(),
+        30_000,
+        Default::default(),
+    )
+}
+
+/// Mints `tokens` whole tokens of the test token to `to`.
+async fn mint_to(pool: &Pool, to: gpupool_chain::Address, tokens: u128) {
+    let env = testenv();
+    let deployer = gpupool_chain::Wallet::from_file(&env.chain.as_ref().unwrap().wallets["deployer"]).unwrap();
+    gpupool_chain::deploy::mint(&pool.config, &deployer, to, tokens * 1_000_000_000_000_000_000)
+        .await
+        .unwrap();
+}
+
+/// An order for `count` A100s at most 3 a GPU-hour (bravo asks 2), paid by
+/// `payer_wallet` (empty: the sender's own wallet).
+fn a100_order(key: &libp2p::identity::Keypair, org: &str, order_id: &str, count: u32, payer_wallet: &str) -> Vec<u8> {
+    use gpupool_operator::p2p::envelope::seal;
+    use gpupool_proto::peer::v1::{self as wire, envelope::Body};
+    let order = Body::Order(wire::Order {
+        order_id: order_id.into(),
+        renter_org: org.into(),
+        gpus: Some(wire::GpuRequirements {
+            count,
+            models: vec!["A100".into()],
+            min_memory_mib: 0,
+            interconnect: "Any".into(),
+        }),
+        max_price_per_gpu_hour: "3".into(),
+        max_duration_seconds: 3600,
+        allowed_orgs: vec![],
+        denied_orgs: vec![],
+        payer_wallet: payer_wallet.into(),
+    });
+    seal(
+        key,
+        order,
+        gpupool_operator::market::node::now_ms(),
+        30_000,
+        Default::default(),
+    )
+}
+
+/// The bids an outsider has received, with who sent each.
+type HeardBids = std::sync::Arc<std::sync::Mutex<Vec<(libp2p::PeerId, gpupool_proto::peer::v1::Bid)>>>;
+
+/// Bids a peer outside the pool receives, read as they arrive (so the
+/// sender's inbox never answers "busy").
+fn collect_bids(
+    mut inbound: tokio::sync::mpsc::Receiver<gpupool_operator::p2p::swarm::Inbound>,
+) -> (HeardBids, tokio::task::JoinHandle<()>) {
+    use gpupool_operator::p2p::envelope::verify;
+    use gpupool_operator::p2p::swarm::Inbound;
+    use gpupool_proto::peer::v1::envelope::Body;
+    let bids: HeardBids = Default::default();
+    let heard = bids.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(msg) = inbound.recv().await {
+            if let Inbound::Direct { peer, bytes } = msg {
+                let now = gpupool_operator::market::node::now_ms();
+                if let Ok((opened, _)) = verify(&bytes, Some(peer), now, 600_000)
+                    && let Body::Bid(b) = opened.body
+                {
+                    heard.lock().unwrap().push((peer, b));
+                }
+            }
+        }
+    });
+    (bids, reader)
+}
+
+/// Orders a member has decided: bid on, or declined for any reason.
+fn decided(m: &str) -> u64 {
+    let declined: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("gpupool_pool_orders_declined_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    declined as u64 + sample(m, "gpupool_pool_bids_sent_total") as u64
+}
+
+fn declined(m: &str, reason: &str) -> u64 {
+    sample(m, &format!("gpupool_pool_orders_declined_total{{reason=\"{reason}\"}}")) as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_hostile_messages_from_a_rogue_peer_change_nothing() {
     use gpupool_operator::p2p::envelope::{seal, seal_with_nonce, sign_envelope};
@@ -1135,20 +1249,8 @@ async fn forged_and_hostile_messages_from_a_rogue_peer_change_nothing() {
     // Introduces itself honestly as "rogue", so its bids are judged on content.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let now = gpupool_operator::market::node::now_ms();
-    let wallet = format!("0x{}", "ab".repeat(20));
-    let identity = |org: &str, key: &Keypair| {
-        seal(
-            key,
-            Body::Identity(wire::IdentityRecord {
-                org: org.into(),
-                wallet: wallet.clone(),
-                addresses: vec![],
-            }),
-            now,
-            30_000,
-            BTreeMap::new(),
-        )
-    };
+    let wallet = fresh_wallet();
+    let identity = |org: &str, key: &Keypair| introduction(key, org, wallet.address(), &wallet);
     p2p.publish(Topic::Adverts, identity("rogue", &rogue)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let bid = |order: &str, org: &str| {
@@ -1245,13 +1347,7 @@ async fn forged_and_hostile_messages_from_a_rogue_peer_change_nothing() {
 /// acme waited for them to lapse.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_renters_open_bids_hold_no_more_gpus_than_the_provider_allows() {
-    use gpupool_operator::p2p::envelope::{seal, verify};
-    use gpupool_operator::p2p::swarm::{Inbound, Topic};
-    use gpupool_proto::peer::v1::envelope::Body;
-    use gpupool_proto::peer::v1::{self as wire};
-    use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex};
-
+    use gpupool_operator::p2p::swarm::Topic;
     let env = testenv();
     let acme = admin(env.org("acme").unwrap()).await;
     let mut lends = lends();
@@ -1259,77 +1355,35 @@ async fn one_renters_open_bids_hold_no_more_gpus_than_the_provider_allows() {
     lends[1].max_held_per_renter = 8;
     let pool = Pool::start(&env, "hoard", &lends, &[]).await.unwrap();
 
-    // The hoarder: a real libp2p peer with an honest identity, dialling bravo.
+    // The hoarder: a real libp2p peer with an honest identity and a wallet
+    // that could pay (providers check), dialling bravo.
     let Outsider {
         key: hoarder,
         p2p,
-        mut inbound,
+        inbound,
         member: bravo_peer,
     } = outsider(&pool, "bravo").await;
-    let bids: Arc<Mutex<Vec<(libp2p::PeerId, wire::Bid)>>> = Arc::default();
-    let heard = bids.clone();
-    // Read everything that arrives, so bravo's bids are taken (a full inbox
-    // would answer "busy", and bravo would release its reservation).
-    let reader = tokio::spawn(async move {
-        while let Some(msg) = inbound.recv().await {
-            if let Inbound::Direct { peer, bytes } = msg {
-                let now = gpupool_operator::market::node::now_ms();
-                if let Ok((opened, _)) = verify(&bytes, Some(peer), now, 600_000)
-                    && let Body::Bid(b) = opened.body
-                {
-                    heard.lock().unwrap().push((peer, b));
-                }
-            }
-        }
-    });
+    let (bids, reader) = collect_bids(inbound);
+    let wallet = fresh_wallet();
+    mint_to(&pool, wallet.address(), 100).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let now = gpupool_operator::market::node::now_ms();
-    let introduce = seal(
-        &hoarder,
-        Body::Identity(wire::IdentityRecord {
-            org: "hoarder".into(),
-            wallet: format!("0x{}", "cd".repeat(20)),
-            addresses: vec![],
-        }),
-        now,
-        30_000,
-        BTreeMap::new(),
-    );
-    p2p.publish(Topic::Adverts, introduce).await.unwrap();
+    p2p.publish(
+        Topic::Adverts,
+        introduction(&hoarder, "hoarder", wallet.address(), &wallet),
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in 0..4 {
-        let order = Body::Order(wire::Order {
-            order_id: format!("hoarder-{i}"),
-            renter_org: "hoarder".into(),
-            gpus: Some(wire::GpuRequirements {
-                count: 8,
-                models: vec!["A100".into()],
-                min_memory_mib: 0,
-                interconnect: "Any".into(),
-            }),
-            max_price_per_gpu_hour: "3".into(),
-            max_duration_seconds: 3600,
-            allowed_orgs: vec![],
-            denied_orgs: vec![],
-        });
-        let now = gpupool_operator::market::node::now_ms();
-        p2p.publish(Topic::Orders, seal(&hoarder, order, now, 30_000, BTreeMap::new()))
-            .await
-            .unwrap();
+        p2p.publish(
+            Topic::Orders,
+            a100_order(&hoarder, "hoarder", &format!("hoarder-{i}"), 8, ""),
+        )
+        .await
+        .unwrap();
     }
 
     let bravo = pool.operator("bravo").unwrap();
-    let declined =
-        |m: &str, reason: &str| sample(m, &format!("gpupool_pool_orders_declined_total{{reason=\"{reason}\"}}")) as u64;
-    // Decided: bid on, or declined for any reason.
-    let decided = |m: &str| {
-        let declined: f64 = m
-            .lines()
-            .filter(|l| l.starts_with("gpupool_pool_orders_declined_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        declined as u64 + sample(m, "gpupool_pool_bids_sent_total") as u64
-    };
     let metrics = wait_for(WAIT, "bravo decided all four orders", || async {
         let m = bravo.metrics().await;
         (decided(&m) >= 4).then_some(m)
@@ -1362,6 +1416,132 @@ async fn one_renters_open_bids_hold_no_more_gpus_than_the_provider_allows() {
     wait_phase(&acme, &ns, "fits", AiJobPhase::Succeeded, "Succeeded at bravo").await;
     reader.abort();
     remove_namespace(&acme, &ns).await;
+}
+
+/// A bid holds GPUs, and an organisation name costs nothing: a provider
+/// holds GPUs only for an order whose payer could fund the lease's first
+/// minute at the bid's price, as the chain says. A peer with an empty
+/// wallet is declined; naming a rich wallet as payer buys nothing unless
+/// that wallet approved the sender as its agent; claiming the rich wallet
+/// as its own in its identity record is refused, because the wallet must
+/// sign the record too. Once the peer's own wallet holds tokens, it gets
+/// its bid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_bids_only_for_orders_whose_payer_can_fund_the_lease() {
+    use gpupool_operator::p2p::swarm::Topic;
+    let env = testenv();
+    let chain_info = env.chain.as_ref().unwrap();
+    let rich = gpupool_chain::Wallet::from_file(&chain_info.wallets["renter"])
+        .unwrap()
+        .address();
+    let pool = Pool::start(&env, "funds", &lends(), &[]).await.unwrap();
+    assert!(
+        pool.chain.token_balance(rich).await.unwrap() > 0,
+        "the renter wallet is funded"
+    );
+    let bravo = pool.operator("bravo").unwrap();
+
+    let Outsider {
+        key: pauper,
+        p2p,
+        inbound,
+        member: bravo_peer,
+    } = outsider(&pool, "bravo").await;
+    let (bids, reader) = collect_bids(inbound);
+    let wallet = fresh_wallet();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p2p.publish(
+        Topic::Adverts,
+        introduction(&pauper, "pauper", wallet.address(), &wallet),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // 1. Its own wallet holds nothing.
+    let before = decided(&bravo.metrics().await);
+    p2p.publish(Topic::Orders, a100_order(&pauper, "pauper", "pauper-1", 2, ""))
+        .await
+        .unwrap();
+    // 2. A wallet that holds plenty, but never made it its agent.
+    p2p.publish(
+        Topic::Orders,
+        a100_order(&pauper, "pauper", "pauper-2", 2, &rich.to_string()),
+    )
+    .await
+    .unwrap();
+    let m = wait_for(WAIT, "bravo decided both orders", || async {
+        let m = bravo.metrics().await;
+        (decided(&m) >= before + 2).then_some(m)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", futures::executor::block_on(bravo.metrics())));
+    assert_eq!(declined(&m, "renter_cannot_pay"), 2, "{m}");
+    assert_eq!(declined(&m, "renter_funds_unknown"), 0, "{m}");
+    assert!(bids.lock().unwrap().is_empty(), "no bid for an order nobody pays");
+
+    // 3. Another peer claims the rich wallet as its own, with a proof its
+    // own key made: the record is dropped as impersonation, and its
+    // orders are nobody's.
+    let Outsider {
+        key: spoofer,
+        p2p: spoofer_p2p,
+        inbound: spoofer_inbound,
+        ..
+    } = outsider(&pool, "bravo").await;
+    let (spoofer_bids, spoofer_reader) = collect_bids(spoofer_inbound);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let impersonations = dropped(&bravo.metrics().await, "impersonation");
+    spoofer_p2p
+        .publish(Topic::Adverts, introduction(&spoofer, "spoofer", rich, &fresh_wallet()))
+        .await
+        .unwrap();
+    wait_for(WAIT, "bravo to drop the spoofed identity", || async {
+        (dropped(&bravo.metrics().await, "impersonation") > impersonations).then_some(())
+    })
+    .await
+    .unwrap();
+    let before = decided(&bravo.metrics().await);
+    spoofer_p2p
+        .publish(Topic::Orders, a100_order(&spoofer, "spoofer", "spoofer-1", 2, ""))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        decided(&bravo.metrics().await),
+        before,
+        "an unknown sender's order is not weighed"
+    );
+    assert!(spoofer_bids.lock().unwrap().is_empty());
+    let peers = Api::<PoolPeer>::all(admin(env.org("bravo").unwrap()).await)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(
+        peers.items.iter().all(|p| p.spec.org != "spoofer"),
+        "no PoolPeer for a record its wallet did not sign"
+    );
+
+    // 4. The pauper's wallet is funded: its next order gets bravo's bid
+    // (after the few seconds a payer's figures are trusted).
+    mint_to(&pool, wallet.address(), 1).await;
+    tokio::time::sleep(Duration::from_millis(
+        gpupool_operator::market::renter_funds::FUNDS_FRESH_MS + 500,
+    ))
+    .await;
+    p2p.publish(Topic::Orders, a100_order(&pauper, "pauper", "pauper-3", 2, ""))
+        .await
+        .unwrap();
+    let bid = wait_for(WAIT, "bravo's bid for the funded order", || async {
+        bids.lock().unwrap().first().cloned()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", futures::executor::block_on(bravo.metrics())));
+    assert_eq!(bid.0, bravo_peer);
+    assert_eq!((bid.1.order_id.as_str(), bid.1.gpu_count), ("pauper-3", 2));
+    assert_eq!(declined(&bravo.metrics().await, "renter_cannot_pay"), 2);
+    reader.abort();
+    spoofer_reader.abort();
 }
 
 /// A valid member sending messages as fast as it can fills no more than its

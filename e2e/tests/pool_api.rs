@@ -12,14 +12,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gpupool_chain::request_auth::HEADER_WALLET;
 use gpupool_chain::{ClientOptions, EscrowClient, LeaseOnChain, Wallet};
-use gpupool_crds::{ANNOTATION_TRACEPARENT, AiJob};
+use gpupool_crds::{ANNOTATION_TRACEPARENT, AiJob, Bid};
 use gpupool_e2e::harness::{CliRun, admin, aijob_json, namespace, remove_namespace, run_gpupool, testenv, wait_for};
 use gpupool_e2e::otlp::{OtlpReceiver, ReceivedSpan};
 use gpupool_e2e::pool::{Lends, Pool, base_units};
 use gpupool_proto::pool::v1 as api;
 use gpupool_proto::pool::v1::pool_client::PoolClient;
 use kube::ResourceExt;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use prost::Message;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
@@ -234,43 +234,70 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
     );
     assert_eq!(traceparent.split('-').nth(2), Some(roots[0].span_id.as_str()));
 
-    // An allowance too small for the deposit: the job says why instead of
-    // hanging, and cancelling it leaves nothing behind and costs nothing.
-    let r = gpupool(
-        &cfg,
-        &key,
-        &ca,
-        &["escrow", "agent", "--agent", &agent, "--amount", "0.001"],
-    );
-    assert_eq!(r.code, Some(0), "{}", r.err);
+    // Allowances too small: for the member's deposit (an hour of the job,
+    // 2 tokens at bravo's price), the lease is refused on chain; for even
+    // a first minute (0.0333), providers do not bid at all. Either way the
+    // job says why instead of hanging, and cancelling it leaves nothing
+    // behind and costs nothing.
     let account_now = chain.account(renter.address()).await.unwrap();
-    let mut tight = submit.to_vec();
-    tight[1] = "tight";
-    let r = cli(&tight);
-    assert_eq!(r.code, Some(0), "{}", r.err);
-    let message = wait_for(WAIT, "the refused open in the job's reason", || async {
-        let r = cli(&["jobs", "-o", "json"]);
-        let v: serde_json::Value = serde_json::from_str(&r.out).ok()?;
-        let job = v.as_array()?.iter().find(|j| j["name"] == "tight")?.clone();
-        let m = job["message"].as_str()?.to_string();
-        m.contains("escrow refused").then_some(m)
-    })
-    .await
-    .unwrap();
-    assert!(
-        message.contains("lets this agent commit 0.001 more tokens"),
-        "{message}"
-    );
-    let r = cli(&["cancel", "tight"]);
-    assert_eq!(r.code, Some(0), "{}", r.err);
-    assert!(r.out.contains("aijob/tight cancelled"), "{}", r.out);
-    wait_for(WAIT, "the cancelled job gone", || async {
-        let r = cli(&["jobs", "-o", "json"]);
-        (r.code == Some(0) && !r.out.contains("\"tight\"")).then_some(())
-    })
-    .await
-    .unwrap();
-    assert_eq!(chain.account(renter.address()).await.unwrap(), account_now);
+    for (job, allowance, why, says) in [
+        (
+            "tight",
+            "0.5",
+            "escrow refused",
+            "lets this agent commit 0.5 more tokens",
+        ),
+        (
+            "tighter",
+            "0.001",
+            "cannot be paid",
+            "lets this member commit 0.001 more",
+        ),
+    ] {
+        let r = gpupool(
+            &cfg,
+            &key,
+            &ca,
+            &["escrow", "agent", "--agent", &agent, "--amount", allowance],
+        );
+        assert_eq!(r.code, Some(0), "{}", r.err);
+        let mut tight = submit.to_vec();
+        tight[1] = job;
+        let r = cli(&tight);
+        assert_eq!(r.code, Some(0), "{}", r.err);
+        let message = wait_for(WAIT, &format!("{job}: {why} in the job's reason"), || async {
+            let r = cli(&["jobs", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_str(&r.out).ok()?;
+            let j = v.as_array()?.iter().find(|j| j["name"] == job)?.clone();
+            let m = j["message"].as_str()?.to_string();
+            m.contains(why).then_some(m)
+        })
+        .await
+        .unwrap();
+        assert!(
+            message.contains(says) && message.contains("gpupool escrow agent"),
+            "{message}"
+        );
+        let bids = Api::<Bid>::namespaced(acme.clone(), &renter_ns)
+            .list(&ListParams::default().labels(&format!("{}={job}", gpupool_crds::LABEL_AIJOB)))
+            .await
+            .unwrap();
+        assert_eq!(
+            bids.items.is_empty(),
+            job == "tighter",
+            "bravo bids only where a minute is covered: {bids:#?}"
+        );
+        let r = cli(&["cancel", job]);
+        assert_eq!(r.code, Some(0), "{}", r.err);
+        assert!(r.out.contains(&format!("aijob/{job} cancelled")), "{}", r.out);
+        wait_for(WAIT, "the cancelled job gone", || async {
+            let r = cli(&["jobs", "-o", "json"]);
+            (r.code == Some(0) && !r.out.contains(&format!("\"{job}\""))).then_some(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(chain.account(renter.address()).await.unwrap(), account_now);
+    }
 
     // What must never get through, sent as raw gRPC.
     // Only over TLS: a plaintext client gets nowhere.

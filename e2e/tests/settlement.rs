@@ -626,11 +626,7 @@ async fn a_provider_sweeps_its_earnings_beyond_what_it_keeps_to_a_cold_wallet() 
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(reader.token_balance(cold).await.unwrap(), paid.0 - keep.0);
     assert_eq!(reader.account(provider_wallet).await.unwrap(), keep.0);
-    let swept = sample(&provider_op.metrics().await, "gpupool_tokens_swept_total");
-    assert!(
-        (swept - (paid.0 - keep.0) as f64 / 1e18).abs() < 1e-9,
-        "gpupool_tokens_swept_total is {swept}"
-    );
+    wait_swept(&provider_op, paid.0 - keep.0, "the first sweep").await;
     wait_lease(&provider_leases, "order-s", "the provider's copy to be Closed", |l| {
         state(l) == Some(LeaseState::Closed)
     })
@@ -680,6 +676,9 @@ async fn a_provider_sweeps_its_earnings_beyond_what_it_keeps_to_a_cold_wallet() 
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(reader.token_balance(cold).await.unwrap(), both, "swept once");
     assert_eq!(reader.account(provider_wallet).await.unwrap(), keep.0);
+    // The operator never heard the transfer confirmed, but the chain
+    // recorded it: the metric counts it, once.
+    wait_swept(&provider_op, both, "the transfer whose answer was lost").await;
 
     // And the wallet still sends after the lost answer: the next earnings
     // are swept too (a nonce left behind would stall every later transfer).
@@ -698,6 +697,96 @@ async fn a_provider_sweeps_its_earnings_beyond_what_it_keeps_to_a_cold_wallet() 
     .await
     .unwrap();
     assert_eq!(reader.account(provider_wallet).await.unwrap(), keep.0);
+    let three = both + paid3.0;
+    wait_swept(&provider_op, three, "the third sweep").await;
+
+    // A transfer the chain refuses: the sweep has read the account and
+    // decided what to send, and before the node sees it something else
+    // takes from the account with the same key (here a withdrawal by hand;
+    // a lease the member opens as a renter does the same). The refusal is
+    // counted, nothing moves to the cold wallet or is counted as swept, and
+    // the next rounds read afresh and find only what is kept.
+    let elsewhere = Address::from_str("0x00000000000000000000000000000000000b1e55").unwrap();
+    open_on_both_sides(
+        (&renter_leases, "job-s4"),
+        (&provider_leases, "order-s4"),
+        (rw.as_str(), pw.as_str()),
+        &config,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused_before = sample(
+        &provider_op.metrics().await,
+        "gpupool_chain_errors_total{reason=\"EscrowRefused\"}",
+    );
+    proxy.hold_next_estimate();
+    let paid4 = complete_and_read_paid(&renter_leases, "job-s4").await;
+    wait_for(WAIT, "the sweep's transfer to be on its way", || async {
+        proxy.is_holding().then_some(())
+    })
+    .await
+    .unwrap();
+    let by_hand = EscrowClient::connect(
+        config.clone(),
+        Some(&anvil.wallet(PROVIDER).unwrap()),
+        ClientOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(reader.account(provider_wallet).await.unwrap(), keep.0 + paid4.0);
+    by_hand.withdraw_funds(paid4.0, elsewhere).await.unwrap();
+    proxy.release();
+    wait_for(WAIT, "the refused transfer counted", || async {
+        let m = provider_op.metrics().await;
+        (sample(&m, "gpupool_chain_errors_total{reason=\"EscrowRefused\"}") > refused_before).then_some(())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(reader.token_balance(cold).await.unwrap(), three, "nothing more swept");
+    assert_eq!(reader.token_balance(elsewhere).await.unwrap(), paid4.0);
+    assert_eq!(reader.account(provider_wallet).await.unwrap(), keep.0);
+    wait_swept(&provider_op, three, "after the refused transfer").await;
+
+    // The operator's next transaction meets a nonce the hand withdrawal
+    // used; it starts again from the chain's count and the next earnings
+    // are swept.
+    open_on_both_sides(
+        (&renter_leases, "job-s5"),
+        (&provider_leases, "order-s5"),
+        (rw.as_str(), pw.as_str()),
+        &config,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let paid5 = complete_and_read_paid(&renter_leases, "job-s5").await;
+    wait_for(WAIT, "the fifth lease's earnings swept", || async {
+        (reader.token_balance(cold).await.ok()? == three + paid5.0).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(reader.account(provider_wallet).await.unwrap(), keep.0);
+    wait_swept(&provider_op, three + paid5.0, "the sweep after the refusal").await;
     remove_namespace(&acme_client, &rns).await;
     remove_namespace(&bravo_client, &pns).await;
+}
+
+/// Waits until the operator's `gpupool_tokens_swept_total` says exactly
+/// `base_units` went, and stays there a moment (nothing counted twice).
+async fn wait_swept(op: &Operator, base_units: u128, what: &str) {
+    let expected = base_units as f64 / 1e18;
+    let close = |m: f64| (m - expected).abs() < 1e-9;
+    let last = &std::cell::Cell::new(0.0);
+    let counted = wait_for(WAIT, what, || async move {
+        last.set(sample(&op.metrics().await, "gpupool_tokens_swept_total"));
+        close(last.get()).then_some(())
+    })
+    .await;
+    assert!(
+        counted.is_ok(),
+        "{what}: gpupool_tokens_swept_total is {}, the chain moved {expected}",
+        last.get()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = sample(&op.metrics().await, "gpupool_tokens_swept_total");
+    assert!(close(later), "{what}: counted again, {later} against {expected}");
 }

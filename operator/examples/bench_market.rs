@@ -71,6 +71,8 @@ fn policy() -> ProviderPolicy {
             .collect(),
         max_lent_gpus: 64,
         max_held_gpus_per_renter: 32,
+        // The funds check is chain I/O after `evaluate`; the bench measures the engine.
+        require_renter_funds: false,
         allowed_orgs: vec![],
         denied_orgs: vec!["evil".into()],
     }
@@ -204,6 +206,7 @@ fn full_path(n: u64) -> serde_json::Value {
                     max_duration_seconds: 3600,
                     allowed_orgs: vec![],
                     denied_orgs: vec![],
+                    payer_wallet: String::new(),
                 }),
                 now_ms(),
                 600_000,
@@ -431,6 +434,7 @@ async fn fan_out(peers: usize, orders: usize) -> anyhow::Result<Vec<serde_json::
             max_duration_seconds: 3600,
             allowed_orgs: vec![],
             denied_orgs: vec![],
+            payer_wallet: String::new(),
         });
         let t0 = Instant::now();
         renter

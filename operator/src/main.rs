@@ -584,7 +584,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             identity,
             client.clone(),
             Arc::new(chain),
-            wallet.address(),
+            &wallet,
             MarketSettings {
                 org: settings.org.clone(),
                 namespace: args.pool.namespace.clone(),

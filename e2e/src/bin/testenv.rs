@@ -82,6 +82,11 @@ async fn start_chain(root: &Path, orgs: &[cluster::ClusterInfo]) -> anyhow::Resu
         std::fs::write(&key, &anvil.keys[i + 1])?;
         wallets.insert(name.clone(), key);
     }
+    // Account 0 deployed the development token and may mint it: tests give
+    // wallets of their own making tokens with it.
+    let deployer = dir.join("deployer.key");
+    std::fs::write(&deployer, &anvil.keys[0])?;
+    wallets.insert("deployer".into(), deployer);
     let anvil = anvil.detach();
     Ok(ChainInfo {
         pid: anvil.pid,

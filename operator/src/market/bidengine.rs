@@ -79,12 +79,18 @@ pub enum NoBid {
     TooExpensive { cheapest: Option<TokenAmount> },
     /// Our own order.
     OwnOrder,
+    /// The order's payer could not fund a first deposit at our price
+    /// (`renter_funds`); decided after `evaluate`, with the chain's figures.
+    RenterCannotPay { spendable: u128, needed: u128 },
+    /// The payer's funds could not be read (the chain RPC failed): no GPUs
+    /// are held for an order that may not be paid.
+    RenterFundsUnknown,
 }
 
 impl NoBid {
     /// Every [`NoBid::reason`], so dashboards and alerts can be checked
     /// against the set.
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 10] = [
         "excluded_by_order",
         "renter_not_served",
         "lending_limit",
@@ -93,6 +99,8 @@ impl NoBid {
         "not_enough_free",
         "too_expensive",
         "own_order",
+        "renter_cannot_pay",
+        "renter_funds_unknown",
     ];
 
     /// A short label for metrics: a closed set, one per variant.
@@ -106,6 +114,8 @@ impl NoBid {
             Self::NotEnoughFree { .. } => "not_enough_free",
             Self::TooExpensive { .. } => "too_expensive",
             Self::OwnOrder => "own_order",
+            Self::RenterCannotPay { .. } => "renter_cannot_pay",
+            Self::RenterFundsUnknown => "renter_funds_unknown",
         }
     }
 }
@@ -195,6 +205,7 @@ mod tests {
             ],
             max_lent_gpus: 16,
             max_held_gpus_per_renter: 0,
+            require_renter_funds: true,
             allowed_orgs: vec![],
             denied_orgs: vec!["evil".into()],
         }
@@ -300,6 +311,11 @@ mod tests {
             NoBid::NotEnoughFree { most: 0 },
             NoBid::TooExpensive { cheapest: None },
             NoBid::OwnOrder,
+            NoBid::RenterCannotPay {
+                spendable: 0,
+                needed: 1,
+            },
+            NoBid::RenterFundsUnknown,
         ];
         let reasons: Vec<&str> = all.iter().map(NoBid::reason).collect();
         assert_eq!(reasons, NoBid::REASONS);

@@ -222,6 +222,8 @@ pub(crate) struct State {
     /// restarted member heard nothing of a lender until its next periodic
     /// advert (5 s by default). At most [`EARLY_ADVERTS`] peers.
     pub early_adverts: HashMap<PeerId, Vec<GpuOffer>>,
+    /// Payers' spendable funds as last read from the chain, for orders.
+    pub funds_seen: super::renter_funds::FundsSeen,
 }
 
 /// Peers whose advert is kept while they have not introduced themselves.
@@ -314,6 +316,7 @@ impl State {
             reputation: None,
             closes_asked: Default::default(),
             early_adverts: HashMap::new(),
+            funds_seen: Default::default(),
         }
     }
 
@@ -416,6 +419,9 @@ pub struct Market {
     pub(crate) client: Client,
     pub(crate) chain: Arc<EscrowClient>,
     pub(crate) wallet: Address,
+    /// The wallet's signature binding it to this peer id and org, sent in
+    /// every identity record (`gpupool_chain::identity_proof`).
+    pub(crate) wallet_proof: Vec<u8>,
     pub(crate) settings: MarketSettings,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) state: Mutex<State>,
@@ -469,18 +475,20 @@ impl Market {
         key: Keypair,
         client: Client,
         chain: Arc<EscrowClient>,
-        wallet: Address,
+        wallet: &gpupool_chain::Wallet,
         settings: MarketSettings,
         metrics: Arc<Metrics>,
         wake: mpsc::Sender<ObjectRef<AiJob>>,
     ) -> Arc<Self> {
+        let wallet_proof = wallet.prove_identity(&key.public().to_peer_id().to_string(), &settings.org);
         let ttl = u64::try_from(settings.message_ttl.as_millis()).unwrap_or(u64::MAX);
         Arc::new(Self {
             p2p,
             key,
             client,
             chain,
-            wallet,
+            wallet: wallet.address(),
+            wallet_proof,
             metrics,
             // Nonces are remembered for at most 15 minutes of messages.
             state: Mutex::new(State::new(Opener::new(

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 
 use gpupool_chain::Address;
+use gpupool_chain::identity_proof::check_identity;
 use gpupool_crds::{AiJob, PeerCapacity, PeerVia, PoolPeer, PoolPeerSpec, PoolPeerStatus, Reputation};
 use gpupool_proto::peer::v1::{CapacityAdvert, IdentityRecord};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -24,6 +25,17 @@ impl Market {
             return Err((DropReason::DeniedOrg, r.org));
         }
         let wallet = Address::from_str(&r.wallet).map_err(|_| (DropReason::Malformed, "wallet".to_string()))?;
+        // Checked once per sender, org and wallet: the record comes again
+        // with every advert round, the same proof each time.
+        let known = self
+            .lock()
+            .peers
+            .get(&sender)
+            .is_some_and(|p| p.org == r.org && p.wallet == Some(wallet));
+        if !known {
+            check_identity(wallet, &sender.to_string(), &r.org, &r.wallet_proof)
+                .map_err(|e| (DropReason::Impersonation, format!("identity of {}: {e}", r.org)))?;
+        }
         let write = {
             let mut st = self.lock();
             if let Some(bound) = st.orgs.get(&r.org)

@@ -21,6 +21,8 @@ pub struct PolicyFile {
     pub max_lent_gpus: u32,
     #[serde(default)]
     pub max_held_gpus_per_renter: u32,
+    #[serde(default = "yes")]
+    pub require_renter_funds: bool,
     #[serde(default)]
     pub allowed_orgs: Vec<String>,
     #[serde(default)]
@@ -49,8 +51,15 @@ pub struct ProviderPolicy {
     /// GPUs one renter organisation may hold here at a time in bids it has
     /// not turned into leases; 0: no limit.
     pub max_held_gpus_per_renter: u32,
+    /// Bid only for orders whose payer can fund a first deposit at the
+    /// bid's price, as the chain says (`renter_funds`).
+    pub require_renter_funds: bool,
     pub allowed_orgs: Vec<String>,
     pub denied_orgs: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +142,7 @@ impl ProviderPolicy {
             prices,
             max_lent_gpus: file.max_lent_gpus,
             max_held_gpus_per_renter: file.max_held_gpus_per_renter,
+            require_renter_funds: file.require_renter_funds,
             allowed_orgs: file.allowed_orgs,
             denied_orgs: file.denied_orgs,
         })
@@ -172,6 +182,25 @@ mod tests {
         assert_eq!(p.price_of("NVIDIA L40"), None);
         assert!(p.serves("acme") && !p.serves("evil"));
         assert_eq!(p.max_held_gpus_per_renter, 0, "no limit unless one is set");
+        assert!(
+            p.require_renter_funds,
+            "renters show funds unless the policy says otherwise"
+        );
+        std::fs::write(
+            &path,
+            "requireRenterFunds: false
+",
+        )
+        .unwrap();
+        assert!(!ProviderPolicy::load(&path).unwrap().require_renter_funds);
+        std::fs::write(
+            &path,
+            "requireRenterFunds: sometimes
+",
+        )
+        .unwrap();
+        let e = ProviderPolicy::load(&path).unwrap_err().to_string();
+        assert!(e.contains("requireRenterFunds") || e.contains("bool"), "{e}");
 
         std::fs::write(&path, "maxLentGpus: 16\nmaxHeldGpusPerRenter: 4\n").unwrap();
         assert_eq!(ProviderPolicy::load(&path).unwrap().max_held_gpus_per_renter, 4);

@@ -19,12 +19,13 @@ use kube::{Api, ResourceExt};
 use libp2p::PeerId;
 use tracing::{Instrument, debug, info, warn};
 
-use super::bidengine::{Ask, Held, bid_id, evaluate};
+use super::bidengine::{Ask, Held, NoBid, Offer, bid_id, evaluate};
 use super::lease_check::{Refusal, Terms, check_offer, check_on_chain};
 use super::lease_objects::{Accepted, DEFAULT_DENY, WORKLOAD, lease_namespace, lease_objects, provider_lease_name};
 use super::lease_records::{Closed, expired};
 use super::node::{MARKET_MANAGER, Market, Reservation, now_ms};
 use super::renter::moves_forward;
+use super::renter_funds::{Funds, Payer, first_deposit, payer_of, spendable};
 use crate::p2p::envelope::DropReason;
 use crate::settlement_plan::COND_SETTLED;
 
@@ -117,6 +118,14 @@ impl Market {
             }
         };
         let Some((offer, until)) = offer else { return Ok(()) };
+        if self.settings.policy.require_renter_funds
+            && let Err(why) = self.payer_can_fund(sender, &order, &offer).await
+        {
+            self.lock().release_bid(&bid_id, now_ms());
+            self.metrics.order_declined(why.reason());
+            debug!(order = %order.order_id, renter = %org, ?why, "not bidding");
+            return Ok(());
+        }
         self.capacity_changed.notify_one();
         let bid = Body::Bid(Bid {
             order_id: order.order_id.clone(),
@@ -139,6 +148,50 @@ impl Market {
             }
         }
         Ok(())
+    }
+
+    /// Whether the order's payer could fund a first deposit for `offer`,
+    /// from the chain (read at most every few seconds per payer).
+    async fn payer_can_fund(&self, sender: PeerId, order: &Order, offer: &Offer) -> Result<(), NoBid> {
+        let wallet = self.lock().peers.get(&sender).and_then(|p| p.wallet);
+        // The body check took only addresses; a sender has a wallet once it
+        // has an identity, which it has to have come this far.
+        let payer = wallet
+            .and_then(|w| payer_of(w, &order.payer_wallet).ok())
+            .ok_or(NoBid::RenterFundsUnknown)?;
+        // A price that rounds to no rate at all asks for no deposit.
+        let Some(needed) = first_deposit(offer.price, offer.count) else {
+            return Ok(());
+        };
+        let cached = self.lock().funds_seen.get(&payer, now_ms());
+        let spendable = match cached {
+            Some(v) => v,
+            None => {
+                let funds = self.payer_funds(payer).await.map_err(|e| {
+                    debug!(error = %e, "could not read the payer's funds");
+                    self.metrics.chain_error(e.reason());
+                    NoBid::RenterFundsUnknown
+                })?;
+                let v = spendable(&payer, funds);
+                self.lock().funds_seen.put(payer, v, now_ms());
+                v
+            }
+        };
+        if spendable < needed {
+            return Err(NoBid::RenterCannotPay { spendable, needed });
+        }
+        Ok(())
+    }
+
+    /// A payer's figures from the chain, both reads at once.
+    pub(super) async fn payer_funds(&self, payer: Payer) -> Result<Funds, gpupool_chain::ChainError> {
+        let (account, other) = match payer {
+            Payer::Own(w) => tokio::try_join!(self.chain.account(w), self.chain.token_balance(w))?,
+            Payer::Agent { renter, agent } => {
+                tokio::try_join!(self.chain.account(renter), self.chain.agent_allowance(renter, agent))?
+            }
+        };
+        Ok(Funds { account, other })
     }
 
     pub(crate) async fn on_bid_result(&self, sender: PeerId, r: BidResult) -> Handled {

@@ -19,13 +19,16 @@ use tracing::{debug, warn};
 
 use super::node::{Market, now_ms};
 use super::renter::{LeaseView, Step, View, closing_phase, decide, exclude_after_failure, window_ms};
+use super::renter_funds::{explain_unfunded, payer_of};
 use super::renter_orders::time_ms;
 use super::renter_reports::renter_lease_of;
 use super::renter_says::{
     awaiting_choice, bids_so_far, closing_message, finished, lease_opening, mirrored, opening_message, order_published,
     out_of_funds, published_again, reauctioned, runs_on, while_bidding,
 };
-use super::selection::{Candidate, Wanted, advertised_room, advertises_fit, expected_bidders, explain_no_bids};
+use super::selection::{
+    Candidate, Wanted, advertised_room, advertises_fit, expected_bidders, explain_no_bids, lowest_fitting_ask,
+};
 use crate::placement::Need;
 use crate::status::COND_PLACED;
 
@@ -316,7 +319,16 @@ impl Market {
         };
         match step {
             Step::Publish { attempt, after_no_bids } => {
-                let why = after_no_bids.then(|| explain_no_bids(&wanted, &self.pool_supply(None)));
+                let why = match after_no_bids.then(|| explain_no_bids(&wanted, &self.pool_supply(None))) {
+                    // Room at an acceptable price and still no bid: say so
+                    // if it is because the payer cannot fund a first deposit.
+                    Some(("NoBids", message)) => Some(
+                        self.unfunded(aijob, &wanted)
+                            .await
+                            .map_or(("NoBids", message), |m| ("PayerCannotFund", m)),
+                    ),
+                    other => other,
+                };
                 // An empty window backs the next one off; an order sent because
                 // capacity appeared gets the plain window.
                 let this_window = if after_no_bids {
@@ -523,6 +535,20 @@ impl Market {
 
     /// The organisations a re-auction leaves out after `failed_org` failed
     /// a lease, judged against the connected organisations the job may use.
+    /// Why this job's payer cannot fund a first deposit at the lowest ask
+    /// that fits, if it cannot; `None` when it can, or when the chain does
+    /// not answer (the plain "no bids" stands).
+    async fn unfunded(&self, aijob: &AiJob, wanted: &Wanted<'_>) -> Option<String> {
+        let lowest = lowest_fitting_ask(wanted, &self.pool_supply(None))?;
+        let payer = payer_of(self.wallet, aijob.spec.payer.as_deref().unwrap_or_default()).ok()?;
+        let funds = self
+            .payer_funds(payer)
+            .await
+            .map_err(|e| debug!(error = %e, "could not read the job's payer's funds"))
+            .ok()?;
+        explain_unfunded(&payer, funds, lowest, wanted.count)
+    }
+
     fn exclude(&self, wanted: &Wanted<'_>, excluded: &[String], failed_org: &str) -> Vec<String> {
         let everyone = Wanted {
             excluded_orgs: &[],

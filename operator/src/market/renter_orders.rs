@@ -146,5 +146,6 @@ fn wire_order(aijob: &AiJob, need: &Need, org: &str, id: &str, excluded: &[Strin
         max_duration_seconds: std::time::Duration::from(aijob.spec.max_duration).as_secs().max(1),
         allowed_orgs: aijob.spec.placement.allowed_orgs.clone(),
         denied_orgs: denied,
+        payer_wallet: aijob.spec.payer.clone().unwrap_or_default(),
     }
 }

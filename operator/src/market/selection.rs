@@ -130,17 +130,43 @@ pub fn advertised_room(w: &Wanted<'_>, peers: &[PeerSupply]) -> u32 {
 /// one is open and still empty, the job keeps showing why the last one was
 /// empty: replacing it with "Bidding" at the next reconcile left users (and
 /// tests polling for it) a few milliseconds to see it.
-pub const NO_BID_REASONS: [&str; 5] = [
+pub const NO_BID_REASONS: [&str; 6] = [
     "NoPeers",
     "NoAllowedPeers",
     "NoPeerHasCapacity",
     "PriceTooLow",
     "NoBids",
+    "PayerCannotFund",
 ];
 
 /// The static form of `reason` if it is one of [`NO_BID_REASONS`].
 pub fn no_bids_reason(reason: &str) -> Option<&'static str> {
     NO_BID_REASONS.into_iter().find(|r| *r == reason)
+}
+
+/// Each usable peer's ask for a product that has room for the job on one
+/// node (None: advertised without a price).
+fn fitting_asks<'a>(w: &Wanted<'_>, usable: &[&'a PeerSupply]) -> Vec<(&'a str, Option<TokenAmount>)> {
+    usable
+        .iter()
+        .flat_map(|p| {
+            p.offers
+                .iter()
+                .filter(|(s, _)| w.fits_on_one_node(s))
+                .map(move |(_, price)| (p.org.as_str(), *price))
+        })
+        .collect()
+}
+
+/// The lowest ask within the renter's max price among the peers it may use
+/// that advertise room for the job: what a first deposit is priced at.
+pub fn lowest_fitting_ask(w: &Wanted<'_>, peers: &[PeerSupply]) -> Option<TokenAmount> {
+    let usable: Vec<&PeerSupply> = peers.iter().filter(|p| w.may_use(&p.org)).collect();
+    fitting_asks(w, &usable)
+        .into_iter()
+        .filter_map(|(_, p)| p)
+        .filter(|p| *p <= w.max_price)
+        .min()
 }
 
 /// A reason (CamelCase) and a sentence a person can act on, for an order
@@ -162,15 +188,7 @@ pub fn explain_no_bids(w: &Wanted<'_>, peers: &[PeerSupply]) -> (&'static str, S
             ),
         );
     }
-    let fitting: Vec<(&str, Option<TokenAmount>)> = usable
-        .iter()
-        .flat_map(|p| {
-            p.offers
-                .iter()
-                .filter(|(s, _)| w.fits_on_one_node(s))
-                .map(move |(_, price)| (p.org.as_str(), *price))
-        })
-        .collect();
+    let fitting = fitting_asks(w, &usable);
     if fitting.is_empty() {
         return (
             "NoPeerHasCapacity",
@@ -190,7 +208,8 @@ pub fn explain_no_bids(w: &Wanted<'_>, peers: &[PeerSupply]) -> (&'static str, S
             "NoBids",
             format!(
                 "peers advertise {} free but none bid in the window (a provider can refuse past its lending \
-                 limit, or past what its policy lets one renter hold in open bids); asking again",
+                 limit, past what its policy lets one renter hold in open bids, or when the paying wallet \
+                 and escrow account cannot fund a minute of the job); asking again",
                 w.describe()
             ),
         ),

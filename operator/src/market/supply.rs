@@ -30,6 +30,7 @@ impl Market {
                 .take(16)
                 .map(|a| crate::p2p::announce::with_peer(a, self.peer_id()).to_string())
                 .collect(),
+            wallet_proof: self.wallet_proof.clone(),
         })
     }
 

@@ -89,6 +89,9 @@ pub fn check_body(body: &Body) -> Result<(), BodyError> {
         Body::Identity(r) => {
             ident("identity.org", &r.org, 63)?;
             hex("identity.wallet", &r.wallet, 20)?;
+            if r.wallet_proof.len() != 65 {
+                return Err(bad("identity.wallet_proof", "must be a 65-byte signature"));
+            }
             if r.addresses.len() > 16 || r.addresses.iter().any(|a| a.len() > 256) {
                 return Err(bad("identity.addresses", "at most 16 of 256 bytes"));
             }
@@ -109,7 +112,12 @@ pub fn check_body(body: &Body) -> Result<(), BodyError> {
                 return Err(bad("order.max_duration_seconds", "must be 1s..=1 year"));
             }
             orgs("order.allowed_orgs", &o.allowed_orgs)?;
-            orgs("order.denied_orgs", &o.denied_orgs)
+            orgs("order.denied_orgs", &o.denied_orgs)?;
+            if o.payer_wallet.is_empty() {
+                Ok(())
+            } else {
+                hex("order.payer_wallet", &o.payer_wallet, 20)
+            }
         }
         Body::Bid(b) => {
             ident("bid.order_id", &b.order_id, 128)?;
@@ -173,6 +181,7 @@ mod tests {
             max_duration_seconds: 3600,
             allowed_orgs: vec![],
             denied_orgs: vec!["evil".into()],
+            payer_wallet: String::new(),
         }
     }
 
@@ -197,6 +206,14 @@ mod tests {
         let mut o = order();
         o.gpus = None;
         assert!(check_body(&Body::Order(o)).is_err());
+        let mut o = order();
+        o.payer_wallet = format!("0x{}", "ab".repeat(20));
+        assert_eq!(check_body(&Body::Order(o)), Ok(()), "a Pool API renter pays");
+        for wrong in ["ab".repeat(21), "0x12".into(), format!("0x{}", "zz".repeat(20))] {
+            let mut o = order();
+            o.payer_wallet = wrong;
+            assert_eq!(check_body(&Body::Order(o)).unwrap_err().field, "order.payer_wallet");
+        }
     }
 
     #[test]
@@ -205,11 +222,20 @@ mod tests {
             org: "acme".into(),
             wallet: format!("0x{}", "1".repeat(40)),
             addresses: vec![],
+            wallet_proof: vec![1; 65],
         };
         assert_eq!(check_body(&Body::Identity(id.clone())), Ok(()));
-        let mut bad_wallet = id;
+        let mut bad_wallet = id.clone();
         bad_wallet.wallet = "0x12".into();
         assert!(check_body(&Body::Identity(bad_wallet)).is_err());
+        for len in [0, 64, 66] {
+            let mut unproven = id.clone();
+            unproven.wallet_proof = vec![1; len];
+            assert_eq!(
+                check_body(&Body::Identity(unproven)).unwrap_err().field,
+                "identity.wallet_proof"
+            );
+        }
         let bid = Bid {
             order_id: "o-1".into(),
             bid_id: "b-1".into(),

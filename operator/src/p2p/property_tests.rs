@@ -51,6 +51,7 @@ fn random_body(rng: &mut StdRng) -> Body {
                 random_string(rng, 44)
             },
             addresses: (0..rng.random_range(0..20)).map(|_| random_string(rng, 300)).collect(),
+            wallet_proof: (0..rng.random_range(60..70)).map(|_| rng.random()).collect(),
         }),
         1 => Body::Order(Order {
             order_id: random_string(rng, 140),
@@ -65,6 +66,11 @@ fn random_body(rng: &mut StdRng) -> Body {
             max_duration_seconds: rng.random_range(0..40_000_000),
             allowed_orgs: (0..rng.random_range(0..3)).map(|_| random_string(rng, 70)).collect(),
             denied_orgs: vec![],
+            payer_wallet: if rng.random_bool(0.5) {
+                String::new()
+            } else {
+                random_string(rng, 44)
+            },
         }),
         2 => Body::Bid(Bid {
             order_id: random_string(rng, 140),
