@@ -1544,6 +1544,75 @@ async fn a_provider_bids_only_for_orders_whose_payer_can_fund_the_lease() {
     spoofer_reader.abort();
 }
 
+/// A provider whose chain RPC is down cannot read what a payer holds: it
+/// holds no GPUs for the order (declined as `renter_funds_unknown`, the
+/// outage counted), changes nothing, and bids on the next order once the
+/// chain answers again (a failed read is not remembered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_cannot_read_the_payers_funds_holds_no_gpus_until_it_can() {
+    use gpupool_operator::p2p::swarm::Topic;
+    let env = testenv();
+    let chain_info = env.chain.as_ref().unwrap();
+    let config = gpupool_chain::ChainConfig::load(&chain_info.config).unwrap();
+    // bravo reaches the chain through a proxy the test can break.
+    let proxy = gpupool_e2e::rpcproxy::RpcProxy::start(&config.rpc_url).await.unwrap();
+    let dir = env.org("bravo").unwrap().dir.join("chain-via-proxy");
+    std::fs::create_dir_all(&dir).unwrap();
+    let proxied = dir.join("chain.json");
+    gpupool_chain::ChainConfig {
+        rpc_url: proxy.url.clone(),
+        ..config
+    }
+    .save(&proxied)
+    .unwrap();
+    let flag = format!("--chain-config={}", proxied.display());
+    let pool = Pool::start_with_extra(&env, "rpcdown", &lends(), &|org, _| {
+        if org == "bravo" { vec![flag.clone()] } else { vec![] }
+    })
+    .await
+    .unwrap();
+    let bravo = pool.operator("bravo").unwrap();
+
+    let Outsider { key, p2p, inbound, .. } = outsider(&pool, "bravo").await;
+    let (bids, reader) = collect_bids(inbound);
+    let wallet = fresh_wallet();
+    mint_to(&pool, wallet.address(), 10).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p2p.publish(Topic::Adverts, introduction(&key, "solvent", wallet.address(), &wallet))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let unreachable = "gpupool_chain_errors_total{reason=\"ChainUnreachable\"}";
+    let errors_before = sample(&bravo.metrics().await, unreachable);
+    proxy.down();
+    p2p.publish(Topic::Orders, a100_order(&key, "solvent", "solvent-1", 2, ""))
+        .await
+        .unwrap();
+    let m = wait_for(WAIT, "bravo to decline the order it cannot check", || async {
+        let m = bravo.metrics().await;
+        (declined(&m, "renter_funds_unknown") >= 1).then_some(m)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", futures::executor::block_on(bravo.metrics())));
+    assert!(sample(&m, unreachable) > errors_before, "the outage is counted: {m}");
+    assert_eq!(declined(&m, "renter_cannot_pay"), 0, "{m}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(bids.lock().unwrap().is_empty(), "no bid, no GPUs held");
+
+    proxy.pass();
+    p2p.publish(Topic::Orders, a100_order(&key, "solvent", "solvent-2", 2, ""))
+        .await
+        .unwrap();
+    let bid = wait_for(WAIT, "bravo's bid once the chain answers", || async {
+        bids.lock().unwrap().first().cloned()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", futures::executor::block_on(bravo.metrics())));
+    assert_eq!(bid.1.order_id, "solvent-2");
+    reader.abort();
+}
+
 /// A valid member sending messages as fast as it can fills no more than its
 /// sixteenth of the nonces a member remembers against replays. With one pool
 /// for all senders, such a flood filled it, and then every other member's
