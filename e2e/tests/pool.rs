@@ -1191,6 +1191,46 @@ fn collect_bids(
     (bids, reader)
 }
 
+/// An outsider that has introduced itself to `member` as `org`, with a
+/// fresh wallet it proves and that holds `tokens` whole tokens, reading
+/// the bids it gets.
+struct Introduced {
+    key: libp2p::identity::Keypair,
+    p2p: gpupool_operator::p2p::swarm::P2p,
+    member: libp2p::PeerId,
+    wallet: gpupool_chain::Wallet,
+    bids: HeardBids,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+async fn introduced(pool: &Pool, member: &str, org: &str, tokens: u128) -> Introduced {
+    use gpupool_operator::p2p::swarm::Topic;
+    let Outsider {
+        key,
+        p2p,
+        inbound,
+        member,
+    } = outsider(pool, member).await;
+    let (bids, reader) = collect_bids(inbound);
+    let wallet = fresh_wallet();
+    if tokens > 0 {
+        mint_to(pool, wallet.address(), tokens).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p2p.publish(Topic::Adverts, introduction(&key, org, wallet.address(), &wallet))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Introduced {
+        key,
+        p2p,
+        member,
+        wallet,
+        bids,
+        reader,
+    }
+}
+
 /// Orders a member has decided: bid on, or declined for any reason.
 fn decided(m: &str) -> u64 {
     let declined: f64 = m
@@ -1357,23 +1397,14 @@ async fn one_renters_open_bids_hold_no_more_gpus_than_the_provider_allows() {
 
     // The hoarder: a real libp2p peer with an honest identity and a wallet
     // that could pay (providers check), dialling bravo.
-    let Outsider {
+    let Introduced {
         key: hoarder,
         p2p,
-        inbound,
         member: bravo_peer,
-    } = outsider(&pool, "bravo").await;
-    let (bids, reader) = collect_bids(inbound);
-    let wallet = fresh_wallet();
-    mint_to(&pool, wallet.address(), 100).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    p2p.publish(
-        Topic::Adverts,
-        introduction(&hoarder, "hoarder", wallet.address(), &wallet),
-    )
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+        bids,
+        reader,
+        ..
+    } = introduced(&pool, "bravo", "hoarder", 100).await;
     for i in 0..4 {
         p2p.publish(
             Topic::Orders,
@@ -1441,22 +1472,14 @@ async fn a_provider_bids_only_for_orders_whose_payer_can_fund_the_lease() {
     );
     let bravo = pool.operator("bravo").unwrap();
 
-    let Outsider {
+    let Introduced {
         key: pauper,
         p2p,
-        inbound,
         member: bravo_peer,
-    } = outsider(&pool, "bravo").await;
-    let (bids, reader) = collect_bids(inbound);
-    let wallet = fresh_wallet();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    p2p.publish(
-        Topic::Adverts,
-        introduction(&pauper, "pauper", wallet.address(), &wallet),
-    )
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+        wallet,
+        bids,
+        reader,
+    } = introduced(&pool, "bravo", "pauper", 0).await;
 
     // 1. Its own wallet holds nothing.
     let before = decided(&bravo.metrics().await);
@@ -1573,15 +1596,9 @@ async fn a_provider_that_cannot_read_the_payers_funds_holds_no_gpus_until_it_can
     .unwrap();
     let bravo = pool.operator("bravo").unwrap();
 
-    let Outsider { key, p2p, inbound, .. } = outsider(&pool, "bravo").await;
-    let (bids, reader) = collect_bids(inbound);
-    let wallet = fresh_wallet();
-    mint_to(&pool, wallet.address(), 10).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    p2p.publish(Topic::Adverts, introduction(&key, "solvent", wallet.address(), &wallet))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let Introduced {
+        key, p2p, bids, reader, ..
+    } = introduced(&pool, "bravo", "solvent", 10).await;
 
     let unreachable = "gpupool_chain_errors_total{reason=\"ChainUnreachable\"}";
     let errors_before = sample(&bravo.metrics().await, unreachable);

@@ -76,7 +76,8 @@ pub fn ranges_to_read(watched: u64, head: u64) -> Vec<(u64, u64)> {
 /// What went is counted from the escrow's `FundsWithdrawn` events, not from
 /// the answers to the sends: a transfer that reached the chain while its
 /// answer was lost (the RPC went away in between) is still counted, once,
-/// at the next round, and one the operator never sent is not.
+/// at the next round. A withdrawal by hand from the same account to the
+/// same address counts too: it moved the same tokens the same way.
 pub async fn sweep_forever(chain: Arc<EscrowClient>, policy: SweepPolicy, metrics: Arc<Metrics>) {
     let Some(me) = chain.wallet() else {
         return;
