@@ -533,8 +533,6 @@ impl Market {
         Ok(())
     }
 
-    /// The organisations a re-auction leaves out after `failed_org` failed
-    /// a lease, judged against the connected organisations the job may use.
     /// Why this job's payer cannot fund a first deposit at the lowest ask
     /// that fits, if it cannot; `None` when it can, or when the chain does
     /// not answer (the plain "no bids" stands).
@@ -549,6 +547,8 @@ impl Market {
         explain_unfunded(&payer, funds, lowest, wanted.count)
     }
 
+    /// The organisations a re-auction leaves out after `failed_org` failed
+    /// a lease, judged against the connected organisations the job may use.
     fn exclude(&self, wanted: &Wanted<'_>, excluded: &[String], failed_org: &str) -> Vec<String> {
         let everyone = Wanted {
             excluded_orgs: &[],
