@@ -8,11 +8,10 @@ use std::sync::{
     atomic::{AtomicU8, Ordering},
 };
 
-use tokio::sync::Notify;
-
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
+    sync::Notify,
 };
 
 const PASS: u8 = 0;
