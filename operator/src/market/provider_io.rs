@@ -153,17 +153,23 @@ impl Market {
     /// Whether the order's payer could fund a first deposit for `offer`,
     /// from the chain (read at most every few seconds per payer).
     async fn payer_can_fund(&self, sender: PeerId, order: &Order, offer: &Offer) -> Result<(), NoBid> {
-        let wallet = self.lock().peers.get(&sender).and_then(|p| p.wallet);
-        // The body check took only addresses; a sender has a wallet once it
-        // has an identity, which it has to have come this far.
-        let payer = wallet
-            .and_then(|w| payer_of(w, &order.payer_wallet).ok())
-            .ok_or(NoBid::RenterFundsUnknown)?;
         // A price that rounds to no rate at all asks for no deposit.
         let Some(needed) = first_deposit(offer.price, offer.count) else {
             return Ok(());
         };
-        let cached = self.lock().funds_seen.get(&payer, now_ms());
+        // Who pays and what was last read of it, under one lock. The body
+        // check took only addresses; a sender has a wallet once it has an
+        // identity, which it has to have come this far.
+        let (payer, cached) = {
+            let st = self.lock();
+            let payer = st
+                .peers
+                .get(&sender)
+                .and_then(|p| p.wallet)
+                .and_then(|w| payer_of(w, &order.payer_wallet).ok())
+                .ok_or(NoBid::RenterFundsUnknown)?;
+            (payer, st.funds_seen.get(&payer, now_ms()))
+        };
         let spendable = match cached {
             Some(v) => v,
             None => {
