@@ -1127,9 +1127,13 @@ fn introduction(
 
 /// Mints `tokens` whole tokens of the test token to `to`.
 async fn mint_to(pool: &Pool, to: gpupool_chain::Address, tokens: u128) {
+    mint_wei_to(pool, to, tokens * 1_000_000_000_000_000_000).await
+}
+
+async fn mint_wei_to(pool: &Pool, to: gpupool_chain::Address, wei: u128) {
     let env = testenv();
     let deployer = gpupool_chain::Wallet::from_file(&env.chain.as_ref().unwrap().wallets["deployer"]).unwrap();
-    gpupool_chain::deploy::mint(&pool.config, &deployer, to, tokens * 1_000_000_000_000_000_000)
+    gpupool_chain::deploy::mint(&pool.config, &deployer, to, wei)
         .await
         .unwrap();
 }
@@ -1456,7 +1460,9 @@ async fn one_renters_open_bids_hold_no_more_gpus_than_the_provider_allows() {
 /// that wallet approved the sender as its agent; claiming the rich wallet
 /// as its own in its identity record is refused, because the wallet must
 /// sign the record too. Once the peer's own wallet holds tokens, it gets
-/// its bid.
+/// its bid, and each open bid holds its deposit against the wallet: one
+/// order at a time for a wallet that can fund one, the next once the first
+/// bid is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_bids_only_for_orders_whose_payer_can_fund_the_lease() {
     use gpupool_operator::p2p::swarm::Topic;
@@ -1545,9 +1551,11 @@ async fn a_provider_bids_only_for_orders_whose_payer_can_fund_the_lease() {
         "no PoolPeer for a record its wallet did not sign"
     );
 
-    // 4. The pauper's wallet is funded: its next order gets bravo's bid
-    // (after the few seconds a payer's figures are trusted).
-    mint_to(&pool, wallet.address(), 1).await;
+    // 4. The pauper's wallet gets 0.1 token: a first deposit for 2 A100s
+    // at bravo's 2 a GPU-hour is 0.0667, so one order at a time. Its next
+    // order gets bravo's bid (after the few seconds a payer's figures are
+    // trusted).
+    mint_wei_to(&pool, wallet.address(), 100_000_000_000_000_000).await;
     tokio::time::sleep(Duration::from_millis(
         gpupool_operator::market::renter_funds::FUNDS_FRESH_MS + 500,
     ))
@@ -1563,6 +1571,59 @@ async fn a_provider_bids_only_for_orders_whose_payer_can_fund_the_lease() {
     assert_eq!(bid.0, bravo_peer);
     assert_eq!((bid.1.order_id.as_str(), bid.1.gpu_count), ("pauper-3", 2));
     assert_eq!(declined(&bravo.metrics().await, "renter_cannot_pay"), 2);
+
+    // 5. While that bid stands, it holds its deposit against the wallet:
+    // a second order at once is declined, though the wallet alone could
+    // fund either.
+    let before = decided(&bravo.metrics().await);
+    p2p.publish(Topic::Orders, a100_order(&pauper, "pauper", "pauper-4", 2, ""))
+        .await
+        .unwrap();
+    let m = wait_for(WAIT, "bravo decided the second order", || async {
+        let m = bravo.metrics().await;
+        (decided(&m) > before).then_some(m)
+    })
+    .await
+    .unwrap();
+    assert_eq!(declined(&m, "renter_cannot_pay"), 3, "{m}");
+    assert_eq!(bids.lock().unwrap().len(), 1, "no second bid");
+
+    // 6. The first bid lost (the pauper chose no one): its deposit is free
+    // again, and the next order gets a bid.
+    let lost = {
+        use gpupool_operator::p2p::envelope::seal;
+        use gpupool_proto::peer::v1::{self as wire, envelope::Body};
+        let result = Body::BidResult(wire::BidResult {
+            order_id: bid.1.order_id.clone(),
+            bid_id: bid.1.bid_id.clone(),
+            won: false,
+        });
+        seal(
+            &pauper,
+            result,
+            gpupool_operator::market::node::now_ms(),
+            30_000,
+            Default::default(),
+        )
+    };
+    p2p.send(bravo_peer, lost).await.unwrap();
+    wait_for(WAIT, "bravo to bid again once the first bid is lost", || async {
+        p2p.publish(Topic::Orders, a100_order(&pauper, "pauper", "pauper-5", 2, ""))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        bids.lock()
+            .unwrap()
+            .iter()
+            .any(|(_, b)| b.order_id == "pauper-5")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", futures::executor::block_on(bravo.metrics())));
+    assert!(
+        bids.lock().unwrap().iter().all(|(_, b)| b.order_id != "pauper-4"),
+        "the declined order stays declined"
+    );
     reader.abort();
     spoofer_reader.abort();
 }

@@ -79,9 +79,14 @@ pub enum NoBid {
     TooExpensive { cheapest: Option<TokenAmount> },
     /// Our own order.
     OwnOrder,
-    /// The order's payer could not fund a first deposit at our price
-    /// (`renter_funds`); decided after `evaluate`, with the chain's figures.
-    RenterCannotPay { spendable: u128, needed: u128 },
+    /// The order's payer could not fund a first deposit at our price on top
+    /// of those its other open bids here count on (`renter_funds`); decided
+    /// after `evaluate`, with the chain's figures.
+    RenterCannotPay {
+        spendable: u128,
+        pledged: u128,
+        needed: u128,
+    },
     /// The payer's funds could not be read (the chain RPC failed): no GPUs
     /// are held for an order that may not be paid.
     RenterFundsUnknown,
@@ -313,6 +318,7 @@ mod tests {
             NoBid::OwnOrder,
             NoBid::RenterCannotPay {
                 spendable: 0,
+                pledged: 0,
                 needed: 1,
             },
             NoBid::RenterFundsUnknown,

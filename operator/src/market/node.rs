@@ -28,6 +28,7 @@ use super::bidengine::Supply;
 use super::heard::Heard;
 use super::peer_writes::Pacing;
 use super::policy::ProviderPolicy;
+use super::renter_funds::{Payer, Pledge, pledged};
 use super::selection::{PeerSupply, Wanted, advertises_fit};
 use crate::cache::PodCaches;
 use crate::p2p::envelope::{DropReason, Opened, Opener, seal};
@@ -146,6 +147,10 @@ pub struct Reservation {
     pub count: u32,
     pub price: TokenAmount,
     pub until_ms: u64,
+    /// What the bid counts against its payer's funds while it is open. Gone
+    /// once the bid is won: the renter opens the lease, and the deposit
+    /// leaves the payer's funds on chain, where the next read sees it.
+    pub pledge: Option<Pledge>,
 }
 
 /// A renter Lease that a provider's status messages update.
@@ -278,6 +283,18 @@ impl State {
             .filter(|r| r.until_ms > now && r.order.renter_org == renter_org)
             .map(|r| r.count)
             .sum()
+    }
+
+    /// What this provider's open bids other than `except` count against
+    /// `payer`'s funds.
+    pub fn pledged_by(&self, payer: &Payer, except: &str) -> u128 {
+        pledged(
+            self.reservations
+                .iter()
+                .filter(|(id, _)| id.as_str() != except)
+                .filter_map(|(_, r)| r.pledge.as_ref()),
+            payer,
+        )
     }
 
     /// Claims one of `room` orders' worth of advertised capacity for `hold_ms`;
@@ -966,6 +983,7 @@ mod tests {
             count: 1,
             price: "2".parse().unwrap(),
             until_ms: 10_000,
+            pledge: None,
         }
     }
 
@@ -1007,6 +1025,28 @@ mod tests {
         assert!(st.claim_room(1_805, 800, 2));
         assert!(st.claim_room(1_900, 800, 2));
         assert!(!st.claim_room(1_900, 800, 2));
+    }
+
+    #[test]
+    fn a_payers_pledges_are_its_open_bids_here_but_the_one_being_weighed() {
+        let mut st = State::new(Opener::new(60_000, 16));
+        let renter = PeerId::random();
+        let payer = Payer::Own(Address::repeat_byte(0x7e));
+        let other = Payer::Own(Address::repeat_byte(0x0b));
+        let pledged_to = |p: Payer, deposit: u128| {
+            let mut r = reservation(renter);
+            r.pledge = Some(Pledge { payer: p, deposit });
+            r
+        };
+        st.reservations.insert("bravo-o-1".into(), pledged_to(payer, 10));
+        st.reservations.insert("bravo-o-2".into(), pledged_to(payer, 20));
+        st.reservations.insert("bravo-o-3".into(), pledged_to(other, 40));
+        st.reservations.insert("bravo-o-4".into(), reservation(renter)); // won
+        assert_eq!(st.pledged_by(&payer, "bravo-o-9"), 30);
+        assert_eq!(st.pledged_by(&payer, "bravo-o-2"), 10, "not the bid being weighed");
+        assert_eq!(st.pledged_by(&other, ""), 40);
+        st.release_bid("bravo-o-1", 5_000);
+        assert_eq!(st.pledged_by(&payer, ""), 20, "a released bid pledges nothing");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use super::lease_objects::{Accepted, DEFAULT_DENY, WORKLOAD, lease_namespace, le
 use super::lease_records::{Closed, expired};
 use super::node::{MARKET_MANAGER, Market, Reservation, now_ms};
 use super::renter::moves_forward;
-use super::renter_funds::{Funds, Payer, first_deposit, payer_of, spendable};
+use super::renter_funds::{Funds, Payer, Pledge, can_fund_another, first_deposit, payer_of, spendable};
 use crate::p2p::envelope::DropReason;
 use crate::settlement_plan::COND_SETTLED;
 
@@ -106,6 +106,7 @@ impl Market {
                             count: offer.count,
                             price: offer.price,
                             until_ms: now + ttl,
+                            pledge: None,
                         },
                     );
                     Some((offer, now + ttl))
@@ -119,7 +120,7 @@ impl Market {
         };
         let Some((offer, until)) = offer else { return Ok(()) };
         if self.settings.policy.require_renter_funds
-            && let Err(why) = self.payer_can_fund(sender, &order, &offer).await
+            && let Err(why) = self.payer_can_fund(sender, &order, &bid_id, &offer).await
         {
             self.lock().release_bid(&bid_id, now_ms());
             self.metrics.order_declined(why.reason());
@@ -150,25 +151,33 @@ impl Market {
         Ok(())
     }
 
-    /// Whether the order's payer could fund a first deposit for `offer`,
-    /// from the chain (read at most every few seconds per payer).
-    async fn payer_can_fund(&self, sender: PeerId, order: &Order, offer: &Offer) -> Result<(), NoBid> {
+    /// Whether the order's payer could fund a first deposit for `offer` on
+    /// top of those its other open bids here count on, from the chain (read
+    /// at most every few seconds per payer). Bid `bid_id` counts on its
+    /// deposit from here on, until it is won or released.
+    async fn payer_can_fund(&self, sender: PeerId, order: &Order, bid_id: &str, offer: &Offer) -> Result<(), NoBid> {
         // A price that rounds to no rate at all asks for no deposit.
         let Some(needed) = first_deposit(offer.price, offer.count) else {
             return Ok(());
         };
-        // Who pays and what was last read of it, under one lock. The body
+        // Who pays, what was last read of it and what its other bids count
+        // on, under one lock, which also pledges this bid's deposit: of two
+        // orders weighed at once, the second counts the first's. The body
         // check took only addresses; a sender has a wallet once it has an
         // identity, which it has to have come this far.
-        let (payer, cached) = {
-            let st = self.lock();
+        let (payer, cached, already) = {
+            let mut st = self.lock();
             let payer = st
                 .peers
                 .get(&sender)
                 .and_then(|p| p.wallet)
                 .and_then(|w| payer_of(w, &order.payer_wallet).ok())
                 .ok_or(NoBid::RenterFundsUnknown)?;
-            (payer, st.funds_seen.get(&payer, now_ms()))
+            let already = st.pledged_by(&payer, bid_id);
+            if let Some(r) = st.reservations.get_mut(bid_id) {
+                r.pledge = Some(Pledge { payer, deposit: needed });
+            }
+            (payer, st.funds_seen.get(&payer, now_ms()), already)
         };
         let spendable = match cached {
             Some(v) => v,
@@ -183,8 +192,12 @@ impl Market {
                 v
             }
         };
-        if spendable < needed {
-            return Err(NoBid::RenterCannotPay { spendable, needed });
+        if !can_fund_another(spendable, already, needed) {
+            return Err(NoBid::RenterCannotPay {
+                spendable,
+                pledged: already,
+                needed,
+            });
         }
         Ok(())
     }
@@ -207,8 +220,10 @@ impl Market {
             Some(res) if res.renter == sender && res.order.order_id == r.order_id => {
                 if r.won {
                     // Opening the lease on chain can take a while under load;
-                    // the GPUs stay promised until the offer comes.
+                    // the GPUs stay promised until the offer comes. The
+                    // deposit is the lease's now, out of the payer's funds.
                     res.until_ms = res.until_ms.max(now + WON_HOLD_MS);
+                    res.pledge = None;
                 } else {
                     st.release_bid(&r.bid_id, now);
                     self.capacity_changed.notify_one();

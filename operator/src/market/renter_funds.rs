@@ -9,8 +9,11 @@
 //! chain first makes every name that wants GPUs held show real tokens. The
 //! wallet is the one the sender proved in its identity record, or a Pool
 //! API renter's, which counts only as far as it approved the sender as its
-//! agent: naming someone else's rich wallet buys nothing. Pure; the chain
-//! reads are in `provider_io`.
+//! agent: naming someone else's rich wallet buys nothing. A provider's
+//! open bids pledge their first deposits against their payer's funds, so a
+//! wallet that can fund one lease has one bid at a time here, not one for
+//! every order it publishes at once. Pure; the chain reads are in
+//! `provider_io`.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -29,6 +32,24 @@ pub enum Payer {
     /// A Pool API renter's escrow account, spent by the sender as its agent,
     /// as far as the renter's approval of that agent goes.
     Agent { renter: Address, agent: Address },
+}
+
+impl Payer {
+    /// The wallet whose tokens pay.
+    pub fn wallet(&self) -> Address {
+        match self {
+            Payer::Own(w) => *w,
+            Payer::Agent { renter, .. } => *renter,
+        }
+    }
+
+    /// What its owner runs to let it pay more.
+    fn topping_up(&self) -> &'static str {
+        match self {
+            Payer::Own(_) => "tokens in the wallet, or `gpupool escrow deposit`",
+            Payer::Agent { .. } => "`gpupool escrow deposit` and `gpupool escrow agent`",
+        }
+    }
 }
 
 /// Whom an order names to pay, given the wallet its sender proved.
@@ -71,12 +92,24 @@ pub fn first_deposit(price: TokenAmount, count: u32) -> Option<u128> {
 }
 
 /// Why a renter's own order got no bids when its payer cannot fund the
-/// first deposit at the lowest ask that fits: a sentence that says what is
-/// short and what to run. `None` when it can (the bids were missing for
-/// another reason).
-pub fn explain_unfunded(payer: &Payer, f: Funds, lowest_ask: TokenAmount, count: u32) -> Option<String> {
+/// first deposit at the lowest ask that fits, on its own or next to the
+/// `waiting` other orders of this member it pays for, which are taking
+/// bids now (providers count each bid they hold against the payer's
+/// funds): a sentence that says what is short and what to run. `None` when
+/// it can (the bids were missing for another reason).
+pub fn explain_unfunded(
+    payer: &Payer,
+    f: Funds,
+    lowest_ask: TokenAmount,
+    count: u32,
+    waiting: usize,
+) -> Option<String> {
     let needed = first_deposit(lowest_ask, count)?;
-    if spendable(payer, f) >= needed {
+    let can = spendable(payer, f);
+    // The other orders' sizes and asks are their own; a deposit like this
+    // one's each is what the sentence can say without reading them all.
+    let with_waiting = needed.saturating_mul(u128::try_from(waiting).unwrap_or(u128::MAX).saturating_add(1));
+    if can >= with_waiting {
         return None;
     }
     let shown = |v: u128| TokenAmount(v).shown();
@@ -84,6 +117,18 @@ pub fn explain_unfunded(payer: &Payer, f: Funds, lowest_ask: TokenAmount, count:
         "a first deposit of {} tokens (a minute of {count} GPU(s) at the lowest ask, {lowest_ask} per GPU-hour)",
         shown(needed)
     );
+    if can >= needed {
+        return Some(format!(
+            "the paying wallet {} can fund {} tokens, {} times {ask}, and this member has {waiting} other \
+             order(s) it pays for taking bids now; providers hold a bid against the payer's funds until it is \
+             won or lost, so not all of them get bids at once: the rest are asked again as bids resolve, or \
+             add funds ({})",
+            payer.wallet(),
+            shown(can),
+            can / needed,
+            payer.topping_up()
+        ));
+    }
     Some(match payer {
         Payer::Own(w) => format!(
             "the paying wallet {w} holds {} tokens and its escrow account {}, less than {ask}; providers do not \
@@ -99,6 +144,29 @@ pub fn explain_unfunded(payer: &Payer, f: Funds, lowest_ask: TokenAmount, count:
             shown(f.other)
         ),
     })
+}
+
+/// What one open bid counts against its payer's funds: the first deposit
+/// its lease would need. Without it, a wallet that can fund one lease
+/// could have a bid (and GPUs held) for every order it publishes at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pledge {
+    pub payer: Payer,
+    pub deposit: u128,
+}
+
+/// What `pledges` already count against `payer`.
+pub fn pledged<'a>(pledges: impl IntoIterator<Item = &'a Pledge>, payer: &Payer) -> u128 {
+    pledges
+        .into_iter()
+        .filter(|p| p.payer == *payer)
+        .fold(0u128, |sum, p| sum.saturating_add(p.deposit))
+}
+
+/// Whether a payer with `spendable` funds, `already` pledged to this
+/// provider's open bids, can fund one more first deposit of `needed`.
+pub fn can_fund_another(spendable: u128, already: u128, needed: u128) -> bool {
+    already.checked_add(needed).is_some_and(|total| spendable >= total)
 }
 
 /// How long a payer's figures are trusted. A renter re-publishes an order
@@ -205,6 +273,41 @@ mod tests {
     }
 
     #[test]
+    fn a_payers_open_bids_count_against_its_funds_and_nobody_elses() {
+        let own = Payer::Own(ME);
+        let agent = Payer::Agent {
+            renter: RENTER,
+            agent: ME,
+        };
+        let pledges = [
+            Pledge {
+                payer: own,
+                deposit: TOKEN,
+            },
+            Pledge {
+                payer: agent,
+                deposit: 5 * TOKEN,
+            },
+            Pledge {
+                payer: own,
+                deposit: 2 * TOKEN,
+            },
+        ];
+        assert_eq!(pledged(&pledges, &own), 3 * TOKEN);
+        assert_eq!(
+            pledged(&pledges, &agent),
+            5 * TOKEN,
+            "the agent's own wallet is another payer"
+        );
+        assert_eq!(pledged(&pledges, &Payer::Own(RENTER)), 0);
+
+        assert!(can_fund_another(4 * TOKEN, 3 * TOKEN, TOKEN), "exactly enough");
+        assert!(!can_fund_another(4 * TOKEN - 1, 3 * TOKEN, TOKEN));
+        assert!(can_fund_another(TOKEN, 0, TOKEN), "the first bid needs one deposit");
+        assert!(!can_fund_another(u128::MAX, u128::MAX, 1), "no overflow into a yes");
+    }
+
+    #[test]
     fn the_first_deposit_is_a_minute_of_the_bid() {
         // 3.6 tokens an hour per GPU is 0.001 a second; 4 GPUs for 60 s: 0.24.
         let price = TokenAmount::from_str("3.6").unwrap();
@@ -220,7 +323,7 @@ mod tests {
             account: 100_000_000_000_000_000,
             other: 100_000_000_000_000_000,
         };
-        let m = explain_unfunded(&own, short, price, 4).unwrap();
+        let m = explain_unfunded(&own, short, price, 4, 0).unwrap();
         assert!(m.contains("holds 0.1 tokens and its escrow account 0.1"), "{m}");
         assert!(
             m.contains("first deposit of 0.24 tokens") && m.contains("3.6 per GPU-hour"),
@@ -232,7 +335,7 @@ mod tests {
             other: 240_000_000_000_000_000,
         };
         assert_eq!(
-            explain_unfunded(&own, enough, price, 4),
+            explain_unfunded(&own, enough, price, 4, 0),
             None,
             "exactly a minute is enough"
         );
@@ -245,7 +348,7 @@ mod tests {
             account: 5 * TOKEN,
             other: 1_000_000_000_000_000,
         };
-        let m = explain_unfunded(&agent, approved_little, price, 4).unwrap();
+        let m = explain_unfunded(&agent, approved_little, price, 4, 0).unwrap();
         assert!(m.contains("lets this member commit 0.001 more"), "{m}");
         assert!(m.contains("gpupool escrow agent"), "{m}");
         assert_eq!(
@@ -256,9 +359,67 @@ mod tests {
                     other: TOKEN
                 },
                 price,
-                4
+                4,
+                0
             ),
             None
+        );
+    }
+
+    #[test]
+    fn a_payer_that_funds_one_order_but_not_all_it_waits_on_is_told_so() {
+        let price = TokenAmount::from_str("3.6").unwrap(); // 0.24 for 4 GPUs' minute
+        let own = Payer::Own(ME);
+        let half_a_token = Funds {
+            account: 500_000_000_000_000_000,
+            other: 0,
+        };
+        assert_eq!(
+            explain_unfunded(&own, half_a_token, price, 4, 1),
+            None,
+            "two deposits of 0.24 fit in 0.5"
+        );
+        let m = explain_unfunded(&own, half_a_token, price, 4, 4).unwrap();
+        assert!(m.contains(&ME.to_string()), "{m}");
+        assert!(
+            m.contains("can fund 0.5 tokens, 2 times a first deposit of 0.24 tokens"),
+            "{m}"
+        );
+        assert!(m.contains("4 other order(s)"), "{m}");
+        assert!(m.contains("gpupool escrow deposit"), "{m}");
+
+        let agent = Payer::Agent {
+            renter: RENTER,
+            agent: ME,
+        };
+        let m = explain_unfunded(
+            &agent,
+            Funds {
+                account: TOKEN,
+                other: TOKEN,
+            },
+            price,
+            4,
+            9,
+        )
+        .unwrap();
+        assert!(
+            m.contains(&RENTER.to_string()) && m.contains("gpupool escrow agent"),
+            "{m}"
+        );
+        assert!(
+            explain_unfunded(
+                &agent,
+                Funds {
+                    account: TOKEN,
+                    other: TOKEN
+                },
+                price,
+                4,
+                usize::MAX
+            )
+            .is_some(),
+            "no overflow"
         );
     }
 

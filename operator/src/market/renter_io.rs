@@ -534,8 +534,9 @@ impl Market {
     }
 
     /// Why this job's payer cannot fund a first deposit at the lowest ask
-    /// that fits, if it cannot; `None` when it can, or when the chain does
-    /// not answer (the plain "no bids" stands).
+    /// that fits, alone or next to its other orders taking bids now, if it
+    /// cannot; `None` when it can, or when the chain does not answer (the
+    /// plain "no bids" stands).
     async fn unfunded(&self, aijob: &AiJob, wanted: &Wanted<'_>) -> Option<String> {
         let lowest = lowest_fitting_ask(wanted, &self.pool_supply(None))?;
         let payer = payer_of(self.wallet, aijob.spec.payer.as_deref().unwrap_or_default()).ok()?;
@@ -544,7 +545,14 @@ impl Market {
             .await
             .map_err(|e| debug!(error = %e, "could not read the job's payer's funds"))
             .ok()?;
-        explain_unfunded(&payer, funds, lowest, wanted.count)
+        let uid = aijob.metadata.uid.as_deref().unwrap_or_default();
+        let waiting = self
+            .lock()
+            .orders
+            .values()
+            .filter(|o| o.uid != uid && payer_of(self.wallet, &o.order.payer_wallet).ok() == Some(payer))
+            .count();
+        explain_unfunded(&payer, funds, lowest, wanted.count, waiting)
     }
 
     /// The organisations a re-auction leaves out after `failed_org` failed
