@@ -439,3 +439,61 @@ async fn deleting_the_namespace_of_a_running_aijob_never_takes_its_status_back()
         "the status went back or called the Job lost while the namespace was deleted: {seen:?}"
     );
 }
+
+/// A cleanup reads an object, then deletes it; a namespace being deleted
+/// around it can remove it in between. Under the operator's own identity
+/// against the real API server: a Job deleted while it exists is `Now`,
+/// one already gone is `AlreadyGone`, not an error (it had failed the
+/// finalizer's reconcile with a warning and a reconcile error), and a
+/// delete the operator is not allowed to make is still an error.
+#[tokio::test]
+async fn a_delete_that_finds_the_object_gone_is_the_outcome_asked_for() {
+    use gpupool_operator::deletes::{Deleted, delete_unless_gone};
+    let env = testenv();
+    let org = env.org(ORG).unwrap();
+    let client = admin(org).await;
+    let ns = namespace(&client, "gone").await;
+    let operator = gpupool_e2e::cluster::client_for(&org.operator_kubeconfig)
+        .await
+        .expect("operator client");
+    let job: Job = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "short" },
+        "spec": { "template": { "spec": {
+            "restartPolicy": "Never",
+            "containers": [{ "name": "c", "image": "busybox" }]
+        } } }
+    }))
+    .unwrap();
+    Api::<Job>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &job)
+        .await
+        .unwrap();
+    let jobs: Api<Job> = Api::namespaced(operator.clone(), &ns);
+    let background = DeleteParams::background();
+    assert_eq!(
+        delete_unless_gone(&jobs, "short", &background).await.unwrap(),
+        Deleted::Now
+    );
+    wait_for(LONG, "the Job gone", || async {
+        jobs.get_opt("short").await.unwrap().is_none().then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        delete_unless_gone(&jobs, "short", &background).await.unwrap(),
+        Deleted::AlreadyGone
+    );
+    assert_eq!(
+        delete_unless_gone(&jobs, "never-was", &background).await.unwrap(),
+        Deleted::AlreadyGone
+    );
+    // The operator may read pods but not delete them: still an error.
+    let pods: Api<Pod> = Api::namespaced(operator, &ns);
+    match delete_unless_gone(&pods, "any", &background).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!("a forbidden delete must stay an error: {other:?}"),
+    }
+    let _ = Api::<Namespace>::all(client)
+        .delete(&ns, &DeleteParams::default())
+        .await;
+}

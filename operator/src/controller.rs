@@ -31,6 +31,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::cache::{JobView, PodCaches, slim_aijob};
 use crate::capacity::inventory;
+use crate::deletes::{Deleted, delete_unless_gone};
 use crate::events::EventPublisher;
 use crate::jobbuild::{self, MANAGED_BY, MANAGER};
 use crate::jobstatus::observe;
@@ -707,7 +708,9 @@ async fn cleanup(aijob: Arc<AiJob>, ctx: &Context) -> Result<Action, Error> {
         for lease in names {
             if let Some(l) = leases.get_opt(&lease).await? {
                 if l.metadata.deletion_timestamp.is_none() {
-                    leases.delete(&lease, &DeleteParams::default()).await?;
+                    if delete_unless_gone(&leases, &lease, &DeleteParams::default()).await? == Deleted::AlreadyGone {
+                        continue;
+                    }
                     info!(aijob = %name, namespace = %ns, lease = %lease, "AiJob deleted: cancelling its lease");
                 }
                 pending.push(lease);
@@ -730,7 +733,10 @@ async fn cleanup(aijob: Arc<AiJob>, ctx: &Context) -> Result<Action, Error> {
                     propagation_policy: Some(PropagationPolicy::Foreground),
                     ..Default::default()
                 };
-                api.delete(&job_name, &dp).await?;
+                if delete_unless_gone(&api, &job_name, &dp).await? == Deleted::AlreadyGone {
+                    info!(aijob = %name, namespace = %ns, "cleanup done");
+                    return Ok(Action::await_change());
+                }
                 info!(aijob = %name, namespace = %ns, job = %job_name, "deleting Job");
             }
             // An error keeps the finalizer; the Job's and pods' deletions

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod capacity;
 pub mod chain_watch;
 pub mod controller;
+pub mod deletes;
 pub mod events;
 pub mod jobbuild;
 pub mod jobstatus;

@@ -26,6 +26,7 @@ use super::lease_records::{Closed, expired};
 use super::node::{MARKET_MANAGER, Market, Reservation, now_ms};
 use super::renter::moves_forward;
 use super::renter_funds::{Funds, Payer, Pledge, can_fund_another, first_deposit, payer_of, spendable};
+use crate::deletes::{Deleted, delete_unless_gone};
 use crate::p2p::envelope::DropReason;
 use crate::settlement_plan::COND_SETTLED;
 
@@ -663,12 +664,12 @@ impl Market {
             .collect();
         let mut deleted = 0usize;
         for name in expired(&records, now_ms(), self.settings.closed_lease_retention) {
-            match api.delete(name, &DeleteParams::default()).await {
-                Ok(_) => {
+            match delete_unless_gone(api, name, &DeleteParams::default()).await {
+                Ok(Deleted::Now) => {
                     debug!(lease = %name, "closed lease record past its retention; deleted");
                     deleted += 1;
                 }
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Ok(Deleted::AlreadyGone) => {}
                 Err(e) => {
                     warn!(lease = %name, error = %e, "could not delete a closed lease record; retrying at the next beat");
                     break;
@@ -693,12 +694,13 @@ impl Market {
             Ok(Some(n)) if n.metadata.deletion_timestamp.is_some() => true,
             Ok(Some(_)) => {
                 info!(lease = %lease_id, namespace = %ns, "lease closed on chain; deleting its namespace");
-                match ns_api.delete(ns, &DeleteParams::default()).await {
-                    Ok(_) => {
+                match delete_unless_gone(&ns_api, ns, &DeleteParams::default()).await {
+                    Ok(Deleted::Now) => {
                         self.metrics
                             .pool_lease(crate::telemetry::PoolLeaseEvent::ProviderCleanedUp);
                         true
                     }
+                    Ok(Deleted::AlreadyGone) => true,
                     Err(e) => {
                         warn!(lease = %lease_id, namespace = %ns, error = %e, "could not delete the lease namespace; retrying at the next beat");
                         false
