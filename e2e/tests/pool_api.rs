@@ -299,6 +299,76 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
         assert_eq!(chain.account(renter.address()).await.unwrap(), account_now);
     }
 
+    // An allowance that funds one first minute (0.0333) but not two: a
+    // Manual job holds bravo's bid, unchosen, which pledges its deposit at
+    // bravo; a second job submitted meanwhile gets no bid, and its reason
+    // says the first one's bid is why. Cancelling both costs nothing.
+    let r = gpupool(
+        &cfg,
+        &key,
+        &ca,
+        &["escrow", "agent", "--agent", &agent, "--amount", "0.05"],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    // bravo trusts what it last read of this payer for a few seconds.
+    tokio::time::sleep(Duration::from_millis(
+        gpupool_operator::market::renter_funds::FUNDS_FRESH_MS + 500,
+    ))
+    .await;
+    let bids_of = |job: &'static str| {
+        let api = Api::<Bid>::namespaced(acme.clone(), &renter_ns);
+        async move {
+            api.list(&ListParams::default().labels(&format!("{}={job}", gpupool_crds::LABEL_AIJOB)))
+                .await
+                .unwrap()
+                .items
+        }
+    };
+    let mut held = submit.to_vec();
+    held[1] = "held";
+    held.push("--manual");
+    let r = cli(&held);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    wait_for(WAIT, "bravo's bid for the held job", || async {
+        (!bids_of("held").await.is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut second = submit.to_vec();
+    second[1] = "second";
+    let r = cli(&second);
+    assert_eq!(r.code, Some(0), "{}", r.err);
+    let message = wait_for(WAIT, "the second job saying the held bid is why", || async {
+        let r = cli(&["jobs", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&r.out).ok()?;
+        let j = v.as_array()?.iter().find(|j| j["name"] == "second")?.clone();
+        let m = j["message"].as_str()?.to_string();
+        m.contains("other order(s)").then_some(m)
+    })
+    .await
+    .unwrap();
+    assert!(
+        message.contains("can fund 0.05 tokens, 1 times a first deposit")
+            && message.contains("1 other order(s) it pays for holding bids")
+            && message.contains("gpupool escrow agent"),
+        "{message}"
+    );
+    assert!(
+        bids_of("second").await.is_empty(),
+        "no bid while the first holds its deposit"
+    );
+    for job in ["held", "second"] {
+        let r = cli(&["cancel", job]);
+        assert_eq!(r.code, Some(0), "{}", r.err);
+    }
+    wait_for(WAIT, "both cancelled jobs gone", || async {
+        let r = cli(&["jobs", "-o", "json"]);
+        (r.code == Some(0) && !r.out.contains("\"held\"") && !r.out.contains("\"second\"")).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(chain.account(renter.address()).await.unwrap(), account_now);
+
     // What must never get through, sent as raw gRPC.
     // Only over TLS: a plaintext client gets nowhere.
     let plain = url.replace("https://", "http://");

@@ -93,8 +93,8 @@ pub fn first_deposit(price: TokenAmount, count: u32) -> Option<u128> {
 
 /// Why a renter's own order got no bids when its payer cannot fund the
 /// first deposit at the lowest ask that fits, on its own or next to the
-/// `waiting` other orders of this member it pays for, which are taking
-/// bids now (providers count each bid they hold against the payer's
+/// `waiting` other orders of this member it pays for that hold bids not
+/// yet won or lost (providers count each bid they hold against the payer's
 /// funds): a sentence that says what is short and what to run. `None` when
 /// it can (the bids were missing for another reason).
 pub fn explain_unfunded(
@@ -120,9 +120,9 @@ pub fn explain_unfunded(
     if can >= needed {
         return Some(format!(
             "the paying wallet {} can fund {} tokens, {} times {ask}, and this member has {waiting} other \
-             order(s) it pays for taking bids now; providers hold a bid against the payer's funds until it is \
-             won or lost, so not all of them get bids at once: the rest are asked again as bids resolve, or \
-             add funds ({})",
+             order(s) it pays for holding bids not yet won or lost; providers hold each bid against the payer's \
+             funds until then, so not all of its orders get bids at once: the rest are asked again as bids \
+             resolve, or add funds ({})",
             payer.wallet(),
             shown(can),
             can / needed,

@@ -534,9 +534,10 @@ impl Market {
     }
 
     /// Why this job's payer cannot fund a first deposit at the lowest ask
-    /// that fits, alone or next to its other orders taking bids now, if it
-    /// cannot; `None` when it can, or when the chain does not answer (the
-    /// plain "no bids" stands).
+    /// that fits, alone or next to its other orders holding bids not yet
+    /// won or lost (each pledges a deposit at its provider), if it cannot;
+    /// `None` when it can, or when the chain does not answer (the plain "no
+    /// bids" stands).
     async fn unfunded(&self, aijob: &AiJob, wanted: &Wanted<'_>) -> Option<String> {
         let lowest = lowest_fitting_ask(wanted, &self.pool_supply(None))?;
         let payer = payer_of(self.wallet, aijob.spec.payer.as_deref().unwrap_or_default()).ok()?;
@@ -550,7 +551,8 @@ impl Market {
             .lock()
             .orders
             .values()
-            .filter(|o| o.uid != uid && payer_of(self.wallet, &o.order.payer_wallet).ok() == Some(payer))
+            .filter(|o| o.uid != uid && !o.bids.recorded.is_empty())
+            .filter(|o| payer_of(self.wallet, &o.order.payer_wallet).ok() == Some(payer))
             .count();
         explain_unfunded(&payer, funds, lowest, wanted.count, waiting)
     }
