@@ -26,6 +26,13 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 const WAIT: Duration = Duration::from_secs(120);
 
 /// `gpupool` as a renter without a cluster runs it: no kubeconfig at all.
+/// The reason message of `job` in `gpupool jobs -o json` output.
+fn job_message(jobs_json: &str, job: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(jobs_json).ok()?;
+    let j = v.as_array()?.iter().find(|j| j["name"] == job)?;
+    j["message"].as_str().map(String::from)
+}
+
 fn gpupool(chain_config: &Path, key: &Path, ca: &Path, args: &[&str]) -> CliRun {
     run_gpupool(
         args,
@@ -266,10 +273,7 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
         let r = cli(&tight);
         assert_eq!(r.code, Some(0), "{}", r.err);
         let message = wait_for(WAIT, &format!("{job}: {why} in the job's reason"), || async {
-            let r = cli(&["jobs", "-o", "json"]);
-            let v: serde_json::Value = serde_json::from_str(&r.out).ok()?;
-            let j = v.as_array()?.iter().find(|j| j["name"] == job)?.clone();
-            let m = j["message"].as_str()?.to_string();
+            let m = job_message(&cli(&["jobs", "-o", "json"]).out, job)?;
             m.contains(why).then_some(m)
         })
         .await
@@ -339,10 +343,7 @@ async fn a_renter_without_a_cluster_rents_through_a_members_pool_api() {
     let r = cli(&second);
     assert_eq!(r.code, Some(0), "{}", r.err);
     let message = wait_for(WAIT, "the second job saying the held bid is why", || async {
-        let r = cli(&["jobs", "-o", "json"]);
-        let v: serde_json::Value = serde_json::from_str(&r.out).ok()?;
-        let j = v.as_array()?.iter().find(|j| j["name"] == "second")?.clone();
-        let m = j["message"].as_str()?.to_string();
+        let m = job_message(&cli(&["jobs", "-o", "json"]).out, "second")?;
         m.contains("other order(s)").then_some(m)
     })
     .await
@@ -647,10 +648,7 @@ async fn a_renters_long_job_is_topped_up_by_its_agent_while_the_allowance_lasts(
         Duration::from_secs(150),
         "the refused top-up in the job's reason",
         || async {
-            let r = cli(&["jobs", "-o", "json"]);
-            let v: serde_json::Value = serde_json::from_str(&r.out).ok()?;
-            let job = v.as_array()?.iter().find(|j| j["name"] == "long")?.clone();
-            let m = job["message"].as_str()?.to_string();
+            let m = job_message(&cli(&["jobs", "-o", "json"]).out, "long")?;
             m.contains("gpupool escrow agent").then_some(m)
         },
     )
