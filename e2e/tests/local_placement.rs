@@ -11,7 +11,7 @@ use gpupool_e2e::harness::{Operator, admin, aijob_json, namespace, testenv, wait
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod};
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 
 const ORG: &str = "acme";
@@ -493,6 +493,109 @@ async fn a_delete_that_finds_the_object_gone_is_the_outcome_asked_for() {
         Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
         other => panic!("a forbidden delete must stay an error: {other:?}"),
     }
+    let _ = Api::<Namespace>::all(client)
+        .delete(&ns, &DeleteParams::default())
+        .await;
+}
+
+/// The finalizer helper on a real API server, handed copies of an object
+/// older than the controller's own writes, as a reconcile gets when its
+/// cache lags (kube's helper failed each of these: 422 on the add and on a
+/// moved finalizer, 404 on a second removal; a 100-job burst hit 60).
+#[tokio::test]
+async fn a_finalizer_step_taken_on_a_stale_copy_goes_on_from_what_the_server_holds() {
+    use gpupool_operator::finalizers::finalizer;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::controller::Action;
+    use kube::runtime::finalizer::Event as Step;
+    const MINE: &str = "gpupool.dev/test-finalizer";
+    let env = testenv();
+    let org = env.org(ORG).unwrap();
+    let client = admin(org).await;
+    let ns = namespace(&client, "stale").await;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let ran = Arc::new(Mutex::new(Vec::<String>::new()));
+    let step = |obj: Arc<ConfigMap>| {
+        let ran = ran.clone();
+        let maps = maps.clone();
+        async move {
+            finalizer(&maps, MINE, obj, |event| async move {
+                let (what, o) = match event {
+                    Step::Apply(o) => ("apply", o),
+                    Step::Cleanup(o) => ("cleanup", o),
+                };
+                let held = o.metadata.finalizers.clone().unwrap_or_default();
+                ran.lock().unwrap().push(format!("{what} {}", held.join(",")));
+                Ok::<_, std::io::Error>(Action::await_change())
+            })
+            .await
+        }
+    };
+    let finalizers_of = |name: &'static str| {
+        let maps = maps.clone();
+        async move { maps.get(name).await.unwrap().metadata.finalizers.unwrap_or_default() }
+    };
+    let cm = |name: &str, finalizers: &[&str]| -> ConfigMap {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "finalizers": finalizers}})).unwrap()
+    };
+
+    // Added from a copy without it; then the same stale copy again: the
+    // helper reads the object, finds the finalizer on it and applies.
+    let created = Arc::new(maps.create(&PostParams::default(), &cm("plain", &[])).await.unwrap());
+    step(created.clone()).await.expect("the finalizer added");
+    assert_eq!(finalizers_of("plain").await, vec![MINE]);
+    assert!(ran.lock().unwrap().is_empty(), "apply waits for the write to come back");
+    step(created.clone())
+        .await
+        .expect("a stale copy goes on from the server's");
+    assert_eq!(ran.lock().unwrap().as_slice(), [format!("apply {MINE}")]);
+    assert_eq!(finalizers_of("plain").await, vec![MINE], "added once, not twice");
+
+    // Deleted: cleanup, then the finalizer comes off and the object goes.
+    // The deleting copy handed in again (its removal already done) is a
+    // cleanup that finds nothing to remove, not a 404 error.
+    maps.delete("plain", &DeleteParams::default()).await.unwrap();
+    let deleting = Arc::new(maps.get("plain").await.unwrap());
+    assert!(deleting.metadata.deletion_timestamp.is_some());
+    step(deleting.clone()).await.expect("cleanup and removal");
+    assert!(
+        maps.get_opt("plain").await.unwrap().is_none(),
+        "gone once ours came off"
+    );
+    step(deleting).await.expect("a second removal on a gone object is done");
+    assert_eq!(ran.lock().unwrap().len(), 3);
+
+    // Ours moved: another finalizer ahead of it came off after our copy was
+    // taken, so the index our copy holds names nothing. Read and removed
+    // where it is now; the object goes.
+    let shared = maps
+        .create(&PostParams::default(), &cm("shared", &["example.com/first", MINE]))
+        .await
+        .unwrap();
+    maps.delete("shared", &DeleteParams::default()).await.unwrap();
+    let stale = Arc::new(maps.get("shared").await.unwrap());
+    assert_eq!(shared.metadata.finalizers, stale.metadata.finalizers);
+    let first_off = serde_json::json!({"metadata": {"finalizers": [MINE]}});
+    maps.patch("shared", &PatchParams::default(), &Patch::Merge(&first_off))
+        .await
+        .unwrap();
+    assert_eq!(finalizers_of("shared").await, vec![MINE]);
+    step(stale).await.expect("removed where it stands now");
+    assert!(maps.get_opt("shared").await.unwrap().is_none(), "nothing holds it");
+
+    // A finalizer of someone else's stays where it is: only ours is touched.
+    let other = Arc::new(
+        maps.create(&PostParams::default(), &cm("other", &["example.com/keep"]))
+            .await
+            .unwrap(),
+    );
+    step(other.clone()).await.expect("ours appended");
+    step(other).await.expect("stale copy of a shared list");
+    assert_eq!(finalizers_of("other").await, vec!["example.com/keep", MINE]);
+    let none = serde_json::json!({"metadata": {"finalizers": null}});
+    maps.patch("other", &PatchParams::default(), &Patch::Merge(&none))
+        .await
+        .unwrap();
     let _ = Api::<Namespace>::all(client)
         .delete(&ns, &DeleteParams::default())
         .await;

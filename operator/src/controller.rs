@@ -18,7 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::finalizer::Event as Finalizer;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -33,6 +33,7 @@ use crate::cache::{JobView, PodCaches, slim_aijob};
 use crate::capacity::inventory;
 use crate::deletes::{Deleted, delete_unless_gone};
 use crate::events::EventPublisher;
+use crate::finalizers::{self, finalizer};
 use crate::jobbuild::{self, MANAGED_BY, MANAGER};
 use crate::jobstatus::observe;
 use crate::listed::Listed;
@@ -340,29 +341,25 @@ async fn accept_traced(aijob: &AiJob, api: &Api<AiJob>) -> Result<Option<Action>
         return Ok(None);
     };
     let patch = accept_patch(aijob, &traceparent);
-    api.patch(&aijob.name_any(), &PatchParams::default(), &Patch::Json::<()>(patch))
+    match api
+        .patch(&aijob.name_any(), &PatchParams::default(), &Patch::Json::<()>(patch))
         .instrument(span)
-        .await?;
-    // The write wakes the job again; the finalizer is on from then.
-    Ok(Some(Action::await_change()))
+        .await
+    {
+        // The write wakes the job again; the finalizer is on from then.
+        Ok(_) => Ok(Some(Action::await_change())),
+        // The finalizers changed since this (cached) copy: most likely our
+        // own accept, which the cache has not caught up with. The finalizer
+        // helper reads the object and goes on from what it holds.
+        Err(e) if finalizers::is_stale_view(&e) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Adds the finalizer, unless someone changed the list since it was read
-/// (the API server then refuses the patch and the next pass reads again),
-/// and the trace annotation.
+/// (the API server then refuses the patch), and the trace annotation.
 fn accept_patch(aijob: &AiJob, traceparent: &str) -> json_patch::Patch {
-    let finalizers = aijob.finalizers();
-    let mut ops = if finalizers.is_empty() {
-        vec![
-            serde_json::json!({"op": "test", "path": "/metadata/finalizers", "value": null}),
-            serde_json::json!({"op": "add", "path": "/metadata/finalizers", "value": [AIJOB_FINALIZER]}),
-        ]
-    } else {
-        vec![
-            serde_json::json!({"op": "test", "path": "/metadata/finalizers", "value": finalizers}),
-            serde_json::json!({"op": "add", "path": "/metadata/finalizers/-", "value": AIJOB_FINALIZER}),
-        ]
-    };
+    let mut ops = finalizers::add_ops(aijob.finalizers(), AIJOB_FINALIZER);
     ops.push(if aijob.annotations().is_empty() {
         let value = serde_json::Map::from_iter([(ANNOTATION_TRACEPARENT.to_string(), traceparent.into())]);
         serde_json::json!({"op": "add", "path": "/metadata/annotations", "value": value})
@@ -371,8 +368,7 @@ fn accept_patch(aijob: &AiJob, traceparent: &str) -> json_patch::Patch {
         let key = ANNOTATION_TRACEPARENT.replace('~', "~0").replace('/', "~1");
         serde_json::json!({"op": "add", "path": format!("/metadata/annotations/{key}"), "value": traceparent})
     });
-    // Proven invariant: every op above is a well-formed add or test.
-    serde_json::from_value(serde_json::Value::Array(ops)).expect("well-formed JSON Patch")
+    finalizers::json_patch(ops)
 }
 
 fn key(ns: &str, name: &str) -> String {

@@ -8,6 +8,7 @@ pub mod chain_watch;
 pub mod controller;
 pub mod deletes;
 pub mod events;
+pub mod finalizers;
 pub mod jobbuild;
 pub mod jobstatus;
 pub mod leader;

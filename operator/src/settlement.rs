@@ -20,12 +20,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::finalizer::Event as Finalizer;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, warn};
 
 use crate::events::EventPublisher;
+use crate::finalizers::finalizer;
 use crate::settlement_plan::{
     COND_CHAIN, COND_FUNDS_LOW, COND_SETTLED, Observed, Policy, REASON_TOP_UP_REFUSED, Step, plan, rate_per_second,
 };
