@@ -37,6 +37,20 @@ const LOCAL_POLL: Duration = Duration::from_millis(20);
 /// Attempts for a write whose input state changed under it (another party acted).
 const STALE_RETRIES: usize = 4;
 
+/// The gas limit sent for a transaction estimated at `estimate`.
+///
+/// An estimate holds for the state it was made against. One wallet sends
+/// many transactions at once, and each changes what the next costs: the
+/// escrow account that funded an open when it was estimated runs dry before
+/// it is mined, so it also pulls from the wallet (~15k more), or a close
+/// pays a provider account that another close has just emptied (~17k more,
+/// a storage word from zero). Sent at the bare estimate, such a transaction
+/// ran out of gas (two in a burst of 100), was retried, and paid for both.
+/// Half again covers these swings; gas not used is not charged.
+pub fn gas_limit_for(estimate: u64) -> u64 {
+    estimate.saturating_add(estimate / 2)
+}
+
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     /// Limit for one RPC request; a hung endpoint becomes an error, not a hang.
@@ -717,7 +731,7 @@ impl EscrowClient {
                 .estimate_gas(tx.clone())
                 .await
                 .map_err(|e| classify(call, e))?;
-            tx.set_gas_limit(gas);
+            tx.set_gas_limit(gas_limit_for(gas));
         }
         if tx.gas_price.is_none() && tx.max_fee_per_gas.is_none() {
             let fees = self
@@ -1008,5 +1022,22 @@ fn token_refusal(err: &GpuToken::GpuTokenErrors) -> (&'static str, String) {
             format!("the escrow may spend {} base units, {} needed", e.allowance, e.needed),
         ),
         other => ("TokenRefused", format!("{other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gas_limit_covers_an_open_that_falls_back_on_the_wallet() {
+        // Receipts from bench-escrow: an open from the escrow account, and
+        // the same open paid from the wallet once the account ran dry.
+        let (from_account, from_wallet) = (56_592, 71_084);
+        assert!(gas_limit_for(from_account) >= from_wallet);
+        // A close estimated against a provider account that held tokens,
+        // mined after another close emptied it: a storage word from zero.
+        assert!(gas_limit_for(44_656) >= 44_656 + 17_100);
+        assert_eq!(gas_limit_for(u64::MAX), u64::MAX);
     }
 }

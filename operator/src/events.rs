@@ -240,7 +240,7 @@ impl EventPublisher {
 
 /// The API server's refusal to create anything in a namespace that is being
 /// deleted (its NamespaceLifecycle admission names this cause).
-fn namespace_terminating(s: &kube::core::Status) -> bool {
+pub fn namespace_terminating(s: &kube::core::Status) -> bool {
     s.code == 403
         && s.details
             .as_ref()

@@ -115,6 +115,9 @@ pub struct OpenOrder {
 pub struct RecordedBids {
     pub gate: Arc<tokio::sync::RwLock<()>>,
     pub recorded: Vec<RecordedBid>,
+    /// The API server refused a Bid for this order because the job's
+    /// namespace is being deleted: no order for the job goes out again.
+    pub namespace_ending: bool,
 }
 
 /// A bid recorded as a Bid resource: what its loser's message needs.

@@ -44,6 +44,9 @@ pub struct View<'a> {
     /// `selection::expected_bidders`). Auto selection chooses as soon as
     /// each has a usable bid in, without waiting out the window.
     pub expected_bidders: &'a [String],
+    /// The job's namespace is being deleted: the API server refused to
+    /// record a bid for the current order there (`NamespaceTerminating`).
+    pub namespace_ending: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +78,11 @@ pub enum Step {
     /// The lease ran out of funds before the workload ended: the renter's
     /// money, not the provider, stopped it, so the job fails and says so.
     OutOfFunds,
+    /// Its namespace is being deleted, and the job with it: no more orders.
+    /// Each would have every provider hold GPUs for bids that cannot be
+    /// written down; a busy namespace controller takes seconds to tens of
+    /// seconds to reach the job itself.
+    NamespaceEnding,
 }
 
 /// How far a workload has got, as its provider reports it.
@@ -127,6 +135,13 @@ fn terminal(w: &WorkloadReport) -> bool {
 }
 
 pub fn decide(v: &View<'_>) -> Step {
+    match next_step(v) {
+        Step::Publish { .. } | Step::Reauction { .. } if v.namespace_ending => Step::NamespaceEnding,
+        step => step,
+    }
+}
+
+fn next_step(v: &View<'_>) -> Step {
     let Some((attempt, closes_at)) = v.order else {
         return Step::Publish {
             attempt: 1,
@@ -319,7 +334,34 @@ mod tests {
             // Someone the adverts say could still bid, so the window holds
             // unless a test says otherwise.
             expected_bidders: Box::leak(Box::new(["slowpoke".to_string()])),
+            namespace_ending: false,
         }
+    }
+
+    #[test]
+    fn no_order_goes_out_for_a_job_whose_namespace_is_ending() {
+        // An empty window, then fresh capacity: both would order again.
+        let mut v = view(&[], None);
+        v.namespace_ending = true;
+        assert_eq!(decide(&v), Step::NamespaceEnding);
+        v.now_ms = 1000;
+        v.fresh_capacity = true;
+        assert_eq!(decide(&v), Step::NamespaceEnding);
+        // A provider failed the lease: no re-auction either.
+        let failed = LeaseView {
+            state: Some(LeaseState::Closed),
+            provider_org: "globex".into(),
+            ..LeaseView::default()
+        };
+        let mut v = view(&[], Some(&failed));
+        v.namespace_ending = true;
+        assert_eq!(decide(&v), Step::NamespaceEnding);
+        // Bids already in hand, a lease running: those go on as before
+        // (deleting the job cancels them).
+        let bids = [bid("b1", "globex", "2")];
+        let mut v = view(&bids, None);
+        v.namespace_ending = true;
+        assert_eq!(decide(&v), Step::Award { bid: "b1".into() });
     }
 
     #[test]

@@ -140,7 +140,20 @@ impl Market {
                 info!(order = %b.order_id, provider = %org, price = %price, product = %b.gpu_product, "bid recorded");
             }
             Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => warn!(error = %e, "could not record bid"),
+            Err(e) => {
+                // Only a recorded bid can be chosen: this one's provider gets
+                // its GPUs back now, not when the bid expires.
+                let ending = matches!(&e, kube::Error::Api(s) if crate::events::namespace_terminating(s));
+                if ending {
+                    if let Some(o) = self.lock().orders.get_mut(&b.order_id) {
+                        o.bids.namespace_ending = true;
+                    }
+                    info!(order = %b.order_id, namespace = %ns, provider = %org, "bid declined: the job's namespace is being deleted");
+                } else {
+                    warn!(error = %e, order = %b.order_id, provider = %org, "could not record bid; declining it");
+                }
+                self.tell_bid_result(sender, &b.order_id, &b.bid_id, false).await;
+            }
         }
         self.wake(order.aijob.clone()).await;
         Ok(())

@@ -23,8 +23,8 @@ use super::renter_funds::{explain_unfunded, payer_of};
 use super::renter_orders::time_ms;
 use super::renter_reports::renter_lease_of;
 use super::renter_says::{
-    awaiting_choice, bids_so_far, closing_message, finished, lease_opening, mirrored, opening_message, order_published,
-    out_of_funds, published_again, reauctioned, runs_on, while_bidding,
+    awaiting_choice, bids_so_far, closing_message, finished, lease_opening, mirrored, namespace_deleting,
+    opening_message, order_published, out_of_funds, published_again, reauctioned, runs_on, while_bidding,
 };
 use super::selection::{
     Candidate, Wanted, advertised_room, advertises_fit, expected_bidders, explain_no_bids, lowest_fitting_ask,
@@ -264,9 +264,13 @@ impl Market {
             denied_orgs: &aijob.spec.placement.denied_orgs,
             excluded_orgs: &order.excluded_orgs,
         };
-        let published = {
+        let (published, namespace_ending) = {
             let st = self.lock();
-            st.orders.get(&order.id).map(|o| (o.published_ms, o.repeat_after_ms))
+            let current = st.orders.get(&order.id);
+            (
+                current.map(|o| (o.published_ms, o.repeat_after_ms)),
+                current.is_some_and(|o| o.bids.namespace_ending),
+            )
         };
         let fresh_capacity = seen.lease.is_none()
             && seen.candidates.is_empty()
@@ -290,6 +294,7 @@ impl Market {
             fresh_capacity,
             choose_from_ms: published.map_or(u64::MAX, |(published, _)| published.saturating_add(window)),
             expected_bidders: &expected_bidders,
+            namespace_ending,
         };
         let step = decide(&view);
         debug!(aijob = %name, ?step, "pool step");
@@ -378,6 +383,12 @@ impl Market {
                 out.reason = "AwaitingChoice";
                 out.message = awaiting_choice(open_bids, &order.id, &ns, &name);
                 out.requeue = Some(Duration::from_secs(2));
+            }
+            Step::NamespaceEnding => {
+                out.reason = "NamespaceDeleting";
+                out.message = namespace_deleting(&ns, &order.id);
+                // The job's own deletion comes through the watch; this is a backstop.
+                out.requeue = Some(Duration::from_secs(10));
             }
             Step::BadChoice { message } => {
                 out.reason = "InvalidChoice";

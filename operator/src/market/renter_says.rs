@@ -84,6 +84,14 @@ pub(super) fn order_published(order: &str, closes_ms: u64) -> String {
     )
 }
 
+/// A job whose namespace is being deleted: why no order goes out for it.
+pub(super) fn namespace_deleting(ns: &str, order: &str) -> String {
+    format!(
+        "namespace {ns} is being deleted, so Bids for order {order} cannot be recorded there; \
+         this job is not ordered again and goes with its namespace"
+    )
+}
+
 /// An order sent again after a window without a usable bid: why the last
 /// one got none, and when this one's window closes (an absolute time, so the
 /// message stands for the whole window).
