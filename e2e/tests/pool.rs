@@ -607,6 +607,120 @@ async fn no_bids_say_why_and_the_order_is_published_again() {
     remove_namespace(&bravo, &ns).await;
 }
 
+/// A job left in a namespace that is being deleted, before the namespace
+/// controller reaches the job itself (a busy control plane took 49 s in a
+/// benchmark; here an admission policy holds the job's delete back). The
+/// API server refuses to record its bids there: the renter declines them at
+/// once, so bravo's GPUs go back long before the bid would lapse (30 s), and
+/// orders no more for the job, which says why. It had ordered again every
+/// second or two, each order holding GPUs at every provider.
+#[tokio::test]
+async fn a_job_whose_namespace_is_being_deleted_is_ordered_once_and_its_bids_declined() {
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    let env = testenv();
+    let acme = admin(env.org("acme").unwrap()).await;
+    let ns = namespace(&acme, "ending").await;
+    let hold = format!("hold-aijobs-{ns}");
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(acme.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(acme.clone());
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": hold},
+                "spec": {
+                    "failurePolicy": "Fail",
+                    "matchConstraints": {"resourceRules": [{"apiGroups": ["gpupool.dev"], "apiVersions": ["*"],
+                        "operations": ["DELETE"], "resources": ["aijobs"]}]},
+                    "validations": [{"expression": "false", "message": "held by the test"}]
+                }
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": hold},
+                "spec": {"policyName": hold, "validationActions": ["Deny"],
+                    "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    create(
+        &acme,
+        &ns,
+        pool_job("ending", 8, &["A100"], "1s", serde_json::json!({})),
+    )
+    .await;
+    let jobs: Api<AiJob> = Api::namespaced(acme.clone(), &ns);
+    let dry_run = DeleteParams {
+        dry_run: true,
+        ..DeleteParams::default()
+    };
+    wait_for(WAIT, "the policy holding the job's delete", || async {
+        jobs.delete("ending", &dry_run).await.is_err().then_some(())
+    })
+    .await
+    .unwrap();
+    let namespaces: Api<Namespace> = Api::all(acme.clone());
+    namespaces.delete(&ns, &DeleteParams::default()).await.unwrap();
+
+    let pool = Pool::start(&env, "ending", &lends(), &[]).await.unwrap();
+    let j = wait_job(&acme, &ns, "ending", "the namespace's deletion as the reason", |j| {
+        reason(j) == "NamespaceDeleting"
+    })
+    .await;
+    assert!(
+        message(&j).contains(&format!("namespace {ns} is being deleted")),
+        "{}",
+        message(&j)
+    );
+    assert!(
+        j.metadata.deletion_timestamp.is_none(),
+        "the job itself is not deleted yet"
+    );
+    let acme_op = pool.operator("acme").unwrap();
+    let fleet = &env.org("bravo").unwrap().org.fleet;
+    let all_free = format!(
+        "gpupool_pool_gpus_advertised{{product=\"{}\"}} {}",
+        fleet.product,
+        fleet.nodes * fleet.gpus_per_node
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "bravo advertising all its A100s again",
+        || async { acme_op.metrics().await.contains(&all_free).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: the declined bid still holds bravo's GPUs"));
+    let j = jobs.get("ending").await.unwrap();
+    let attempt = j.status.as_ref().and_then(|s| s.order.as_ref()).map(|o| o.attempt);
+    assert_eq!(attempt, Some(1), "one order in all");
+    assert!(
+        Api::<Bid>::namespaced(acme.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+
+    // Released, the job goes with its namespace (the operator's finalizer
+    // settles first).
+    bindings.delete(&hold, &DeleteParams::default()).await.unwrap();
+    policies.delete(&hold, &DeleteParams::default()).await.unwrap();
+    wait_for(WAIT, "the namespace gone", || async {
+        matches!(namespaces.get_opt(&ns).await, Ok(None)).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
 /// Auto selection does not sit out a long bid window once every member
 /// whose advert shows room for the job has bid: the job is leased, and
 /// runs, long before its ten-minute window would have closed.
