@@ -673,6 +673,72 @@ async fn one_wallet_opens_many_leases_concurrently() {
     assert_eq!(c.escrow_holds().await, 25 * ONE_TOKEN);
 }
 
+/// One wallet sends many transactions at once, each estimated against the
+/// chain before the others are mined. Two opens estimated while the escrow
+/// account held one deposit, then mined in one block: the second finds the
+/// account empty and also pulls from the wallet, ~15k gas more than its
+/// estimate. Sent with the estimate as its limit it ran out of gas (twice in
+/// a 100-job burst) and was retried, paying twice; with the client's
+/// headroom both open in that block.
+#[tokio::test]
+async fn opens_estimated_before_the_account_ran_dry_open_when_mined_together() {
+    use alloy::providers::Provider;
+    let c = chain("dry").await;
+    let renter = std::sync::Arc::new(c.client(RENTER));
+    let provider = c.address(PROVIDER);
+    let me = c.address(RENTER);
+    // A first open, from the wallet, leaves the escrow approved: the two
+    // below send nothing else.
+    renter
+        .open(lease_id(me, "warm-up"), provider, RATE, ONE_TOKEN)
+        .await
+        .unwrap();
+    renter.deposit(ONE_TOKEN).await.unwrap();
+    assert_eq!(renter.account(me).await.unwrap(), ONE_TOKEN);
+    let node = c.client(0);
+    let node = node.provider();
+    let mined = node.get_transaction_count(me).await.unwrap();
+    node.anvil_set_auto_mine(false).await.unwrap();
+    let opens: Vec<_> = ["first", "second"]
+        .into_iter()
+        .map(|order| {
+            let renter = renter.clone();
+            tokio::spawn(async move { renter.open(lease_id(me, order), provider, RATE, ONE_TOKEN).await })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while node.get_transaction_count(me).pending().await.unwrap() < mined + 2 {
+        assert!(std::time::Instant::now() < deadline, "both opens sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.evm_mine(None).await.unwrap();
+    let block = node
+        .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
+        .await
+        .unwrap()
+        .unwrap();
+    let hashes: Vec<B256> = block.transactions.hashes().collect();
+    assert_eq!(hashes.len(), 2, "both opens in one block");
+    // Any retry is mined from here on, so a failure shows as a revert, not a hang.
+    node.anvil_set_auto_mine(true).await.unwrap();
+    for hash in hashes {
+        let receipt = node.get_transaction_receipt(hash).await.unwrap().unwrap();
+        assert!(
+            receipt.status(),
+            "an open mined after the account ran dry reverted: {} gas used of its limit",
+            receipt.gas_used
+        );
+    }
+    for open in opens {
+        assert!(matches!(open.await.unwrap().unwrap(), OpenOutcome::Opened { .. }));
+    }
+    assert_eq!(
+        renter.account(me).await.unwrap(),
+        0,
+        "one deposit from the account, one from the wallet"
+    );
+}
+
 /// A renter without a cluster mandates a member's operator: the agent opens
 /// from the renter's account only, within the allowance, may close as the
 /// renter would, and every refund goes to the renter, never to the agent.
