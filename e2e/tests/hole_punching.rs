@@ -14,7 +14,7 @@ use gpupool_e2e::nat::{
     A_PUBLIC, B_LAN, B_PUBLIC, Member, Nat, Nets, Transport, behind_nat_as, direct_only, listening_through_relay, relay,
 };
 use gpupool_operator::p2p::links::PUNCH_RACE;
-use gpupool_operator::p2p::resend::resent_once;
+use gpupool_operator::p2p::resend::resent_on_close;
 use gpupool_operator::p2p::swarm::{HolePunch, Inbound, P2p, PingTimes, is_circuit};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -219,10 +219,13 @@ async fn a_burst_of_messages_each_way_across_the_punch_all_arrive() {
             (0..IN_FLIGHT)
                 .map(|i| {
                     let (from, body) = (from.clone(), format!("{side}:{i}").into_bytes());
-                    // As the market sends every direct message: once more
-                    // if the punch closes the relayed connection under it
-                    // (seen in CI: the whole burst on it failed at once).
-                    async move { resent_once(|| from.send(to, body.clone())).await }
+                    // As the market sends every direct message: again
+                    // while a connection closes under it. Both ends dial
+                    // at once here, so a message can meet the crossed
+                    // circuit's close and then the punch's (seen in CI:
+                    // the whole TCP burst failed at once, and again with
+                    // a single resend).
+                    async move { resent_on_close(|| from.send(to, body.clone())).await }
                 })
                 .collect::<Vec<_>>()
         };
@@ -344,19 +347,19 @@ async fn a_member_that_starts_again_behind_its_nat_is_reached_at_once() {
             "{t:?}: the new b's connections to the relay: {to_relay:?}"
         );
         p.b.p2p.add_peer(a_id, circuit_of(&p.a).await).await;
-        // At once, as the market sends: once more if the punch that the
+        // At once, as the market sends: again if the punch that the
         // circuit starts closes it under the first copy (seen in CI).
         let b = &p.b.p2p;
-        resent_once(move || b.send(a_id, b"back again".to_vec()))
+        resent_on_close(move || b.send(a_id, b"back again".to_vec()))
             .await
             .expect("the new b reaches a through the relay at once");
         // Sent at once while a and the new b punch again: the punch closes
-        // the circuit under some of them, which are sent once more, as the
-        // market sends every direct message (`resent_once`).
+        // the circuit under some of them, which are sent again, as the
+        // market sends every direct message (`resent_on_close`).
         let a = &p.a.p2p;
         let sends = (0..20).map(|i| {
             let body = format!("to the new b {i}").into_bytes();
-            resent_once(move || a.send(b_id, body.clone()))
+            resent_on_close(move || a.send(b_id, body.clone()))
         });
         let failed: Vec<_> = futures::future::join_all(sends)
             .await

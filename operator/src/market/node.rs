@@ -580,10 +580,10 @@ impl Market {
         u64::try_from(self.settings.message_ttl.as_millis()).unwrap_or(60_000)
     }
 
-    /// Sends `body` sealed, and sealed anew once more if the connection it
-    /// went out on closed under it (`p2p::resend`).
+    /// Sends `body` sealed, and sealed anew while the connection it went
+    /// out on closes under it, a few times at most (`p2p::resend`).
     pub(crate) async fn send(&self, peer: PeerId, body: Body) -> Result<(), SendError> {
-        let once = || crate::p2p::resend::resent_once(|| self.p2p.send(peer, self.seal(body.clone())));
+        let once = || crate::p2p::resend::resent_on_close(|| self.p2p.send(peer, self.seal(body.clone())));
         match self.settings.deliver_twice {
             None => once().await,
             // Both at once: the receiver may still be handling the first copy
