@@ -542,7 +542,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .as_deref()
             .context("--pool needs --wallet-key-file")?;
         let wallet = Wallet::from_file(key)?;
-        let chain = EscrowClient::connect(config, Some(&wallet), ClientOptions::default())?;
+        // Read-only: the market checks leases and funds on chain and signs
+        // its identity with the wallet, but only settlement sends. Each
+        // client keeps its own nonce counter, so a second sender with the
+        // same wallet would race the first for nonces ("nonce too low").
+        let chain = EscrowClient::connect(config, None, ClientOptions::default())?;
         let policy = match &args.pool.policy_file {
             Some(p) => ProviderPolicy::load(p)?,
             None => ProviderPolicy::default(),
