@@ -45,7 +45,8 @@ pub struct View<'a> {
     /// each has a usable bid in, without waiting out the window.
     pub expected_bidders: &'a [String],
     /// The job's namespace is being deleted: the API server refused to
-    /// record a bid for the current order there (`NamespaceTerminating`).
+    /// record a bid for the current order there (`NamespaceTerminating`),
+    /// or the job's status says so from before this renter (re)started.
     pub namespace_ending: bool,
 }
 
@@ -136,7 +137,20 @@ fn terminal(w: &WorkloadReport) -> bool {
 
 pub fn decide(v: &View<'_>) -> Step {
     match next_step(v) {
-        Step::Publish { .. } | Step::Reauction { .. } if v.namespace_ending => Step::NamespaceEnding,
+        // Nothing new can be written in an ending namespace: no Bid, so no
+        // order is worth sending, and no Lease, so no bid can be awarded.
+        // Waiting out a window would write the bidding reason over the one
+        // that says why, which a restarted renter reads back.
+        Step::Publish { .. }
+        | Step::Reauction { .. }
+        | Step::WaitBids { .. }
+        | Step::WaitChoice { .. }
+        | Step::BadChoice { .. }
+        | Step::Award { .. }
+            if v.namespace_ending =>
+        {
+            Step::NamespaceEnding
+        }
         step => step,
     }
 }
@@ -356,12 +370,32 @@ mod tests {
         let mut v = view(&[], Some(&failed));
         v.namespace_ending = true;
         assert_eq!(decide(&v), Step::NamespaceEnding);
-        // Bids already in hand, a lease running: those go on as before
-        // (deleting the job cancels them).
+        // A window still open, a bid in hand: its Lease could not be
+        // created there either.
+        let mut v = view(&[], None);
+        v.now_ms = 1000;
+        v.namespace_ending = true;
+        assert_eq!(decide(&v), Step::NamespaceEnding);
         let bids = [bid("b1", "globex", "2")];
         let mut v = view(&bids, None);
         v.namespace_ending = true;
-        assert_eq!(decide(&v), Step::Award { bid: "b1".into() });
+        assert_eq!(decide(&v), Step::NamespaceEnding);
+        v.selection = BidSelection::Manual;
+        v.accepted_bid = Some("b1");
+        assert_eq!(decide(&v), Step::NamespaceEnding);
+        v.accepted_bid = None;
+        assert_eq!(decide(&v), Step::NamespaceEnding);
+        // A lease made before: it runs and settles as before (deleting the
+        // job cancels it).
+        let active = LeaseView {
+            state: Some(LeaseState::Active),
+            provider_org: "globex".into(),
+            last_heard_ms: Some(9_900),
+            ..LeaseView::default()
+        };
+        let mut v = view(&[], Some(&active));
+        v.namespace_ending = true;
+        assert_eq!(decide(&v), Step::Offer);
     }
 
     #[test]

@@ -23,8 +23,9 @@ use super::renter_funds::{explain_unfunded, payer_of};
 use super::renter_orders::time_ms;
 use super::renter_reports::renter_lease_of;
 use super::renter_says::{
-    awaiting_choice, bids_so_far, closing_message, finished, lease_opening, mirrored, namespace_deleting,
-    opening_message, order_published, out_of_funds, published_again, reauctioned, runs_on, while_bidding,
+    NAMESPACE_DELETING, awaiting_choice, bids_so_far, closing_message, finished, lease_opening, mirrored,
+    namespace_deleting, opening_message, order_published, out_of_funds, published_again, reauctioned, runs_on,
+    while_bidding,
 };
 use super::selection::{
     Candidate, Wanted, advertised_room, advertises_fit, expected_bidders, explain_no_bids, lowest_fitting_ask,
@@ -272,6 +273,9 @@ impl Market {
                 current.is_some_and(|o| o.bids.namespace_ending),
             )
         };
+        // What this renter learnt before a restart stands: the status says it.
+        let namespace_ending =
+            namespace_ending || find(&status.conditions, COND_PLACED).is_some_and(|c| c.reason == NAMESPACE_DELETING);
         let fresh_capacity = seen.lease.is_none()
             && seen.candidates.is_empty()
             && published.is_some_and(|p| self.room_appeared(&name, &wanted, p, window, now));
@@ -385,7 +389,7 @@ impl Market {
                 out.requeue = Some(Duration::from_secs(2));
             }
             Step::NamespaceEnding => {
-                out.reason = "NamespaceDeleting";
+                out.reason = NAMESPACE_DELETING;
                 out.message = namespace_deleting(&ns, &order.id);
                 // The job's own deletion comes through the watch; this is a backstop.
                 out.requeue = Some(Duration::from_secs(10));

@@ -84,6 +84,11 @@ pub(super) fn order_published(order: &str, closes_ms: u64) -> String {
     )
 }
 
+/// The reason a job whose namespace is being deleted shows. Read back too:
+/// a namespace's deletion is never undone, so a renter that restarts and
+/// finds it on the job orders no more, as the one before it had learnt.
+pub(super) const NAMESPACE_DELETING: &str = "NamespaceDeleting";
+
 /// A job whose namespace is being deleted: why no order goes out for it.
 pub(super) fn namespace_deleting(ns: &str, order: &str) -> String {
     format!(
