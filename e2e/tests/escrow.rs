@@ -9,6 +9,7 @@ use gpupool_chain::{
     lease_id,
 };
 use gpupool_e2e::chain::{Anvil, FUNDING_TOKENS, ONE_TOKEN, deploy_and_fund};
+use gpupool_e2e::harness::wait_for;
 use gpupool_e2e::rpcproxy::RpcProxy;
 
 const RENTER: usize = 1;
@@ -706,11 +707,11 @@ async fn opens_estimated_before_the_account_ran_dry_open_when_mined_together() {
             tokio::spawn(async move { renter.open(lease_id(me, order), provider, RATE, ONE_TOKEN).await })
         })
         .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while node.get_transaction_count(me).pending().await.unwrap() < mined + 2 {
-        assert!(std::time::Instant::now() < deadline, "both opens sent");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(Duration::from_secs(30), "both opens sent", || async {
+        (node.get_transaction_count(me).pending().await.unwrap() >= mined + 2).then_some(())
+    })
+    .await
+    .unwrap();
     node.evm_mine(None).await.unwrap();
     let block = node
         .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
